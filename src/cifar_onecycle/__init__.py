@@ -1,0 +1,16 @@
+"""cifar-onecycle: the EVA6 Session 9 ResNet on CIFAR-10 with the One Cycle policy."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .data import CLASSES, Cifar10, load_cifar10  # noqa: E402
+from .errors import DatasetError, DivergenceError, RecipeError, UserError  # noqa: E402
+from .model import ResNet9, count_parameters  # noqa: E402
+from .recipe import Recipe, load_recipe  # noqa: E402
+from .schedule import lr_at, one_cycle_knots  # noqa: E402
+from .summary import summarize  # noqa: E402
+from .train import EpochMetrics, TrainResult, evaluate, train  # noqa: E402
+
+__all__ = ["CLASSES", "Cifar10", "DatasetError", "DivergenceError", "EpochMetrics", "Recipe", "RecipeError",
+           "ResNet9", "TrainResult", "UserError", "__version__", "count_parameters", "evaluate",
+           "load_cifar10", "load_recipe", "lr_at", "one_cycle_knots", "summarize", "train"]

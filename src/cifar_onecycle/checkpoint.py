@@ -1,0 +1,91 @@
+"""Weights files and atomic writes. Weights are safetensors: loading them runs no code.
+
+The resolved recipe travels in the file's metadata, so ``evaluate`` can rebuild the exact model
+(logit scale included) from the weights alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import UserError
+from .model import ResNet9
+from .recipe import Recipe, RecipeError
+
+WEIGHTS = "model.safetensors"
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A kill at any instant leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable as usual
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, recipe: Recipe) -> None:
+    """The model's state dict (parameters and BatchNorm statistics) as safetensors, with its recipe."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    # channels_last weights are not contiguous in NCHW order; safetensors stores plain NCHW.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, st_save(tensors, metadata={"recipe": json.dumps(recipe.to_dict()),
+                                                  "format": "cifar-onecycle/1"}))
+
+
+def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
+    """Rebuild the model a weights file was saved from; refuse files of another shape or model."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read weights ({e.strerror or e}); give a run folder or its "
+                        f"{WEIGHTS}") from None
+    try:
+        tensors = st_load(raw)
+        meta = _metadata(raw)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a safetensors weights file ({e})") from None
+    try:
+        recipe = Recipe.from_dict(json.loads(meta["recipe"]), source=f"{path} (metadata)")
+    except (KeyError, json.JSONDecodeError, RecipeError, TypeError) as e:
+        raise UserError(f"{path}: no cifar-onecycle recipe in its metadata ({e}); was it written by "
+                        f"cifar-onecycle?") from None
+    model = ResNet9(logit_scale=recipe.logit_scale, bn_momentum=recipe.bn_momentum)
+    expected = model.state_dict()
+    if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
+        raise UserError(f"{path}: weights do not fit the seed's ResNet (different tensors or shapes)")
+    model.load_state_dict(tensors)
+    return model, recipe
+
+
+def _metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file: its header is 8 bytes of length, then JSON."""
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]).get("__metadata__") or {}

@@ -1,0 +1,149 @@
+"""The command line: a thin layer over the Python API. Only this module prints and exits.
+
+Errors a user can fix are one line on stderr with exit code 2 (3 for a diverged run); ``--debug``
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import UserError
+from .recipe import Recipe, load_recipe
+
+PROG = "cifar-onecycle"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not the usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe (each overrides --recipe and the seed's defaults)")
+    g.add_argument("--recipe", metavar="FILE.toml", help="recipe file to start from (default: the seed's)")
+    for f in dataclasses.fields(Recipe):
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                              "help": f"{f.metadata['help']} (default: {f.default})"}
+        if f.type == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            g.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
+                           choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper().split("_")[-1], **kw)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default="data", metavar="DIR",
+                   help="folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (default: ./data)")
+    p.add_argument("--no-download", action="store_true", help="never use the network for the data set")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description="Train the EVA6 Session 9 ResNet on CIFAR-10 with the One Cycle policy.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", parents=[common], help="train with a recipe (default: the seed's)")
+    _add_recipe_flags(t)
+    _add_data_flags(t)
+    t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+    e = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
+    e.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
+    _add_data_flags(e)
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
+    return p
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The seed's recipe, then --recipe FILE, then the flags given: each overrides the one before."""
+    base = load_recipe(args.recipe) if args.recipe else Recipe()
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+    return Recipe.from_dict({**base.to_dict(), **flags}, source="flags")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train  # torch is imported only by the commands that need it
+
+    recipe = recipe_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    result = train(recipe, data_dir=args.data_dir, download=not args.no_download, out=out,
+                   overwrite=args.overwrite, progress=not args.quiet)
+    s = result.summary
+    print(f"final test accuracy {s['final_test_acc']:.2%} (best {s['best_test_acc']:.2%} at epoch "
+          f"{s['best_epoch']}) in {s['total_seconds'] / 60:.1f} min on {s['device']}, {s['precision']}; "
+          f"run folder: {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_weights
+    from .data import load_cifar10
+    from .train import evaluate, resolve_device, resolve_precision
+
+    model, recipe = load_weights(args.weights)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    data = load_cifar10(args.data_dir, download=not args.no_download, split="test")
+    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
+                         batch_size=recipe.eval_batch_size, precision=precision,
+                         channels_last=recipe.channels_last)
+    n = len(data.test_images)
+    if args.json:
+        print(json.dumps({"accuracy": acc, "loss": loss, "images": n}))
+    else:
+        print(f"test accuracy {acc:.2%}  loss {loss:.4f}  on {n} images ({device.type}, {precision})")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .model import ResNet9
+    from .summary import summarize
+
+    print(summarize(ResNet9()).table())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        tqdm.write(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # out of device memory is the one runtime failure a flag can fix
+        if type(e).__name__ != "OutOfMemoryError" or args.debug:
+            raise
+        print(f"{PROG}: error: out of device memory ({str(e).splitlines()[0]}); pass a smaller "
+              f"--batch-size", file=sys.stderr)
+        return 2

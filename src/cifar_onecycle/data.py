@@ -1,0 +1,236 @@
+"""CIFAR-10 ("python version"): find, download, verify and load it without trusting pickle.
+
+Lookup order in ``data_dir``: ``cifar-10-batches-py/`` as extracted; else ``cifar-10-python.tar.gz``
+(md5-checked unless it is not the official file, then extracted); else the official archive is
+downloaded (with a progress bar and an md5 check) unless downloads are off.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import DatasetError
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+_np_core = getattr(np, "_core", None) or np.core
+# Plain dtype constructor calls are admitted only for these: an object dtype would let a crafted
+# file smuggle arbitrary (if still whitelisted) objects into an array.
+_SAFE_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
+
+
+def _safe_dtype(name: Any, *args: Any) -> np.dtype:
+    key = name.decode("latin1") if isinstance(name, bytes) else name
+    if key not in _SAFE_DTYPES:
+        raise RefusedGlobal(f"dtype {key!r} is not allowed")
+    return np.dtype(key, *args)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _np_core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _np_core.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _safe_dtype,
+    ("numpy.core.multiarray", "scalar"): _np_core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): _np_core.multiarray.scalar,
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The file names a global outside the whitelist: hostile, or not a CIFAR-10 file."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR-10 files hold: builtin containers and numpy arrays.
+
+    Any other global (``os.system``, ``builtins.eval``, ...) is refused before it can be called.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(f"global {module}.{name} is not allowed in a CIFAR-10 file") from None
+
+
+def safe_load(path: Path) -> Any:
+    """Unpickle a CIFAR-10 file with ``RestrictedUnpickler`` (Python 2 strings come back as bytes)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise DatasetError(f"{path}: file is empty; delete it and extract or download CIFAR-10 again")
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except RefusedGlobal as e:
+        raise DatasetError(f"{path}: refused ({e}); replace it with the official file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+        raise DatasetError(f"{path}: truncated or corrupt ({type(e).__name__}: {e}); "
+                           f"replace it with the official file") from None
+
+
+def _key(d: dict, name: str) -> Any:
+    for k in (name.encode(), name):
+        if k in d:
+            return d[k]
+    raise KeyError(name)
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file as (images uint8 [N, 3, 32, 32], labels int64 [N]), with every check."""
+    d = safe_load(path)
+    if not isinstance(d, dict):
+        raise DatasetError(f"{path}: expected a dict, found {type(d).__name__}")
+    try:
+        data, labels = _key(d, "data"), _key(d, "labels")
+    except KeyError as e:
+        raise DatasetError(f"{path}: missing key {e.args[0]!r}; not a CIFAR-10 batch file") from None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{path}: data must be a uint8 array of shape N x 3072, found {desc}")
+    if not isinstance(labels, (list, np.ndarray)) or not all(type(y) in (int, np.int64) for y in labels):
+        raise DatasetError(f"{path}: labels must be a list of integers")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(data) or len(data) == 0:
+        raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
+    if labels.min() < 0 or labels.max() > 9:
+        raise DatasetError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+@dataclass
+class Cifar10:
+    """The data set as uint8 NCHW tensors plus int64 labels (CPU until ``to`` moves them)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...] = CLASSES
+
+    def to(self, device: torch.device | str) -> "Cifar10":
+        return Cifar10(*(t.to(device) for t in (self.train_images, self.train_labels,
+                                                 self.test_images, self.test_labels)), self.classes)
+
+
+def load_cifar10(data_dir: str | Path = "data", download: bool = True,
+                 progress: Callable[[int, int], None] | None = None, split: str = "both") -> Cifar10:
+    """Load CIFAR-10 from ``data_dir`` (extracting or downloading it first when needed).
+
+    ``split``: "both", or "test" to skip reading the 50,000 training images (for evaluation).
+    """
+    root = ensure_cifar10(Path(data_dir), download=download, progress=progress)
+    empty = (torch.empty(0, 3, 32, 32, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+    if split == "test":
+        train = empty
+    else:
+        parts = [read_batch(root / f) for f in TRAIN_FILES]
+        train = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
+                 torch.from_numpy(np.concatenate([p[1] for p in parts])))
+    test = read_batch(root / TEST_FILE)
+    return Cifar10(train[0], train[1], torch.from_numpy(test[0]), torch.from_numpy(test[1]))
+
+
+def _missing(folder: Path) -> list[str]:
+    return [f for f in (*TRAIN_FILES, TEST_FILE) if not (folder / f).is_file()]
+
+
+def ensure_cifar10(data_dir: Path, download: bool = True,
+                   progress: Callable[[int, int], None] | None = None) -> Path:
+    """Return the folder with the batch files, extracting or downloading the archive if needed."""
+    folder = data_dir / FOLDER
+    if folder.is_dir():
+        missing = _missing(folder)
+        if missing:
+            raise DatasetError(f"{folder}: missing {', '.join(missing)}; put the complete official "
+                               f"'{FOLDER}' folder there or delete it to extract/download again")
+        return folder
+    archive = data_dir / ARCHIVE
+    if not archive.is_file():
+        if not download:
+            raise DatasetError(f"CIFAR-10 not found in {data_dir}: put '{FOLDER}/' or '{ARCHIVE}' "
+                               f"there (from {URL}), or allow the download")
+        download_archive(archive, progress=progress)
+    extract_archive(archive, data_dir)
+    missing = _missing(folder)
+    if missing:
+        raise DatasetError(f"{archive}: archive lacks {', '.join(missing)}; it is not CIFAR-10 (python version)")
+    return folder
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_archive(dest: Path, url: str = URL, md5: str | None = MD5,
+                     progress: Callable[[int, int], None] | None = None, timeout: float = 30) -> None:
+    """Download to ``dest.part``, check the md5, then rename: a broken download never looks whole."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while block := r.read(1 << 20):
+                f.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+        if md5 and md5sum(part) != md5:
+            raise DatasetError(f"{url}: downloaded file fails its md5 check; try again, or put "
+                               f"'{ARCHIVE}' in {dest.parent} by hand")
+        os.replace(part, dest)
+    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        raise DatasetError(f"cannot download CIFAR-10 from {url} ({getattr(e, 'reason', e)}); "
+                           f"put '{FOLDER}/' or '{ARCHIVE}' in {dest.parent} by hand") from None
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def extract_archive(archive: Path, data_dir: Path) -> None:
+    """Extract into a temporary folder beside the target, then rename: no half-extracted data set.
+
+    The archive's md5 is not required to match the official one (a re-packed copy or the offline
+    proxy is fine): only its 'cifar-10-batches-py' folder is used, and every batch file in it is
+    checked when it is read.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=data_dir))
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            members = [m for m in tf.getmembers() if m.name.split("/")[0] == FOLDER]
+            for m in members:
+                if not (m.isfile() or m.isdir()) or ".." in Path(m.name).parts or m.name.startswith("/"):
+                    raise DatasetError(f"{archive}: unsafe member {m.name!r}; refusing to extract")
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, members=members, filter="data")
+            else:  # pragma: no cover - older Pythons; members were checked above
+                tf.extractall(tmp, members=members)
+        if not (tmp / FOLDER).is_dir():
+            raise DatasetError(f"{archive}: no '{FOLDER}/' inside; not CIFAR-10 (python version)")
+        os.replace(tmp / FOLDER, data_dir / FOLDER)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DatasetError(f"{archive}: cannot extract ({e}); delete it and download again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

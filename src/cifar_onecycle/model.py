@@ -1,0 +1,69 @@
+"""The seed's custom ResNet (EVA6 Session 9): 6,573,130 parameters.
+
+Activations are functional (``F.relu``) on purpose: the seed's summary table has no ReLU rows, and
+keeping them out of the module tree lets the summary walk reproduce that table row for row.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBN(nn.Module):
+    """Conv 3x3 (stride 1, padding 1, no bias), an optional 2x2 max-pool, BatchNorm, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, pool: bool = False, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2) if pool else None
+        self.bn = nn.BatchNorm2d(c_out, momentum=bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.pool is not None:
+            x = self.pool(x)
+        return F.relu(self.bn(x))
+
+
+class Residual(nn.Module):
+    """X = ConvBN(pool)(x); R = (ConvBN, ConvBN)(X); return X + R."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        self.x = ConvBN(c_in, c_out, pool=True, bn_momentum=bn_momentum)
+        self.r1 = ConvBN(c_out, c_out, bn_momentum=bn_momentum)
+        self.r2 = ConvBN(c_out, c_out, bn_momentum=bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.x(x)
+        return x + self.r2(self.r1(x))
+
+
+class ResNet9(nn.Module):
+    """PrepLayer 64 - Layer1 128 (+res) - Layer2 256 - Layer3 512 (+res) - MaxPool 4 - FC 10.
+
+    ``logit_scale`` multiplies the logits (the DAWNBench ResNet uses 0.125); it is a constant, not a
+    parameter, so the count stays at 6,573,130. The forward returns logits: the seed's softmax lives
+    in the cross-entropy loss.
+    """
+
+    def __init__(self, num_classes: int = 10, logit_scale: float = 1.0, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        self.prep = ConvBN(3, 64, bn_momentum=bn_momentum)
+        self.layer1 = Residual(64, 128, bn_momentum=bn_momentum)
+        self.layer2 = ConvBN(128, 256, pool=True, bn_momentum=bn_momentum)
+        self.layer3 = Residual(256, 512, bn_momentum=bn_momentum)
+        self.pool = nn.MaxPool2d(4)
+        self.fc = nn.Linear(512, num_classes)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        x = self.fc(torch.flatten(self.pool(x), 1))
+        return x * self.logit_scale if self.logit_scale != 1.0 else x
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny CIFAR-10 folders in the official pickle format, and the proxy data."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CIFAR_ONECYCLE_SHARED", ROOT.parent / "shared"))
+
+
+def synthetic_batch(n: int, seed: int) -> dict:
+    """A learnable stand-in: each class is a distinct colour plus noise, labels cycle 0..9."""
+    palette = np.random.default_rng(0).integers(0, 256, size=(10, 3, 1, 1))  # the same in every file
+    rng = np.random.default_rng(seed)
+    labels = [i % 10 for i in range(n)]
+    images = np.clip(palette[labels] + rng.normal(0, 25, size=(n, 3, 32, 32)), 0, 255).astype(np.uint8)
+    return {b"batch_label": b"synthetic", b"labels": labels,
+            b"data": images.reshape(n, 3072), b"filenames": [f"img{i}.png".encode() for i in range(n)]}
+
+
+def write_cifar(root: Path, per_batch: int = 20, n_test: int = 30) -> Path:
+    """``root/cifar-10-batches-py`` with 5 training batches and a test batch, pickled as Python 3 does (protocol 4; the
+    proxy test covers the Python 2 form of the official files)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(synthetic_batch(per_batch, i), protocol=4))
+    (folder / "test_batch").write_bytes(pickle.dumps(synthetic_batch(n_test, 99), protocol=4))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane"] * 10}, protocol=4))
+    return folder
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    """A data dir holding a tiny synthetic CIFAR-10 (100 training and 30 test images)."""
+    write_cifar(tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def proxy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real-photo proxy of CIFAR-10 in the official layout, written once per session.
+
+    ``CIFAR_ONECYCLE_PROXY`` may name a folder that already holds it (saves about 10 s).
+    """
+    given = os.environ.get("CIFAR_ONECYCLE_PROXY")
+    if given and (Path(given) / "cifar-10-batches-py" / "test_batch").is_file():
+        return Path(given)
+    tool = SHARED / "tools" / "cifar10_proxy.py"
+    if not tool.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is missing: CI must have ../shared beside the clone")
+        pytest.skip(f"{tool} not found")
+    dest = tmp_path_factory.mktemp("proxy")
+    subprocess.run([sys.executable, str(tool), str(dest)], check=True, capture_output=True)
+    return dest

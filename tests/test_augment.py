@@ -1,0 +1,65 @@
+import torch
+
+from cifar_onecycle.augment import (CIFAR10_MEAN, augment_batch, cutout, normalize, pad_reflect, random_crop,
+                                    random_flip)
+
+
+def images(n=64, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_reflect_padding():
+    x = images(2)
+    p = pad_reflect(x, 4)
+    assert p.shape == (2, 3, 40, 40) and p.dtype == torch.uint8
+    assert torch.equal(p[:, :, 4:36, 4:36], x)
+    assert torch.equal(p[:, :, 4:36, 3], x[:, :, :, 1])   # reflect, not replicate or zero
+    assert torch.equal(p[:, :, 0, 4:36], x[:, :, 4, :])
+
+
+def test_crop_offsets_are_exact_and_cover_the_range():
+    p = pad_reflect(images(512), 4)
+    crops, off = random_crop(p, 32, torch.Generator().manual_seed(1))
+    assert crops.shape == (512, 3, 32, 32)
+    for i in range(512):
+        dy, dx = off[i].tolist()
+        assert torch.equal(crops[i], p[i, :, dy:dy + 32, dx:dx + 32])
+    assert off.min() == 0 and off.max() == 8
+    assert set(off[:, 0].tolist()) == set(range(9)) and set(off[:, 1].tolist()) == set(range(9))
+
+
+def test_flip_exact():
+    x = images(256)
+    out, flipped = random_flip(x, torch.Generator().manual_seed(2))
+    assert torch.equal(out[flipped], x[flipped].flip(-1))
+    assert torch.equal(out[~flipped], x[~flipped])
+    assert 0.35 < flipped.float().mean() < 0.65
+
+
+def test_cutout_area_and_fill():
+    x = normalize(images(256)) + 5.0  # no pixel is 0 before the hole
+    out, corners = cutout(x, 8, torch.Generator().manual_seed(3))
+    zeroed = (out == 0).all(1)  # N,H,W: a hole covers all three channels
+    assert zeroed.sum((1, 2)).tolist() == [64] * 256
+    for i in range(256):
+        y, x0 = corners[i].tolist()
+        assert 0 <= y <= 24 and 0 <= x0 <= 24
+        assert zeroed[i, y:y + 8, x0:x0 + 8].all()
+    assert torch.equal(out[~zeroed[:, None].expand_as(out)], x[~zeroed[:, None].expand_as(x)])
+
+
+def test_normalize_maps_the_dataset_mean_to_zero():
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1) * 255
+    assert torch.allclose(normalize(mean.expand(1, 3, 2, 2)), torch.zeros(1, 3, 2, 2), atol=1e-6)
+
+
+def test_augment_reproducible_and_switchable():
+    p = pad_reflect(images(32), 4)
+    kw = dict(crop=True, padding=4, flip=True, cutout_size=8)
+    a = augment_batch(p, generator=torch.Generator().manual_seed(7), **kw)
+    b = augment_batch(p, generator=torch.Generator().manual_seed(7), **kw)
+    c = augment_batch(p, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x = images(32)
+    off = augment_batch(x, crop=False, padding=0, flip=False, cutout_size=0, generator=torch.Generator())
+    assert torch.equal(off, normalize(x))

@@ -1,0 +1,144 @@
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar_onecycle.data import (DatasetError, download_archive, ensure_cifar10, load_cifar10, read_batch,
+                                 safe_load)
+from conftest import synthetic_batch, write_cifar
+
+
+class Payload:
+    """Unpickling this runs ``open(path, 'w')``: the file appearing means code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_loads_the_official_layout(cifar_dir):
+    d = load_cifar10(cifar_dir, download=False)
+    assert d.train_images.shape == (100, 3, 32, 32) and d.train_images.dtype.is_floating_point is False
+    assert d.test_images.shape == (30, 3, 32, 32)
+    assert d.train_labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    raw = synthetic_batch(20, 1)
+    assert np.array_equal(d.train_images[:20].numpy().reshape(20, 3072), raw[b"data"])
+
+
+def test_hostile_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = write_cifar(tmp_path / "data")
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": Payload(marker), b"labels": [0]}, protocol=4))
+    with pytest.raises(DatasetError, match=r"data_batch_3: refused .*open is not allowed"):
+        load_cifar10(tmp_path / "data", download=False)
+    assert not marker.exists()
+    # the same payload at the top level, and through os.system
+    (folder / "test_batch").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(DatasetError):
+        safe_load(folder / "test_batch")
+    (folder / "test_batch").write_bytes(b"cposix\nsystem\n(Vtouch " + str(marker).encode() + b"\ntR.")
+    with pytest.raises(DatasetError, match="posix.system is not allowed"):
+        safe_load(folder / "test_batch")
+    assert not marker.exists()
+
+
+def test_object_dtype_is_refused(tmp_path):
+    p = tmp_path / "b"
+    p.write_bytes(pickle.dumps({b"data": np.array([1, "x"], dtype=object), b"labels": [0]}, protocol=4))
+    with pytest.raises(DatasetError, match="dtype 'O' is not allowed|not allowed"):
+        safe_load(p)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b[: len(b) // 2], "truncated or corrupt"),
+    (lambda b: b"", "is empty"),
+    (lambda b: b"not a pickle at all", "corrupt"),
+])
+def test_corrupt_files(tmp_path, mutate, message):
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(mutate(pickle.dumps(synthetic_batch(20, 1), protocol=4)))
+    with pytest.raises(DatasetError, match=message) as e:
+        read_batch(p)
+    assert "data_batch_1" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({b"data": np.zeros((4, 3071), np.uint8)}, "N x 3072"),
+    ({b"data": np.zeros((4, 3072), np.float32)}, "uint8"),
+    ({b"labels": [0, 1, 2, 10] * 5}, r"0\.\.9"),
+    ({b"labels": [0, 1, -1, 2] * 5}, r"0\.\.9"),
+    ({b"labels": [0, 1]}, "20 images but 2 labels"),
+    ({b"labels": ["a"] * 20}, "list of integers"),
+])
+def test_bad_batches(tmp_path, change, message):
+    batch = {**synthetic_batch(20, 1), **change}
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps(batch, protocol=4))
+    with pytest.raises(DatasetError, match=message):
+        read_batch(p)
+
+
+def test_missing_data_without_download(tmp_path):
+    with pytest.raises(DatasetError, match="CIFAR-10 not found.*cifar-10-batches-py"):
+        ensure_cifar10(tmp_path, download=False)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(DatasetError, match="missing data_batch_1"):
+        ensure_cifar10(tmp_path, download=False)
+
+
+def make_archive(src_root: Path, dest: Path) -> Path:
+    with tarfile.open(dest, "w:gz") as tf:
+        tf.add(src_root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return dest
+
+
+def test_extracts_an_archive(tmp_path):
+    write_cifar(tmp_path / "src")
+    data = tmp_path / "data"
+    data.mkdir()
+    make_archive(tmp_path / "src", data / "cifar-10-python.tar.gz")
+    d = load_cifar10(data, download=False)
+    assert len(d.train_images) == 100
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_unsafe_archive_member_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tf:
+        info = tarfile.TarInfo("cifar-10-batches-py/../../escaped")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(DatasetError, match="unsafe member"):
+        ensure_cifar10(data, download=False)
+    assert not (tmp_path / "escaped").exists() and not (data / "cifar-10-batches-py").exists()
+
+
+def test_download_checks_md5_and_leaves_nothing_half_written(tmp_path):
+    write_cifar(tmp_path / "src")
+    archive = make_archive(tmp_path / "src", tmp_path / "served.tar.gz")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    dest = tmp_path / "data" / "cifar-10-python.tar.gz"
+    seen = []
+    download_archive(dest, url=archive.as_uri(), md5=md5, progress=lambda d, t: seen.append(d))
+    assert dest.read_bytes() == archive.read_bytes() and seen[-1] == archive.stat().st_size
+    dest.unlink()
+    with pytest.raises(DatasetError, match="md5"):
+        download_archive(dest, url=archive.as_uri(), md5="0" * 32)
+    with pytest.raises(DatasetError, match="cannot download"):
+        download_archive(dest, url=(tmp_path / "nope.tar.gz").as_uri())
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_proxy_data_loads_with_the_restricted_unpickler(proxy_dir):
+    d = load_cifar10(proxy_dir, download=False)
+    assert d.train_images.shape == (50_000, 3, 32, 32) and d.test_images.shape == (5_000, 3, 32, 32)
+    assert np.bincount(d.test_labels.numpy()).tolist() == [500] * 10
+    assert np.bincount(d.train_labels.numpy()).tolist() == [5000] * 10

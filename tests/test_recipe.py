@@ -1,0 +1,86 @@
+import dataclasses
+
+import pytest
+
+from cifar_onecycle import Recipe, RecipeError, load_recipe
+from cifar_onecycle.cli import main
+
+
+def test_defaults_are_the_seed_values():
+    r = Recipe()
+    assert (r.epochs, r.batch_size, r.lr_min, r.lr_max, r.peak_epoch) == (24, 512, 1e-4, 0.2, 5)
+    assert (r.crop, r.crop_padding, r.flip, r.cutout, r.cutout_size) == (True, 4, True, True, 8)
+    assert (r.momentum, r.nesterov, r.logit_scale) == (0.9, True, 1.0)
+
+
+def test_toml_round_trip(tmp_path):
+    r = Recipe(epochs=3, peak_epoch=1.5, lr_max=0.4, flip=False, device="cpu")
+    p = tmp_path / "r.toml"
+    p.write_text(r.to_toml())
+    assert load_recipe(p) == r
+    assert len(r.to_toml().splitlines()) == len(dataclasses.fields(Recipe))
+
+
+def test_toml_overrides_defaults_and_ints_become_floats(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text("lr_max = 1\nepochs = 30\n")
+    r = load_recipe(p)
+    assert r.lr_max == 1.0 and isinstance(r.lr_max, float) and r.epochs == 30 and r.batch_size == 512
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr_mx = 0.1\n", "unknown key 'lr_mx'"),
+    ("epochs = 'ten'\n", "epochs must be int"),
+    ("flip = 1\n", "flip must be bool"),
+    ("epochs = [\n", "not valid TOML"),
+])
+def test_bad_toml(tmp_path, text, message):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(peak_epoch=25), "peak_epoch 25 must lie in"),
+    (dict(epochs=2), "peak_epoch 5 must lie in"),
+    (dict(batch_size=0), "batch_size must be > 0"),
+    (dict(epochs=0), "epochs must be > 0"),
+    (dict(lr_max=-0.1), "lr_max must be > 0"),
+    (dict(lr_min=0.0), "lr_min must be > 0"),
+    (dict(lr_min=0.3), "lr_min 0.3 is above lr_max"),
+    (dict(momentum=1.0), "momentum must lie in"),
+    (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
+    (dict(device="gpu"), "device must be one of"),
+    (dict(cutout_size=40), "larger than the 32-pixel image"),
+    (dict(train_subset=100), "batch_size 512 is larger than train_subset 100"),
+    (dict(lr_max=float("nan")), "finite"),
+])
+def test_impossible_values_refused(changes, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe(**changes)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--peak-epoch", "30"],
+    ["train", "--batch-size", "0"],
+    ["train", "--lr-max", "-1"],
+    ["train", "--epochs", "zero"],
+    ["train", "--device", "tpu"],
+    ["train", "--recipe", "/nonexistent/recipe.toml"],
+])
+def test_cli_refuses_bad_values_before_any_work(argv, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        code = main([*argv, "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nodata"), "--no-download"])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_cli_bad_recipe_key(tmp_path, capsys):
+    p = tmp_path / "r.toml"
+    p.write_text("bogus = 1\n")
+    assert main(["train", "--recipe", str(p), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err

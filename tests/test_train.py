@@ -1,0 +1,96 @@
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar_onecycle import DivergenceError, Recipe, load_cifar10, train
+from cifar_onecycle.checkpoint import load_weights
+from cifar_onecycle.cli import main
+from cifar_onecycle.train import resolve_precision
+
+TINY = dict(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="cpu", precision="fp32",
+            lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)  # few steps: BN statistics must catch up fast
+
+
+def test_tiny_run_writes_the_run_folder(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(Recipe(**TINY), data_dir=cifar_dir, download=False, out=out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "model.safetensors", "recipe.toml",
+                                                   "summary.json"]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_seconds",
+                             "images_per_second"]
+    # 100 images / batch 25 = 4 steps an epoch; the peak (epoch 1's last step) and the end are knots.
+    assert [float(r["lr"]) for r in rows] == [0.02, 1e-4]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["parameters"] == 6_573_130 and s["epochs"] == 2 and s["steps_per_epoch"] == 4
+    assert s["final_test_acc"] == result.history[-1].test_acc == pytest.approx(float(rows[-1]["test_acc"]), abs=1e-6)
+    assert s["best_test_acc"] == max(h.test_acc for h in result.history)
+    assert s["precision"] == "fp32" and s["device"].startswith("cpu") and s["torch"] == torch.__version__
+    model, recipe = load_weights(out)
+    assert recipe == result.recipe
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.contiguous())
+    assert len(load_file(out / "model.safetensors")) == len(result.model.state_dict())
+
+
+def test_same_seed_same_run_on_cpu(cifar_dir):
+    data = load_cifar10(cifar_dir, download=False)
+    a = train(Recipe(**TINY), data=data, progress=False)
+    b = train(Recipe(**TINY), data=data, progress=False)
+    c = train(Recipe(**TINY, seed=1), data=data, progress=False)
+    strip = lambda r: [(h.train_loss, h.train_acc, h.test_loss, h.test_acc) for h in r.history]
+    assert strip(a) == strip(b) and strip(a) != strip(c)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+def test_learns_the_synthetic_classes(cifar_dir):
+    r = train(Recipe(**{**TINY, "lr_max": 0.05}), data_dir=cifar_dir, download=False, progress=False)
+    assert r.history[-1].test_acc >= 0.6  # chance is 0.1; measured 0.87
+
+
+def test_divergence_stops_the_run(cifar_dir):
+    with pytest.raises(DivergenceError, match=r"diverged: loss is (nan|inf) in epoch 1.*LR") as e:
+        train(Recipe(**{**TINY, "lr_max": 1e12, "logit_scale": 1.0}), data_dir=cifar_dir, download=False,
+              progress=False)
+    assert e.value.exit_code == 3
+
+
+def test_existing_run_is_refused_unless_overwrite(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--quiet",
+            "--epochs", "1", "--peak-epoch", "1", "--batch-size", "50", "--lr-max", "0.01", "--device", "cpu"]
+    assert main(args) == 0
+    before = (out / "model.safetensors").read_bytes()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main([*args, "--overwrite", "--seed", "3"]) == 0
+    assert (out / "model.safetensors").read_bytes() != before
+
+
+def test_evaluate_cli(cifar_dir, tmp_path, capsys):
+    result = train(Recipe(**TINY), data_dir=cifar_dir, download=False, out=tmp_path / "run", progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--data-dir", str(cifar_dir), "--json", "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["images"] == 30
+    assert got["accuracy"] == pytest.approx(result.history[-1].test_acc)
+    assert got["loss"] == pytest.approx(result.history[-1].test_loss, rel=1e-5)
+
+
+def test_evaluate_refuses_foreign_files(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["evaluate", str(bad)]) == 2
+    assert "not a safetensors weights file" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+
+
+def test_precision_auto():
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
