@@ -6,6 +6,8 @@ no DataLoader workers.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -78,3 +80,19 @@ def augment_batch(padded: torch.Tensor, *, crop: bool, padding: int, flip: bool,
     if cutout_size:
         x = cutout(x, cutout_size, generator)[0]
     return x
+
+
+def epoch_batches(padded: torch.Tensor, labels: torch.Tensor, batch_size: int, *, crop: bool, padding: int,
+                  flip: bool, cutout_size: int, generator: torch.Generator,
+                  memory_format: torch.memory_format = torch.channels_last) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled pass of augmented (images, labels) batches over device-resident data.
+
+    Only full batches: the remainder of the shuffled order (a different one each epoch) is dropped,
+    so every step has the same batch size for BatchNorm and the per-step schedule.
+    """
+    order = torch.randperm(len(padded), device=padded.device, generator=generator)
+    for i in range(len(padded) // batch_size):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        x = augment_batch(padded[idx], crop=crop, padding=padding, flip=flip, cutout_size=cutout_size,
+                          generator=generator)
+        yield x.contiguous(memory_format=memory_format), labels[idx]

@@ -29,7 +29,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+def _float_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or 'auto'") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None:
     g = p.add_argument_group("recipe (each overrides --recipe and the seed's defaults)")
     g.add_argument("--recipe", metavar="FILE.toml", help="recipe file to start from (default: the seed's)")
     for f in dataclasses.fields(Recipe):
@@ -38,6 +54,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                               "help": f"{f.metadata['help']} (default: {f.default})"}
         if f.type == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "lr_max" and auto_lr:
+            kw["help"] = f"{f.metadata['help']}, or 'auto': take the LR range test's suggestion (default: {f.default})"
+            g.add_argument(flag, type=_float_or_auto, metavar="LR|auto", **kw)
         else:
             g.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
                            choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper().split("_")[-1], **kw)
@@ -57,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", parents=[common], help="train with a recipe (default: the seed's)")
-    _add_recipe_flags(t)
+    _add_recipe_flags(t, auto_lr=True)
     _add_data_flags(t)
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -70,14 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
+    f = sub.add_parser("lr-find", parents=[common], help="LR range test: loss against a growing LR, with graphs")
+    f.add_argument("--mode", choices=("exp", "linear", "both"), default="both",
+                   help="exponential or linear growth of the LR, or one sweep of each (default: both)")
+    f.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 0.02 linear)")
+    f.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 0.5 linear)")
+    f.add_argument("--num-iter", type=int, default=100, help="iterations per sweep (default: 100)")
+    f.add_argument("--smooth", type=_number, default=0.05,
+                   help="weight of each new loss in the moving average (default: 0.05)")
+    f.add_argument("--diverge", type=_number, default=4.0,
+                   help="stop once the smoothed loss exceeds this many times its best (default: 4)")
+    f.add_argument("--method", choices=("valley", "steepest"), default="valley",
+                   help="how the suggestion is read off the curve (default: valley)")
+    f.add_argument("--out", metavar="DIR", help="where the graphs and lr_find.json go (default: runs/lr-find-<timestamp>)")
+    _add_recipe_flags(f)
+    _add_data_flags(f)
+
     sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
     return p
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The seed's recipe, then --recipe FILE, then the flags given: each overrides the one before."""
+    """The seed's recipe, then --recipe FILE, then the flags given: each overrides the one before.
+
+    ``--lr-max auto`` leaves LRMAX at the recipe's value here; ``train`` replaces it with the finding.
+    """
     base = load_recipe(args.recipe) if args.recipe else Recipe()
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+             if hasattr(args, f.name) and getattr(args, f.name) != "auto"}
     return Recipe.from_dict({**base.to_dict(), **flags}, source="flags")
 
 
@@ -87,7 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     result = train(recipe, data_dir=args.data_dir, download=not args.no_download, out=out,
-                   overwrite=args.overwrite, progress=not args.quiet)
+                   overwrite=args.overwrite, progress=not args.quiet,
+                   find_lr_max=getattr(args, "lr_max", None) == "auto")
     s = result.summary
     print(f"final test accuracy {s['final_test_acc']:.2%} (best {s['best_test_acc']:.2%} at epoch "
           f"{s['best_epoch']}) in {s['total_seconds'] / 60:.1f} min on {s['device']}, {s['precision']}; "
@@ -119,6 +159,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .data import load_cifar10
+    from .lr_finder import MODES, check_sweep, DEFAULT_RANGES, write_lr_find
+    from .train import lr_range_test
+
+    recipe = recipe_from_args(args)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    for mode in modes:  # refuse a bad range before loading anything
+        lo, hi = DEFAULT_RANGES[mode]
+        check_sweep(mode, args.start_lr or lo, args.end_lr or hi, args.num_iter, args.smooth, args.diverge)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
+    data = load_cifar10(args.data_dir, download=not args.no_download)
+    sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr") if getattr(args, k) is not None}
+    results = lr_range_test(recipe, data, modes, num_iter=args.num_iter, smooth=args.smooth,
+                            diverge=args.diverge, method=args.method, **sweep)
+    for path in write_lr_find(results, out):
+        print(f"wrote {path}")
+    for mode, r in results.items():
+        found = f"{r.suggested_lr:.4g}" if r.suggested_lr is not None else "none (curve too short or flat)"
+        print(f"{mode:>6}: suggested LR {found} ({r.method}) over {len(r.lrs)} iterations"
+              + (f"; stopped early: {r.stopped}" if r.stopped else ""))
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .model import ResNet9
     from .summary import summarize
@@ -130,7 +194,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary}[args.command](args)
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "lr-find": cmd_lr_find, "summary": cmd_summary}
+        return commands[args.command](args)
     except UserError as e:
         if args.debug:
             raise

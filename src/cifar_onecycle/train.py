@@ -14,17 +14,19 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .augment import augment_batch, normalize, pad_reflect
+from .augment import epoch_batches, normalize, pad_reflect
 from .checkpoint import WEIGHTS, atomic_write, save_weights
 from .data import Cifar10, load_cifar10
 from .errors import DivergenceError, UserError
+from .lr_finder import LRFinderResult, find_lr, write_lr_find
 from .model import ResNet9, count_parameters
 from .recipe import Recipe
 from .schedule import lr_at, one_cycle_knots
@@ -171,24 +173,43 @@ def format_epoch(m: EpochMetrics, epochs: int) -> str:
             f"{m.train_seconds:6.1f}s  {m.images_per_second:7.1f} img/s")
 
 
-def train(recipe: Recipe | None = None, *, data_dir: str | Path = "data", download: bool = True,
-          out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train the seed's ResNet with the One Cycle policy and return its history and model.
+@dataclass
+class RunSetup:
+    """Everything a run trains with, on its device: data, model, optimizer, random generator."""
 
-    ``data``: an already loaded data set (else it is read from ``data_dir``). ``out``: a run folder
-    to write recipe.toml, metrics.csv, summary.json and the weights into (none when ``None``).
-    ``progress``: show a progress bar per epoch and print one line per epoch.
-    """
-    recipe = recipe or Recipe()
-    started = time.perf_counter()
+    recipe: Recipe
+    device: torch.device
+    precision: str
+    memory_format: torch.memory_format
+    train_images: torch.Tensor   # uint8, already padded for the crop
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator   # data order and augmentation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_images) // self.recipe.batch_size
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled pass of augmented training batches."""
+        r = self.recipe
+        return epoch_batches(self.train_images, self.train_labels, r.batch_size, crop=r.crop,
+                             padding=r.crop_padding if r.crop else 0, flip=r.flip,
+                             cutout_size=r.cutout_size if r.cutout else 0, generator=self.generator,
+                             memory_format=self.memory_format)
+
+    def autocast(self) -> torch.autocast:
+        return autocast(self.device, self.precision)
+
+
+def setup_run(recipe: Recipe, data: Cifar10) -> RunSetup:
+    """Move the data to the device and build the model and optimizer, seeded from the recipe."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
-    run_dir = prepare_run_dir(out, overwrite) if out is not None else None
-    if run_dir:
-        atomic_write(run_dir / "recipe.toml", recipe.to_toml())
-
-    data = data if data is not None else load_cifar10(data_dir, download=download)
     n_train = recipe.train_subset or len(data.train_images)
     if n_train > len(data.train_images):
         raise UserError(f"--train-subset {n_train}: only {len(data.train_images)} training images")
@@ -197,44 +218,91 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path = "data", downlo
                         f"images; pass a smaller --batch-size")
     # The whole uint8 data set lives on the device (150 MB for CIFAR-10): no loader, no workers.
     # Padding once here, not per batch, leaves each step a single gather for its crops.
-    pad = recipe.crop_padding if recipe.crop else 0
-    train_images = pad_reflect(data.train_images[:n_train].to(device), pad)
-    train_labels = data.train_labels[:n_train].to(device)
-    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
-
+    train_images = pad_reflect(data.train_images[:n_train].to(device), recipe.crop_padding if recipe.crop else 0)
     torch.manual_seed(recipe.seed)  # the weights' initialisation
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model = ResNet9(logit_scale=recipe.logit_scale, bn_momentum=recipe.bn_momentum).to(device, memory_format=fmt)
-    step_model = torch.compile(model) if recipe.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr_min, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    gen = torch.Generator(device=device).manual_seed(recipe.seed)  # data order and augmentation
+    return RunSetup(recipe, device, precision, fmt, train_images, data.train_labels[:n_train].to(device),
+                    data.test_images.to(device), data.test_labels.to(device), model,
+                    torch.compile(model) if recipe.compile else model, optimizer,
+                    torch.Generator(device=device).manual_seed(recipe.seed))
 
-    # Every step sees a full batch (the remainder of the shuffled epoch is dropped, a different
-    # remainder each epoch), so BatchNorm statistics and the per-step schedule are uniform.
-    steps_per_epoch = n_train // recipe.batch_size
+
+def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",), progress: bool = True,
+                  **sweep: Any) -> dict[str, LRFinderResult]:
+    """The LR range test on the recipe's model, augmented batches, optimizer and precision.
+
+    ``sweep``: ``find_lr`` settings (start_lr, end_lr, num_iter, smooth, diverge, method).
+    """
+    s = setup_run(recipe, data)
+    results = {}
+    for mode in modes:
+        bar = tqdm(total=sweep.get("num_iter", 100), desc=f"lr-find {mode}", leave=False, disable=not progress,
+                   unit="it")
+        results[mode] = find_lr(s.step_model, s.epoch, s.optimizer, mode=mode, autocast=s.autocast,
+                                loss_fn=partial(F.cross_entropy, label_smoothing=recipe.label_smoothing),
+                                progress=lambda i, lr, loss: (bar.update(), bar.set_postfix(lr=f"{lr:.3g}",
+                                                                                          loss=f"{loss:.3f}")),
+                                **sweep)
+        bar.close()
+    return results
+
+
+def train(recipe: Recipe | None = None, *, data_dir: str | Path = "data", download: bool = True,
+          out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
+          progress: bool = True, find_lr_max: bool = False) -> TrainResult:
+    """Train the seed's ResNet with the One Cycle policy and return its history and model.
+
+    ``data``: an already loaded data set (else it is read from ``data_dir``). ``out``: a run folder
+    to write recipe.toml, metrics.csv, summary.json and the weights into (none when ``None``).
+    ``progress``: show a progress bar per epoch and print one line per epoch. ``find_lr_max``: run
+    the exponential LR range test first and train with its suggestion as LRMAX.
+    """
+    recipe = recipe or Recipe()
+    started = time.perf_counter()
+    resolve_precision(recipe.precision, resolve_device(recipe.device))  # refuse a bad device before any work
+    run_dir = prepare_run_dir(out, overwrite) if out is not None else None
+    data = data if data is not None else load_cifar10(data_dir, download=download)
+    lr_found = None
+    if find_lr_max:
+        found = lr_range_test(recipe, data, ("exp",), progress=progress)["exp"]
+        if found.suggested_lr is None:
+            raise UserError(f"--lr-max auto: the range test found no LR ({found.stopped or 'flat loss'}); "
+                            f"pass --lr-max explicitly")
+        lr_found = {"lr_max": found.suggested_lr, "method": f"LR range test, exp, {found.method}"}
+        if run_dir:
+            write_lr_find({"exp": found}, run_dir)
+        if progress:
+            tqdm.write(f"lr-find: suggested LRMAX {found.suggested_lr:.4g} ({found.method})")
+        recipe = recipe.replace(lr_max=found.suggested_lr)  # validated again: LRMIN must stay below it
+    if run_dir:
+        atomic_write(run_dir / "recipe.toml", recipe.to_toml())
+
+    # A fresh setup after any range test: the same seed gives the same weights and data order as
+    # a run started with the found LRMAX written out.
+    s = setup_run(recipe, data)
+    device, precision, model, optimizer = s.device, s.precision, s.model, s.optimizer
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    n_train = len(s.train_images)
+    steps_per_epoch = s.steps_per_epoch
     knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
     history: list[EpochMetrics] = []
     step = 0
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(n_train, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
+        bar = tqdm(s.epoch(), total=steps_per_epoch, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
                    disable=not progress, unit="step")
-        for i in bar:
-            idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            x = augment_batch(train_images[idx], crop=recipe.crop, padding=pad, flip=recipe.flip,
-                              cutout_size=recipe.cutout_size if recipe.cutout else 0, generator=gen)
-            x, y = x.contiguous(memory_format=fmt), train_labels[idx]
+        for i, (x, y) in enumerate(bar):
             lr = lr_at(step, knots)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast(device, precision):
-                logits = step_model(x)
+            with s.autocast():
+                logits = s.step_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -254,7 +322,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path = "data", downlo
         bar.close()
         train_seconds = time.perf_counter() - t0
         seen = steps_per_epoch * recipe.batch_size
-        test_loss, test_acc = evaluate(step_model, test_images, test_labels, batch_size=recipe.eval_batch_size,
+        test_loss, test_acc = evaluate(s.step_model, s.test_images, s.test_labels, batch_size=recipe.eval_batch_size,
                                        precision=precision, channels_last=recipe.channels_last)
         m = EpochMetrics(epoch, lr, loss_sum.item() / seen, correct.item() / seen, test_loss, test_acc,
                          train_seconds, seen / train_seconds)
@@ -274,9 +342,10 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path = "data", downlo
         "epochs": recipe.epochs,
         "steps_per_epoch": steps_per_epoch,
         "train_images": n_train,
-        "test_images": len(test_images),
+        "test_images": len(s.test_images),
         "lr_min": recipe.lr_min,
         "lr_max": recipe.lr_max,
+        "lr_max_found": lr_found,
         "total_seconds": round(time.perf_counter() - started, 2),
         "parameters": count_parameters(model),
         "device": device_name(device),

@@ -1,0 +1,160 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cifar_onecycle.cli import main
+from cifar_onecycle.errors import UserError
+from cifar_onecycle.lr_finder import LRFinderResult, find_lr, lr_sweep, suggest, write_lr_find
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def blobs(n=256, seed=0):
+    """Four Gaussian blobs in 8 dimensions: a tiny, learnable classification problem."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, 8, generator=g) * 3
+    y = torch.randint(0, 4, (n,), generator=g)
+    return centres[y] + torch.randn(n, 8, generator=g), y
+
+
+def tiny_model(bn=True):
+    """With BatchNorm for the restore tests; without it the loss blows up at high LRs (BN would
+    make the network nearly indifferent to the LR on so easy a problem)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), *([nn.BatchNorm1d(32)] if bn else []), nn.ReLU(), nn.Linear(32, 4))
+
+
+def batches(bs=32):
+    x, y = blobs()
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+
+
+def test_sweep_end_points_exact():
+    exp = lr_sweep("exp", 1e-5, 10.0, 100)
+    assert len(exp) == 100 and exp[0] == 1e-5 and exp[-1] == 10.0
+    assert exp[50] == pytest.approx(1e-5 * 1e6 ** (50 / 99))
+    ratios = [b / a for a, b in zip(exp, exp[1:])]
+    assert max(ratios) == pytest.approx(min(ratios))
+    lin = lr_sweep("linear", 0.02, 0.5, 25)
+    assert lin[0] == 0.02 and lin[-1] == 0.5 and lin[12] == pytest.approx(0.26)
+
+
+def test_loss_falls_then_rises_and_the_sweep_stops_on_divergence():
+    r = find_lr(tiny_model(bn=False), batches(), mode="exp", start_lr=1e-4, end_lr=1e4, num_iter=200)
+    low = min(range(len(r.smoothed)), key=r.smoothed.__getitem__)
+    assert r.smoothed[low] < 0.6 * r.smoothed[0]          # falls
+    assert r.stopped is not None and len(r.lrs) < 200     # then rises past 4x the best: stopped early
+    assert r.smoothed[-1] > 4 * r.smoothed[low] or "not finite" in r.stopped
+    assert r.suggested_lr is not None and r.lrs[10] <= r.suggested_lr <= r.lrs[low]
+    assert len(r.accuracies) == len(r.lrs) == len(r.losses)
+
+
+def test_non_finite_loss_stops_the_sweep():
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if len(calls) > 15 else loss
+
+    r = find_lr(tiny_model(), batches(), num_iter=50, loss_fn=loss_fn)
+    assert len(r.lrs) == 15 and "not finite" in r.stopped
+    assert all(math.isfinite(v) for v in r.losses)
+
+
+def test_model_and_optimizer_restored_bit_for_bit():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for x, y in batches()[:3]:  # give the optimizer momentum buffers and BN some statistics
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    before_opt = opt.state_dict()
+    before_bufs = {k: v["momentum_buffer"].clone() for k, v in before_opt["state"].items()}
+    find_lr(model, batches(), opt, num_iter=30, start_lr=1e-3, end_lr=1.0)
+    assert not model.training  # mode restored too
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_model[k]) and v.dtype == before_model[k].dtype, k
+    after = opt.state_dict()
+    assert after["param_groups"] == before_opt["param_groups"]
+    for k, buf in before_bufs.items():
+        assert torch.equal(after["state"][k]["momentum_buffer"], buf)
+
+
+def test_restored_even_when_the_sweep_fails():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken():
+        yield from batches()[:2]
+        raise RuntimeError("data source failed")
+
+    with pytest.raises(RuntimeError):
+        find_lr(model, broken, num_iter=20)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_suggestion_ignores_spikes_and_the_ends():
+    lrs = [1e-4 * 1.2 ** i for i in range(60)]
+    # falls steadily from 2.5 to 1.0 at index 40, then a huge spike at the end
+    smoothed = [2.5 - 1.5 * min(i, 40) / 40 for i in range(60)]
+    smoothed[41:] = [1.0 + 0.5 * (i - 40) for i in range(41, 60)]
+    smoothed[55] = -5.0  # a spike inside the skipped end must never carry the suggestion
+    for method in ("valley", "steepest"):
+        lr = suggest(lrs, smoothed, method)
+        assert lrs[10] <= lr <= lrs[40], method
+    assert suggest(lrs[:12], smoothed[:12]) is None  # too short to say
+
+
+def test_bad_settings_refused():
+    for kw, msg in [(dict(start_lr=1.0, end_lr=0.5), "must be above"), (dict(num_iter=5), ">= 10"),
+                    (dict(mode="cosine"), "unknown mode"), (dict(start_lr=-1.0), "> 0")]:
+        with pytest.raises(UserError, match=msg):
+            find_lr(tiny_model(), batches(), **kw)
+
+
+def test_plots_and_json(tmp_path):
+    r = find_lr(tiny_model(), batches(), num_iter=40, start_lr=1e-3, end_lr=10.0)
+    lin = find_lr(tiny_model(), batches(), mode="linear", num_iter=20, start_lr=0.01, end_lr=0.3)
+    ax = r.plot()
+    assert ax.get_xscale() == "log" and ax.get_xlabel().startswith("learning rate")
+    assert lin.plot().get_xscale() == "linear"
+    paths = write_lr_find({"exp": r, "linear": lin}, tmp_path)
+    assert [p.name for p in paths] == ["lr_find_exp.png", "lr_find_linear.png", "lr_find.json"]
+    for p in paths[:2]:
+        assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
+    data = json.loads(paths[2].read_text())
+    assert set(data) == {"exp", "linear"}
+    assert set(data["exp"]) >= {"lrs", "losses", "smoothed", "suggested_lr", "method"}
+    assert data["linear"]["lrs"][0] == 0.01 and data["exp"]["suggested_lr"] == r.suggested_lr
+    assert isinstance(LRFinderResult(**data["exp"]), LRFinderResult)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--start-lr", "1", "--end-lr", "0.1"], "must be above"),
+    (["--num-iter", "5"], ">= 10"),
+    (["--mode", "cosine"], "invalid choice"),
+])
+def test_cli_bad_flags(argv, msg, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(["lr-find", *argv, "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_on_the_recipe_model(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "lr"
+    assert main(["lr-find", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--num-iter", "12",
+                 "--batch-size", "25", "--device", "cpu", "--precision", "fp32", "--mode", "both"]) == 0
+    printed = capsys.readouterr().out
+    assert "exp: suggested LR" in printed and "linear: suggested LR" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find_exp.png", "lr_find_linear.png"]
+    data = json.loads((out / "lr_find.json").read_text())
+    assert data["exp"]["lrs"][0] == 1e-5 and data["linear"]["lrs"][0] == 0.02
