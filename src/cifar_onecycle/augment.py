@@ -83,15 +83,16 @@ def augment_batch(padded: torch.Tensor, *, crop: bool, padding: int, flip: bool,
 
 
 def epoch_batches(padded: torch.Tensor, labels: torch.Tensor, batch_size: int, *, crop: bool, padding: int,
-                  flip: bool, cutout_size: int, generator: torch.Generator,
+                  flip: bool, cutout_size: int, generator: torch.Generator, order: torch.Tensor,
+                  start: int = 0,
                   memory_format: torch.memory_format = torch.channels_last) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled pass of augmented (images, labels) batches over device-resident data.
+    """Augmented (images, labels) batches of device-resident data, in ``order``, from batch ``start``.
 
     Only full batches: the remainder of the shuffled order (a different one each epoch) is dropped,
-    so every step has the same batch size for BatchNorm and the per-step schedule.
+    so every step has the same batch size for BatchNorm and the per-step schedule. Resuming at
+    ``start`` with the generator state saved after batch ``start - 1`` repeats the same draws.
     """
-    order = torch.randperm(len(padded), device=padded.device, generator=generator)
-    for i in range(len(padded) // batch_size):
+    for i in range(start, len(order) // batch_size):
         idx = order[i * batch_size:(i + 1) * batch_size]
         x = augment_batch(padded[idx], crop=crop, padding=padding, flip=flip, cutout_size=cutout_size,
                           generator=generator)

@@ -5,6 +5,7 @@ The resolved recipe travels in the file's metadata, so ``evaluate`` can rebuild 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -89,3 +90,42 @@ def _metadata(raw: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file: its header is 8 bytes of length, then JSON."""
     n = int.from_bytes(raw[:8], "little")
     return json.loads(raw[8:8 + n]).get("__metadata__") or {}
+
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "cifar-onecycle-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """``state`` (tensors, numbers, strings, lists and dicts only) with torch.save, atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, Recipe]:
+    """Read a checkpoint without running any code from it (``weights_only=True``), and check it
+    belongs to this model. Returns (state, recipe)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read checkpoint ({e.strerror or e}); is this a run folder "
+                        f"that reached the end of an epoch?") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # a refused global, a truncated zip, garbage: all mean the same to a user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint, refused ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a cifar-onecycle checkpoint")
+    try:
+        recipe = Recipe.from_dict(state["recipe"], source=f"{path} (recipe)")
+    except (KeyError, TypeError, RecipeError) as e:
+        raise UserError(f"{path}: checkpoint has no valid recipe ({e})") from None
+    expected = ResNet9(logit_scale=recipe.logit_scale).state_dict()
+    model = state.get("model")
+    if not isinstance(model, dict) or set(model) != set(expected) or any(
+            not isinstance(model[k], torch.Tensor) or model[k].shape != v.shape for k, v in expected.items()):
+        raise UserError(f"{path}: checkpoint weights do not fit the seed's ResNet (another model or shape)")
+    return state, recipe

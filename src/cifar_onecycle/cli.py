@@ -63,8 +63,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default="data", metavar="DIR",
-                   help="folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (default: ./data)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (default: ./data; "
+                        "with --resume, the run's own)")
     p.add_argument("--no-download", action="store_true", help="never use the network for the data set")
 
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(t)
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint, with its recipe")
     t.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
     e = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
@@ -123,11 +125,24 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train  # torch is imported only by the commands that need it
 
-    recipe = recipe_from_args(args)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise UserError("--resume RUN_DIR writes into RUN_DIR; leave out --out")
+        if getattr(args, "lr_max", None) == "auto" or args.overwrite:
+            raise UserError("--resume continues a run as it was; --lr-max auto and --overwrite do not apply")
+        out = Path(args.resume)
+        # Recipe flags are allowed only where they restate the run's recipe; train() names any change.
+        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+        given = flags or args.recipe
+        saved = load_recipe(out / "recipe.toml") if given else None
+        recipe = Recipe.from_dict({**saved.to_dict(), **(load_recipe(args.recipe).to_dict() if args.recipe else {}),
+                                   **flags}, source="flags") if saved else None
+    else:
+        recipe = recipe_from_args(args)
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     result = train(recipe, data_dir=args.data_dir, download=not args.no_download, out=out,
                    overwrite=args.overwrite, progress=not args.quiet,
-                   find_lr_max=getattr(args, "lr_max", None) == "auto")
+                   find_lr_max=getattr(args, "lr_max", None) == "auto", resume=args.resume)
     s = result.summary
     print(f"final test accuracy {s['final_test_acc']:.2%} (best {s['best_test_acc']:.2%} at epoch "
           f"{s['best_epoch']}) in {s['total_seconds'] / 60:.1f} min on {s['device']}, {s['precision']}; "
@@ -145,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, recipe = load_weights(args.weights)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    data = load_cifar10(args.data_dir, download=not args.no_download, split="test")
+    data = load_cifar10(args.data_dir or "data", download=not args.no_download, split="test")
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
@@ -170,7 +185,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         lo, hi = DEFAULT_RANGES[mode]
         check_sweep(mode, args.start_lr or lo, args.end_lr or hi, args.num_iter, args.smooth, args.diverge)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
-    data = load_cifar10(args.data_dir, download=not args.no_download)
+    data = load_cifar10(args.data_dir or "data", download=not args.no_download)
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr") if getattr(args, k) is not None}
     results = lr_range_test(recipe, data, modes, num_iter=args.num_iter, smooth=args.smooth,
                             diverge=args.diverge, method=args.method, **sweep)

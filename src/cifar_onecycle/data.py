@@ -37,6 +37,10 @@ _np_core = getattr(np, "_core", None) or np.core
 _SAFE_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """The file names a global outside the whitelist: hostile, or not a CIFAR-10 file."""
+
+
 def _safe_dtype(name: Any, *args: Any) -> np.dtype:
     key = name.decode("latin1") if isinstance(name, bytes) else name
     if key not in _SAFE_DTYPES:
@@ -52,10 +56,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "scalar"): _np_core.multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): _np_core.multiarray.scalar,
 }
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """The file names a global outside the whitelist: hostile, or not a CIFAR-10 file."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):

@@ -5,12 +5,15 @@ the LR set before every step, an evaluation pass, and the run folder brought up 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import platform
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .augment import epoch_batches, normalize, pad_reflect
-from .checkpoint import WEIGHTS, atomic_write, save_weights
+from .checkpoint import CHECKPOINT, WEIGHTS, atomic_write, load_checkpoint, save_checkpoint, save_weights
 from .data import Cifar10, load_cifar10
 from .errors import DivergenceError, UserError
 from .lr_finder import LRFinderResult, find_lr, write_lr_find
@@ -31,7 +34,7 @@ from .model import ResNet9, count_parameters
 from .recipe import Recipe
 from .schedule import lr_at, one_cycle_knots
 
-RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json", WEIGHTS)
+RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json", WEIGHTS, CHECKPOINT)
 # How often (in steps) the progress bar reads the running loss back from the device. Each read is
 # a host sync that stalls a GPU's queue; every 10 steps keeps that cost out of the measurements
 # while still catching a diverged loss within 10 steps.
@@ -194,28 +197,39 @@ class RunSetup:
     def steps_per_epoch(self) -> int:
         return len(self.train_images) // self.recipe.batch_size
 
-    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One shuffled pass of augmented training batches."""
+    def shuffle(self) -> torch.Tensor:
+        """A new epoch's order of the training images."""
+        return torch.randperm(len(self.train_images), device=self.device, generator=self.generator)
+
+    def epoch(self, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented training batches in ``order`` (a new shuffle when None), from batch ``start``."""
         r = self.recipe
         return epoch_batches(self.train_images, self.train_labels, r.batch_size, crop=r.crop,
                              padding=r.crop_padding if r.crop else 0, flip=r.flip,
                              cutout_size=r.cutout_size if r.cutout else 0, generator=self.generator,
+                             order=self.shuffle() if order is None else order, start=start,
                              memory_format=self.memory_format)
 
     def autocast(self) -> torch.autocast:
         return autocast(self.device, self.precision)
 
 
-def setup_run(recipe: Recipe, data: Cifar10) -> RunSetup:
-    """Move the data to the device and build the model and optimizer, seeded from the recipe."""
-    device = resolve_device(recipe.device)
-    precision = resolve_precision(recipe.precision, device)
+def check_fits(recipe: Recipe, data: Cifar10) -> int:
+    """The number of training images the recipe uses; refuse a subset or batch the data cannot give."""
     n_train = recipe.train_subset or len(data.train_images)
     if n_train > len(data.train_images):
         raise UserError(f"--train-subset {n_train}: only {len(data.train_images)} training images")
     if recipe.batch_size > n_train:
         raise UserError(f"--batch-size {recipe.batch_size} is larger than the {n_train} training "
                         f"images; pass a smaller --batch-size")
+    return n_train
+
+
+def setup_run(recipe: Recipe, data: Cifar10) -> RunSetup:
+    """Move the data to the device and build the model and optimizer, seeded from the recipe."""
+    device = resolve_device(recipe.device)
+    precision = resolve_precision(recipe.precision, device)
+    n_train = check_fits(recipe, data)
     # The whole uint8 data set lives on the device (150 MB for CIFAR-10): no loader, no workers.
     # Padding once here, not per batch, leaves each step a single gather for its crops.
     train_images = pad_reflect(data.train_images[:n_train].to(device), recipe.crop_padding if recipe.crop else 0)
@@ -250,21 +264,78 @@ def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",)
     return results
 
 
-def train(recipe: Recipe | None = None, *, data_dir: str | Path = "data", download: bool = True,
-          out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
-          progress: bool = True, find_lr_max: bool = False) -> TrainResult:
-    """Train the seed's ResNet with the One Cycle policy and return its history and model.
+class Interrupted(UserError):
+    """SIGINT or SIGTERM: the run saved a checkpoint and stopped. Exit code 130."""
 
-    ``data``: an already loaded data set (else it is read from ``data_dir``). ``out``: a run folder
-    to write recipe.toml, metrics.csv, summary.json and the weights into (none when ``None``).
-    ``progress``: show a progress bar per epoch and print one line per epoch. ``find_lr_max``: run
-    the exponential LR range test first and train with its suggestion as LRMAX.
-    """
+    exit_code = 130
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM set ``received`` instead of killing the run, so the loop can
+    finish its step and checkpoint. A second signal of either kind stops at once (KeyboardInterrupt).
+    Only in the main thread (Python delivers signals nowhere else); elsewhere it does nothing."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state(s: RunSetup) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "generator": s.generator.get_state()}
+    if s.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(s: RunSetup, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    s.generator.set_state(state["generator"])
+    if "cuda" in state and s.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, out: str | Path | None, overwrite: bool,
+           data: Cifar10 | None, progress: bool, find_lr_max: bool,
+           resume: str | Path | None) -> tuple[Recipe, Path | None, Cifar10, str | None, dict | None, dict | None]:
+    """Recipe, run folder, data, data folder (None for data given in memory), LR found and
+    checkpoint (when resuming) of a run about to train."""
+    if resume is not None:
+        run_dir = Path(resume)
+        state, saved = load_checkpoint(run_dir / CHECKPOINT)
+        for stale in run_dir.glob(".*.tmp"):  # left by a write that was killed before its rename
+            stale.unlink(missing_ok=True)
+        if recipe is not None and recipe != saved:
+            changed = [k for k, v in recipe.to_dict().items() if getattr(saved, k) != v]
+            raise UserError(f"--resume {run_dir}: the run's own recipe is used; {changed[0]} would change "
+                            f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}")
+        if state["epoch"] >= saved.epochs and state["batch"] == 0:
+            raise UserError(f"--resume {run_dir}: this run already finished all {saved.epochs} epochs")
+        resolve_precision(saved.precision, resolve_device(saved.device))
+        data_dir = None if data is not None else str(Path(data_dir or state.get("data_dir") or "data").resolve())
+        data = data if data is not None else load_cifar10(data_dir, download=download)
+        return saved, run_dir, data, data_dir, state.get("lr_found"), state
     recipe = recipe or Recipe()
-    started = time.perf_counter()
     resolve_precision(recipe.precision, resolve_device(recipe.device))  # refuse a bad device before any work
-    run_dir = prepare_run_dir(out, overwrite) if out is not None else None
+    # The data first: a missing or bad data set must not leave a half-made run folder behind.
+    data_dir = None if data is not None else str(Path(data_dir or "data").resolve())
     data = data if data is not None else load_cifar10(data_dir, download=download)
+    check_fits(recipe, data)
+    run_dir = prepare_run_dir(out, overwrite) if out is not None else None
     lr_found = None
     if find_lr_max:
         found = lr_range_test(recipe, data, ("exp",), progress=progress)["exp"]
@@ -279,82 +350,145 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path = "data", downlo
         recipe = recipe.replace(lr_max=found.suggested_lr)  # validated again: LRMIN must stay below it
     if run_dir:
         atomic_write(run_dir / "recipe.toml", recipe.to_toml())
+    return recipe, run_dir, data, data_dir, lr_found, None
 
+
+def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, download: bool = True,
+          out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
+          progress: bool = True, find_lr_max: bool = False, resume: str | Path | None = None) -> TrainResult:
+    """Train the seed's ResNet with the One Cycle policy and return its history and model.
+
+    ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
+    resuming, the run's own). ``out``: a run folder
+    for recipe.toml, metrics.csv, summary.json, the weights and a checkpoint after every epoch (and
+    on SIGINT/SIGTERM); none when ``None``. ``progress``: a progress bar and a line per epoch.
+    ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
+    ``resume``: a run folder whose checkpoint to continue, with its own recipe.
+    """
+    started = time.perf_counter()
+    recipe, run_dir, data, data_dir, lr_found, ckpt = _start(recipe, data_dir, download, out, overwrite, data, progress,
+                                                   find_lr_max, resume)
     # A fresh setup after any range test: the same seed gives the same weights and data order as
     # a run started with the found LRMAX written out.
     s = setup_run(recipe, data)
     device, precision, model, optimizer = s.device, s.precision, s.model, s.optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    n_train = len(s.train_images)
     steps_per_epoch = s.steps_per_epoch
     knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
     history: list[EpochMetrics] = []
-    step = 0
-    for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        bar = tqdm(s.epoch(), total=steps_per_epoch, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
-                   disable=not progress, unit="step")
-        for i, (x, y) in enumerate(bar):
-            lr = lr_at(step, knots)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with s.autocast():
-                logits = s.step_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            step += 1
-            if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps_per_epoch:
-                seen = (i + 1) * recipe.batch_size
-                running = loss_sum.item() / seen  # host sync
-                if not math.isfinite(running):
-                    raise DivergenceError(
-                        f"training diverged: loss is {running} in epoch {epoch}, by step {step} "
-                        f"(LR {lr:.4g}); lower --lr-max (now {recipe.lr_max:g})")
-                bar.set_postfix(lr=f"{lr:.4f}", loss=f"{running:.3f}", acc=f"{correct.item() / seen:.3f}")
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        seen = steps_per_epoch * recipe.batch_size
-        test_loss, test_acc = evaluate(s.step_model, s.test_images, s.test_labels, batch_size=recipe.eval_batch_size,
-                                       precision=precision, channels_last=recipe.channels_last)
-        m = EpochMetrics(epoch, lr, loss_sum.item() / seen, correct.item() / seen, test_loss, test_acc,
-                         train_seconds, seen / train_seconds)
-        history.append(m)
-        if progress:
-            tqdm.write(format_epoch(m, recipe.epochs))
-        if run_dir:
-            atomic_write(run_dir / "metrics.csv", metrics_csv(history))
+    done, batch, order, sums, elapsed = 0, 0, None, (0.0, 0, 0.0), 0.0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(s, ckpt["rng"])
+        history = [EpochMetrics(**h) for h in ckpt["history"]]
+        done, batch, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["elapsed"]
+        order = ckpt["order"].to(device) if ckpt["order"] is not None else None
+        sums = (ckpt["loss_sum"], ckpt["correct"], ckpt["epoch_seconds"])
 
+    def checkpoint(epoch_done: int, next_batch: int, order: torch.Tensor | None, sums: tuple) -> Path | None:
+        """Everything needed to continue bit for bit: weights, optimizer, position, random states."""
+        if run_dir is None:
+            return None
+        save_checkpoint(run_dir / CHECKPOINT, {
+            "recipe": recipe.to_dict(), "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": _rng_state(s), "epoch": epoch_done, "batch": next_batch,
+            "order": order.cpu() if order is not None else None, "loss_sum": sums[0], "correct": sums[1],
+            "epoch_seconds": sums[2], "history": [asdict(h) for h in history], "lr_found": lr_found,
+            "elapsed": elapsed + time.perf_counter() - started,
+            "data_dir": data_dir})
+        return run_dir / CHECKPOINT
+
+    with StopSignals() if run_dir else contextlib.nullcontext(StopSignals()) as stop:
+        for epoch in range(done + 1, recipe.epochs + 1):
+            model.train()
+            order = s.shuffle() if order is None else order
+            t0 = time.perf_counter() - sums[2]
+            loss_sum = torch.tensor(sums[0], device=device)
+            correct = torch.tensor(sums[1], device=device, dtype=torch.int64)
+            step = (epoch - 1) * steps_per_epoch + batch
+            bar = tqdm(s.epoch(order, batch), initial=batch, total=steps_per_epoch,
+                       desc=f"epoch {epoch}/{recipe.epochs}", leave=False, disable=not progress, unit="step")
+            for i, (x, y) in enumerate(bar, start=batch):
+                lr = lr_at(step, knots)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with s.autocast():
+                    logits = s.step_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                step += 1
+                if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps_per_epoch or stop.received:
+                    seen = (i + 1) * recipe.batch_size
+                    running = loss_sum.item() / seen  # host sync
+                    if not math.isfinite(running):  # the last good checkpoint stays as it is
+                        raise DivergenceError(
+                            f"training diverged: loss is {running} in epoch {epoch}, by step {step} "
+                            f"(LR {lr:.4g}); lower --lr-max (now {recipe.lr_max:g})")
+                    bar.set_postfix(lr=f"{lr:.4f}", loss=f"{running:.3f}", acc=f"{correct.item() / seen:.3f}")
+                if stop.received and i + 1 < steps_per_epoch:
+                    bar.close()
+                    path = checkpoint(epoch - 1, i + 1, order,
+                                      (loss_sum.item(), correct.item(), time.perf_counter() - t0))
+                    raise Interrupted(f"stopped by {stop.received} in epoch {epoch} after step {step}; "
+                                      f"checkpoint saved in {path}; resume with: cifar-onecycle train "
+                                      f"--resume {run_dir}")
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            seen = steps_per_epoch * recipe.batch_size
+            test_loss, test_acc = evaluate(s.step_model, s.test_images, s.test_labels,
+                                           batch_size=recipe.eval_batch_size, precision=precision,
+                                           channels_last=recipe.channels_last)
+            m = EpochMetrics(epoch, lr, loss_sum.item() / seen, correct.item() / seen, test_loss, test_acc,
+                             train_seconds, seen / train_seconds)
+            history.append(m)
+            batch, order, sums = 0, None, (0.0, 0, 0.0)
+            if progress:
+                tqdm.write(format_epoch(m, recipe.epochs))
+            if run_dir:
+                atomic_write(run_dir / "metrics.csv", metrics_csv(history))
+                checkpoint(epoch, 0, None, sums)
+            if stop.received and epoch < recipe.epochs:
+                raise Interrupted(f"stopped by {stop.received} after epoch {epoch}; checkpoint saved in "
+                                  f"{run_dir / CHECKPOINT}; resume with: cifar-onecycle train --resume {run_dir}")
+
+    summary = run_summary(recipe, s, history, lr_found, elapsed + time.perf_counter() - started)
+    if run_dir:
+        save_weights(model, run_dir / WEIGHTS, recipe)
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return TrainResult(recipe, history, summary, model, run_dir)
+
+
+def run_summary(recipe: Recipe, s: RunSetup, history: list[EpochMetrics], lr_found: dict | None,
+                seconds: float) -> dict[str, Any]:
+    """The contents of summary.json."""
     best = max(history, key=lambda h: h.test_acc)
-    summary = {
+    return {
         "final_test_acc": history[-1].test_acc,
         "best_test_acc": best.test_acc,
         "best_epoch": best.epoch,
         "final_test_loss": history[-1].test_loss,
         "final_train_acc": history[-1].train_acc,
         "epochs": recipe.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "train_images": n_train,
+        "steps_per_epoch": s.steps_per_epoch,
+        "train_images": len(s.train_images),
         "test_images": len(s.test_images),
         "lr_min": recipe.lr_min,
         "lr_max": recipe.lr_max,
         "lr_max_found": lr_found,
-        "total_seconds": round(time.perf_counter() - started, 2),
-        "parameters": count_parameters(model),
-        "device": device_name(device),
-        "precision": precision,
+        "total_seconds": round(seconds, 2),
+        "parameters": count_parameters(s.model),
+        "device": device_name(s.device),
+        "precision": s.precision,
         "torch": torch.__version__,
         "cifar_onecycle": __version__,
         "git_commit": git_commit(),
     }
-    if run_dir:
-        save_weights(model, run_dir / WEIGHTS, recipe)
-        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return TrainResult(recipe, history, summary, model, run_dir)

@@ -1,0 +1,115 @@
+"""Bad input, as a table: each gets one line on stderr, exit code 2, no traceback, and leaves no
+run folder or partial file behind."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_onecycle.cli import main
+from conftest import synthetic_batch, write_cifar
+
+QUICK = ["--epochs", "1", "--peak-epoch", "1", "--batch-size", "25", "--device", "cpu", "--precision", "fp32",
+         "--lr-max", "0.01", "--quiet"]
+
+
+def corrupt(name, payload):
+    def apply(data: Path):
+        path = data / "cifar-10-batches-py" / name
+        path.write_bytes(payload(path.read_bytes()) if callable(payload) else payload)
+    return apply
+
+
+def batch_with(**changes):
+    raw = {**synthetic_batch(20, 1), **{k.encode(): v for k, v in changes.items()}}
+    return corrupt("data_batch_2", pickle.dumps(raw, protocol=4))
+
+
+CASES = {
+    "missing batch file": (lambda d: (d / "cifar-10-batches-py" / "data_batch_4").unlink(), [], "missing data_batch_4"),
+    "empty batch file": (corrupt("data_batch_1", b""), [], "data_batch_1: file is empty"),
+    "truncated batch file": (corrupt("test_batch", lambda b: b[:1000]), [], "test_batch: truncated or corrupt"),
+    "labels outside 0-9": (batch_with(labels=[3] * 19 + [12]), [], "labels must lie in 0..9"),
+    "mislabelled count": (batch_with(labels=[1, 2, 3]), [], "20 images but 3 labels"),
+    "wrong shape": (batch_with(data=np.zeros((20, 1024), np.uint8)), [], "N x 3072"),
+    "wrong dtype": (batch_with(data=np.zeros((20, 3072), np.int16)), [], "uint8"),
+    "no data set": (lambda d: None, ["--data-dir", "/nonexistent/cifar"], "CIFAR-10 not found"),
+    "peak after last epoch": (None, ["--peak-epoch", "2"], "peak_epoch 2 must lie in"),
+    "batch larger than the training set": (None, ["--batch-size", "200", "--train-subset", "100"],
+                                           "batch_size 200 is larger than train_subset"),
+    "batch larger than the data": (None, ["--batch-size", "200"], "larger than the 100 training images"),
+    "LR <= 0": (None, ["--lr-max", "0"], "lr_max must be > 0"),
+    "epochs <= 0": (None, ["--epochs", "0"], "epochs must be > 0"),
+    "subset larger than the data": (None, ["--train-subset", "1000"], "only 100 training images"),
+    "cuda without a GPU": (None, ["--device", "cuda"], "no CUDA device" if not torch.cuda.is_available() else None),
+    "fp16 on the CPU": (None, ["--precision", "fp16"], "fp16 needs a CUDA device"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_table(name, tmp_path, capsys):
+    damage, extra, message = CASES[name]
+    if message is None:
+        pytest.skip("a GPU is present")
+    data = write_cifar(tmp_path / "data").parent
+    if damage:
+        damage(data)
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(data), "--no-download", "--out", str(out), *QUICK, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()                                           # no half-made run folder
+    assert not [p for p in data.rglob("*") if p.name.endswith((".part", ".tmp"))]
+
+
+def test_unknown_recipe_key(tmp_path, capsys):
+    bad = tmp_path / "r.toml"
+    bad.write_text("epochs = 2\nweight_decy = 5e-4\n")
+    assert main(["train", "--recipe", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown key 'weight_decy'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_folder_that_holds_another_run(tmp_path, capsys):
+    data = write_cifar(tmp_path / "data").parent
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"final_test_acc": 0.9}')
+    assert main(["train", "--data-dir", str(data), "--out", str(out), *QUICK]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
+    assert (out / "summary.json").read_text() == '{"final_test_acc": 0.9}'
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    data = write_cifar(tmp_path / "data").parent
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", "--data-dir", str(data), "--out", str(blocker / "run"), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write there" in err and len(err.strip().splitlines()) == 1
+
+
+def test_divergence_exit_code_3(tmp_path, capsys):
+    data = write_cifar(tmp_path / "data").parent
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(data), "--out", str(out), *QUICK, "--lr-max", "1e12",
+                 "--logit-scale", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and "diverged" in err and "epoch 1" in err and "LR" in err and len(err.splitlines()) == 1
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, capsys, monkeypatch):
+    import cifar_onecycle.train  # noqa: F401  (the module, for monkeypatch)
+    import sys
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sys.modules["cifar_onecycle.train"], "setup_run", oom)
+    data = write_cifar(tmp_path / "data").parent
+    assert main(["train", "--data-dir", str(data), "--out", str(tmp_path / "run"), *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "out of device memory" in err and "smaller --batch-size" in err and len(err.splitlines()) == 1

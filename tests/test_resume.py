@@ -1,0 +1,176 @@
+"""Checkpoints and resume: SIGKILL at several points (one of them inside the checkpoint write),
+SIGINT, and checkpoints that are hostile, foreign or for another run."""
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar_onecycle import Recipe, UserError, train
+from cifar_onecycle.checkpoint import load_checkpoint, save_checkpoint
+from cifar_onecycle.cli import main
+
+FLAGS = ["--epochs", "3", "--peak-epoch", "1", "--batch-size", "25", "--eval-batch-size", "16", "--device", "cpu",
+         "--precision", "fp32", "--lr-max", "0.02", "--logit-scale", "0.125", "--bn-momentum", "0.5"]
+RECIPE = Recipe(epochs=3, peak_epoch=1, batch_size=25, eval_batch_size=16, device="cpu", precision="fp32",
+                lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)
+TIMING = {"train_seconds", "images_per_second"}
+
+# Run the CLI; with HANG_ON_CHECKPOINT_FSYNC=N, the N-th fsync of a checkpoint's temporary file
+# touches a marker and hangs there, so the test can kill the process in the middle of the write;
+# with SIGINT_AT_STEP=K, the process sends itself SIGINT while step K (from 0) runs.
+RUNNER = """
+import os, sys, time
+n = int(os.environ.get("HANG_ON_CHECKPOINT_FSYNC", "0"))
+if n:
+    real, seen = os.fsync, []
+    def fsync(fd):
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            seen.append(fd)
+            if len(seen) == n:
+                open(os.environ["MARKER"], "w").close()
+                time.sleep(600)
+        real(fd)
+    os.fsync = fsync
+at = int(os.environ.get("SIGINT_AT_STEP", "-1"))
+if at >= 0:  # Ctrl-C at an exact step, as if typed while that step ran
+    import cifar_onecycle.train
+    import signal
+    t = sys.modules["cifar_onecycle.train"]  # the attribute cifar_onecycle.train is the function
+    real_lr_at = t.lr_at
+    def lr_at(step, knots):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, knots)
+    t.lr_at = lr_at
+from cifar_onecycle.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start(args, **env):
+    return subprocess.Popen([sys.executable, "-c", RUNNER, "train", *args, "--quiet"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def metrics(run: Path):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader((run / "metrics.csv").open())]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the same recipe."""
+    from conftest import write_cifar
+
+    root = tmp_path_factory.mktemp("resume")
+    data = write_cifar(root / "data").parent
+    train(RECIPE, data_dir=data, download=False, out=root / "ref", progress=False)
+    return data, root / "ref"
+
+
+def assert_same_run(run: Path, ref: Path):
+    assert metrics(run) == metrics(ref)
+    a, b = load_file(run / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_path):
+    data, ref = reference
+    run, marker = tmp_path / "run", tmp_path / "in-write"
+    args = ["--data-dir", str(data), "--no-download", *FLAGS]
+    # 1. killed in the middle of epoch 2, a moment after the first checkpoint
+    p = start([*args, "--out", str(run)])
+    wait_for(run / "checkpoint.pt", p)
+    time.sleep(0.7)
+    p.kill()
+    p.wait()
+    assert load_checkpoint(run / "checkpoint.pt")[0]["epoch"] >= 1
+    # 2. killed inside the checkpoint write (after its temporary file is written, before the rename)
+    p = start(["--resume", str(run)], HANG_ON_CHECKPOINT_FSYNC="1", MARKER=str(marker))
+    wait_for(marker, p)
+    before = load_checkpoint(run / "checkpoint.pt")[0]["epoch"]
+    p.kill()
+    p.wait()
+    assert list(run.glob(".checkpoint.pt.*.tmp"))                      # the interrupted write
+    assert load_checkpoint(run / "checkpoint.pt")[0]["epoch"] == before  # the old checkpoint, whole
+    # 3. killed early, while starting up
+    p = start(["--resume", str(run)])
+    time.sleep(1.0)
+    p.kill()
+    p.wait()
+    # 4. resumed to the end
+    p = start(["--resume", str(run)])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert not list(run.glob(".*.tmp"))
+    assert_same_run(run, ref)
+
+
+@pytest.mark.parametrize("at_step, where", [(6, "in epoch 2 after step 7"), (7, "after epoch 2")])
+def test_sigint_checkpoints_and_says_how_to_resume(reference, tmp_path, at_step, where):
+    data, ref = reference
+    run = tmp_path / "run"
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)], SIGINT_AT_STEP=str(at_step))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert f"stopped by SIGINT {where}" in err, err  # 4 steps an epoch: step 6 is mid-epoch, 7 its last
+    assert f"resume with: cifar-onecycle train --resume {run}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (run / "model.safetensors").exists()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # the data folder comes from the checkpoint
+    assert_same_run(run, ref)
+
+
+def test_resume_refuses_recipe_changes_and_finished_runs(reference, capsys):
+    data, ref = reference
+    assert main(["train", "--resume", str(ref), "--epochs", "5"]) == 2
+    assert "epochs would change from 3 to 5" in capsys.readouterr().err
+    assert main(["train", "--resume", str(ref), "--epochs", "3", "--data-dir", str(data)]) == 2  # same value: fine,
+    assert "already finished all 3 epochs" in capsys.readouterr().err                           # but nothing left
+    assert main(["train", "--resume", str(ref.parent / "nowhere")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_hostile_checkpoint_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "cifar-onecycle-checkpoint/1", "model": Payload(marker)}, run / "checkpoint.pt")
+    with pytest.raises(UserError, match="not a loadable checkpoint, refused"):
+        load_checkpoint(run / "checkpoint.pt")
+    (run / "checkpoint.pt").write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    state = {"recipe": RECIPE.to_dict(), "model": {"fc.weight": torch.zeros(3, 3)}}
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(UserError, match="do not fit the seed's ResNet"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
