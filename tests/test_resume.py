@@ -174,3 +174,15 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(UserError, match="not a loadable checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_run_killed_after_its_last_checkpoint_is_finished_by_resume(reference, tmp_path):
+    data, ref = reference
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(ref, run)
+    (run / "summary.json").unlink()
+    (run / "model.safetensors").unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(run, ref)

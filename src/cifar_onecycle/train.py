@@ -16,8 +16,8 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -323,7 +323,8 @@ def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, o
             changed = [k for k, v in recipe.to_dict().items() if getattr(saved, k) != v]
             raise UserError(f"--resume {run_dir}: the run's own recipe is used; {changed[0]} would change "
                             f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}")
-        if state["epoch"] >= saved.epochs and state["batch"] == 0:
+        # A run killed between its last checkpoint and its summary is finished by the resume.
+        if state["epoch"] >= saved.epochs and (run_dir / "summary.json").exists():
             raise UserError(f"--resume {run_dir}: this run already finished all {saved.epochs} epochs")
         resolve_precision(saved.precision, resolve_device(saved.device))
         data_dir = None if data is not None else str(Path(data_dir or state.get("data_dir") or "data").resolve())
@@ -359,9 +360,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
-    resuming, the run's own). ``out``: a run folder
-    for recipe.toml, metrics.csv, summary.json, the weights and a checkpoint after every epoch (and
-    on SIGINT/SIGTERM); none when ``None``. ``progress``: a progress bar and a line per epoch.
+    resuming, the run's own). ``out``: a run folder for recipe.toml, metrics.csv, summary.json, the
+    weights and a checkpoint after every epoch (and on SIGINT/SIGTERM); none when ``None``. ``progress``: a progress bar and a line per epoch.
     ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
     ``resume``: a run folder whose checkpoint to continue, with its own recipe.
     """
