@@ -94,3 +94,14 @@ def test_evaluate_refuses_foreign_files(tmp_path, capsys):
 def test_precision_auto():
     assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_evaluate_refuses_weights_of_another_model(tmp_path, capsys):
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"fc.weight": torch.zeros(3, 3)}, path, metadata={"recipe": _json.dumps(Recipe().to_dict())})
+    assert main(["evaluate", str(path)]) == 2
+    assert "do not fit the seed's ResNet" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -63,11 +64,7 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read weights ({e.strerror or e}); give a run folder or its "
-                        f"{WEIGHTS}") from None
+    raw = _read(path, "weights", f"give a run folder or its {WEIGHTS}")
     try:
         tensors = st_load(raw)
         meta = _metadata(raw)
@@ -79,9 +76,7 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
         raise UserError(f"{path}: no cifar-onecycle recipe in its metadata ({e}); was it written by "
                         f"cifar-onecycle?") from None
     model = ResNet9(logit_scale=recipe.logit_scale, bn_momentum=recipe.bn_momentum)
-    expected = model.state_dict()
-    if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
-        raise UserError(f"{path}: weights do not fit the seed's ResNet (different tensors or shapes)")
+    _check_fits(model, tensors, path)
     model.load_state_dict(tensors)
     return model, recipe
 
@@ -107,11 +102,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Recipe]:
     """Read a checkpoint without running any code from it (``weights_only=True``), and check it
     belongs to this model. Returns (state, recipe)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read checkpoint ({e.strerror or e}); is this a run folder "
-                        f"that reached the end of an epoch?") from None
+    raw = _read(path, "checkpoint", "is this a run folder that reached the end of an epoch?")
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # a refused global, a truncated zip, garbage: all mean the same to a user
@@ -123,9 +114,20 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Recipe]:
         recipe = Recipe.from_dict(state["recipe"], source=f"{path} (recipe)")
     except (KeyError, TypeError, RecipeError) as e:
         raise UserError(f"{path}: checkpoint has no valid recipe ({e})") from None
-    expected = ResNet9(logit_scale=recipe.logit_scale).state_dict()
-    model = state.get("model")
-    if not isinstance(model, dict) or set(model) != set(expected) or any(
-            not isinstance(model[k], torch.Tensor) or model[k].shape != v.shape for k, v in expected.items()):
-        raise UserError(f"{path}: checkpoint weights do not fit the seed's ResNet (another model or shape)")
+    _check_fits(ResNet9(logit_scale=recipe.logit_scale), state.get("model"), path)
     return state, recipe
+
+
+def _read(path: Path, what: str, hint: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e}); {hint}") from None
+
+
+def _check_fits(model: ResNet9, tensors: Any, path: Path) -> None:
+    """Refuse tensors that are not exactly this model's state dict (names and shapes)."""
+    expected = model.state_dict()
+    if not isinstance(tensors, dict) or set(tensors) != set(expected) or any(
+            not isinstance(tensors[k], torch.Tensor) or tensors[k].shape != v.shape for k, v in expected.items()):
+        raise UserError(f"{path}: weights do not fit the seed's ResNet (another model, or other tensor shapes)")
