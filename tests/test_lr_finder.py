@@ -158,3 +158,16 @@ def test_cli_on_the_recipe_model(cifar_dir, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find_exp.png", "lr_find_linear.png"]
     data = json.loads((out / "lr_find.json").read_text())
     assert data["exp"]["lrs"][0] == 1e-5 and data["linear"]["lrs"][0] == 0.02
+
+
+def test_train_lr_max_auto_uses_the_suggestion(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--lr-max", "auto", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out),
+                 "--epochs", "1", "--peak-epoch", "1", "--batch-size", "5", "--lr-min", "1e-6", "--device", "cpu",
+                 "--precision", "fp32", "--quiet"]) == 0
+    found = json.loads((out / "lr_find.json").read_text())["exp"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lr_max_found"] == {"lr_max": found["suggested_lr"], "method": "LR range test, exp, valley"}
+    assert summary["lr_max"] == found["suggested_lr"]
+    assert f"lr_max = {found['suggested_lr']!r}" in (out / "recipe.toml").read_text()
+    assert (out / "lr_find_exp.png").read_bytes()[:8] == PNG_MAGIC
