@@ -17,8 +17,9 @@ TINY = dict(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="c
 def test_tiny_run_writes_the_run_folder(cifar_dir, tmp_path):
     out = tmp_path / "run"
     result = train(Recipe(**TINY), data_dir=cifar_dir, download=False, out=out, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "model.safetensors",
-                                                   "recipe.toml", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "augment.png", "checkpoint.pt", "confusion.png", "curves.png", "gradcam.png", "lr_schedule.png",
+        "metrics.csv", "misclassified.png", "model.safetensors", "recipe.toml", "report.md", "summary.json"]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_seconds",

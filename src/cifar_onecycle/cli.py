@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_flags(f)
     _add_data_flags(f)
 
+    r = sub.add_parser("report", parents=[common], help="(re)write a run's pictures and report.md")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    _add_data_flags(r)
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    pr = sub.add_parser("predict", parents=[common], help="classify image files with a trained model")
+    pr.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
+    pr.add_argument("images", metavar="IMAGE", nargs="+")
+    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
     sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
     return p
 
@@ -198,6 +209,55 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import csv
+
+    from .checkpoint import load_weights
+    from .data import load_cifar10
+    from .report import write_report
+    from .train import EpochMetrics, resolve_device
+
+    run = Path(args.run_dir)
+    model, recipe = load_weights(run)
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        history = [EpochMetrics(int(r["epoch"]), *(float(r[k]) for k in list(r)[1:])) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{run}: not a finished run folder (summary.json and metrics.csv: {e})") from None
+    if not history:
+        raise UserError(f"{run}/metrics.csv: no epochs recorded")
+    data = load_cifar10(args.data_dir or summary.get("data_dir") or "data", download=not args.no_download)
+    device = resolve_device(args.device)
+    model = model.to(device)
+    write_report(run, model, recipe, history, summary, data.test_images.to(device), data.test_labels,
+                 data.train_images[:20], summary["steps_per_epoch"])
+    print(f"wrote {run / 'report.md'} and its pictures")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .checkpoint import load_weights
+    from .predict import predict_files
+    from .train import resolve_device
+
+    model, _ = load_weights(args.weights)
+    model = model.to(resolve_device(args.device))
+    failed = 0
+    for p in predict_files(model, args.images):
+        if p.error:
+            failed += 1
+            print(f"{PROG}: error: {p.error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"path": p.path, "error": p.error}))
+        elif args.json:
+            print(json.dumps({"path": p.path, "class": p.top[0][0],
+                              "top3": [{"class": c, "probability": v} for c, v in p.top]}))
+        else:
+            print(f"{p.path}: {p.top[0][0]}  (" + ", ".join(f"{c} {v:.1%}" for c, v in p.top) + ")")
+    return 2 if failed else 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .model import ResNet9
     from .summary import summarize
@@ -209,7 +269,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "lr-find": cmd_lr_find, "summary": cmd_summary}
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "lr-find": cmd_lr_find, "report": cmd_report,
+                    "predict": cmd_predict, "summary": cmd_summary}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:

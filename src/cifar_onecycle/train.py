@@ -32,6 +32,7 @@ from .errors import DivergenceError, UserError
 from .lr_finder import LRFinderResult, find_lr, write_lr_find
 from .model import ResNet9, count_parameters
 from .recipe import Recipe
+from .report import write_report
 from .schedule import lr_at, one_cycle_knots
 
 RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json", WEIGHTS, CHECKPOINT)
@@ -356,14 +357,16 @@ def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, o
 
 def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, download: bool = True,
           out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
-          progress: bool = True, find_lr_max: bool = False, resume: str | Path | None = None) -> TrainResult:
+          progress: bool = True, find_lr_max: bool = False, resume: str | Path | None = None,
+          report: bool = True) -> TrainResult:
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
     resuming, the run's own). ``out``: a run folder for recipe.toml, metrics.csv, summary.json, the
     weights and a checkpoint after every epoch (and on SIGINT/SIGTERM); none when ``None``. ``progress``: a progress bar and a line per epoch.
     ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
-    ``resume``: a run folder whose checkpoint to continue, with its own recipe.
+    ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
+    the pictures and report.md into the run folder at the end.
     """
     started = time.perf_counter()
     recipe, run_dir, data, data_dir, lr_found, ckpt = _start(recipe, data_dir, download, out, overwrite, data, progress,
@@ -460,15 +463,18 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                 raise Interrupted(f"stopped by {stop.received} after epoch {epoch}; checkpoint saved in "
                                   f"{run_dir / CHECKPOINT}; resume with: cifar-onecycle train --resume {run_dir}")
 
-    summary = run_summary(recipe, s, history, lr_found, elapsed + time.perf_counter() - started)
+    summary = run_summary(recipe, s, history, lr_found, elapsed + time.perf_counter() - started, data_dir)
     if run_dir:
         save_weights(model, run_dir / WEIGHTS, recipe)
         atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if report:  # pictures and report.md; adds per-class accuracy to summary.json
+            summary = write_report(run_dir, model, recipe, history, summary, s.test_images, s.test_labels,
+                                   data.train_images[:20], steps_per_epoch)
     return TrainResult(recipe, history, summary, model, run_dir)
 
 
 def run_summary(recipe: Recipe, s: RunSetup, history: list[EpochMetrics], lr_found: dict | None,
-                seconds: float) -> dict[str, Any]:
+                seconds: float, data_dir: str | None) -> dict[str, Any]:
     """The contents of summary.json."""
     best = max(history, key=lambda h: h.test_acc)
     return {
@@ -491,4 +497,5 @@ def run_summary(recipe: Recipe, s: RunSetup, history: list[EpochMetrics], lr_fou
         "torch": torch.__version__,
         "cifar_onecycle": __version__,
         "git_commit": git_commit(),
+        "data_dir": data_dir,
     }

@@ -1,0 +1,272 @@
+"""What a run leaves behind to look at: curves, the LR schedule, mistakes, the confusion matrix,
+Grad-CAM, augmented samples, and report.md that a user can paste into their own README.
+
+Every plot function takes ``ax=None`` and returns the Axes; figures are made with
+``matplotlib.figure.Figure`` (the Agg canvas), so nothing needs a display and nothing is shown.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .augment import CIFAR10_MEAN, CIFAR10_STD, augment_batch, normalize, pad_reflect
+from .checkpoint import atomic_write
+from .data import CLASSES
+from .recipe import Recipe
+from .schedule import lr_at, one_cycle_knots
+
+MISCLASSIFIED = 20
+GRADCAM = 8
+
+
+def _axes(figsize: tuple[float, float] = (6, 4)) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained").subplots()
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
+
+
+def plot_loss(history: Sequence[Any], ax: Any = None) -> Any:
+    """Train and test loss per epoch."""
+    ax = ax if ax is not None else _axes()
+    epochs = [h.epoch for h in history]
+    ax.plot(epochs, [h.train_loss for h in history], "o-", label="train")
+    ax.plot(epochs, [h.test_loss for h in history], "s-", label="test")
+    ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
+    """Train and test accuracy per epoch, the best test epoch marked."""
+    ax = ax if ax is not None else _axes()
+    epochs = [h.epoch for h in history]
+    ax.plot(epochs, [100 * h.train_acc for h in history], "o-", label="train")
+    ax.plot(epochs, [100 * h.test_acc for h in history], "s-", label="test")
+    best = max(history, key=lambda h: h.test_acc)
+    ax.annotate(f"best {100 * best.test_acc:.2f}%", (best.epoch, 100 * best.test_acc), textcoords="offset points",
+                xytext=(-40, -22), arrowprops={"arrowstyle": "->"})
+    ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_lr_schedule(recipe: Recipe, steps_per_epoch: int, ax: Any = None) -> Any:
+    """The LR of every step, the peak marked, with epochs on a second axis."""
+    ax = ax if ax is not None else _axes((7, 4))
+    knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
+    steps = range(recipe.epochs * steps_per_epoch)
+    # Steps are counted from 1 here, so step k * steps_per_epoch is the last batch of epoch k.
+    ax.plot([st + 1 for st in steps], [lr_at(st, knots) for st in steps], color="C2")
+    peak_step, peak_lr = max(knots, key=lambda k: k[1])
+    ax.plot([peak_step + 1], [peak_lr], "o", color="C3")
+    ax.annotate(f"peak LR {peak_lr:g}\nstep {peak_step + 1} (end of epoch {(peak_step + 1) / steps_per_epoch:g})",
+                (peak_step + 1, peak_lr), textcoords="offset points", xytext=(12, -30))
+    ax.set(title=f"One Cycle schedule: LRMIN {recipe.lr_min:g}, LRMAX {recipe.lr_max:g}",
+           xlabel="step (LR set before the step)", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    sec = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch))
+    sec.set_xlabel("epoch")
+    return ax
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """Counts, rows the true class and columns the predicted one."""
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any = None) -> Any:
+    """The confusion matrix with counts in the cells and per-class accuracy in the row labels."""
+    ax = ax if ax is not None else _axes((7.5, 6.5))
+    ax.imshow(cm.numpy(), cmap="Blues")
+    acc = (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), [f"{c} ({100 * a:.1f}%)" for c, a in zip(classes, acc)])
+    high = cm.max().item() / 2
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j].item()), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > high else "black")
+    ax.set(title="Confusion matrix (test set)", xlabel="predicted class", ylabel="true class (accuracy)")
+    return ax
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Softmax probabilities [N, classes] (fp32, on the CPU) for uint8 NCHW images."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [F.softmax(model(normalize(images[i:i + batch_size].to(device))).float(), 1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor,
+             classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM maps [N, H, W] in [0, 1], at the input's size, for ``classes`` (default: predicted).
+
+    The channel weights are the spatial means of d(score)/d(activation) at ``layer``'s output; the
+    map is the ReLU of the weighted sum of its channels, upsampled bilinearly and scaled per image.
+    """
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, i, o: captured.append(o))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(x.requires_grad_(False))
+            act = captured[0]
+            classes = logits.argmax(1) if classes is None else classes
+            score = logits.gather(1, classes[:, None]).sum()
+            grads, = torch.autograd.grad(score, act)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    cam = F.relu((grads.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]
+    return (cam / peak).clamp(0, 1).detach()
+
+
+def to_display(x: torch.Tensor) -> torch.Tensor:
+    """Normalised float NCHW back to real colours, [N, H, W, 3] in [0, 1]."""
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def image_grid(images: torch.Tensor, titles: Sequence[str], ncols: int = 5, title: str = "",
+               overlays: torch.Tensor | None = None) -> Any:
+    """A figure of [N, H, W, 3] images in [0, 1] with a caption each (and optional heat maps)."""
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    fig = Figure(figsize=(2.3 * ncols, 2.5 * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k].numpy(), interpolation="nearest")
+            if overlays is not None:
+                ax.imshow(overlays[k].numpy(), cmap="jet", alpha=0.45, interpolation="bilinear", vmin=0, vmax=1)
+            ax.set_title(titles[k], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, history: Sequence[Any],
+                 summary: dict[str, Any], test_images: torch.Tensor, test_labels: torch.Tensor,
+                 train_images: torch.Tensor, steps_per_epoch: int, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """Write every picture and report.md into ``run_dir``; return summary.json's contents with the
+    per-class accuracy added (and write it)."""
+    from .model import ResNet9
+    from .summary import summarize
+
+    run_dir = Path(run_dir)
+    fig = _axes().figure
+    fig.set_size_inches(11, 4)
+    fig.clear()
+    left, right = fig.subplots(1, 2)
+    plot_loss(history, left)
+    plot_accuracy(history, right)
+    _save(fig, run_dir / "curves.png")
+    _save(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
+
+    probs = predict_probabilities(model, test_images)
+    labels = test_labels.cpu()
+    conf, pred = probs.max(1)
+    cm = confusion_matrix(labels, pred, len(classes))
+    _save(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
+
+    wrong = (pred != labels).nonzero()[:, 0]
+    wrong = wrong[conf[wrong].argsort(descending=True)]  # the most confident mistakes first
+    shown = wrong[:MISCLASSIFIED]
+    real = to_display(normalize(test_images[shown.to(test_images.device)]))
+    _save(image_grid(real, [f"true: {classes[labels[i]]}\npred: {classes[pred[i]]} ({100 * conf[i]:.0f}%)"
+                            for i in shown.tolist()],
+                     title=f"Misclassified test images ({len(wrong)} of {len(labels)}), most confident first"),
+          run_dir / "misclassified.png")
+
+    device = next(model.parameters()).device
+    cam_idx = shown[:GRADCAM]
+    x = normalize(test_images[cam_idx.to(test_images.device)].to(device))
+    layer = model.layer3 if isinstance(model, ResNet9) else list(model.children())[-1]
+    cams = grad_cam(model, layer, x).cpu()
+    _save(image_grid(to_display(x), [f"pred: {classes[pred[i]]}\ntrue: {classes[labels[i]]}" for i in cam_idx.tolist()],
+                     ncols=4, title="Grad-CAM at the last residual block (layer 3), for the predicted class",
+                     overlays=cams), run_dir / "gradcam.png")
+
+    g = torch.Generator(device=train_images.device).manual_seed(recipe.seed)
+    pad = recipe.crop_padding if recipe.crop else 0
+    sample = pad_reflect(train_images[:20], pad)
+    aug = augment_batch(sample, crop=recipe.crop, padding=pad, flip=recipe.flip,
+                        cutout_size=recipe.cutout_size if recipe.cutout else 0, generator=g)
+    steps = [name for name, on in ((f"RandomCrop 32 (after reflect-padding {recipe.crop_padding})", recipe.crop),
+                                   ("FlipLR", recipe.flip),
+                                   (f"CutOut {recipe.cutout_size}x{recipe.cutout_size}", recipe.cutout)) if on]
+    _save(image_grid(to_display(aug), [""] * len(aug), title="Training images after " + ", ".join(steps or ["nothing"])),
+          run_dir / "augment.png")
+
+    per_class = {c: (cm[i, i] / cm[i].sum().clamp(min=1)).item() for i, c in enumerate(classes)}
+    summary = {**summary, "per_class_accuracy": per_class}
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(run_dir / "report.md", report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
+                                                        steps, run_dir))
+    return summary
+
+
+def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, Any], table: str,
+                    transforms: Sequence[str], run_dir: Path) -> str:
+    """A README-style page in the seed's order: model, One Cycle settings, transforms, results, graphs."""
+    best = max(history, key=lambda h: h.test_acc)
+    found = summary.get("lr_max_found")
+    lines = [
+        "# CIFAR-10 with the One Cycle policy", "",
+        "## Model", "", "```", table, "```", "",
+        f"{summary.get('parameters', 6573130):,} parameters.", "",
+        "## One Cycle policy", "",
+        f"1. Total epochs = {recipe.epochs}",
+        f"2. Max at epoch = {recipe.peak_epoch:g}",
+        f"3. LRMIN = {recipe.lr_min:g}",
+        f"4. LRMAX = {recipe.lr_max:g}" + (f" (found by the LR range test: {found['method']})" if found else
+                                           " (set by the recipe)"),
+        "5. No annihilation (the last step is at LRMIN)",
+        f"6. SGD, momentum {recipe.momentum:g}{' (Nesterov)' if recipe.nesterov else ''}, weight decay "
+        f"{recipe.weight_decay:g}", "",
+        "## Transformations in sequence", "",
+        *[f"{i}. {t}" for i, t in enumerate(transforms, 1)], "",
+        f"### Batch size = {recipe.batch_size}", "",
+        "## Accuracy", "",
+        f"**{100 * summary['final_test_acc']:.2f}%** after the last epoch ({recipe.epochs}); best "
+        f"{100 * best.test_acc:.2f}% in epoch {best.epoch}. Test images: {summary.get('test_images', '?')}. "
+        f"Device: {summary.get('device', '?')}, {summary.get('precision', '?')}.", "",
+        "| epoch | LR | train loss | train acc | test loss | test acc |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {h.epoch}{' (best)' if h.epoch == best.epoch else ''} | {h.lr:.5f} | {h.train_loss:.4f} | "
+          f"{100 * h.train_acc:.2f}% | {h.test_loss:.4f} | {100 * h.test_acc:.2f}% |" for h in history], "",
+        "## Graphs", "",
+        "![Loss and accuracy](curves.png)", "", "![LR schedule](lr_schedule.png)", "",
+    ]
+    if (run_dir / "lr_find_exp.png").exists():
+        lines += ["### Exponential LR", "", "![Increasing LR exponentially](lr_find_exp.png)", ""]
+    if (run_dir / "lr_find_linear.png").exists():
+        lines += ["### Linear LR", "", "![Increasing LR linearly](lr_find_linear.png)", ""]
+    lines += ["## Transforms", "", "![Augmented training images](augment.png)", "",
+              "## Misclassified images", "", "![Misclassified](misclassified.png)", "",
+              "## Confusion matrix", "", "![Confusion matrix](confusion.png)", "",
+              "## Grad-CAM", "", "![Grad-CAM](gradcam.png)", ""]
+    return "\n".join(lines)

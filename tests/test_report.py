@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cifar_onecycle import Recipe, train
+from cifar_onecycle.cli import main
+from cifar_onecycle.report import confusion_matrix, grad_cam
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PICTURES = ["augment.png", "confusion.png", "curves.png", "gradcam.png", "lr_schedule.png", "misclassified.png"]
+TINY = Recipe(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="cpu", precision="fp32",
+              lr_max=0.05, logit_scale=0.125, bn_momentum=0.5)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import write_cifar
+
+    root = tmp_path_factory.mktemp("report")
+    data = write_cifar(root / "data").parent
+    result = train(TINY, data_dir=data, download=False, out=root / "run", progress=False)
+    return result, data
+
+
+def test_every_picture_is_a_valid_png(run):
+    result, _ = run
+    for name in PICTURES:
+        path = result.run_dir / name
+        assert path.read_bytes()[:8] == PNG_MAGIC, name
+        with Image.open(path) as img:
+            img.verify()
+            assert img.size[0] > 300 and img.size[1] > 200
+
+
+def test_report_md_and_per_class_accuracy(run):
+    result, _ = run
+    md = (result.run_dir / "report.md").read_text()
+    assert "Total params: 6,573,130" in md
+    assert "1. RandomCrop 32 (after reflect-padding 4)\n2. FlipLR\n3. CutOut 8x8" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split()[1] for r in rows] == ["1", "2"] and sum("(best)" in r for r in rows) == 1
+    for name in PICTURES:
+        assert f"({name})" in md
+    per_class = json.loads((result.run_dir / "summary.json").read_text())["per_class_accuracy"]
+    assert len(per_class) == 10 and all(0 <= v <= 1 for v in per_class.values())
+    # the synthetic test set has 3 images per class: per-class accuracies average to the accuracy
+    assert sum(per_class.values()) / 10 == pytest.approx(result.final_test_acc)
+
+
+def test_report_command_rewrites_the_pictures(run, capsys):
+    result, data = run
+    (result.run_dir / "curves.png").unlink()
+    assert main(["report", str(result.run_dir), "--data-dir", str(data), "--device", "cpu"]) == 0
+    assert (result.run_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_confusion_matrix_counts():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    preds = torch.tensor([0, 1, 1, 2, 0, 2])
+    cm = confusion_matrix(labels, preds, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_grad_cam_on_a_tiny_model():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(3, 3, 16, 12)
+    cam = grad_cam(model, conv, x)
+    assert cam.shape == (3, 16, 12)
+    assert cam.min() >= 0 and cam.max() <= 1
+    assert all(m == 1.0 or m == 0.0 for m in cam.flatten(1).max(1).values.tolist())
+    assert not x.requires_grad and all(p.grad is None for p in model.parameters())
+
+
+def test_predict_good_huge_and_bad_files(run, tmp_path, capsys):
+    result, _ = run
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(good)
+    huge = tmp_path / "huge.jpg"
+    Image.new("RGB", (6000, 4000), (30, 200, 30)).save(huge, quality=80)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    code = main(["predict", str(result.run_dir), str(good), str(text), str(huge), "--json", "--device", "cpu"])
+    assert code == 2  # one file failed
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["path"] for d in lines] == [str(good), str(text), str(huge)]
+    for d in (lines[0], lines[2]):
+        assert len(d["top3"]) == 3 and d["class"] == d["top3"][0]["class"]
+        assert sum(t["probability"] for t in d["top3"]) <= 1 + 1e-6
+    assert "not an image" in lines[1]["error"]
+    assert main(["predict", str(result.run_dir), str(good), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith(f"{good}: ")
