@@ -94,3 +94,22 @@ def test_predict_good_huge_and_bad_files(run, tmp_path, capsys):
     assert "not an image" in lines[1]["error"]
     assert main(["predict", str(result.run_dir), str(good), "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith(f"{good}: ")
+
+
+def test_tensorboard_scalars_or_a_clear_error(tmp_path, capsys):
+    from conftest import write_cifar
+
+    data = write_cifar(tmp_path / "data").parent
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(data), "--out", str(out), "--tensorboard", "--quiet", "--epochs", "1",
+            "--peak-epoch", "1", "--batch-size", "50", "--lr-max", "0.01", "--device", "cpu"]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert main(args) == 2
+        assert "pip install 'cifar-onecycle[tensorboard]'" in capsys.readouterr().err
+        assert not out.exists()
+        return
+    assert main(args) == 0
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100

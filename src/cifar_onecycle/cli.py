@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint, with its recipe")
     t.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also log each epoch's scalars to RUN_DIR/tensorboard (pip install 'cifar-onecycle[tensorboard]')")
 
     e = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
     e.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
@@ -153,7 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     result = train(recipe, data_dir=args.data_dir, download=not args.no_download, out=out,
                    overwrite=args.overwrite, progress=not args.quiet,
-                   find_lr_max=getattr(args, "lr_max", None) == "auto", resume=args.resume)
+                   find_lr_max=getattr(args, "lr_max", None) == "auto", resume=args.resume,
+                   tensorboard=args.tensorboard)
     s = result.summary
     print(f"final test accuracy {s['final_test_acc']:.2%} (best {s['best_test_acc']:.2%} at epoch "
           f"{s['best_epoch']}) in {s['total_seconds'] / 60:.1f} min on {s['device']}, {s['precision']}; "

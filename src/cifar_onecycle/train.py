@@ -358,7 +358,7 @@ def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, o
 def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, download: bool = True,
           out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
           progress: bool = True, find_lr_max: bool = False, resume: str | Path | None = None,
-          report: bool = True) -> TrainResult:
+          report: bool = True, tensorboard: bool = False) -> TrainResult:
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
@@ -366,11 +366,14 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     weights and a checkpoint after every epoch (and on SIGINT/SIGTERM); none when ``None``. ``progress``: a progress bar and a line per epoch.
     ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
     ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
-    the pictures and report.md into the run folder at the end.
+    the pictures and report.md into the run folder at the end. ``tensorboard``: also log each
+    epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra).
     """
     started = time.perf_counter()
+    writer_class = tensorboard_writer(out or resume) if tensorboard else None  # refused before any work
     recipe, run_dir, data, data_dir, lr_found, ckpt = _start(recipe, data_dir, download, out, overwrite, data, progress,
                                                    find_lr_max, resume)
+    tb = writer_class(log_dir=str(run_dir / "tensorboard")) if writer_class else None
     # A fresh setup after any range test: the same seed gives the same weights and data order as
     # a run started with the found LRMAX written out.
     s = setup_run(recipe, data)
@@ -459,10 +462,17 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
             if run_dir:
                 atomic_write(run_dir / "metrics.csv", metrics_csv(history))
                 checkpoint(epoch, 0, None, sums)
+            if tb:
+                for name, value in asdict(m).items():
+                    if name != "epoch":
+                        tb.add_scalar(name, value, epoch)
+                tb.flush()
             if stop.received and epoch < recipe.epochs:
                 raise Interrupted(f"stopped by {stop.received} after epoch {epoch}; checkpoint saved in "
                                   f"{run_dir / CHECKPOINT}; resume with: cifar-onecycle train --resume {run_dir}")
 
+    if tb:
+        tb.close()
     summary = run_summary(recipe, s, history, lr_found, elapsed + time.perf_counter() - started, data_dir)
     if run_dir:
         save_weights(model, run_dir / WEIGHTS, recipe)
@@ -471,6 +481,17 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
             summary = write_report(run_dir, model, recipe, history, summary, s.test_images, s.test_labels,
                                    data.train_images[:20], steps_per_epoch)
     return TrainResult(recipe, history, summary, model, run_dir)
+
+
+def tensorboard_writer(run_dir: str | Path | None) -> Any:
+    """torch's SummaryWriter class; a clear error without a run folder or the tensorboard extra."""
+    if run_dir is None:
+        raise UserError("--tensorboard needs a run folder (--out)")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'cifar-onecycle[tensorboard]'") from None
+    return SummaryWriter
 
 
 def run_summary(recipe: Recipe, s: RunSetup, history: list[EpochMetrics], lr_found: dict | None,
