@@ -84,3 +84,12 @@ def test_cli_bad_recipe_key(tmp_path, capsys):
     p.write_text("bogus = 1\n")
     assert main(["train", "--recipe", str(p), "--out", str(tmp_path / "run")]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err
+
+
+def test_lr_min_as_a_fraction_of_lr_max():
+    r = Recipe(lr_max=0.4, lr_min_div=2000)
+    assert r.lr_min == 0.4 / 2000
+    assert r.replace(lr_max=0.1).lr_min == 0.1 / 2000  # follows LRMAX, as after --lr-max auto
+    assert Recipe().lr_min == 1e-4 and Recipe().lr_min_div == 0
+    with pytest.raises(RecipeError, match="lr_min_div must be 0"):
+        Recipe(lr_min_div=0.5)

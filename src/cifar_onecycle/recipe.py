@@ -33,6 +33,7 @@ class Recipe:
     batch_size: int = _opt(512, "global batch size")
     lr_min: float = _opt(1e-4, "LRMIN: the LR at the first and the last step")
     lr_max: float = _opt(0.2, "LRMAX: the LR at the end of the peak epoch")
+    lr_min_div: float = _opt(0.0, "if > 0, LRMIN is LRMAX divided by this (kept when --lr-max auto finds LRMAX)")
     peak_epoch: float = _opt(5.0, "epoch at whose end the LR peaks (may be fractional)")
     # SGD. The seed does not state its weight decay; 5e-4 on the mean loss is the common value for
     # this network (cifar10-fast's 5e-4 x batch 512 on a summed loss is the same thing).
@@ -59,6 +60,8 @@ class Recipe:
     eval_batch_size: int = _opt(1000, "batch size for evaluation")
 
     def __post_init__(self) -> None:
+        if isinstance(self.lr_min_div, (int, float)) and self.lr_min_div > 0 and isinstance(self.lr_max, (int, float)):
+            object.__setattr__(self, "lr_min", self.lr_max / self.lr_min_div)  # frozen: set once, here
         self.validate()
 
     def validate(self) -> None:
@@ -79,6 +82,8 @@ class Recipe:
         for name in ("lr_min", "lr_max"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"recipe: {name} must be > 0, got {getattr(self, name)}")
+        if self.lr_min_div != 0 and self.lr_min_div < 1:
+            raise RecipeError(f"recipe: lr_min_div must be 0 (off) or >= 1, got {self.lr_min_div}")
         if self.lr_min > self.lr_max:
             raise RecipeError(f"recipe: lr_min {self.lr_min} is above lr_max {self.lr_max}")
         if not 0 < self.peak_epoch <= self.epochs:
