@@ -84,16 +84,19 @@ def augment_batch(padded: torch.Tensor, *, crop: bool, padding: int, flip: bool,
 
 def epoch_batches(padded: torch.Tensor, labels: torch.Tensor, batch_size: int, *, crop: bool, padding: int,
                   flip: bool, cutout_size: int, generator: torch.Generator, order: torch.Tensor,
-                  start: int = 0,
+                  start: int = 0, rank: int = 0, world: int = 1,
                   memory_format: torch.memory_format = torch.channels_last) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Augmented (images, labels) batches of device-resident data, in ``order``, from batch ``start``.
 
     Only full batches: the remainder of the shuffled order (a different one each epoch) is dropped,
     so every step has the same batch size for BatchNorm and the per-step schedule. Resuming at
     ``start`` with the generator state saved after batch ``start - 1`` repeats the same draws.
+    With ``world`` processes, ``batch_size`` is the global batch and this rank yields its
+    contiguous share of each one: together the ranks cover every batch exactly once.
     """
+    per = batch_size // world
     for i in range(start, len(order) // batch_size):
-        idx = order[i * batch_size:(i + 1) * batch_size]
+        idx = order[i * batch_size + rank * per:i * batch_size + (rank + 1) * per]
         x = augment_batch(padded[idx], crop=crop, padding=padding, flip=flip, cutout_size=cutout_size,
                           generator=generator)
         yield x.contiguous(memory_format=memory_format), labels[idx]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -158,6 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    find_lr_max=getattr(args, "lr_max", None) == "auto", resume=args.resume,
                    tensorboard=args.tensorboard)
     s = result.summary
+    if not _is_main():
+        return 0
     print(f"final test accuracy {s['final_test_acc']:.2%} (best {s['best_test_acc']:.2%} at epoch "
           f"{s['best_epoch']}) in {s['total_seconds'] / 60:.1f} min on {s['device']}, {s['precision']}; "
           f"run folder: {out}")
@@ -203,6 +206,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr") if getattr(args, k) is not None}
     results = lr_range_test(recipe, data, modes, num_iter=args.num_iter, smooth=args.smooth,
                             diverge=args.diverge, method=args.method, **sweep)
+    if not _is_main():
+        return 0
     for path in write_lr_find(results, out):
         print(f"wrote {path}")
     for mode, r in results.items():
@@ -269,8 +274,26 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (or a single process): the one that prints results."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _prog() -> str:
+    return PROG if _is_main() else f"{PROG} (rank {os.environ.get('RANK')})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        from .distributed import shutdown
+
+        shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "lr-find": cmd_lr_find, "report": cmd_report,
                     "predict": cmd_predict, "summary": cmd_summary}
@@ -278,16 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        tqdm.write(f"{PROG}: error: {e}", file=sys.stderr)
+        tqdm.write(f"{_prog()}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        print(f"\n{_prog()}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # out of device memory is the one runtime failure a flag can fix
         if type(e).__name__ != "OutOfMemoryError" or args.debug:
             raise
-        print(f"{PROG}: error: out of device memory ({str(e).splitlines()[0]}); pass a smaller "
+        print(f"{_prog()}: error: out of device memory ({str(e).splitlines()[0]}); pass a smaller "
               f"--batch-size", file=sys.stderr)
         return 2

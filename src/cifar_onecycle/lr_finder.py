@@ -180,14 +180,16 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
             *, mode: str = "exp", start_lr: float | None = None, end_lr: float | None = None, num_iter: int = 100,
             smooth: float = 0.05, diverge: float = 4.0, method: str = "valley",
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-            autocast: Any = None, progress: Callable[[int, float, float], None] | None = None) -> LRFinderResult:
+            autocast: Any = None, progress: Callable[[int, float, float], None] | None = None,
+            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LRFinderResult:
     """Run an LR range test on ``model`` and restore it afterwards, bit for bit.
 
     ``batches``: (inputs, targets) pairs already on the model's device, as an iterable (re-iterated
     when exhausted) or a function returning a fresh pass. ``optimizer``: defaults to SGD with
     momentum 0.9; its LR is overwritten every iteration. ``autocast``: a context-manager factory
     (for example ``lambda: torch.autocast("cpu", torch.bfloat16)``). ``progress(i, lr, loss)`` is
-    called after each iteration.
+    called after each iteration. ``reduce``: maps each step's loss to the value recorded (under
+    torchrun, the mean over ranks, so that every rank stops at the same iteration).
     """
     start_lr = DEFAULT_RANGES.get(mode, (1e-5, 10.0))[0] if start_lr is None else start_lr
     end_lr = DEFAULT_RANGES.get(mode, (1e-5, 10.0))[1] if end_lr is None else end_lr
@@ -214,7 +216,7 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = loss.item()  # the one host sync per iteration
+            value = (reduce(loss.detach()) if reduce else loss).item()  # the one host sync per iteration
             if not math.isfinite(value):
                 stopped = f"loss not finite at LR {lr:.3g}"
                 break

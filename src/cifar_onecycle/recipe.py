@@ -44,6 +44,7 @@ class Recipe:
     # Model
     logit_scale: float = _opt(1.0, "multiplier on the logits (DAWNBench uses 0.125); adds no parameters")
     bn_momentum: float = _opt(0.1, "BatchNorm running-statistics momentum (PyTorch convention)")
+    sync_bn: bool = _opt(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only)")
     # Augmentation, in the seed's order
     crop: bool = _opt(True, "RandomCrop 32 after reflect-padding by crop_padding")
     crop_padding: int = _opt(4, "padding on each side before the random crop")

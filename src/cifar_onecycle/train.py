@@ -28,6 +28,8 @@ from . import __version__
 from .augment import epoch_batches, normalize, pad_reflect
 from .checkpoint import CHECKPOINT, WEIGHTS, atomic_write, load_checkpoint, save_checkpoint, save_weights
 from .data import Cifar10, load_cifar10
+from .distributed import (Dist, all_reduce_sum, broadcast_buffers, check_batch, gather_objects,
+                          init_distributed, test_shard)
 from .errors import DivergenceError, UserError
 from .lr_finder import LRFinderResult, find_lr, write_lr_find
 from .model import ResNet9, count_parameters
@@ -103,10 +105,19 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
              batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device)."""
+    loss_sum, correct = evaluate_sums(model, images, labels, batch_size=batch_size, precision=precision,
+                                      channels_last=channels_last)
+    return loss_sum.item() / len(images), correct.item() / len(images)
+
+
+@torch.no_grad()
+def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                  batch_size: int = 1000, precision: str = "fp32",
+                  channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and number correct, as device tensors (no host sync)."""
     was_training = model.training
     model.eval()
     device = images.device
@@ -121,7 +132,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
-    return loss_sum.item() / len(images), correct.item() / len(images)
+    return loss_sum, correct
 
 
 def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
@@ -190,9 +201,11 @@ class RunSetup:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     model: torch.nn.Module
-    step_model: torch.nn.Module  # the model, or its torch.compile wrapper
+    step_model: torch.nn.Module  # the model, or its DDP / torch.compile wrapper
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator   # data order and augmentation
+    generator: torch.Generator      # data order: the same on every rank
+    aug_generator: torch.Generator  # augmentation: this rank's own (the same object on one process)
+    dist: Dist = field(default_factory=Dist)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -207,12 +220,25 @@ class RunSetup:
         r = self.recipe
         return epoch_batches(self.train_images, self.train_labels, r.batch_size, crop=r.crop,
                              padding=r.crop_padding if r.crop else 0, flip=r.flip,
-                             cutout_size=r.cutout_size if r.cutout else 0, generator=self.generator,
+                             cutout_size=r.cutout_size if r.cutout else 0, generator=self.aug_generator,
                              order=self.shuffle() if order is None else order, start=start,
-                             memory_format=self.memory_format)
+                             rank=self.dist.rank, world=self.dist.world, memory_format=self.memory_format)
 
     def autocast(self) -> torch.autocast:
         return autocast(self.device, self.precision)
+
+
+def evaluate_run(s: RunSetup) -> tuple[float, float]:
+    """Test loss and accuracy over the whole test set, each rank evaluating its own contiguous part
+    with rank 0's BatchNorm statistics, the sums added up across ranks."""
+    broadcast_buffers(s.model, s.dist)
+    part = test_shard(len(s.test_images), s.dist.rank, s.dist.world)
+    model = s.step_model if s.dist.world == 1 else s.model  # DDP's forward would add collectives
+    loss_sum, correct = evaluate_sums(model, s.test_images[part], s.test_labels[part],
+                                      batch_size=s.recipe.eval_batch_size, precision=s.precision,
+                                      channels_last=s.recipe.channels_last)
+    total = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), s.dist).tolist()
+    return total[0] / len(s.test_images), total[1] / len(s.test_images)
 
 
 def check_fits(recipe: Recipe, data: Cifar10) -> int:
@@ -226,23 +252,43 @@ def check_fits(recipe: Recipe, data: Cifar10) -> int:
     return n_train
 
 
-def setup_run(recipe: Recipe, data: Cifar10) -> RunSetup:
-    """Move the data to the device and build the model and optimizer, seeded from the recipe."""
+def setup_run(recipe: Recipe, data: Cifar10, d: Dist | None = None) -> RunSetup:
+    """Move the data to the device and build the model and optimizer, seeded from the recipe.
+
+    Under torchrun (``d.world > 1``) the model is wrapped in DistributedDataParallel; every rank
+    starts from the same weights (same seed, and DDP broadcasts rank 0's at wrapping).
+    """
+    d = d or Dist()
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     n_train = check_fits(recipe, data)
+    check_batch(recipe.batch_size, d)
+    if recipe.sync_bn and d.world > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it out on the CPU")
     # The whole uint8 data set lives on the device (150 MB for CIFAR-10): no loader, no workers.
     # Padding once here, not per batch, leaves each step a single gather for its crops.
     train_images = pad_reflect(data.train_images[:n_train].to(device), recipe.crop_padding if recipe.crop else 0)
     torch.manual_seed(recipe.seed)  # the weights' initialisation
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    model = ResNet9(logit_scale=recipe.logit_scale, bn_momentum=recipe.bn_momentum).to(device, memory_format=fmt)
+    model: torch.nn.Module = ResNet9(logit_scale=recipe.logit_scale, bn_momentum=recipe.bn_momentum)
+    if recipe.sync_bn and d.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr_min, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    step_model = model
+    if d.world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    if recipe.compile:
+        step_model = torch.compile(step_model)
+    order_gen = torch.Generator(device=device).manual_seed(recipe.seed)
+    # Each rank augments its own share with its own draws; one process keeps one generator.
+    aug_gen = order_gen if d.world == 1 else torch.Generator(device=device).manual_seed(
+        recipe.seed * 1_000_003 + d.rank + 1)
     return RunSetup(recipe, device, precision, fmt, train_images, data.train_labels[:n_train].to(device),
-                    data.test_images.to(device), data.test_labels.to(device), model,
-                    torch.compile(model) if recipe.compile else model, optimizer,
-                    torch.Generator(device=device).manual_seed(recipe.seed))
+                    data.test_images.to(device), data.test_labels.to(device), model, step_model, optimizer,
+                    order_gen, aug_gen, d)
 
 
 def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",), progress: bool = True,
@@ -251,12 +297,15 @@ def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",)
 
     ``sweep``: ``find_lr`` settings (start_lr, end_lr, num_iter, smooth, diverge, method).
     """
-    s = setup_run(recipe, data)
+    d = init_distributed(recipe.device)
+    s = setup_run(recipe, data, d)
+    # Under torchrun every rank must see the same loss, or their stopping decisions would differ.
+    reduce = (lambda t: all_reduce_sum(t.clone(), d) / d.world) if d.world > 1 else None
     results = {}
     for mode in modes:
-        bar = tqdm(total=sweep.get("num_iter", 100), desc=f"lr-find {mode}", leave=False, disable=not progress,
-                   unit="it")
-        results[mode] = find_lr(s.step_model, s.epoch, s.optimizer, mode=mode, autocast=s.autocast,
+        bar = tqdm(total=sweep.get("num_iter", 100), desc=f"lr-find {mode}", leave=False,
+                   disable=not (progress and d.main), unit="it")
+        results[mode] = find_lr(s.step_model, s.epoch, s.optimizer, mode=mode, autocast=s.autocast, reduce=reduce,
                                 loss_fn=partial(F.cross_entropy, label_smoothing=recipe.label_smoothing),
                                 progress=lambda i, lr, loss: (bar.update(), bar.set_postfix(lr=f"{lr:.3g}",
                                                                                           loss=f"{loss:.3f}")),
@@ -306,19 +355,26 @@ def _rng_state(s: RunSetup) -> dict[str, Any]:
 def _set_rng_state(s: RunSetup, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     s.generator.set_state(state["generator"])
+    if "aug" in state:
+        if len(state["aug"]) != s.dist.world:
+            raise UserError(f"--resume: the checkpoint was written by {len(state['aug'])} processes; resume it "
+                            f"with the same number (now {s.dist.world})")
+        s.aug_generator.set_state(state["aug"][s.dist.rank])
+    elif s.dist.world > 1:
+        raise UserError("--resume: the checkpoint was written by one process; resume it without torchrun")
     if "cuda" in state and s.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, out: str | Path | None, overwrite: bool,
            data: Cifar10 | None, progress: bool, find_lr_max: bool,
-           resume: str | Path | None) -> tuple[Recipe, Path | None, Cifar10, str | None, dict | None, dict | None]:
+           resume: str | Path | None, d: Dist) -> tuple[Recipe, Path | None, Cifar10, str | None, dict | None, dict | None]:
     """Recipe, run folder, data, data folder (None for data given in memory), LR found and
-    checkpoint (when resuming) of a run about to train."""
+    checkpoint (when resuming) of a run about to train. Only rank 0 makes and writes the folder."""
     if resume is not None:
         run_dir = Path(resume)
         state, saved = load_checkpoint(run_dir / CHECKPOINT)
-        for stale in run_dir.glob(".*.tmp"):  # left by a write that was killed before its rename
+        for stale in run_dir.glob(".*.tmp") if d.main else ():  # left by a write killed before its rename
             stale.unlink(missing_ok=True)
         if recipe is not None and recipe != saved:
             changed = [k for k, v in recipe.to_dict().items() if getattr(saved, k) != v]
@@ -337,17 +393,18 @@ def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, o
     data_dir = None if data is not None else str(Path(data_dir or "data").resolve())
     data = data if data is not None else load_cifar10(data_dir, download=download)
     check_fits(recipe, data)
-    run_dir = prepare_run_dir(out, overwrite) if out is not None else None
+    check_batch(recipe.batch_size, d)
+    run_dir = prepare_run_dir(out, overwrite) if out is not None and d.main else None
     lr_found = None
     if find_lr_max:
-        found = lr_range_test(recipe, data, ("exp",), progress=progress)["exp"]
+        found = lr_range_test(recipe, data, ("exp",), progress=progress and d.main)["exp"]
         if found.suggested_lr is None:
             raise UserError(f"--lr-max auto: the range test found no LR ({found.stopped or 'flat loss'}); "
                             f"pass --lr-max explicitly")
         lr_found = {"lr_max": found.suggested_lr, "method": f"LR range test, exp, {found.method}"}
         if run_dir:
             write_lr_find({"exp": found}, run_dir)
-        if progress:
+        if progress and d.main:
             tqdm.write(f"lr-find: suggested LRMAX {found.suggested_lr:.4g} ({found.method})")
         recipe = recipe.replace(lr_max=found.suggested_lr)  # validated again: LRMIN must stay below it
     if run_dir:
@@ -370,13 +427,15 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra).
     """
     started = time.perf_counter()
-    writer_class = tensorboard_writer(out or resume) if tensorboard else None  # refused before any work
+    d = init_distributed(recipe.device if recipe else "auto")
+    progress = progress and d.main  # under torchrun only rank 0 shows progress and writes files
+    writer_class = tensorboard_writer(out or resume) if tensorboard and d.main else None  # refused before any work
     recipe, run_dir, data, data_dir, lr_found, ckpt = _start(recipe, data_dir, download, out, overwrite, data, progress,
-                                                   find_lr_max, resume)
+                                                             find_lr_max, resume, d)
     tb = writer_class(log_dir=str(run_dir / "tensorboard")) if writer_class else None
     # A fresh setup after any range test: the same seed gives the same weights and data order as
     # a run started with the found LRMAX written out.
-    s = setup_run(recipe, data)
+    s = setup_run(recipe, data, d)
     device, precision, model, optimizer = s.device, s.precision, s.model, s.optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     steps_per_epoch = s.steps_per_epoch
@@ -392,23 +451,26 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
         history = [EpochMetrics(**h) for h in ckpt["history"]]
         done, batch, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["elapsed"]
         order = ckpt["order"].to(device) if ckpt["order"] is not None else None
-        sums = (ckpt["loss_sum"], ckpt["correct"], ckpt["epoch_seconds"])
+        # mid-epoch sums are global: rank 0 carries them, the others start from zero
+        sums = (ckpt["loss_sum"], ckpt["correct"], ckpt["epoch_seconds"]) if d.main else (0.0, 0, ckpt["epoch_seconds"])
 
     def checkpoint(epoch_done: int, next_batch: int, order: torch.Tensor | None, sums: tuple) -> Path | None:
-        """Everything needed to continue bit for bit: weights, optimizer, position, random states."""
+        """Everything needed to continue bit for bit: weights, optimizer, position, random states.
+        Under torchrun every rank calls it (the augmentation states are gathered); rank 0 writes."""
+        augs = gather_objects(s.aug_generator.get_state(), d) if d.world > 1 else None
         if run_dir is None:
             return None
         save_checkpoint(run_dir / CHECKPOINT, {
             "recipe": recipe.to_dict(), "model": {k: v.contiguous() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": _rng_state(s), "epoch": epoch_done, "batch": next_batch,
+            "rng": {**_rng_state(s), **({"aug": augs} if augs else {})}, "epoch": epoch_done, "batch": next_batch,
             "order": order.cpu() if order is not None else None, "loss_sum": sums[0], "correct": sums[1],
             "epoch_seconds": sums[2], "history": [asdict(h) for h in history], "lr_found": lr_found,
             "elapsed": elapsed + time.perf_counter() - started,
             "data_dir": data_dir})
         return run_dir / CHECKPOINT
 
-    with StopSignals() if run_dir else contextlib.nullcontext(StopSignals()) as stop:
+    with StopSignals() if run_dir or d.world > 1 else contextlib.nullcontext(StopSignals()) as stop:
         for epoch in range(done + 1, recipe.epochs + 1):
             model.train()
             order = s.shuffle() if order is None else order
@@ -432,28 +494,34 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 step += 1
-                if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps_per_epoch or stop.received:
+                stopping = False
+                # One process checks for a signal after every step; under torchrun the ranks agree
+                # on it (and on the loss) only at the sync points, so that all stop at the same step.
+                if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps_per_epoch or (stop.received and d.world == 1):
                     seen = (i + 1) * recipe.batch_size
-                    running = loss_sum.item() / seen  # host sync
+                    total = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                        torch.tensor(float(bool(stop.received)), device=device,
+                                                                     dtype=torch.float64)]), d)
+                    total_loss, total_correct, stopping = total.tolist()  # host sync
+                    running = total_loss / seen
                     if not math.isfinite(running):  # the last good checkpoint stays as it is
                         raise DivergenceError(
                             f"training diverged: loss is {running} in epoch {epoch}, by step {step} "
                             f"(LR {lr:.4g}); lower --lr-max (now {recipe.lr_max:g})")
-                    bar.set_postfix(lr=f"{lr:.4f}", loss=f"{running:.3f}", acc=f"{correct.item() / seen:.3f}")
-                if stop.received and i + 1 < steps_per_epoch:
+                    bar.set_postfix(lr=f"{lr:.4f}", loss=f"{running:.3f}", acc=f"{total_correct / seen:.3f}")
+                if stopping and i + 1 < steps_per_epoch:
                     bar.close()
                     path = checkpoint(epoch - 1, i + 1, order,
-                                      (loss_sum.item(), correct.item(), time.perf_counter() - t0))
-                    raise Interrupted(f"stopped by {stop.received} in epoch {epoch} after step {step}; "
+                                      (total.tolist()[0], int(total_correct), time.perf_counter() - t0))
+                    received = stop.received or "a signal to another rank"
+                    raise Interrupted(f"stopped by {received} in epoch {epoch} after step {step}; "
                                       f"checkpoint saved in {path}; resume with: cifar-onecycle train "
                                       f"--resume {run_dir}")
             bar.close()
             train_seconds = time.perf_counter() - t0
             seen = steps_per_epoch * recipe.batch_size
-            test_loss, test_acc = evaluate(s.step_model, s.test_images, s.test_labels,
-                                           batch_size=recipe.eval_batch_size, precision=precision,
-                                           channels_last=recipe.channels_last)
-            m = EpochMetrics(epoch, lr, loss_sum.item() / seen, correct.item() / seen, test_loss, test_acc,
+            test_loss, test_acc = evaluate_run(s)
+            m = EpochMetrics(epoch, lr, total_loss / seen, total_correct / seen, test_loss, test_acc,
                              train_seconds, seen / train_seconds)
             history.append(m)
             batch, order, sums = 0, None, (0.0, 0, 0.0)
@@ -461,14 +529,14 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                 tqdm.write(format_epoch(m, recipe.epochs))
             if run_dir:
                 atomic_write(run_dir / "metrics.csv", metrics_csv(history))
-                checkpoint(epoch, 0, None, sums)
+            checkpoint(epoch, 0, None, sums)  # every rank: it gathers the ranks' random states
             if tb:
                 for name, value in asdict(m).items():
                     if name != "epoch":
                         tb.add_scalar(name, value, epoch)
                 tb.flush()
-            if stop.received and epoch < recipe.epochs:
-                raise Interrupted(f"stopped by {stop.received} after epoch {epoch}; checkpoint saved in "
+            if stopping and epoch < recipe.epochs:
+                raise Interrupted(f"stopped by {stop.received or 'a signal to another rank'} after epoch {epoch}; checkpoint saved in "
                                   f"{run_dir / CHECKPOINT}; resume with: cifar-onecycle train --resume {run_dir}")
 
     if tb:

@@ -1,0 +1,91 @@
+"""Data parallelism under torchrun, on PyTorch's own engine (torch.distributed, DDP).
+
+A run started by ``torchrun --nproc-per-node N -m cifar_onecycle train ...`` finds RANK,
+LOCAL_RANK and WORLD_SIZE in its environment and joins the process group (NCCL on CUDA, gloo on
+the CPU). Without them everything here is a no-op for a single process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only process that prints and writes the run folder."""
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join torchrun's process group when launched by it; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU
+        # A rank that dies makes torchrun stop the others; the timeout bounds a collective that
+        # waits for a rank that is merely stuck.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+    return Dist(rank, world, local_rank)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_share(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous share of a global batch (its length must divide by ``world``)."""
+    per = len(batch) // world
+    return batch[rank * per:(rank + 1) * per]
+
+
+def test_shard(n: int, rank: int, world: int) -> slice:
+    """This rank's part of the test set: contiguous, the parts together cover it exactly once."""
+    bounds = [n * r // world for r in range(world + 1)]
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The sum over ranks (in place); the tensor itself for a single process."""
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """Give every rank rank 0's BatchNorm statistics (each rank ran its own batches through them)."""
+    if d.world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective: all ranks must call it)."""
+    if d.world == 1:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_batch(batch_size: int, d: Dist) -> None:
+    if batch_size % d.world:
+        raise UserError(f"--batch-size {batch_size} is the global batch and must divide by the "
+                        f"{d.world} processes; pass a multiple of {d.world}")

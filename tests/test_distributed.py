@@ -1,0 +1,152 @@
+"""torchrun with 2 CPU processes (gloo) against one process on the same global batch."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_onecycle.augment import epoch_batches
+from cifar_onecycle.distributed import test_shard as shard_of_test_set
+
+ARGS = ["--epochs", "3", "--peak-epoch", "1", "--batch-size", "20", "--lr-max", "0.05", "--logit-scale", "0.125",
+        "--bn-momentum", "0.5", "--device", "cpu", "--precision", "fp32", "--eval-batch-size", "16"]
+
+
+def test_rank_shares_cover_every_training_index_once():
+    n, batch, world = 103, 20, 4
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.arange(n)  # the labels name the images
+    seen = []
+    for rank in range(world):
+        for _, y in epoch_batches(images, labels, batch, crop=False, padding=0, flip=False, cutout_size=0,
+                                  generator=torch.Generator(), order=order, rank=rank, world=world):
+            assert len(y) == batch // world
+            seen += y.tolist()
+    assert sorted(seen) == sorted(order[:(n // batch) * batch].tolist())  # the full batches, once each
+
+
+def test_test_set_shards_cover_it_once():
+    for n, world in [(30, 2), (31, 2), (5000, 3), (7, 7)]:
+        idx = [i for r in range(world) for i in range(n)[shard_of_test_set(n, r, world)]]
+        assert idx == list(range(n))
+
+
+def run(cmd, **env):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_two_processes_train_like_one(tmp_path):
+    from conftest import write_cifar
+
+    data = write_cifar(tmp_path / "data").parent
+    common = ["--data-dir", str(data), "--no-download", *ARGS]
+    one = run([sys.executable, "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "one"), "--quiet", *common])
+    assert one.returncode == 0, one.stderr
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "two"), *common])
+    assert two.returncode == 0, two.stderr[-3000:]
+    # rank 0 alone printed and wrote: one line per epoch, one final line, each file once
+    assert two.stdout.count("final test accuracy") == 1
+    assert sum(line.startswith("epoch ") for line in two.stdout.splitlines()) == 3
+    rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2", "3"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    import json
+
+    a = json.loads((tmp_path / "one" / "summary.json").read_text())
+    b = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert a["steps_per_epoch"] == b["steps_per_epoch"] == 5 and b["test_images"] == 30
+    # Same global batch, schedule and initial weights; different augmentation draws and per-rank
+    # BatchNorm statistics. Tolerance: 0.2 of accuracy on these 30 colour-coded test images.
+    assert abs(a["final_test_acc"] - b["final_test_acc"]) <= 0.2, (a["final_test_acc"], b["final_test_acc"])
+    assert b["final_test_acc"] >= 0.5
+
+
+def test_a_batch_that_does_not_split_is_refused(tmp_path):
+    from conftest import write_cifar
+
+    data = write_cifar(tmp_path / "data").parent
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             "-m", "cifar_onecycle", "train", "--data-dir", str(data), "--out", str(tmp_path / "x"),
+             *ARGS[:4], "--batch-size", "21", "--device", "cpu"])
+    assert r.returncode != 0
+    assert "must divide by the 2 processes" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+CRASH_ON_RANK_1 = """
+import os, sys
+import cifar_onecycle.train
+t = sys.modules["cifar_onecycle.train"]
+real = t.lr_at
+def lr_at(step, knots):
+    if step == 3 and os.environ["RANK"] == "1":
+        raise RuntimeError("rank 1 fails on purpose")
+    return real(step, knots)
+t.lr_at = lr_at
+from cifar_onecycle.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failure_on_one_rank_ends_the_job_without_a_hang(tmp_path):
+    from conftest import write_cifar
+
+    data = write_cifar(tmp_path / "data").parent
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_ON_RANK_1)
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+             "train", "--data-dir", str(data), "--out", str(tmp_path / "x"), "--quiet", *ARGS])
+    assert r.returncode != 0
+    assert "rank 1 fails on purpose" in r.stderr
+
+
+SIGINT_ON_RANK_0 = """
+import os, signal, sys
+import cifar_onecycle.train
+t = sys.modules["cifar_onecycle.train"]
+real = t.lr_at
+def lr_at(step, knots):
+    if step == 6 and os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(step, knots)
+t.lr_at = lr_at
+from cifar_onecycle.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_and_lr_find_under_torchrun(tmp_path):
+    import csv
+
+    from safetensors.torch import load_file
+
+    from conftest import write_cifar
+
+    data = write_cifar(tmp_path / "data").parent
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    common = ["--data-dir", str(data), "--no-download", "--quiet", *ARGS]
+    full = run([*torchrun, "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "full"), *common])
+    assert full.returncode == 0, full.stderr[-2000:]
+    script = tmp_path / "sigint.py"
+    script.write_text(SIGINT_ON_RANK_0)
+    cut = run([*torchrun, str(script), "train", "--out", str(tmp_path / "cut"), *common])
+    assert cut.returncode != 0 and "stopped by SIGINT" in cut.stderr and "--resume" in cut.stderr
+    resumed = run([*torchrun, "-m", "cifar_onecycle", "train", "--resume", str(tmp_path / "cut"), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    keep = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+    rows = [[{k: r[k] for k in keep} for r in csv.DictReader((tmp_path / d / "metrics.csv").open())]
+            for d in ("full", "cut")]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    lrf = run([*torchrun, "-m", "cifar_onecycle", "lr-find", "--mode", "exp", "--num-iter", "12",
+               "--out", str(tmp_path / "lrf"), *common[:3], "--batch-size", "20", "--device", "cpu"])
+    assert lrf.returncode == 0, lrf.stderr[-2000:]
+    assert lrf.stdout.count("exp: suggested LR") == 1  # rank 0 alone prints
+    assert sorted(p.name for p in (tmp_path / "lrf").iterdir()) == ["lr_find.json", "lr_find_exp.png"]
