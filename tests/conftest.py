@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CIFAR_ONECYCLE_SHARED", ROOT.parent / "shared"))
 
 
+class Payload:
+    """A hostile pickle: unpickling it runs ``open(path, 'w')``, so the file appearing means code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def synthetic_batch(n: int, seed: int) -> dict:
     """A learnable stand-in: each class is a distinct colour plus noise, labels cycle 0..9."""
     palette = np.random.default_rng(0).integers(0, 256, size=(10, 3, 1, 1))  # the same in every file

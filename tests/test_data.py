@@ -10,17 +10,7 @@ import pytest
 
 from cifar_onecycle.data import (DatasetError, download_archive, ensure_cifar10, load_cifar10, read_batch,
                                  safe_load)
-from conftest import synthetic_batch, write_cifar
-
-
-class Payload:
-    """Unpickling this runs ``open(path, 'w')``: the file appearing means code ran."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+from conftest import Payload, synthetic_batch, write_cifar
 
 
 def test_loads_the_official_layout(cifar_dir):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from cifar_onecycle import Recipe, UserError, train
 from cifar_onecycle.checkpoint import load_checkpoint, save_checkpoint
 from cifar_onecycle.cli import main
+from conftest import Payload
 
 FLAGS = ["--epochs", "3", "--peak-epoch", "1", "--batch-size", "25", "--eval-batch-size", "16", "--device", "cpu",
          "--precision", "fp32", "--lr-max", "0.02", "--logit-scale", "0.125", "--bn-momentum", "0.5"]
@@ -144,14 +145,6 @@ def test_resume_refuses_recipe_changes_and_finished_runs(reference, capsys):
     assert "already finished all 3 epochs" in capsys.readouterr().err                           # but nothing left
     assert main(["train", "--resume", str(ref.parent / "nowhere")]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
-
-
-class Payload:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_hostile_checkpoint_never_runs(tmp_path):
