@@ -125,12 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The seed's recipe, then --recipe FILE, then the flags given: each overrides the one before.
+def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
+    """``base`` (default: the seed's recipe), then --recipe FILE, then the flags given: each
+    overrides the one before.
 
     ``--lr-max auto`` leaves LRMAX at the recipe's value here; ``train`` replaces it with the finding.
     """
-    base = load_recipe(args.recipe) if args.recipe else Recipe()
+    base = load_recipe(args.recipe, base) if args.recipe else (base or Recipe())
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
              if hasattr(args, f.name) and getattr(args, f.name) != "auto"}
     return Recipe.from_dict({**base.to_dict(), **flags}, source="flags")
@@ -146,11 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run as it was; --lr-max auto and --overwrite do not apply")
         out = Path(args.resume)
         # Recipe flags are allowed only where they restate the run's recipe; train() names any change.
-        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
-        given = flags or args.recipe
-        saved = load_recipe(out / "recipe.toml") if given else None
-        recipe = Recipe.from_dict({**saved.to_dict(), **(load_recipe(args.recipe).to_dict() if args.recipe else {}),
-                                   **flags}, source="flags") if saved else None
+        given = args.recipe or any(hasattr(args, f.name) for f in dataclasses.fields(Recipe))
+        recipe = recipe_from_args(args, load_recipe(out / "recipe.toml")) if given else None
     else:
         recipe = recipe_from_args(args)
         out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
