@@ -136,6 +136,7 @@ def test_resume_and_lr_find_under_torchrun(tmp_path):
     script.write_text(SIGINT_ON_RANK_0)
     cut = run([*torchrun, str(script), "train", "--out", str(tmp_path / "cut"), *common])
     assert cut.returncode != 0 and "stopped by SIGINT" in cut.stderr and "--resume" in cut.stderr
+    assert "(rank 1): error: stopped by a signal to another rank" in cut.stderr  # both stop, cleanly
     resumed = run([*torchrun, "-m", "cifar_onecycle", "train", "--resume", str(tmp_path / "cut"), "--quiet"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     keep = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")

@@ -420,8 +420,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
     resuming, the run's own). ``out``: a run folder for recipe.toml, metrics.csv, summary.json, the
-    weights and a checkpoint after every epoch (and on SIGINT/SIGTERM); none when ``None``. ``progress``: a progress bar and a line per epoch.
-    ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
+    weights and a checkpoint after every epoch (and on SIGINT/SIGTERM); none when ``None``.
+    ``progress``: a progress bar and a line per epoch. ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
     ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
     the pictures and report.md into the run folder at the end. ``tensorboard``: also log each
     epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra).
@@ -511,12 +511,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                     bar.set_postfix(lr=f"{lr:.4f}", loss=f"{running:.3f}", acc=f"{total_correct / seen:.3f}")
                 if stopping and i + 1 < steps_per_epoch:
                     bar.close()
-                    path = checkpoint(epoch - 1, i + 1, order,
-                                      (total.tolist()[0], int(total_correct), time.perf_counter() - t0))
-                    received = stop.received or "a signal to another rank"
-                    raise Interrupted(f"stopped by {received} in epoch {epoch} after step {step}; "
-                                      f"checkpoint saved in {path}; resume with: cifar-onecycle train "
-                                      f"--resume {run_dir}")
+                    checkpoint(epoch - 1, i + 1, order, (total_loss, int(total_correct), time.perf_counter() - t0))
+                    raise interrupted(stop.received, f"in epoch {epoch} after step {step}", out or resume)
             bar.close()
             train_seconds = time.perf_counter() - t0
             seen = steps_per_epoch * recipe.batch_size
@@ -536,8 +532,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                         tb.add_scalar(name, value, epoch)
                 tb.flush()
             if stopping and epoch < recipe.epochs:
-                raise Interrupted(f"stopped by {stop.received or 'a signal to another rank'} after epoch {epoch}; checkpoint saved in "
-                                  f"{run_dir / CHECKPOINT}; resume with: cifar-onecycle train --resume {run_dir}")
+                raise interrupted(stop.received, f"after epoch {epoch}", out or resume)
 
     if tb:
         tb.close()
@@ -549,6 +544,15 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
             summary = write_report(run_dir, model, recipe, history, summary, s.test_images, s.test_labels,
                                    data.train_images[:20], steps_per_epoch)
     return TrainResult(recipe, history, summary, model, run_dir)
+
+
+def interrupted(received: str | None, where: str, folder: str | Path | None) -> Interrupted:
+    """The one-line stop message: what stopped the run, where, and the exact resume command."""
+    why = f"stopped by {received or 'a signal to another rank'} {where}"
+    if folder is None:
+        return Interrupted(f"{why}; no run folder, so nothing was saved")
+    return Interrupted(f"{why}; checkpoint saved in {Path(folder) / CHECKPOINT}; resume with: "
+                       f"cifar-onecycle train --resume {folder}")
 
 
 def tensorboard_writer(run_dir: str | Path | None) -> Any:
