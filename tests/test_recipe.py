@@ -93,3 +93,13 @@ def test_lr_min_as_a_fraction_of_lr_max():
     assert Recipe().lr_min == 1e-4 and Recipe().lr_min_div == 0
     with pytest.raises(RecipeError, match="lr_min_div must be 0"):
         Recipe(lr_min_div=0.5)
+
+
+def test_named_recipes():
+    seed = load_recipe("seed")
+    assert seed == Recipe()  # the shipped seed recipe and the dataclass defaults agree
+    dawn = load_recipe("dawnbench")
+    assert (dawn.lr_max, dawn.logit_scale, dawn.epochs, dawn.peak_epoch, dawn.batch_size) == (0.4, 0.125, 24, 5, 512)
+    assert dawn.lr_min == 0.4 / 1e4 and dawn.nesterov and dawn.weight_decay == 5e-4
+    with pytest.raises(RecipeError, match="one of: seed, dawnbench"):
+        load_recipe("dawnbench2")

@@ -106,3 +106,25 @@ def test_evaluate_refuses_weights_of_another_model(tmp_path, capsys):
     save_file({"fc.weight": torch.zeros(3, 3)}, path, metadata={"recipe": _json.dumps(Recipe().to_dict())})
     assert main(["evaluate", str(path)]) == 2
     assert "do not fit the seed's ResNet" in capsys.readouterr().err
+
+
+def test_evaluate_with_flip_tta():
+    from cifar_onecycle.augment import normalize
+    from cifar_onecycle.train import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    plain = evaluate(model, images, labels, batch_size=16, channels_last=False)
+    tta = evaluate(model, images, labels, batch_size=16, channels_last=False, tta=True)
+    mirrored = evaluate(model, images.flip(-1), labels, batch_size=16, channels_last=False)
+    assert tta != plain
+    # a linear model's mirrored-average logits are the logits of the average image
+    avg = torch.nn.functional.cross_entropy(
+        (model(normalize(images)) + model(normalize(images.flip(-1)))) / 2, labels).item()
+    assert tta[0] == pytest.approx(avg, rel=1e-5)
+    symmetric = torch.cat([images[..., :16], images[..., :16].flip(-1)], -1)  # its own mirror image
+    assert evaluate(model, symmetric, labels, tta=True, channels_last=False) == pytest.approx(
+        evaluate(model, symmetric, labels, channels_last=False))
+    assert mirrored != plain  # the mirror really is another input for this model

@@ -48,7 +48,8 @@ def _number(text: str) -> float:
 
 def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None:
     g = p.add_argument_group("recipe (each overrides --recipe and the seed's defaults)")
-    g.add_argument("--recipe", metavar="FILE.toml", help="recipe file to start from (default: the seed's)")
+    g.add_argument("--recipe", metavar="NAME|FILE.toml",
+                   help="recipe to start from: seed (the default), dawnbench, or a TOML file")
     for f in dataclasses.fields(Recipe):
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--tta", action="store_true", help="test-time augmentation: average each image's logits with its mirror's")
 
     f = sub.add_parser("lr-find", parents=[common], help="LR range test: loss against a growing LR, with graphs")
     f.add_argument("--mode", choices=("exp", "linear", "both"), default="both",
@@ -180,12 +182,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = model.to(device, memory_format=fmt)
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
-                         channels_last=recipe.channels_last)
+                         channels_last=recipe.channels_last, tta=args.tta)
     n = len(data.test_images)
     if args.json:
-        print(json.dumps({"accuracy": acc, "loss": loss, "images": n}))
+        print(json.dumps({"accuracy": acc, "loss": loss, "images": n, "tta": args.tta}))
     else:
-        print(f"test accuracy {acc:.2%}  loss {loss:.4f}  on {n} images ({device.type}, {precision})")
+        print(f"test accuracy {acc:.2%}  loss {loss:.4f}  on {n} images ({device.type}, {precision}"
+              f"{', flip TTA' if args.tta else ''})")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from importlib import resources
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,20 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
+NAMED = ("seed", "dawnbench")
+
+
 def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
-    """Read a recipe TOML file over ``base`` (default: the seed's recipe)."""
+    """Read a recipe TOML file over ``base`` (default: the seed's recipe). ``path`` may also be the
+    name of a recipe shipped with the package: ``seed`` or ``dawnbench``."""
+    if str(path) in NAMED and not Path(path).exists():
+        text = (resources.files(__package__) / "recipes" / f"{path}.toml").read_text(encoding="utf-8")
+        return Recipe.from_dict({**(base or Recipe()).to_dict(), **tomllib.loads(text)}, source=f"recipe {path}")
     path = Path(path)
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
+        raise RecipeError(f"{path}: recipe file not found; give a TOML file or one of: {', '.join(NAMED)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read recipe file ({e})") from None
     except tomllib.TOMLDecodeError as e:

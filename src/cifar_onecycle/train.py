@@ -106,17 +106,19 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-             batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device)."""
+             batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
+             tta: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device).
+    ``tta``: average the logits of each image and its mirror image."""
     loss_sum, correct = evaluate_sums(model, images, labels, batch_size=batch_size, precision=precision,
-                                      channels_last=channels_last)
+                                      channels_last=channels_last, tta=tta)
     return loss_sum.item() / len(images), correct.item() / len(images)
 
 
 @torch.no_grad()
 def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                  batch_size: int = 1000, precision: str = "fp32",
-                  channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
+                  tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and number correct, as device tensors (no host sync)."""
     was_training = model.training
     model.eval()
@@ -128,8 +130,10 @@ def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
         x = normalize(images[i:i + batch_size]).contiguous(memory_format=fmt)
         y = labels[i:i + batch_size]
         with autocast(device, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            logits = model(x).float()
+            if tta:  # costs a second forward pass
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
     return loss_sum, correct
