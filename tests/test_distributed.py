@@ -2,9 +2,7 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 from cifar_onecycle.augment import epoch_batches

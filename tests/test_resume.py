@@ -3,7 +3,6 @@ SIGINT, and checkpoints that are hostile, foreign or for another run."""
 import csv
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time

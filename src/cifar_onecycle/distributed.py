@@ -50,12 +50,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def rank_share(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's contiguous share of a global batch (its length must divide by ``world``)."""
-    per = len(batch) // world
-    return batch[rank * per:(rank + 1) * per]
-
-
 def test_shard(n: int, rank: int, world: int) -> slice:
     """This rank's part of the test set: contiguous, the parts together cover it exactly once."""
     bounds = [n * r // world for r in range(world + 1)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -57,6 +56,11 @@ def check_sweep(mode: str, start_lr: float, end_lr: float, num_iter: int, smooth
         raise UserError(f"lr-find: diverge must be > 1, got {diverge}")
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UserError(f"lr-find: unknown suggestion method {method!r}; use one of {', '.join(METHODS)}")
+
+
 def suggest(lrs: list[float], smoothed: list[float], method: str = "valley") -> float | None:
     """An LR from the smoothed curve, or None when the sweep is too short to say.
 
@@ -65,8 +69,7 @@ def suggest(lrs: list[float], smoothed: list[float], method: str = "valley") -> 
     the smoothed loss against log LR. Both look only between the skipped ends and at or before the
     smoothed minimum, so a spike after the minimum (the blow-up) can never carry the suggestion.
     """
-    if method not in METHODS:
-        raise UserError(f"lr-find: unknown suggestion method {method!r}; use one of {', '.join(METHODS)}")
+    check_method(method)
     lo, hi = SKIP_START, len(lrs) - SKIP_END
     if hi - lo < 3:
         return None
@@ -108,7 +111,9 @@ class LRFinderResult:
 
     def plot(self, ax: Any = None) -> Any:
         """Loss (raw and smoothed) against LR, the suggestion marked; returns the Axes, never shows."""
-        ax = ax if ax is not None else _new_axes()
+        from .report import new_axes
+
+        ax = ax if ax is not None else new_axes()
         ax.plot(self.lrs, self.losses, color="0.7", lw=1, label="loss")
         ax.plot(self.lrs, self.smoothed, color="C0", lw=2, label="smoothed loss")
         if self.suggested_lr is not None:
@@ -126,7 +131,9 @@ class LRFinderResult:
 
     def plot_lr(self, ax: Any = None) -> Any:
         """The LR against iteration: the increase itself; batch accuracy on a second axis."""
-        ax = ax if ax is not None else _new_axes()
+        from .report import new_axes
+
+        ax = ax if ax is not None else new_axes()
         ax.plot(range(1, len(self.lrs) + 1), self.lrs, color="C2", lw=2, label="learning rate")
         ax.set_xlabel("iteration")
         ax.set_ylabel("learning rate")
@@ -145,9 +152,9 @@ class LRFinderResult:
 
     def figure(self) -> Any:
         """The seed's graph: 'Exponential LR' or 'Linear LR', with both panels."""
-        from matplotlib.figure import Figure
+        from .report import new_figure
 
-        fig = Figure(figsize=(11, 4.2), layout="constrained")
+        fig = new_figure((11, 4.2))
         left, right = fig.subplots(1, 2)
         self.plot(left)
         left.set_title("loss against learning rate")
@@ -157,12 +164,6 @@ class LRFinderResult:
         fig.suptitle(f"{'Exponential' if self.mode == 'exp' else 'Linear'} LR  "
                      f"({len(self.lrs)} iterations{note})")
         return fig
-
-
-def _new_axes() -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(6, 4), layout="constrained").subplots()
 
 
 def _cycle(batches: Iterable | Callable[[], Iterable]) -> Iterator:
@@ -191,11 +192,11 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
     called after each iteration. ``reduce``: maps each step's loss to the value recorded (under
     torchrun, the mean over ranks, so that every rank stops at the same iteration).
     """
-    start_lr = DEFAULT_RANGES.get(mode, (1e-5, 10.0))[0] if start_lr is None else start_lr
-    end_lr = DEFAULT_RANGES.get(mode, (1e-5, 10.0))[1] if end_lr is None else end_lr
+    lo, hi = DEFAULT_RANGES.get(mode, DEFAULT_RANGES["exp"])  # an unknown mode is refused just below
+    start_lr = lo if start_lr is None else start_lr
+    end_lr = hi if end_lr is None else end_lr
     check_sweep(mode, start_lr, end_lr, num_iter, smooth, diverge)
-    if method not in METHODS:
-        raise UserError(f"lr-find: unknown suggestion method {method!r}; use one of {', '.join(METHODS)}")
+    check_method(method)  # before the sweep, not after it
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=start_lr, momentum=0.9)
     # The one saved copy: deep copies, since state_dict() returns references to the live tensors.
     saved_model = copy.deepcopy(model.state_dict())
@@ -246,14 +247,13 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
 def write_lr_find(results: dict[str, LRFinderResult], out_dir: str | Path) -> list[Path]:
     """lr_find_<mode>.png for each sweep and lr_find.json keyed by mode; returns the paths written."""
     from .checkpoint import atomic_write
+    from .report import save_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for mode, result in results.items():
-        buf = io.BytesIO()
-        result.figure().savefig(buf, format="png", dpi=110)  # Agg through Figure: no display needed
-        atomic_write(out_dir / f"lr_find_{mode}.png", buf.getvalue())
+        save_png(result.figure(), out_dir / f"lr_find_{mode}.png")
         written.append(out_dir / f"lr_find_{mode}.png")
     atomic_write(out_dir / "lr_find.json", json.dumps({m: r.to_dict() for m, r in results.items()}, indent=1) + "\n")
     return [*written, out_dir / "lr_find.json"]

@@ -24,13 +24,19 @@ MISCLASSIFIED = 20
 GRADCAM = 8
 
 
-def _axes(figsize: tuple[float, float] = (6, 4)) -> Any:
+def new_figure(figsize: tuple[float, float] = (6, 4)) -> Any:
+    """A matplotlib Figure on the Agg canvas: no pyplot, no display, nothing shown."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize, layout="constrained").subplots()
+    return Figure(figsize=figsize, layout="constrained")
 
 
-def _save(fig: Any, path: Path) -> None:
+def new_axes(figsize: tuple[float, float] = (6, 4)) -> Any:
+    return new_figure(figsize).subplots()
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """The figure as a PNG, written atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write(path, buf.getvalue())
@@ -38,7 +44,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_loss(history: Sequence[Any], ax: Any = None) -> Any:
     """Train and test loss per epoch."""
-    ax = ax if ax is not None else _axes()
+    ax = ax if ax is not None else new_axes()
     epochs = [h.epoch for h in history]
     ax.plot(epochs, [h.train_loss for h in history], "o-", label="train")
     ax.plot(epochs, [h.test_loss for h in history], "s-", label="test")
@@ -50,7 +56,7 @@ def plot_loss(history: Sequence[Any], ax: Any = None) -> Any:
 
 def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
     """Train and test accuracy per epoch, the best test epoch marked."""
-    ax = ax if ax is not None else _axes()
+    ax = ax if ax is not None else new_axes()
     epochs = [h.epoch for h in history]
     ax.plot(epochs, [100 * h.train_acc for h in history], "o-", label="train")
     ax.plot(epochs, [100 * h.test_acc for h in history], "s-", label="test")
@@ -65,7 +71,7 @@ def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
 
 def plot_lr_schedule(recipe: Recipe, steps_per_epoch: int, ax: Any = None) -> Any:
     """The LR of every step, the peak marked, with epochs on a second axis."""
-    ax = ax if ax is not None else _axes((7, 4))
+    ax = ax if ax is not None else new_axes((7, 4))
     knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
     steps = range(recipe.epochs * steps_per_epoch)
     # Steps are counted from 1 here, so step k * steps_per_epoch is the last batch of epoch k.
@@ -89,7 +95,7 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classe
 
 def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any = None) -> Any:
     """The confusion matrix with counts in the cells and per-class accuracy in the row labels."""
-    ax = ax if ax is not None else _axes((7.5, 6.5))
+    ax = ax if ax is not None else new_axes((7.5, 6.5))
     ax.imshow(cm.numpy(), cmap="Blues")
     acc = (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -150,11 +156,9 @@ def to_display(x: torch.Tensor) -> torch.Tensor:
 def image_grid(images: torch.Tensor, titles: Sequence[str], ncols: int = 5, title: str = "",
                overlays: torch.Tensor | None = None) -> Any:
     """A figure of [N, H, W, 3] images in [0, 1] with a caption each (and optional heat maps)."""
-    from matplotlib.figure import Figure
-
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig = Figure(figsize=(2.3 * ncols, 2.5 * nrows + 0.4), layout="constrained")
+    fig = new_figure((2.3 * ncols, 2.5 * nrows + 0.4))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -177,26 +181,24 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     from .summary import summarize
 
     run_dir = Path(run_dir)
-    fig = _axes().figure
-    fig.set_size_inches(11, 4)
-    fig.clear()
+    fig = new_figure((11, 4))
     left, right = fig.subplots(1, 2)
     plot_loss(history, left)
     plot_accuracy(history, right)
-    _save(fig, run_dir / "curves.png")
-    _save(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
+    save_png(fig, run_dir / "curves.png")
+    save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
 
     probs = predict_probabilities(model, test_images)
     labels = test_labels.cpu()
     conf, pred = probs.max(1)
     cm = confusion_matrix(labels, pred, len(classes))
-    _save(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
+    save_png(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
 
     wrong = (pred != labels).nonzero()[:, 0]
     wrong = wrong[conf[wrong].argsort(descending=True)]  # the most confident mistakes first
     shown = wrong[:MISCLASSIFIED]
     real = to_display(normalize(test_images[shown.to(test_images.device)]))
-    _save(image_grid(real, [f"true: {classes[labels[i]]}\npred: {classes[pred[i]]} ({100 * conf[i]:.0f}%)"
+    save_png(image_grid(real, [f"true: {classes[labels[i]]}\npred: {classes[pred[i]]} ({100 * conf[i]:.0f}%)"
                             for i in shown.tolist()],
                      title=f"Misclassified test images ({len(wrong)} of {len(labels)}), most confident first"),
           run_dir / "misclassified.png")
@@ -206,7 +208,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     x = normalize(test_images[cam_idx.to(test_images.device)].to(device))
     layer = model.layer3 if isinstance(model, ResNet9) else list(model.children())[-1]
     cams = grad_cam(model, layer, x).cpu()
-    _save(image_grid(to_display(x), [f"pred: {classes[pred[i]]}\ntrue: {classes[labels[i]]}" for i in cam_idx.tolist()],
+    save_png(image_grid(to_display(x), [f"pred: {classes[pred[i]]}\ntrue: {classes[labels[i]]}" for i in cam_idx.tolist()],
                      ncols=4, title="Grad-CAM at the last residual block (layer 3), for the predicted class",
                      overlays=cams), run_dir / "gradcam.png")
 
@@ -218,7 +220,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     steps = [name for name, on in ((f"RandomCrop 32 (after reflect-padding {recipe.crop_padding})", recipe.crop),
                                    ("FlipLR", recipe.flip),
                                    (f"CutOut {recipe.cutout_size}x{recipe.cutout_size}", recipe.cutout)) if on]
-    _save(image_grid(to_display(aug), [""] * len(aug), title="Training images after " + ", ".join(steps or ["nothing"])),
+    save_png(image_grid(to_display(aug), [""] * len(aug), title="Training images after " + ", ".join(steps or ["nothing"])),
           run_dir / "augment.png")
 
     per_class = {c: (cm[i, i] / cm[i].sum().clamp(min=1)).item() for i, c in enumerate(classes)}
