@@ -1,9 +1,11 @@
 import dataclasses
+from importlib import resources
 
 import pytest
 
-from cifar_onecycle import Recipe, RecipeError, load_recipe
+from cifar_onecycle import Recipe, RecipeError, ResNet9, count_parameters, load_recipe
 from cifar_onecycle.cli import main
+from cifar_onecycle.recipe import NAMED
 
 
 def test_defaults_are_the_seed_values():
@@ -55,6 +57,8 @@ def test_bad_toml(tmp_path, text, message):
     (dict(cutout_size=40), "larger than the 32-pixel image"),
     (dict(train_subset=100), "batch_size 512 is larger than train_subset 100"),
     (dict(lr_max=float("nan")), "finite"),
+    (dict(ema_decay=1.0), "ema_decay must lie in"),
+    (dict(ema_every=0), "ema_every must be > 0"),
 ])
 def test_impossible_values_refused(changes, message):
     with pytest.raises(RecipeError, match=message):
@@ -101,5 +105,24 @@ def test_named_recipes():
     dawn = load_recipe("dawnbench")
     assert (dawn.lr_max, dawn.logit_scale, dawn.epochs, dawn.peak_epoch, dawn.batch_size) == (0.4, 0.125, 24, 5, 512)
     assert dawn.lr_min == 0.4 / 1e4 and dawn.nesterov and dawn.weight_decay == 5e-4
-    with pytest.raises(RecipeError, match="one of: seed, dawnbench"):
+    with pytest.raises(RecipeError, match="one of: seed, dawnbench, best"):
         load_recipe("dawnbench2")
+
+
+def test_best_recipe_keeps_the_seed_frame():
+    best, dawn = load_recipe("best"), load_recipe("dawnbench")
+    # What the issue fixes: 24 epochs, batch 512, peak at epoch 5, the seed's three transforms.
+    assert (best.epochs, best.batch_size, best.peak_epoch) == (24, 512, 5.0)
+    assert (best.crop, best.crop_padding, best.flip, best.cutout, best.cutout_size) == (True, 4, True, True, 8)
+    assert count_parameters(ResNet9(logit_scale=best.logit_scale, bn_momentum=best.bn_momentum)) == 6_573_130
+    # What it changes against dawnbench: label smoothing, the weight average, TTA every epoch.
+    changed = {k for k, v in best.to_dict().items() if getattr(dawn, k) != v}
+    assert changed == {"label_smoothing", "ema_decay", "tta"}
+    assert (best.label_smoothing, best.ema_decay, best.ema_every, best.tta) == (0.2, 0.99, 5, True)
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_every_named_recipe_says_where_its_values_come_from(name):
+    text = (resources.files("cifar_onecycle") / "recipes" / f"{name}.toml").read_text()
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert len(comments) >= 3 and text.startswith("#")

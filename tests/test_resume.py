@@ -136,6 +136,21 @@ def test_sigint_checkpoints_and_says_how_to_resume(reference, tmp_path, at_step,
     assert_same_run(run, ref)
 
 
+def test_resume_with_a_weight_average_is_bit_identical(tmp_path):
+    from conftest import write_cifar
+
+    data = write_cifar(tmp_path / "data").parent
+    ema = ["--ema-decay", "0.9", "--ema-every", "3", "--tta"]
+    train(RECIPE.replace(ema_decay=0.9, ema_every=3, tta=True), data_dir=data, download=False, out=tmp_path / "ref",
+          progress=False, report=False)
+    run = tmp_path / "run"
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, *ema, "--out", str(run)], SIGINT_AT_STEP="6")
+    assert p.wait(timeout=120) == 130
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(run, tmp_path / "ref")
+    assert "test_acc_tta" in (run / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_resume_refuses_recipe_changes_and_finished_runs(reference, capsys):
     data, ref = reference
     assert main(["train", "--resume", str(ref), "--epochs", "5"]) == 2

@@ -49,7 +49,7 @@ def _number(text: str) -> float:
 def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None:
     g = p.add_argument_group("recipe (each overrides --recipe and the seed's defaults)")
     g.add_argument("--recipe", metavar="NAME|FILE.toml",
-                   help="recipe to start from: seed (the default), dawnbench, or a TOML file")
+                   help="recipe to start from: seed (the default), dawnbench, best, or a TOML file")
     for f in dataclasses.fields(Recipe):
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(t)
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint, with its recipe")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run (or the runs of --seeds) in RUN_DIR from its checkpoint, with its recipe")
+    t.add_argument("--seeds", type=int, metavar="N",
+                   help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and write the mean, "
+                        "std, min and max of the final test accuracy (with and without flip TTA) to RUN_DIR/summary.json")
     t.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     t.add_argument("--tensorboard", action="store_true",
                    help="also log each epoch's scalars to RUN_DIR/tensorboard (pip install 'cifar-onecycle[tensorboard]')")
@@ -140,13 +144,19 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .seeds import SEEDS_FILE, train_seeds
     from .train import train  # torch is imported only by the commands that need it
 
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: give at least 1")
+    if args.seeds is not None and getattr(args, "lr_max", None) == "auto":
+        # Every seed must train the same recipe, and a resumed set must not find another LR.
+        raise UserError("--seeds trains one recipe several times: run lr-find once and pass its --lr-max")
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise UserError("--resume RUN_DIR writes into RUN_DIR; leave out --out")
-        if getattr(args, "lr_max", None) == "auto" or args.overwrite:
-            raise UserError("--resume continues a run as it was; --lr-max auto and --overwrite do not apply")
+        if getattr(args, "lr_max", None) == "auto" or args.overwrite or args.seeds is not None:
+            raise UserError("--resume continues a run as it was; --lr-max auto, --overwrite and --seeds do not apply")
         out = Path(args.resume)
         # Recipe flags are allowed only where they restate the run's recipe; train() names any change.
         given = args.recipe or any(hasattr(args, f.name) for f in dataclasses.fields(Recipe))
@@ -154,17 +164,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         recipe = recipe_from_args(args)
         out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    result = train(recipe, data_dir=args.data_dir, download=not args.no_download, out=out,
-                   overwrite=args.overwrite, progress=not args.quiet,
-                   find_lr_max=getattr(args, "lr_max", None) == "auto", resume=args.resume,
-                   tensorboard=args.tensorboard)
-    s = result.summary
+    options = dict(data_dir=args.data_dir, download=not args.no_download, out=out, overwrite=args.overwrite,
+                   progress=not args.quiet, find_lr_max=getattr(args, "lr_max", None) == "auto",
+                   resume=args.resume, tensorboard=args.tensorboard)
+    if args.seeds is not None or (args.resume and (out / SEEDS_FILE).is_file()):
+        s = train_seeds(recipe, args.seeds or 1, **options).summary
+        if _is_main():
+            print(f"over {s['runs']} seeds {s['seeds'][0]}..{s['seeds'][-1]}: final test accuracy "
+                  f"{_spread(s['final_test_acc'])}, with flip TTA {_spread(s['final_test_acc_tta'])}; "
+                  f"run folder: {out}")
+        return 0
+    s = train(recipe, **options).summary
     if not _is_main():
         return 0
     print(f"final test accuracy {s['final_test_acc']:.2%} (best {s['best_test_acc']:.2%} at epoch "
           f"{s['best_epoch']}) in {s['total_seconds'] / 60:.1f} min on {s['device']}, {s['precision']}; "
           f"run folder: {out}")
     return 0
+
+
+def _spread(s: dict[str, Any]) -> str:
+    return (f"mean {s['mean']:.2%} (std {100 * s['std']:.2f} points, min {s['min']:.2%}, "
+            f"max {s['max']:.2%})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -42,6 +42,9 @@ class Recipe:
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "L2 weight decay (SGD's, on every parameter)")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    ema_decay: float = _opt(0.0, "per-step decay of an average of the weights that is evaluated and saved "
+                                 "in their place (0: off)")
+    ema_every: int = _opt(5, "update the weight average every this many steps")
     # Model
     logit_scale: float = _opt(1.0, "multiplier on the logits (DAWNBench uses 0.125); adds no parameters")
     bn_momentum: float = _opt(0.1, "BatchNorm running-statistics momentum (PyTorch convention)")
@@ -60,6 +63,7 @@ class Recipe:
     channels_last: bool = _opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = _opt(False, "torch.compile the model")
     eval_batch_size: int = _opt(1000, "batch size for evaluation")
+    tta: bool = _opt(False, "also report test accuracy with flip test-time augmentation after every epoch")
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_min_div, (int, float)) and self.lr_min_div > 0 and isinstance(self.lr_max, (int, float)):
@@ -78,7 +82,7 @@ class Recipe:
             choices = f.metadata.get("choices")
             if choices and v not in choices:
                 raise RecipeError(f"recipe: {f.name} must be one of {', '.join(choices)}, got {v!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "cutout_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "cutout_size", "ema_every"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"recipe: {name} must be > 0, got {getattr(self, name)}")
         for name in ("lr_min", "lr_max"):
@@ -100,6 +104,8 @@ class Recipe:
             raise RecipeError(f"recipe: weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise RecipeError(f"recipe: label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            raise RecipeError(f"recipe: ema_decay must lie in [0, 1) (0: off), got {self.ema_decay}")
         if not 0 < self.bn_momentum <= 1:
             raise RecipeError(f"recipe: bn_momentum must lie in (0, 1], got {self.bn_momentum}")
         if self.logit_scale <= 0:
@@ -149,12 +155,12 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-NAMED = ("seed", "dawnbench")
+NAMED = ("seed", "dawnbench", "best")
 
 
 def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
     """Read a recipe TOML file over ``base`` (default: the seed's recipe). ``path`` may also be the
-    name of a recipe shipped with the package: ``seed`` or ``dawnbench``."""
+    name of a recipe shipped with the package: ``seed``, ``dawnbench`` or ``best``."""
     if str(path) in NAMED and not Path(path).exists():
         text = (resources.files(__package__) / "recipes" / f"{path}.toml").read_text(encoding="utf-8")
         return Recipe.from_dict({**(base or Recipe()).to_dict(), **tomllib.loads(text)}, source=f"recipe {path}")

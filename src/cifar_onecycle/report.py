@@ -60,6 +60,8 @@ def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
     epochs = [h.epoch for h in history]
     ax.plot(epochs, [100 * h.train_acc for h in history], "o-", label="train")
     ax.plot(epochs, [100 * h.test_acc for h in history], "s-", label="test")
+    if all(getattr(h, "test_acc_tta", None) is not None for h in history):
+        ax.plot(epochs, [100 * h.test_acc_tta for h in history], "^--", label="test, flip TTA")
     best = max(history, key=lambda h: h.test_acc)
     ax.annotate(f"best {100 * best.test_acc:.2f}%", (best.epoch, 100 * best.test_acc), textcoords="offset points",
                 xytext=(-40, -22), arrowprops={"arrowstyle": "->"})
@@ -132,7 +134,9 @@ def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor,
     model.eval()
     try:
         with torch.enable_grad():
-            logits = model(x.requires_grad_(False))
+            # The input asks for gradients so that the activations carry them even when the
+            # weights do not (a frozen model, such as a weight average).
+            logits = model(x.detach().requires_grad_(True))
             act = captured[0]
             classes = logits.argmax(1) if classes is None else classes
             score = logits.gather(1, classes[:, None]).sum()
@@ -231,6 +235,17 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     return summary
 
 
+def _extras(summary: dict[str, Any]) -> str:
+    """The final accuracy with flip TTA, and without the weight average, when the summary has them."""
+    text = ""
+    if summary.get("final_test_acc_tta") is not None:
+        text += f" With flip TTA: {100 * summary['final_test_acc_tta']:.2f}%."
+    if summary.get("final_test_acc_without_ema") is not None:
+        text += (f" These are the weight average's; the trained weights alone score "
+                 f"{100 * summary['final_test_acc_without_ema']:.2f}%.")
+    return text
+
+
 def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, Any], table: str,
                     transforms: Sequence[str], run_dir: Path) -> str:
     """A README-style page in the seed's order: model, One Cycle settings, transforms, results, graphs."""
@@ -255,7 +270,7 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         "## Accuracy", "",
         f"**{100 * summary['final_test_acc']:.2f}%** after the last epoch ({recipe.epochs}); best "
         f"{100 * best.test_acc:.2f}% in epoch {best.epoch}. Test images: {summary.get('test_images', '?')}. "
-        f"Device: {summary.get('device', '?')}, {summary.get('precision', '?')}.", "",
+        f"Device: {summary.get('device', '?')}, {summary.get('precision', '?')}." + _extras(summary), "",
         "| epoch | LR | train loss | train acc | test loss | test acc |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
         *[f"| {h.epoch}{' (best)' if h.epoch == best.epoch else ''} | {h.lr:.5f} | {h.train_loss:.4f} | "

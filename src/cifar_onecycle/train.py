@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from .checkpoint import CHECKPOINT, WEIGHTS, atomic_write, load_checkpoint, save
 from .data import Cifar10, load_cifar10
 from .distributed import (Dist, all_reduce_sum, broadcast_buffers, check_batch, gather_objects,
                           init_distributed, test_shard)
+from .ema import WeightEMA
 from .errors import DivergenceError, UserError
 from .lr_finder import LRFinderResult, find_lr, write_lr_find
 from .model import ResNet9, count_parameters
@@ -37,7 +39,7 @@ from .recipe import Recipe
 from .report import write_report
 from .schedule import lr_at, one_cycle_knots
 
-RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json", WEIGHTS, CHECKPOINT)
+RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json", "seeds.json", WEIGHTS, CHECKPOINT)
 # How often (in steps) the progress bar reads the running loss back from the device. Each read is
 # a host sync that stalls a GPU's queue; every 10 steps keeps that cost out of the measurements
 # while still catching a diverged loss within 10 steps.
@@ -54,11 +56,13 @@ class EpochMetrics:
     test_acc: float
     train_seconds: float    # the training pass only, evaluation excluded
     images_per_second: float
+    test_acc_tta: float | None = None  # with flip TTA; only when the recipe asks for it every epoch
 
 
 @dataclass
 class TrainResult:
-    """What ``train`` returns: the recipe, a row per epoch, the summary and the trained model."""
+    """What ``train`` returns: the recipe, a row per epoch, the summary and the trained model (the
+    weight average when the recipe keeps one: the model the test accuracies describe)."""
 
     recipe: Recipe
     history: list[EpochMetrics]
@@ -176,11 +180,15 @@ def device_name(device: torch.device) -> str:
 
 
 def metrics_csv(history: list[EpochMetrics]) -> str:
+    """A row per epoch; the TTA column only in runs that measure it."""
+    names = [f.name for f in dataclasses.fields(EpochMetrics)]
+    if not any(m.test_acc_tta is not None for m in history):
+        names.remove("test_acc_tta")
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(asdict(history[0])) if history else [], lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     w.writeheader()
     for m in history:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(m).items()})
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(m).items() if k in names})
     return buf.getvalue()
 
 
@@ -188,7 +196,8 @@ def format_epoch(m: EpochMetrics, epochs: int) -> str:
     """The one line per epoch that the CLI shows."""
     return (f"epoch {m.epoch:>{len(str(epochs))}}/{epochs}  lr {m.lr:.5f}  "
             f"train loss {m.train_loss:.4f} acc {m.train_acc:6.2%}  "
-            f"test loss {m.test_loss:.4f} acc {m.test_acc:6.2%}  "
+            f"test loss {m.test_loss:.4f} acc {m.test_acc:6.2%}"
+            + (f" tta {m.test_acc_tta:6.2%}  " if m.test_acc_tta is not None else "  ") +
             f"{m.train_seconds:6.1f}s  {m.images_per_second:7.1f} img/s")
 
 
@@ -232,15 +241,17 @@ class RunSetup:
         return autocast(self.device, self.precision)
 
 
-def evaluate_run(s: RunSetup) -> tuple[float, float]:
-    """Test loss and accuracy over the whole test set, each rank evaluating its own contiguous part
-    with rank 0's BatchNorm statistics, the sums added up across ranks."""
-    broadcast_buffers(s.model, s.dist)
+def evaluate_run(s: RunSetup, model: torch.nn.Module | None = None, tta: bool = False) -> tuple[float, float]:
+    """Test loss and accuracy of ``model`` (default: the one trained) over the whole test set, each
+    rank evaluating its own contiguous part with rank 0's BatchNorm statistics, the sums added up
+    across ranks."""
+    if model is None:  # DDP's forward would add collectives: under torchrun, the bare model
+        model = s.step_model if s.dist.world == 1 else s.model
+    broadcast_buffers(model, s.dist)
     part = test_shard(len(s.test_images), s.dist.rank, s.dist.world)
-    model = s.step_model if s.dist.world == 1 else s.model  # DDP's forward would add collectives
     loss_sum, correct = evaluate_sums(model, s.test_images[part], s.test_labels[part],
                                       batch_size=s.recipe.eval_batch_size, precision=s.precision,
-                                      channels_last=s.recipe.channels_last)
+                                      channels_last=s.recipe.channels_last, tta=tta)
     total = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), s.dist).tolist()
     return total[0] / len(s.test_images), total[1] / len(s.test_images)
 
@@ -370,6 +381,21 @@ def _set_rng_state(s: RunSetup, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_same_recipe(recipe: Recipe, saved: Recipe, run_dir: Path) -> None:
+    """A resumed run keeps its own recipe: refuse a ``recipe`` that differs, naming the first change."""
+    changed = [k for k, v in recipe.to_dict().items() if getattr(saved, k) != v]
+    if changed:
+        raise UserError(f"--resume {run_dir}: the run's own recipe is used; {changed[0]} would change "
+                        f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}")
+
+
+def _data_dir(given: str | Path | None, data: Cifar10 | None) -> str | None:
+    """The data folder a run records: the one given, else ./data; None for data given in memory only."""
+    if given is None and data is not None:
+        return None
+    return str(Path(given or "data").resolve())
+
+
 def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, out: str | Path | None, overwrite: bool,
            data: Cifar10 | None, progress: bool, find_lr_max: bool,
            resume: str | Path | None, d: Dist) -> tuple[Recipe, Path | None, Cifar10, str | None, dict | None, dict | None]:
@@ -380,21 +406,19 @@ def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, o
         state, saved = load_checkpoint(run_dir / CHECKPOINT)
         for stale in run_dir.glob(".*.tmp") if d.main else ():  # left by a write killed before its rename
             stale.unlink(missing_ok=True)
-        if recipe is not None and recipe != saved:
-            changed = [k for k, v in recipe.to_dict().items() if getattr(saved, k) != v]
-            raise UserError(f"--resume {run_dir}: the run's own recipe is used; {changed[0]} would change "
-                            f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}")
+        if recipe is not None:
+            check_same_recipe(recipe, saved, run_dir)
         # A run killed between its last checkpoint and its summary is finished by the resume.
         if state["epoch"] >= saved.epochs and (run_dir / "summary.json").exists():
             raise UserError(f"--resume {run_dir}: this run already finished all {saved.epochs} epochs")
         resolve_precision(saved.precision, resolve_device(saved.device))
-        data_dir = None if data is not None else str(Path(data_dir or state.get("data_dir") or "data").resolve())
+        data_dir = _data_dir(data_dir or state.get("data_dir"), data)
         data = data if data is not None else load_cifar10(data_dir, download=download)
         return saved, run_dir, data, data_dir, state.get("lr_found"), state
     recipe = recipe or Recipe()
     resolve_precision(recipe.precision, resolve_device(recipe.device))  # refuse a bad device before any work
     # The data first: a missing or bad data set must not leave a half-made run folder behind.
-    data_dir = None if data is not None else str(Path(data_dir or "data").resolve())
+    data_dir = _data_dir(data_dir, data)
     data = data if data is not None else load_cifar10(data_dir, download=download)
     check_fits(recipe, data)
     check_batch(recipe.batch_size, d)
@@ -423,7 +447,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
-    resuming, the run's own). ``out``: a run folder for recipe.toml, metrics.csv, summary.json, the
+    resuming, the run's own; given both, ``data_dir`` says where ``data`` came from). ``out``: a run folder for recipe.toml, metrics.csv, summary.json, the
     weights and a checkpoint after every epoch (and on SIGINT/SIGTERM); none when ``None``.
     ``progress``: a progress bar and a line per epoch. ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
     ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
@@ -442,6 +466,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     s = setup_run(recipe, data, d)
     device, precision, model, optimizer = s.device, s.precision, s.model, s.optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = WeightEMA(model, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
+    evaluated = ema.model if ema else None  # None: the trained model itself
     steps_per_epoch = s.steps_per_epoch
     knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
     history: list[EpochMetrics] = []
@@ -451,6 +477,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if ema:
+            ema.model.load_state_dict(ckpt["ema"])
         _set_rng_state(s, ckpt["rng"])
         history = [EpochMetrics(**h) for h in ckpt["history"]]
         done, batch, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["elapsed"]
@@ -467,6 +495,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
         save_checkpoint(run_dir / CHECKPOINT, {
             "recipe": recipe.to_dict(), "model": {k: v.contiguous() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "ema": {k: v.contiguous() for k, v in ema.model.state_dict().items()} if ema else None,
             "rng": {**_rng_state(s), **({"aug": augs} if augs else {})}, "epoch": epoch_done, "batch": next_batch,
             "order": order.cpu() if order is not None else None, "loss_sum": sums[0], "correct": sums[1],
             "epoch_seconds": sums[2], "history": [asdict(h) for h in history], "lr_found": lr_found,
@@ -498,6 +527,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 step += 1
+                if ema:
+                    ema.update(model, step, final=step == recipe.epochs * steps_per_epoch)
                 stopping = False
                 # One process checks for a signal after every step; under torchrun the ranks agree
                 # on it (and on the loss) only at the sync points, so that all stop at the same step.
@@ -520,9 +551,10 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
             bar.close()
             train_seconds = time.perf_counter() - t0
             seen = steps_per_epoch * recipe.batch_size
-            test_loss, test_acc = evaluate_run(s)
+            test_loss, test_acc = evaluate_run(s, evaluated)
             m = EpochMetrics(epoch, lr, total_loss / seen, total_correct / seen, test_loss, test_acc,
-                             train_seconds, seen / train_seconds)
+                             train_seconds, seen / train_seconds,
+                             evaluate_run(s, evaluated, tta=True)[1] if recipe.tta else None)
             history.append(m)
             batch, order, sums = 0, None, (0.0, 0, 0.0)
             if progress:
@@ -532,7 +564,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
             checkpoint(epoch, 0, None, sums)  # every rank: it gathers the ranks' random states
             if tb:
                 for name, value in asdict(m).items():
-                    if name != "epoch":
+                    if name != "epoch" and value is not None:
                         tb.add_scalar(name, value, epoch)
                 tb.flush()
             if stopping and epoch < recipe.epochs:
@@ -541,6 +573,12 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     if tb:
         tb.close()
     summary = run_summary(recipe, s, history, lr_found, elapsed + time.perf_counter() - started, data_dir)
+    # Both ways, whatever the recipe says (one or two more test passes): the TTA accuracy of the
+    # model delivered, and with a weight average, what the trained weights alone would have scored.
+    summary["final_test_acc_tta"] = (history[-1].test_acc_tta if recipe.tta
+                                     else evaluate_run(s, evaluated, tta=True)[1])
+    summary["final_test_acc_without_ema"] = evaluate_run(s)[1] if ema else None
+    model = ema.model if ema else model
     if run_dir:
         save_weights(model, run_dir / WEIGHTS, recipe)
         atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

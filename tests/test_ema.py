@@ -1,0 +1,91 @@
+"""The weight average: its rates, one exact update, and a run that evaluates and saves it."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar_onecycle import Recipe, load_cifar10, train
+from cifar_onecycle.ema import WeightEMA
+from cifar_onecycle.train import evaluate
+
+from test_train import TINY
+
+
+def test_rates_per_step_with_warm_up():
+    ema = WeightEMA(torch.nn.Linear(2, 2), decay=0.99, every=5)
+    assert ema.rate(5) == pytest.approx(2 / 11)          # first update: the warm-up caps it
+    assert ema.rate(2000) == pytest.approx(0.99 ** 5)     # 400 updates in: 0.99 a step, 5 steps
+    assert ema.rate(10002) == pytest.approx(0.99 ** 2)    # a final update 2 steps after the last
+    assert ema.rate(7) == pytest.approx(3 / 12)
+    with pytest.raises(ValueError):
+        WeightEMA(torch.nn.Linear(2, 2), decay=1.0)
+
+
+def test_one_update_is_the_weighted_mean_and_counters_are_copied():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightEMA(model, decay=0.5, every=2)
+    old = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(8, 3))  # moves the BatchNorm statistics and its batch counter
+    assert not ema.update(model, 3)  # not a multiple of every: nothing changes
+    assert all(torch.equal(old[k], v) for k, v in ema.model.state_dict().items())
+    assert ema.update(model, 4)
+    keep = min(0.5 ** 2, 3 / 12)
+    for k, v in ema.model.state_dict().items():
+        new = model.state_dict()[k]
+        if v.is_floating_point():
+            torch.testing.assert_close(v, keep * old[k] + (1 - keep) * new)
+        else:
+            assert torch.equal(v, new) and int(v) == 1
+    assert ema.update(model, 5, final=True)  # the last step always updates
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import write_cifar
+
+    root = tmp_path_factory.mktemp("ema")
+    data_dir = write_cifar(root / "data").parent
+    data = load_cifar10(data_dir, download=False)
+    plain = train(Recipe(**TINY), data=data, progress=False)
+    # A vanishing decay makes the average the trained weights themselves, provided the final
+    # step (8, not a multiple of 5) updates it: the plumbing is checked against a run without it.
+    copy = train(Recipe(**TINY, ema_decay=1e-9, ema_every=5), data=data, progress=False)
+    averaged = train(Recipe(**TINY, ema_decay=0.9, ema_every=2, tta=True), data=data, out=root / "run",
+                     progress=False, report=False)
+    return data, plain, copy, averaged, root / "run"
+
+
+def test_vanishing_decay_gives_the_trained_weights(runs):
+    _, plain, copy, _, _ = runs
+    for k, v in plain.model.state_dict().items():
+        torch.testing.assert_close(copy.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    assert copy.summary["final_test_acc_without_ema"] == plain.final_test_acc
+    assert plain.summary["final_test_acc_without_ema"] is None
+
+
+def test_the_average_is_what_the_run_evaluates_and_saves(runs):
+    data, plain, _, averaged, run = runs
+    # The same seed trains the same weights; the average is another model.
+    assert [h.train_loss for h in averaged.history] == [h.train_loss for h in plain.history]
+    assert any(not torch.equal(averaged.model.state_dict()[k], v) for k, v in plain.model.state_dict().items()
+               if v.is_floating_point())
+    saved = load_file(run / "model.safetensors")
+    assert all(torch.equal(saved[k], v.contiguous()) for k, v in averaged.model.state_dict().items())
+    images, labels = data.test_images, data.test_labels
+    loss, acc = evaluate(averaged.model, images, labels, batch_size=16)
+    assert averaged.final_test_acc == acc and averaged.history[-1].test_loss == pytest.approx(loss, rel=1e-6)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_test_acc_tta"] == averaged.history[-1].test_acc_tta == evaluate(
+        averaged.model, images, labels, batch_size=16, tta=True)[1]
+    assert s["final_test_acc_without_ema"] == plain.final_test_acc
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert header.endswith(",images_per_second,test_acc_tta")
+    # Without the tta switch the summary still has the TTA accuracy; the per-epoch column is left out.
+    assert plain.summary["final_test_acc_tta"] == evaluate(plain.model, images, labels, batch_size=16, tta=True)[1]
+    assert all(h.test_acc_tta is None for h in plain.history)

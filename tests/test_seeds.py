@@ -1,0 +1,76 @@
+"""--seeds: N runs in sub-folders, their spread in summary.json, and a resume that reuses finished runs."""
+import json
+
+import pytest
+
+from cifar_onecycle import Recipe
+from cifar_onecycle.cli import main
+from cifar_onecycle.seeds import spread, train_seeds
+from test_train import TINY
+
+FLAGS = ["--epochs", "2", "--peak-epoch", "1", "--batch-size", "25", "--eval-batch-size", "16", "--device", "cpu",
+         "--precision", "fp32", "--lr-max", "0.02", "--logit-scale", "0.125", "--bn-momentum", "0.5"]
+
+
+def test_spread_is_sample_statistics():
+    s = spread([0.90, 0.92, 0.94])
+    assert s["mean"] == pytest.approx(0.92) and s["std"] == pytest.approx(0.02)
+    assert (s["min"], s["max"], s["n"]) == (0.90, 0.94, 3)
+    assert spread([0.5])["std"] == 0.0
+
+
+def test_two_seeds_then_resume_reuses_the_finished_one(cifar_dir, tmp_path):
+    out = tmp_path / "seeds"
+    first = train_seeds(Recipe(**TINY, seed=3), 2, out=out, data_dir=cifar_dir, download=False, progress=False,
+                        report=False)
+    s = json.loads((out / "summary.json").read_text())
+    assert s == first.summary and s["seeds"] == [3, 4] and s["runs"] == 2
+    runs = [json.loads((out / f"seed{k}" / "summary.json").read_text()) for k in (3, 4)]
+    assert [r["final_test_acc"] for r in runs] == s["final_test_acc"]["values"]
+    assert s["final_test_acc"]["mean"] == pytest.approx(sum(s["final_test_acc"]["values"]) / 2)
+    assert s["final_test_acc_tta"]["values"] == [r["final_test_acc_tta"] for r in runs]
+    assert s["final_test_acc_without_ema"] is None  # no weight average in this recipe
+    assert [(p["seed"], p["folder"]) for p in s["per_run"]] == [(3, "seed3"), (4, "seed4")]
+    assert "seed = 4\n" in (out / "seed4" / "recipe.toml").read_text()
+    assert "seed = 3\n" in (out / "recipe.toml").read_text()
+    assert runs[0]["final_train_acc"] != runs[1]["final_train_acc"]  # the seeds differ
+    # A run lost entirely is trained again on resume (the same numbers: same seed); the finished one is read back.
+    finished = (out / "seed3" / "model.safetensors").stat().st_mtime_ns
+    for f in (out / "seed4").iterdir():
+        f.unlink()
+    (out / "summary.json").unlink()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert (out / "seed3" / "model.safetensors").stat().st_mtime_ns == finished
+    assert again["final_test_acc"] == s["final_test_acc"] and again["final_train_acc"] == s["final_train_acc"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "0"], "--seeds 0: give at least 1"),
+    (["--seeds", "2", "--lr-max", "auto"], "run lr-find once"),
+])
+def test_bad_seeds_flags(cifar_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(cifar_dir), "--no-download", *FLAGS, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_data_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(tmp_path / "nothing"), "--no-download", *FLAGS, "--seeds", "2",
+                 "--out", str(out)]) == 2
+    assert "cifar-10" in capsys.readouterr().err.lower() and not out.exists()
+
+
+def test_resume_of_a_seeds_folder_refuses_seeds_and_recipe_changes(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.toml").write_text(Recipe(**TINY).to_toml())
+    (out / "seeds.json").write_text('{"first_seed": 0, "seeds": 2, "data_dir": null}')
+    assert main(["train", "--resume", str(out), "--seeds", "3"]) == 2
+    assert "--seeds do not apply" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--data-dir", str(cifar_dir)]) == 2
+    assert "epochs would change from 2 to 3" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.toml", "seeds.json"]
