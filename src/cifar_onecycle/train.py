@@ -447,8 +447,9 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
-    resuming, the run's own; given both, ``data_dir`` says where ``data`` came from). ``out``: a run folder for recipe.toml, metrics.csv, summary.json, the
-    weights and a checkpoint after every epoch (and on SIGINT/SIGTERM); none when ``None``.
+    resuming, the run's own; given both, ``data_dir`` says where ``data`` came from). ``out``: a run
+    folder for recipe.toml, metrics.csv, summary.json, the weights and a checkpoint after every epoch
+    (and on SIGINT/SIGTERM); none when ``None``.
     ``progress``: a progress bar and a line per epoch. ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
     ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
     the pictures and report.md into the run folder at the end. ``tensorboard``: also log each
