@@ -41,7 +41,8 @@ def test_two_processes_train_like_one(tmp_path):
     from conftest import write_cifar
 
     data = write_cifar(tmp_path / "data").parent
-    common = ["--data-dir", str(data), "--no-download", *ARGS]
+    # With a weight average and TTA, so that their evaluation under DDP (rank 0's statistics) is covered.
+    common = ["--data-dir", str(data), "--no-download", *ARGS, "--ema-decay", "0.5", "--ema-every", "1", "--tta"]
     one = run([sys.executable, "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "one"), "--quiet", *common])
     assert one.returncode == 0, one.stderr
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -62,6 +63,8 @@ def test_two_processes_train_like_one(tmp_path):
     # BatchNorm statistics. Tolerance: 0.2 of accuracy on these 30 colour-coded test images.
     assert abs(a["final_test_acc"] - b["final_test_acc"]) <= 0.2, (a["final_test_acc"], b["final_test_acc"])
     assert b["final_test_acc"] >= 0.5
+    assert abs(b["final_test_acc_without_ema"] - a["final_test_acc_without_ema"]) <= 0.2
+    assert "test_acc_tta" in rows[0] and b["final_test_acc_tta"] is not None
 
 
 def test_a_batch_that_does_not_split_is_refused(tmp_path):
