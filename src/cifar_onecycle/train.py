@@ -456,6 +456,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra).
     """
     started = time.perf_counter()
+    commit = git_commit()  # now: the tree may move on while a long run trains
     d = init_distributed(recipe.device if recipe else "auto")
     progress = progress and d.main  # under torchrun only rank 0 shows progress and writes files
     writer_class = tensorboard_writer(out or resume) if tensorboard and d.main else None  # refused before any work
@@ -573,7 +574,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
 
     if tb:
         tb.close()
-    summary = run_summary(recipe, s, history, lr_found, elapsed + time.perf_counter() - started, data_dir)
+    summary = run_summary(recipe, s, history, lr_found, elapsed + time.perf_counter() - started, data_dir, commit)
     # Both ways, whatever the recipe says (one or two more test passes): the TTA accuracy of the
     # model delivered, and with a weight average, what the trained weights alone would have scored.
     summary["final_test_acc_tta"] = (history[-1].test_acc_tta if recipe.tta
@@ -610,7 +611,7 @@ def tensorboard_writer(run_dir: str | Path | None) -> Any:
 
 
 def run_summary(recipe: Recipe, s: RunSetup, history: list[EpochMetrics], lr_found: dict | None,
-                seconds: float, data_dir: str | None) -> dict[str, Any]:
+                seconds: float, data_dir: str | None, commit: str | None) -> dict[str, Any]:
     """The contents of summary.json."""
     best = max(history, key=lambda h: h.test_acc)
     return {
@@ -632,6 +633,6 @@ def run_summary(recipe: Recipe, s: RunSetup, history: list[EpochMetrics], lr_fou
         "precision": s.precision,
         "torch": torch.__version__,
         "cifar_onecycle": __version__,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "data_dir": data_dir,
     }
