@@ -26,7 +26,10 @@ from cifar_onecycle.augment import normalize
 from cifar_onecycle.train import autocast, device_name, resolve_device, resolve_precision
 
 
-def bare_images_per_second(recipe: Recipe, steps: int) -> float:
+def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: int = 1) -> list[float]:
+    """Images per second of ``blocks`` timed blocks of ``steps`` bare steps (forward, backward, SGD
+    on one fixed batch), after ``warmup`` untimed steps; compiled when the recipe says so (the
+    first warm-up step then pays for the compilation)."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
@@ -34,26 +37,33 @@ def bare_images_per_second(recipe: Recipe, steps: int) -> float:
     model = ResNet9(logit_scale=recipe.logit_scale).to(device, memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr_min, momentum=recipe.momentum,
                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    step_model = torch.compile(model) if recipe.compile else model
     x = normalize(torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (recipe.batch_size,), device=device)
 
     def step() -> None:
         with autocast(device, precision):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(step_model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * recipe.batch_size / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(blocks):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        rates.append(steps * recipe.batch_size / (time.perf_counter() - t0))
+    return rates
 
 
 def main() -> None:
@@ -79,12 +89,12 @@ def main() -> None:
     precision = resolve_precision(a.precision, device)
     print(f"device {device_name(device)}, precision {precision}, batch {a.batch_size}, {a.steps} steps a block",
           flush=True)
-    bare_before = bare_images_per_second(recipe, a.steps)
+    bare_before = bare_images_per_second(recipe, a.steps)[0]
     print(f"bare model step (before): {bare_before:9.1f} img/s", flush=True)
     run = train(recipe, data=data, progress=False)
     whole = run.history[-1].images_per_second
     print(f"whole training step:      {whole:9.1f} img/s (epoch 2 of train())", flush=True)
-    bare_after = bare_images_per_second(recipe, a.steps)
+    bare_after = bare_images_per_second(recipe, a.steps)[0]
     print(f"bare model step (after):  {bare_after:9.1f} img/s", flush=True)
     bare = (bare_before + bare_after) / 2
     ratio = whole / bare

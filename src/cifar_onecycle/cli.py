@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and write the mean, "
                         "std, min and max of the final test accuracy (with and without flip TTA) to RUN_DIR/summary.json")
     t.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    t.add_argument("--no-checkpoint", action="store_true",
+                   help="write no checkpoint.pt (a run that only measures: it cannot be resumed, and a "
+                        "stop signal loses it)")
+    t.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
     t.add_argument("--tensorboard", action="store_true",
                    help="also log each epoch's scalars to RUN_DIR/tensorboard (pip install 'cifar-onecycle[tensorboard]')")
 
@@ -166,7 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     options = dict(data_dir=args.data_dir, download=not args.no_download, out=out, overwrite=args.overwrite,
                    progress=not args.quiet, find_lr_max=getattr(args, "lr_max", None) == "auto",
-                   resume=args.resume, tensorboard=args.tensorboard)
+                   resume=args.resume, tensorboard=args.tensorboard, report=not args.no_report,
+                   checkpoints=not args.no_checkpoint)
     if args.seeds is not None or (args.resume and (out / SEEDS_FILE).is_file()):
         s = train_seeds(recipe, args.seeds or 1, **options).summary
         if _is_main():

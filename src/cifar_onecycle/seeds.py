@@ -70,7 +70,8 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
 
     ``out``: the folder for the runs (none: nothing is written). ``resume``: such a folder, to go
     on where it stopped: finished runs are read back, a run with a checkpoint is resumed, the rest
-    start. ``train_args`` go to each ``train`` (``find_lr_max``, ``report``, ``tensorboard``).
+    start. ``train_args`` go to each ``train`` (``find_lr_max``, ``report``, ``tensorboard``,
+    ``checkpoints``).
     """
     if resume is not None:
         run_dir = Path(resume)

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -164,13 +165,17 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree this package runs from, when it is a git checkout."""
+    """The commit of the source tree this package runs from, when it is a git checkout; else the
+    environment's CIFAR_ONECYCLE_COMMIT (a copy of the tree shipped to another machine says there
+    which commit it is), else None."""
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                            text=True, timeout=5)
-        return r.stdout.strip() or None if r.returncode == 0 else None
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("CIFAR_ONECYCLE_COMMIT") or None
 
 
 def device_name(device: torch.device) -> str:
@@ -443,7 +448,7 @@ def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, o
 def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, download: bool = True,
           out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
           progress: bool = True, find_lr_max: bool = False, resume: str | Path | None = None,
-          report: bool = True, tensorboard: bool = False) -> TrainResult:
+          report: bool = True, tensorboard: bool = False, checkpoints: bool = True) -> TrainResult:
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
@@ -453,7 +458,9 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     ``progress``: a progress bar and a line per epoch. ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
     ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
     the pictures and report.md into the run folder at the end. ``tensorboard``: also log each
-    epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra).
+    epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra). ``checkpoints``: write
+    checkpoint.pt after every epoch and on a stop signal (off: a run that only measures, which
+    cannot be resumed).
     """
     started = time.perf_counter()
     commit = git_commit()  # now: the tree may move on while a long run trains
@@ -492,7 +499,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
         """Everything needed to continue bit for bit: weights, optimizer, position, random states.
         Under torchrun every rank calls it (the augmentation states are gathered); rank 0 writes."""
         augs = gather_objects(s.aug_generator.get_state(), d) if d.world > 1 else None
-        if run_dir is None:
+        if run_dir is None or not checkpoints:
             return None
         save_checkpoint(run_dir / CHECKPOINT, {
             "recipe": recipe.to_dict(), "model": {k: v.contiguous() for k, v in model.state_dict().items()},
@@ -505,6 +512,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
             "data_dir": data_dir})
         return run_dir / CHECKPOINT
 
+    saved_to = (out or resume) if checkpoints else None  # where a stopped run's checkpoint is
     with StopSignals() if run_dir or d.world > 1 else contextlib.nullcontext(StopSignals()) as stop:
         for epoch in range(done + 1, recipe.epochs + 1):
             model.train()
@@ -549,8 +557,10 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                 if stopping and i + 1 < steps_per_epoch:
                     bar.close()
                     checkpoint(epoch - 1, i + 1, order, (total_loss, int(total_correct), time.perf_counter() - t0))
-                    raise interrupted(stop.received, f"in epoch {epoch} after step {step}", out or resume)
+                    raise interrupted(stop.received, f"in epoch {epoch} after step {step}", saved_to)
             bar.close()
+            if device.type == "cuda":  # the host clock must not stop before the GPU's queue is done
+                torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - t0
             seen = steps_per_epoch * recipe.batch_size
             test_loss, test_acc = evaluate_run(s, evaluated)
@@ -570,7 +580,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                         tb.add_scalar(name, value, epoch)
                 tb.flush()
             if stopping and epoch < recipe.epochs:
-                raise interrupted(stop.received, f"after epoch {epoch}", out or resume)
+                raise interrupted(stop.received, f"after epoch {epoch}", saved_to)
 
     if tb:
         tb.close()
@@ -594,7 +604,7 @@ def interrupted(received: str | None, where: str, folder: str | Path | None) -> 
     """The one-line stop message: what stopped the run, where, and the exact resume command."""
     why = f"stopped by {received or 'a signal to another rank'} {where}"
     if folder is None:
-        return Interrupted(f"{why}; no run folder, so nothing was saved")
+        return Interrupted(f"{why}; no run folder or checkpoints off, so nothing was saved")
     return Interrupted(f"{why}; checkpoint saved in {Path(folder) / CHECKPOINT}; resume with: "
                        f"cifar-onecycle train --resume {folder}")
 

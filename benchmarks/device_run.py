@@ -1,0 +1,483 @@
+"""The one prepared command for a lent GPU machine: every stage capped by a time budget, every
+result written to ``--out`` as soon as it exists, so a command cut short still returns what finished.
+
+    PYTHONPATH=src python benchmarks/device_run.py --out $OUT --budget-s 520 --commit SHA \\
+        --proxy-tar .gpu/cifar10-proxy.tar.gz --proxy-tool .gpu/cifar10_proxy.py --wheels .gpu
+
+Stages, in order:
+
+1. ``smoke``: the environment (torch, card, driver, bf16) into env.json; wheels carried along for
+   what the machine lacks (torchinfo) installed into a temporary folder; the proxy data built from
+   the carried tar; then a two-epoch eager run on the device, so that a broken CUDA path fails in
+   seconds and the second epoch times a steady epoch for the plan.
+2. ``accuracy``: the shipped recipes (``seed``, ``dawnbench``, ``best``) at 24 epochs, eager,
+   interleaved by seed (seed 0 of each, then seed 1 of each, ...), so that a cut leaves the recipes
+   measured over the same seeds. It stops when the next run would not finish before the time kept
+   for the later stages (``--reserve-s``).
+3. ``compiled``: the ``seed`` recipe with ``torch.compile`` (default mode); the first epoch's extra
+   time over the median epoch is reported as compilation and warm-up, apart from the training
+   time. Then the bare step (forward, backward, SGD on one fixed batch), eager and compiled, for the
+   ratio whole loop / bare step.
+4. ``profile``: the top CUDA kernels of 10 bare eager steps by time, and the achieved TFLOP/s.
+5. ``lr_points``: the ``seed`` recipe at fixed LRMAX values (``--lr-points``), seed 0; a diverging
+   run is recorded as such and the stage goes on.
+
+No run folder is written into ``--out``. Runs go to ``--work`` (no checkpoints, no report: a run
+costs its training and evaluation only); after each one ``runs.tar.gz`` in ``--out`` is rewritten
+(atomically) with the ``recipe.toml``, ``metrics.csv`` and ``summary.json`` of every finished run as
+``gpu-<card>/<stage>/<recipe>/seed<k>/``. Beside it: ``progress.jsonl`` (a line per finished run),
+``timing.json``, ``env.json``, ``profile.json`` and ``log.txt`` (everything printed).
+
+Dry run on a CPU, tiny settings (minutes)::
+
+    python benchmarks/device_run.py --out /tmp/dr-out --work /tmp/dr-work --data-dir DIR --budget-s 900 \\
+        --seeds 1 --test-subset 500 --set epochs=1 --set peak_epoch=0.5 --set train_subset=1024 \\
+        --set batch_size=256 --lr-points 0.05 --bare-steps 2
+
+``benchmarks/device_report.py`` turns the unpacked files into the results folder's README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+RECIPES = ("seed", "dawnbench", "best")
+RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json")
+# Training FLOPs per image are about three times the forward pass's (backward: gradients of the
+# inputs and of the weights, each about one forward).
+TRAIN_FLOPS_PER_FORWARD = 3
+
+
+class Tee(io.TextIOBase):
+    """Everything printed goes to the terminal and to log.txt, flushed at once."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def ensure_packages(wheels: Path | None) -> str:
+    """Install carried wheels for what this Python lacks (the GPU image has no torchinfo)."""
+    try:
+        importlib.import_module("torchinfo")
+        return "torchinfo present"
+    except ImportError:
+        pass
+    found = sorted(wheels.glob("*.whl")) if wheels else []
+    if not found:
+        raise SystemExit("device_run: torchinfo is missing and no wheels were given; carry its wheel and pass --wheels")
+    target = Path(tempfile.gettempdir()) / "device_run_site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", str(target), *map(str, found)], check=True)
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    importlib.import_module("torchinfo")
+    return f"installed {', '.join(w.name for w in found)}"
+
+
+def environment(commit: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {
+        "commit": commit, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "args": vars(args) | {
+            k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env |= {"card": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
+                "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
+                "bf16": torch.cuda.is_bf16_supported()}
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            env["nvidia_smi"] = smi.stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            env["nvidia_smi"] = f"unavailable: {e}"
+    return env
+
+
+def card_slug(card: str | None) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'; 'cpu' without a GPU."""
+    if not card:
+        return "cpu"
+    name = card.lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
+
+
+class Results:
+    """The files that come back: rewritten whole (atomically) after every run."""
+
+    def __init__(self, out: Path, runs: Path, card: str) -> None:
+        self.out, self.runs, self.card = out, runs, card
+        self.timing: dict[str, Any] = {}
+
+    def write(self, name: str, data: bytes | str) -> None:
+        from cifar_onecycle.checkpoint import atomic_write
+
+        atomic_write(self.out / name, data)
+
+    def add_run(self, record: dict[str, Any]) -> None:
+        with open(self.out / "progress.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.pack()
+
+    def set_timing(self, key: str, value: Any) -> None:
+        self.timing[key] = value
+        self.write("timing.json", json.dumps(self.timing, indent=2) + "\n")
+
+    def pack(self) -> None:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for path in sorted(self.runs.glob("*/*/seed*/summary.json")):
+                run = path.parent
+                for name in RUN_FILES:
+                    if (run / name).is_file():
+                        tar.add(run / name, arcname=f"gpu-{self.card}/{run.relative_to(self.runs)}/{name}")
+            for path in sorted(self.runs.glob("*/*/seed*/diverged.json")):  # no summary: metrics so far
+                run = path.parent
+                for name in ("recipe.toml", "metrics.csv", "diverged.json"):
+                    if (run / name).is_file():
+                        tar.add(run / name, arcname=f"gpu-{self.card}/{run.relative_to(self.runs)}/{name}")
+        self.write("runs.tar.gz", buffer.getvalue())
+
+
+class Clock:
+    """The command's budget: one deadline, and per-run estimates that later runs correct."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start = time.perf_counter()
+        self.deadline = self.start + budget_s
+        self.estimates: dict[str, float] = {}
+
+    def left(self, reserve: float = 0.0) -> float:
+        return self.deadline - reserve - time.perf_counter()
+
+    def fits(self, key: str, reserve: float = 0.0) -> bool:
+        return self.estimates.get(key, 0.0) <= self.left(reserve)
+
+
+def run_one(stage: str, name: str, recipe: Any, data: Any, data_dir: Path, results: Results,
+            clock: Clock, estimate: str | None = None) -> dict[str, Any]:
+    """Train one run into the work folder and record it; a diverging run is recorded, not raised.
+    ``estimate``: the key of the clock's estimate that this run's time corrects (default ``name``)."""
+    estimate = estimate or name
+    import torch
+
+    from cifar_onecycle import DivergenceError, train
+    from cifar_onecycle.checkpoint import atomic_write
+
+    run_dir = results.runs / stage / name / f"seed{recipe.seed}"
+    say(f"{stage}: {name} seed {recipe.seed} (estimate {clock.estimates.get(estimate, float('nan')):.0f} s, "
+        f"{clock.left():.0f} s left in the budget)")
+    record: dict[str, Any] = {"stage": stage, "recipe": name, "seed": recipe.seed, "lr_max": recipe.lr_max,
+                              "epochs": recipe.epochs, "compile": recipe.compile}
+    started = time.perf_counter()
+    try:
+        result = train(recipe, data=data, data_dir=data_dir, download=False, out=run_dir, overwrite=True,
+                       progress=False, report=False, checkpoints=False)
+    except DivergenceError as e:
+        record |= {"status": "diverged", "message": str(e), "wall_seconds": round(time.perf_counter() - started, 2)}
+        atomic_write(run_dir / "diverged.json", json.dumps(record, indent=2) + "\n")
+        say(f"  diverged: {e}")
+        results.add_run(record)
+        return record
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    summary, history = result.summary, result.history
+    epoch_seconds = [h.train_seconds for h in history]
+    record |= {"status": "ok", "final_test_acc": summary["final_test_acc"],
+               "final_test_acc_tta": summary["final_test_acc_tta"],
+               "final_test_acc_without_ema": summary["final_test_acc_without_ema"],
+               "train_seconds": round(sum(epoch_seconds), 3), "wall_seconds": round(wall, 2),
+               "epoch_train_seconds": [round(s, 4) for s in epoch_seconds],
+               "images_per_epoch": summary["steps_per_epoch"] * recipe.batch_size,
+               "images_per_second_median": statistics.median(h.images_per_second for h in history)}
+    say(f"  test acc {summary['final_test_acc']:.2%} (flip TTA {summary['final_test_acc_tta']:.2%}), "
+        f"train {sum(epoch_seconds):.1f} s, wall {wall:.1f} s")
+    clock.estimates[estimate] = max(clock.estimates.get(estimate, 0.0) * 0.5, wall * 1.05)
+    results.add_run(record)
+    return record
+
+
+def stage_smoke(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results,
+                clock: Clock, epochs: int) -> None:
+    """Two eager epochs of dawnbench (its small logits make a short run safe at any LR); the second
+    epoch's time and the evaluation's give the plan's estimates."""
+    recipe = recipe_for("dawnbench").replace(epochs=min(2, epochs), peak_epoch=min(2, epochs) / 4)
+    record = run_one("smoke", "dawnbench", recipe, data, data_dir, results, clock)
+    if record["status"] != "ok":
+        raise SystemExit("device_run: the smoke run diverged; nothing else would be worth measuring")
+    epoch_train = record["epoch_train_seconds"][-1]
+    # the rest of the wall clock: setup, each epoch's evaluation, the two final TTA passes
+    per_eval = (record["wall_seconds"] - record["train_seconds"]) / (recipe.epochs + 2)
+    results.set_timing("smoke", {"epoch_train_seconds": record["epoch_train_seconds"],
+                                 "wall_seconds": record["wall_seconds"], "eval_seconds_estimate": per_eval})
+    plan = []
+    for name in RECIPES:
+        r = recipe_for(name)
+        passes = r.epochs * (3 if r.tta else 1) + 3  # per-epoch evaluation (+ TTA: two forwards) and the final ones
+        clock.estimates[name] = 1.15 * (r.epochs * epoch_train + passes * per_eval)
+        plan.append(f"{name} {clock.estimates[name]:.0f} s")
+    say(f"plan: one {recipe_for('seed').epochs}-epoch run of each: {', '.join(plan)}")
+
+
+def stage_accuracy(recipe_for: Callable[[str], Any], seeds: int, data: Any, data_dir: Path, results: Results,
+                   clock: Clock, reserve: float) -> None:
+    for seed in range(seeds):
+        for name in RECIPES:
+            if not clock.fits(name, reserve):
+                say(f"accuracy: stopped before {name} seed {seed}: {clock.left(reserve):.0f} s left before the "
+                    f"{reserve:.0f} s kept for the later stages")
+                return
+            run_one("accuracy", name, recipe_for(name).replace(seed=seed), data, data_dir, results, clock)
+
+
+def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
+                   bare_steps: int, reserve: float) -> None:
+    from throughput import bare_images_per_second
+
+    recipe = recipe_for("seed").replace(compile=True)
+    # compilation costs about a minute on top of an eager-speed run (a guess until measured)
+    clock.estimates["seed-compiled"] = clock.estimates["seed"] + 60
+    if not clock.fits("seed-compiled", reserve):
+        say(f"compiled: skipped, {clock.left(reserve):.0f} s left")
+        return
+    record = run_one("compiled", "seed", recipe, data, data_dir, results, clock, estimate="seed-compiled")
+    if record["status"] != "ok":
+        return
+    epochs = record["epoch_train_seconds"]
+    steady = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
+    timing: dict[str, Any] = {
+        "train_seconds_total": record["train_seconds"],
+        "first_epoch_seconds": epochs[0], "median_epoch_seconds": steady,
+        "compile_and_warmup_seconds": epochs[0] - steady,
+        # the run's training time without its compilation: the first epoch counted at the median's cost
+        "train_seconds_without_compile": sum(epochs[1:]) + steady,
+        "wall_seconds": record["wall_seconds"], "final_test_acc": record["final_test_acc"],
+        # the median epoch's speed: the first epoch, which compiles, does not count
+        "whole_loop_images_per_second_median": record["images_per_epoch"] / steady,
+    }
+    results.set_timing("compiled_seed", timing)
+    if clock.left(reserve) < 30:
+        say("compiled: no time left for the bare step")
+        return
+    for label, compiled in (("eager", False), ("compiled", True)):
+        bare_recipe = recipe.replace(compile=compiled)
+        rates = bare_images_per_second(bare_recipe, bare_steps, blocks=3, warmup=3)
+        timing[f"bare_{label}_images_per_second"] = rates
+        say(f"  bare {label} step: {', '.join(f'{r:.0f}' for r in rates)} img/s")
+    bare = statistics.median(timing["bare_compiled_images_per_second"])
+    timing["ratio_whole_over_bare_compiled"] = timing["whole_loop_images_per_second_median"] / bare
+    say(f"  whole loop / bare compiled step: {timing['ratio_whole_over_bare_compiled']:.3f}")
+    results.set_timing("compiled_seed", timing)
+
+
+def training_flops_per_image(model: Any) -> float:
+    """Multiply-adds of the convolutions and the linear layer, x2 for FLOPs, x3 for training."""
+    import torch
+
+    total = 0
+
+    def count(module: Any, inputs: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += output[0].numel() * per_output
+        elif isinstance(module, torch.nn.Linear):
+            total += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    return 2.0 * total * TRAIN_FLOPS_PER_FORWARD
+
+
+def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int = 10) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from cifar_onecycle import ResNet9
+    from cifar_onecycle.augment import normalize
+    from cifar_onecycle.train import autocast, resolve_device, resolve_precision
+
+    recipe = recipe_for("seed")
+    device = resolve_device(recipe.device)
+    precision = resolve_precision(recipe.precision, device)
+    model = ResNet9(logit_scale=recipe.logit_scale).to(device, memory_format=torch.channels_last)
+    flops = training_flops_per_image(model)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = normalize(torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (recipe.batch_size,), device=device)
+
+    def step() -> None:
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    sync()
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall = time.perf_counter() - started
+    wanted = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    rows = []
+    for event in prof.key_averages():
+        if event.device_type != wanted:
+            continue
+        own = getattr(event, "self_device_time_total", None) if on_gpu else event.self_cpu_time_total
+        if own is None:
+            own = getattr(event, "self_cuda_time_total", 0.0)
+        rows.append({"name": event.key[:160], "calls": event.count, "self_us": own})
+    rows.sort(key=lambda r: -r["self_us"])
+    device_us = sum(r["self_us"] for r in rows)
+    images = steps * recipe.batch_size
+    report = {"steps": steps, "batch_size": recipe.batch_size, "precision": precision,
+              "training_gflop_per_image": flops / 1e9, "wall_seconds_profiled": wall,
+              "kernel_seconds": device_us / 1e6 if on_gpu else None,
+              "achieved_tflops_wall": flops * images / wall / 1e12,
+              "achieved_tflops_kernels": flops * images / (device_us / 1e6) / 1e12 if on_gpu and device_us else None,
+              "top": [r | {"share": r["self_us"] / device_us if device_us else None} for r in rows[:25]]}
+    results.write("profile.json", json.dumps(report, indent=2) + "\n")
+    say(f"profile: {flops / 1e9:.2f} GFLOP an image; {report['achieved_tflops_wall']:.0f} TFLOP/s over the wall "
+        f"clock (profiler on); top kernel: {rows[0]['name'][:80] if rows else 'none'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="the folder that comes back ($OUT)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "device_run",
+                    help="run folders and the built data set (never --out)")
+    ap.add_argument("--budget-s", type=float, default=520, help="stop starting work that would end after this")
+    ap.add_argument("--reserve-s", type=float, default=150,
+                    help="seconds the accuracy stage leaves for the compiled and profile stages")
+    ap.add_argument("--commit", help="the commit this tree is (the copy may not be a git checkout)")
+    ap.add_argument("--data-dir", type=Path, help="a folder holding cifar-10-batches-py/ (else built from --proxy-tar)")
+    ap.add_argument("--proxy-tar", type=Path, default=Path(".gpu/cifar10-proxy.tar.gz"))
+    ap.add_argument("--proxy-tool", type=Path, default=Path(".gpu/cifar10_proxy.py"))
+    ap.add_argument("--wheels", type=Path, help="a folder of wheels to install for missing packages")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points")
+    ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
+    ap.add_argument("--bare-steps", type=int, default=50, help="steps in each timed block of the bare step")
+    ap.add_argument("--test-subset", type=int, default=0, help="dry runs: evaluate on the first N test images")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="dry runs: change a setting in every recipe (e.g. epochs=1)")
+    args = ap.parse_args()
+    clock = Clock(args.budget_s)
+    stages = args.stages.split(",")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "log.txt", "a", encoding="utf-8", buffering=1)
+    sys.stdout = Tee(sys.__stdout__, log)
+    sys.stderr = Tee(sys.__stderr__, log)
+    say(ensure_packages(args.wheels))
+    if args.commit:  # summary.json's git_commit on a copy that is not a checkout
+        os.environ["CIFAR_ONECYCLE_COMMIT"] = args.commit
+    sys.path.insert(0, str(Path(__file__).parent))  # throughput.py and recipes.py beside this file
+    from recipes import setting
+
+    from cifar_onecycle import Cifar10, load_cifar10, load_recipe
+
+    env = environment(args.commit, args)
+    card = card_slug(env.get("card"))
+    (args.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    say(f"{env.get('card', 'no GPU')}, torch {env['torch']}, CUDA {env['cuda']}, bf16 {env.get('bf16')}; "
+        f"budget {args.budget_s:.0f} s")
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = args.work / "data"
+        if not (data_dir / "cifar-10-batches-py").is_dir():
+            subprocess.run([sys.executable, str(args.proxy_tool), str(data_dir), "--tar", str(args.proxy_tar)],
+                           check=True)
+    data = load_cifar10(data_dir, download=False)
+    if args.test_subset:  # evenly spaced: the proxy's test images are sorted by class
+        keep = [i * len(data.test_images) // args.test_subset for i in range(args.test_subset)]
+        data = Cifar10(data.train_images, data.train_labels, data.test_images[keep], data.test_labels[keep])
+    say(f"data: {len(data.train_images)} training and {len(data.test_images)} test images from {data_dir}")
+    changes = dict(setting(text) for text in args.set)
+    # the run folders of an earlier call of this command on the same machine would be packed too
+    shutil.rmtree(args.work / "runs", ignore_errors=True)
+    results = Results(args.out, args.work / "runs", card)
+
+    def recipe_for(name: str) -> Any:
+        return load_recipe(name).replace(**changes)
+
+    stage_runs: dict[str, Callable[[], None]] = {
+        "smoke": lambda: stage_smoke(recipe_for, data, data_dir, results, clock, recipe_for("seed").epochs),
+        "accuracy": lambda: stage_accuracy(recipe_for, args.seeds, data, data_dir, results, clock,
+                                           args.reserve_s if {"compiled", "profile"} & set(stages) else 0.0),
+        "compiled": lambda: stage_compiled(recipe_for, data, data_dir, results, clock, args.bare_steps,
+                                           15.0 if "profile" in stages else 0.0),
+        "profile": lambda: stage_profile(recipe_for, results),
+        "lr_points": lambda: [run_one("lr_points", f"seed-lrmax{lr}", recipe_for("seed").replace(lr_max=float(lr)),
+                                      data, data_dir, results, clock, estimate="seed")
+                              for lr in args.lr_points.split(",") if clock.fits("seed")],
+    }
+    for stage in stages:
+        if clock.left() <= 0:
+            say(f"{stage}: skipped, the budget is spent")
+            continue
+        started = time.perf_counter()
+        try:
+            stage_runs[stage]()
+        except SystemExit:
+            raise
+        except Exception:  # a broken stage must not cost the others their minutes
+            say(f"{stage}: FAILED\n{traceback.format_exc()}")
+        results.set_timing(f"stage_{stage}_seconds", round(time.perf_counter() - started, 2))
+    results.pack()
+    say(f"done in {time.perf_counter() - clock.start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
