@@ -128,3 +128,21 @@ def test_evaluate_with_flip_tta():
     assert evaluate(model, symmetric, labels, tta=True, channels_last=False) == pytest.approx(
         evaluate(model, symmetric, labels, channels_last=False))
     assert mirrored != plain  # the mirror really is another input for this model
+
+
+def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--quiet",
+                 "--no-checkpoint", "--no-report", *(f"--{k.replace('_', '-')}={v}" for k, v in TINY.items())])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "model.safetensors", "recipe.toml",
+                                                     "summary.json"]
+
+
+def test_the_commit_given_by_the_environment_wins(monkeypatch):
+    from cifar_onecycle.train import git_commit
+
+    monkeypatch.setenv("CIFAR_ONECYCLE_COMMIT", "0123abc")
+    assert git_commit() == "0123abc"  # a shipped copy's own .git may be stale
+    monkeypatch.delenv("CIFAR_ONECYCLE_COMMIT")
+    assert git_commit() != "0123abc"

@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     _add_data_flags(e)
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="arithmetic (default: the run's own recipe setting, so that the run's own test "
+                        "accuracy is reproduced)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--tta", action="store_true", help="test-time augmentation: average each image's logits with its mirror's")
 
@@ -202,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, recipe = load_weights(args.weights)
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision or recipe.precision, device)
     data = load_cifar10(args.data_dir or "data", download=not args.no_download, split="test")
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)

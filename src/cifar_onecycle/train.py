@@ -165,17 +165,17 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree this package runs from, when it is a git checkout; else the
-    environment's CIFAR_ONECYCLE_COMMIT (a copy of the tree shipped to another machine says there
-    which commit it is), else None."""
+    """The commit this package's source is: the environment's CIFAR_ONECYCLE_COMMIT when set (a copy
+    of the tree shipped to another machine says there which commit it is; the copy's own .git, if
+    it has one, may be stale), else the git checkout's HEAD, else None."""
+    if os.environ.get("CIFAR_ONECYCLE_COMMIT"):
+        return os.environ["CIFAR_ONECYCLE_COMMIT"]
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                            text=True, timeout=5)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip()
+        return r.stdout.strip() or None if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("CIFAR_ONECYCLE_COMMIT") or None
+        return None
 
 
 def device_name(device: torch.device) -> str:

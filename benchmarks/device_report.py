@@ -1,0 +1,179 @@
+"""README.md of a GPU results folder, generated from the files ``device_run.py`` brought back.
+
+    python benchmarks/device_report.py benchmarks/results/gpu-h200 [--command "..."]
+
+Reads the run folders (``<stage>/<recipe>/seed<k>/summary.json``), ``timing.json``, ``env.json``,
+``profile.json`` and ``progress.jsonl`` there and writes ``README.md`` beside them: the recipes'
+last-epoch test accuracy over seeds against the proxy targets, the compiled timing, the bare step,
+the top kernels and the LRMAX points. Nothing is typed in by hand: rerun it after adding runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+RECIPES = ("seed", "dawnbench", "best")
+# Points against dawnbench's mean on the proxy data: best at least +0.5, seed at least -2.0.
+TARGETS = {"best": 0.5, "seed": -2.0}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def pct(s: dict[str, float]) -> str:
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+
+def runs(folder: Path, stage: str) -> dict[str, list[dict[str, Any]]]:
+    """Each recipe's finished runs of ``stage`` (their summary.json and per-epoch seconds), by seed."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((folder / stage).glob("*/seed*/summary.json"), key=lambda p: (p.parent.parent.name,
+                                                                                     int(p.parent.name[4:]))):
+        summary = json.loads(path.read_text())
+        lines = (path.parent / "metrics.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        column = header.index("train_seconds")
+        summary["train_seconds"] = sum(float(line.split(",")[column]) for line in lines[1:])
+        summary["seed"] = int(path.parent.name[4:])
+        found.setdefault(path.parent.parent.name, []).append(summary)
+    return found
+
+
+def accuracy_section(folder: Path) -> list[str]:
+    found = runs(folder, "accuracy")
+    if not found:
+        return ["No accuracy runs."]
+    stats = {name: {key: spread([r[key] for r in found[name]]) for key in ("final_test_acc", "final_test_acc_tta")}
+             for name in RECIPES if name in found}
+    base = stats.get("dawnbench")
+    lines = ["| recipe | seeds | test accuracy % (mean ± std) | min to max | with flip TTA % (mean ± std) | "
+             "minus dawnbench, points | proxy target | training s (mean) | wall s (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s in stats.items():
+        acc = s["final_test_acc"]
+        diff, target = "", ""
+        if base and name != "dawnbench":
+            d = 100 * (acc["mean"] - base["final_test_acc"]["mean"])
+            diff = f"{d:+.2f}"
+            if name in TARGETS:
+                target = f">= {TARGETS[name]:+.1f}: {'met' if d >= TARGETS[name] else 'NOT met'}"
+        seeds = ", ".join(str(r["seed"]) for r in found[name])
+        lines.append(f"| `{name}` | {seeds} | {pct(acc)} | {100 * acc['min']:.2f} to {100 * acc['max']:.2f} | "
+                     f"{pct(s['final_test_acc_tta'])} | {diff} | {target} | "
+                     f"{statistics.fmean(r['train_seconds'] for r in found[name]):.1f} | "
+                     f"{statistics.fmean(r['total_seconds'] for r in found[name]):.1f} |")
+    lines += ["", "Every run (last epoch; `without average` is `best`'s trained weights alone, without the weight "
+              "average):", "", "| recipe | seed | test % | flip TTA % | without average % | training s | wall s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in stats:
+        for r in found[name]:
+            alone = r.get("final_test_acc_without_ema")
+            lines.append(f"| `{name}` | {r['seed']} | {100 * r['final_test_acc']:.2f} | "
+                         f"{100 * r['final_test_acc_tta']:.2f} | {'' if alone is None else f'{100 * alone:.2f}'} | "
+                         f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} |")
+    return lines
+
+
+def timing_section(folder: Path) -> list[str]:
+    path = folder / "timing.json"
+    if not path.is_file() or "compiled_seed" not in json.loads(path.read_text()):
+        return ["No compiled timing."]
+    t = json.loads(path.read_text())["compiled_seed"]
+    eager = runs(folder, "accuracy").get("seed", [])
+    lines = ["| what | seconds |", "| --- | --- |",
+             f"| training time, sum of the 24 epochs' `train_seconds` | {t['train_seconds_total']:.2f} |",
+             f"| of which compilation and warm-up (first epoch minus the median epoch) | "
+             f"{t['compile_and_warmup_seconds']:.2f} |",
+             f"| training time without compilation (first epoch counted at the median) | "
+             f"{t['train_seconds_without_compile']:.2f} |",
+             f"| median epoch | {t['median_epoch_seconds']:.3f} |",
+             f"| wall clock of the run, evaluation after every epoch included | {t['wall_seconds']:.2f} |"]
+    if eager:
+        lines.append(f"| the same recipe eager (mean of {len(eager)} seeds, accuracy stage) | "
+                     f"{statistics.fmean(r['train_seconds'] for r in eager):.2f} |")
+    lines += ["", f"Test accuracy of the compiled run: {100 * t['final_test_acc']:.2f}%."]
+    if "bare_compiled_images_per_second" in t:
+        bare = {k: statistics.median(t[f"bare_{k}_images_per_second"]) for k in ("eager", "compiled")}
+        lines += ["", "| step | images/s (median of 3 blocks) |", "| --- | --- |",
+                  f"| whole loop, compiled (median epoch) | {t['whole_loop_images_per_second_median']:.0f} |",
+                  f"| bare step, compiled | {bare['compiled']:.0f} |",
+                  f"| bare step, eager | {bare['eager']:.0f} |", "",
+                  f"Whole loop / bare compiled step: **{t['ratio_whole_over_bare_compiled']:.3f}** "
+                  f"(blocks: {', '.join(f'{v:.0f}' for v in t['bare_compiled_images_per_second'])} img/s)."]
+    return lines
+
+
+def profile_section(folder: Path) -> list[str]:
+    path = folder / "profile.json"
+    if not path.is_file():
+        return ["No profile."]
+    p = json.loads(path.read_text())
+    lines = [f"{p['steps']} bare eager steps of batch {p['batch_size']}, {p['precision']}, under torch.profiler: "
+             f"{p['training_gflop_per_image']:.2f} GFLOP an image (convolutions and the linear layer, x3 for "
+             f"training); {p['kernel_seconds'] * 1e3 / p['steps']:.2f} ms of kernels a step, "
+             f"**{p['achieved_tflops_kernels']:.0f} TFLOP/s** over the kernels' time "
+             f"({p['achieved_tflops_wall']:.0f} over the wall clock with the profiler on).", "",
+             "| share of kernel time | calls | kernel |", "| --- | --- | --- |"]
+    for row in p["top"][:12]:
+        lines.append(f"| {100 * row['share']:.1f}% | {row['calls']} | `{row['name'][:90]}` |")
+    return lines
+
+
+def lr_section(folder: Path) -> list[str]:
+    found = runs(folder, "lr_points")
+    seed_runs = runs(folder, "accuracy").get("seed", [])
+    if not found and not seed_runs:
+        return ["No LRMAX points."]
+    points: dict[float, list[dict[str, Any]]] = {}
+    for runs_of in found.values():
+        for r in runs_of:
+            points.setdefault(r["lr_max"], []).append(r)
+    for r in seed_runs:
+        points.setdefault(r["lr_max"], []).append(r)
+    diverged = [json.loads(p.read_text()) for p in (folder / "lr_points").glob("*/seed*/diverged.json")]
+    lines = ["| LRMAX | seeds | test accuracy % (each seed) | mean % |", "| --- | --- | --- | --- |"]
+    for lr in sorted(points):
+        rs = sorted(points[lr], key=lambda r: r["seed"])
+        each = ", ".join(f"{100 * r['final_test_acc']:.2f}" for r in rs)
+        lines.append(f"| {lr:g} | {', '.join(str(r['seed']) for r in rs)} | {each} | "
+                     f"{100 * statistics.fmean(r['final_test_acc'] for r in rs):.2f} |")
+    for d in diverged:
+        lines.append(f"| {d['lr_max']:g} | {d['seed']} | diverged: {d['message']} | |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--command", default="PYTHONPATH=src python3 benchmarks/device_run.py --out $OUT --budget-s 530 "
+                                        "--reserve-s 110 --commit SHA --wheels .gpu",
+                    help="the command that made the files, for the page")
+    args = ap.parse_args()
+    folder = args.folder
+    env = json.loads((folder / "env.json").read_text())
+    text = [f"# {env.get('card', 'CPU')}: the shipped recipes, the compiled timing and LRMAX points",
+            "",
+            f"Generated by `python benchmarks/device_report.py {folder}` from the files in this folder. "
+            f"Card: {env.get('card')} ({env.get('nvidia_smi')}); torch {env['torch']}, CUDA {env['cuda']}, "
+            f"cuDNN {env['cudnn']}; code at commit {env['commit']}; started {env['started_utc']}. "
+            "Data: the CIFAR-10 proxy (real CIFAR-10 photos stored as JPEG quality 75; 50,000 training and "
+            "5,000 test images), built on the machine by `../shared/tools/cifar10_proxy.py`. All runs eager "
+            "bf16 autocast, channels_last, 24 epochs of 97 steps at batch 512, unless the section says "
+            "otherwise. The reported accuracy is always the last epoch's, on the 5,000 test images.",
+            "", "Command, on the GPU machine from the repository root (its log is `log.txt`):", "",
+            f"```bash\n{args.command}\n```", "",
+            "## Accuracy over seeds", ""] + accuracy_section(folder) + [
+            "", "## Compiled timing (`seed` recipe, `torch.compile` default mode, seed 0)", ""] + timing_section(folder) + [
+            "", "## Where the time goes (eager)", ""] + profile_section(folder) + [
+            "", "## LRMAX points (`seed` recipe; LRMAX 0.2 is the accuracy stage's runs)", ""] + lr_section(folder)
+    (folder / "README.md").write_text("\n".join(text) + "\n")
+    print(f"wrote {folder / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
