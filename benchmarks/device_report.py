@@ -47,7 +47,7 @@ def runs(folder: Path, stage: str) -> dict[str, list[dict[str, Any]]]:
 def accuracy_section(folder: Path) -> list[str]:
     found = runs(folder, "accuracy")
     if not found:
-        return ["No accuracy runs."]
+        return []
     stats = {name: {key: spread([r[key] for r in found[name]]) for key in ("final_test_acc", "final_test_acc_tta")}
              for name in RECIPES if name in found}
     base = stats.get("dawnbench")
@@ -82,7 +82,7 @@ def accuracy_section(folder: Path) -> list[str]:
 def timing_section(folder: Path) -> list[str]:
     path = folder / "timing.json"
     if not path.is_file() or "compiled_seed" not in json.loads(path.read_text()):
-        return ["No compiled timing."]
+        return []
     t = json.loads(path.read_text())["compiled_seed"]
     eager = runs(folder, "accuracy").get("seed", [])
     lines = ["| what | seconds |", "| --- | --- |",
@@ -111,16 +111,63 @@ def timing_section(folder: Path) -> list[str]:
 def profile_section(folder: Path) -> list[str]:
     path = folder / "profile.json"
     if not path.is_file():
-        return ["No profile."]
-    p = json.loads(path.read_text())
-    lines = [f"{p['steps']} bare eager steps of batch {p['batch_size']}, {p['precision']}, under torch.profiler: "
-             f"{p['training_gflop_per_image']:.2f} GFLOP an image (convolutions and the linear layer, x3 for "
-             f"training); {p['kernel_seconds'] * 1e3 / p['steps']:.2f} ms of kernels a step, "
-             f"**{p['achieved_tflops_kernels']:.0f} TFLOP/s** over the kernels' time "
-             f"({p['achieved_tflops_wall']:.0f} over the wall clock with the profiler on).", "",
-             "| share of kernel time | calls | kernel |", "| --- | --- | --- |"]
-    for row in p["top"][:12]:
-        lines.append(f"| {100 * row['share']:.1f}% | {row['calls']} | `{row['name'][:90]}` |")
+        return []
+    reports = json.loads(path.read_text())
+    if "top" in reports:  # the first call's file profiled the eager step alone
+        reports = {"eager": reports}
+    lines = []
+    for label, p in reports.items():
+        kernels = (f"{p['kernel_seconds'] * 1e3 / p['steps']:.2f} ms of kernels a step, "
+                   f"**{p['achieved_tflops_kernels']:.0f} TFLOP/s** over the kernels' time "
+                   if p["kernel_seconds"] else "no GPU kernels, ")
+        lines += [f"**{label}**: {p['steps']} bare steps of batch {p['batch_size']}, {p['precision']}, under "
+                  f"torch.profiler: {p['training_gflop_per_image']:.2f} GFLOP an image (convolutions and the linear "
+                  f"layer, x3 for training); {kernels}"
+                  f"({p['achieved_tflops_wall']:.1f} over the wall clock with the profiler on).", "",
+                  "| share of kernel time | calls | kernel |", "| --- | --- | --- |"]
+        for row in p["top"][:12]:
+            lines.append(f"| {100 * row['share']:.1f}% | {row['calls']} | `{row['name'][:90]}` |")
+        lines.append("")
+    return lines
+
+
+# The bare variant each whole-loop variant runs (the library's CUDA defaults), for the ratio.
+MATCHING_BARE = {"eager": "eager, fused SGD, cuDNN benchmark", "compiled": "compiled, fused SGD, cuDNN benchmark",
+                 "compiled-reduce-overhead": "compiled reduce-overhead, fused SGD, cuDNN benchmark"}
+IMAGES_PER_RUN = 24 * 97 * 512  # 24 epochs of 97 full batches of 512
+
+
+def speed_section(folder: Path) -> list[str]:
+    path = folder / "timing.json"
+    speed = json.loads(path.read_text()).get("speed") if path.is_file() else None
+    if not speed:
+        return []
+    bare = {b["variant"]: b for b in speed["bare"]}
+    lines = ["The bare step (forward, backward, SGD on one fixed batch of 512), one lever at a time; the "
+             "first row is the step as the loop ran it before this work. Median of 5 timed blocks after 3 "
+             "warm-up steps:", "",
+             "| variant | images/s (median) | blocks, images/s | 24 epochs at this speed, s |",
+             "| --- | --- | --- | --- |"]
+    for b in speed["bare"]:
+        lines.append(f"| {b['variant']} | {b['median']:.0f} | {', '.join(f'{r:.0f}' for r in b['images_per_second'])} "
+                     f"| {IMAGES_PER_RUN / b['median']:.2f} |")
+    if "augmentation_epoch_seconds" in speed:
+        lines += ["", "The augmentation alone (shuffle, gather, crop, flip, normalise, CutOut of one epoch's "
+                  f"batches): {', '.join(f'{t:.3f}' for t in speed['augmentation_epoch_seconds'])} s an epoch."]
+    lines += ["", "The whole loop, `seed` recipe, 24 epochs, seed 0, with the library's CUDA defaults (fused SGD, "
+              "cuDNN benchmark mode, one host synchronisation an epoch):", "",
+              "| loop | training s | of which compilation and warm-up | training s without it | median epoch s | "
+              "wall s | test % | whole loop / bare step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for loop in speed["loops"]:
+        match = bare.get(MATCHING_BARE.get(loop["variant"], ""))
+        ratio = f"{loop['whole_loop_images_per_second_median'] / match['median']:.3f}" if match else ""
+        lines.append(f"| {loop['variant']} | {loop['train_seconds_total']:.2f} | {loop['compile_and_warmup_seconds']:.2f} "
+                     f"| {loop['train_seconds_without_compile']:.2f} | {loop['median_epoch_seconds']:.3f} | "
+                     f"{loop['wall_seconds']:.2f} | {100 * loop['final_test_acc']:.2f} | {ratio} |")
+    again = [r for name, rs in runs(folder, "speed").items() for r in rs if r["seed"] != 0]
+    for r in again:
+        lines += ["", f"The fastest compiled loop again with seed {r['seed']}: {100 * r['final_test_acc']:.2f}% "
+                  f"({r['train_seconds']:.2f} s of training, compilation included)."]
     return lines
 
 
@@ -128,7 +175,7 @@ def lr_section(folder: Path) -> list[str]:
     found = runs(folder, "lr_points")
     seed_runs = runs(folder, "accuracy").get("seed", [])
     if not found and not seed_runs:
-        return ["No LRMAX points."]
+        return []
     points: dict[float, list[dict[str, Any]]] = {}
     for runs_of in found.values():
         for r in runs_of:
@@ -156,7 +203,7 @@ def main() -> None:
     args = ap.parse_args()
     folder = args.folder
     env = json.loads((folder / "env.json").read_text())
-    text = [f"# {env.get('card', 'CPU')}: the shipped recipes, the compiled timing and LRMAX points",
+    text = [f"# {env.get('card', 'CPU')}: one call of benchmarks/device_run.py",
             "",
             f"Generated by `python benchmarks/device_report.py {folder}` from the files in this folder. "
             f"Card: {env.get('card')} ({env.get('nvidia_smi')}); torch {env['torch']}, CUDA {env['cuda']}, "
@@ -166,11 +213,15 @@ def main() -> None:
             "bf16 autocast, channels_last, 24 epochs of 97 steps at batch 512, unless the section says "
             "otherwise. The reported accuracy is always the last epoch's, on the 5,000 test images.",
             "", "Command, on the GPU machine from the repository root (its log is `log.txt`):", "",
-            f"```bash\n{args.command}\n```", "",
-            "## Accuracy over seeds", ""] + accuracy_section(folder) + [
-            "", "## Compiled timing (`seed` recipe, `torch.compile` default mode, seed 0)", ""] + timing_section(folder) + [
-            "", "## Where the time goes (eager)", ""] + profile_section(folder) + [
-            "", "## LRMAX points (`seed` recipe; LRMAX 0.2 is the accuracy stage's runs)", ""] + lr_section(folder)
+            f"```bash\n{args.command}\n```", ""]
+    sections = (("Accuracy over seeds", accuracy_section),
+                ("Compiled timing (`seed` recipe, `torch.compile` default mode, seed 0)", timing_section),
+                ("Speed levers", speed_section), ("Where the time goes", profile_section),
+                ("LRMAX points (`seed` recipe; LRMAX 0.2 is the accuracy stage's runs)", lr_section))
+    for title, section in sections:
+        lines = section(folder)
+        if lines:  # a call that did not run the stage has no section
+            text += [f"## {title}", "", *lines, ""]
     (folder / "README.md").write_text("\n".join(text) + "\n")
     print(f"wrote {folder / 'README.md'}")
 

@@ -18,9 +18,14 @@ Stages, in order:
    time over the median epoch is reported as compilation and warm-up, apart from the training
    time. Then the bare step (forward, backward, SGD on one fixed batch), eager and compiled, for the
    ratio whole loop / bare step.
-4. ``profile``: the top CUDA kernels of 10 bare eager steps by time, and the achieved TFLOP/s.
-5. ``lr_points``: the ``seed`` recipe at fixed LRMAX values (``--lr-points``), seed 0; a diverging
-   run is recorded as such and the stage goes on.
+4. ``profile``: the top CUDA kernels of 10 bare steps by time, eager and compiled, and the
+   achieved TFLOP/s.
+5. ``lr_points``: the ``seed`` recipe at fixed LRMAX values (``--lr-points``), seeds
+   ``--lr-point-seeds``; a diverging run is recorded as such and the stage goes on.
+
+``speed`` (not in the default list): each speed lever on the bare step (fused SGD, cuDNN's
+benchmark mode, torch.compile's modes), the augmentation alone, and the whole loop eager and in
+each compilation mode, with the library's CUDA defaults.
 
 No run folder is written into ``--out``. Runs go to ``--work`` (no checkpoints, no report: a run
 costs its training and evaluation only); after each one ``runs.tar.gz`` in ``--out`` is rewritten
@@ -138,8 +143,8 @@ def card_slug(card: str | None) -> str:
 class Results:
     """The files that come back: rewritten whole (atomically) after every run."""
 
-    def __init__(self, out: Path, runs: Path, card: str) -> None:
-        self.out, self.runs, self.card = out, runs, card
+    def __init__(self, out: Path, runs: Path, name: str) -> None:
+        self.out, self.runs, self.name = out, runs, name
         self.timing: dict[str, Any] = {}
 
     def write(self, name: str, data: bytes | str) -> None:
@@ -163,12 +168,12 @@ class Results:
                 run = path.parent
                 for name in RUN_FILES:
                     if (run / name).is_file():
-                        tar.add(run / name, arcname=f"gpu-{self.card}/{run.relative_to(self.runs)}/{name}")
+                        tar.add(run / name, arcname=f"{self.name}/{run.relative_to(self.runs)}/{name}")
             for path in sorted(self.runs.glob("*/*/seed*/diverged.json")):  # no summary: metrics so far
                 run = path.parent
                 for name in ("recipe.toml", "metrics.csv", "diverged.json"):
                     if (run / name).is_file():
-                        tar.add(run / name, arcname=f"gpu-{self.card}/{run.relative_to(self.runs)}/{name}")
+                        tar.add(run / name, arcname=f"{self.name}/{run.relative_to(self.runs)}/{name}")
         self.write("runs.tar.gz", buffer.getvalue())
 
 
@@ -264,6 +269,113 @@ def stage_accuracy(recipe_for: Callable[[str], Any], seeds: int, data: Any, data
             run_one("accuracy", name, recipe_for(name).replace(seed=seed), data, data_dir, results, clock)
 
 
+def run_timing(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's training time with the first epoch's extra cost (compilation, cuDNN's benchmark,
+    allocator warm-up) apart: the first epoch minus the median of the others."""
+    epochs = record["epoch_train_seconds"]
+    steady = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
+    return {
+        "train_seconds_total": record["train_seconds"],
+        "first_epoch_seconds": epochs[0], "median_epoch_seconds": steady,
+        "compile_and_warmup_seconds": epochs[0] - steady,
+        # the run's training time without its compilation: the first epoch counted at the median's cost
+        "train_seconds_without_compile": sum(epochs[1:]) + steady,
+        "wall_seconds": record["wall_seconds"], "final_test_acc": record["final_test_acc"],
+        # the median epoch's speed: the first epoch, which compiles, does not count
+        "whole_loop_images_per_second_median": record["images_per_epoch"] / steady,
+    }
+
+
+# The bare-step variants of the speed stage: (label, recipe changes, fused SGD, cuDNN benchmark
+# mode). The first is the loop as it was before the speed work; max-autotune comes last, since its
+# compilation alone can take minutes.
+BARE_VARIANTS = (
+    ("eager, for-each SGD, cuDNN heuristics", {}, False, False),
+    ("eager, fused SGD, cuDNN heuristics", {}, True, False),
+    ("eager, for-each SGD, cuDNN benchmark", {}, False, True),
+    ("eager, fused SGD, cuDNN benchmark", {}, True, True),
+    ("compiled, for-each SGD, cuDNN heuristics", {"compile": True}, False, False),
+    ("compiled, fused SGD, cuDNN benchmark", {"compile": True}, True, True),
+    ("compiled reduce-overhead, fused SGD, cuDNN benchmark",
+     {"compile": True, "compile_mode": "reduce-overhead"}, True, True),
+    ("compiled max-autotune-no-cudagraphs, fused SGD, cuDNN benchmark",
+     {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, True, True),
+)
+# The whole-loop variants: the library's own choices on CUDA (fused SGD, cuDNN benchmark mode, one
+# host sync an epoch) with each compilation mode. (label, recipe changes)
+LOOP_VARIANTS = (
+    ("eager", {}),
+    ("compiled", {"compile": True}),
+    ("compiled-reduce-overhead", {"compile": True, "compile_mode": "reduce-overhead"}),
+)
+
+
+def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
+                bare_steps: int, reserve: float) -> None:
+    """Each lever on the bare step, the augmentation alone, then the whole loop in each mode."""
+    import torch
+
+    from cifar_onecycle.train import setup_run
+    from throughput import bare_images_per_second, synchronize
+
+    base = recipe_for("seed")
+    speed: dict[str, Any] = {"bare": [], "loops": []}
+    for label, changes, fused, benchmark in BARE_VARIANTS[:-1]:
+        if clock.left(reserve) < 60:
+            say(f"speed: bare variants stopped before '{label}', {clock.left(reserve):.0f} s left")
+            break
+        torch.backends.cudnn.benchmark = benchmark
+        started = time.perf_counter()
+        rates = bare_images_per_second(base.replace(**changes), bare_steps, blocks=5, warmup=3, fused=fused)
+        speed["bare"].append({"variant": label, "images_per_second": rates, "median": statistics.median(rates),
+                              "seconds_with_warmup": round(time.perf_counter() - started, 2)})
+        say(f"  bare {label}: median {statistics.median(rates):.0f} img/s")
+        results.set_timing("speed", speed)
+
+    # The augmentation alone: an epoch's batches (shuffle, gather, crop, flip, normalise, CutOut).
+    run = setup_run(base, data)
+    seconds = []
+    for _ in range(3):
+        synchronize()
+        started = time.perf_counter()
+        for _batch in run.epoch():
+            pass
+        synchronize()
+        seconds.append(time.perf_counter() - started)
+    speed["augmentation_epoch_seconds"] = seconds
+    say(f"  augmentation alone: {', '.join(f'{t:.3f}' for t in seconds)} s an epoch")
+    del run
+    results.set_timing("speed", speed)
+
+    for label, changes in LOOP_VARIANTS:
+        key = f"seed-{label}"
+        clock.estimates[key] = clock.estimates["seed"] + (60 if changes else 0)
+        if not clock.fits(key, reserve):
+            say(f"speed: loop '{label}' skipped, {clock.left(reserve):.0f} s left")
+            continue
+        record = run_one("speed", key, base.replace(**changes), data, data_dir, results, clock)
+        if record["status"] == "ok":
+            speed["loops"].append({"variant": label} | run_timing(record))
+            results.set_timing("speed", speed)
+    # the fastest compiled loop again with seed 1, for its accuracy
+    compiled = [loop for loop in speed["loops"] if loop["variant"] != "eager"]
+    if compiled:
+        fastest = min(compiled, key=lambda loop: loop["train_seconds_without_compile"])
+        key = f"seed-{fastest['variant']}"
+        if clock.fits(key, reserve):
+            run_one("speed", key, base.replace(**dict(LOOP_VARIANTS)[fastest["variant"]], seed=1), data, data_dir,
+                    results, clock)
+    label, changes, fused, benchmark = BARE_VARIANTS[-1]
+    if clock.left(reserve) > 150:
+        torch.backends.cudnn.benchmark = benchmark
+        started = time.perf_counter()
+        rates = bare_images_per_second(base.replace(**changes), bare_steps, blocks=5, warmup=3, fused=fused)
+        speed["bare"].append({"variant": label, "images_per_second": rates, "median": statistics.median(rates),
+                              "seconds_with_warmup": round(time.perf_counter() - started, 2)})
+        say(f"  bare {label}: median {statistics.median(rates):.0f} img/s")
+        results.set_timing("speed", speed)
+
+
 def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
                    bare_steps: int, reserve: float) -> None:
     from throughput import bare_images_per_second
@@ -277,18 +389,7 @@ def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, 
     record = run_one("compiled", "seed", recipe, data, data_dir, results, clock, estimate="seed-compiled")
     if record["status"] != "ok":
         return
-    epochs = record["epoch_train_seconds"]
-    steady = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
-    timing: dict[str, Any] = {
-        "train_seconds_total": record["train_seconds"],
-        "first_epoch_seconds": epochs[0], "median_epoch_seconds": steady,
-        "compile_and_warmup_seconds": epochs[0] - steady,
-        # the run's training time without its compilation: the first epoch counted at the median's cost
-        "train_seconds_without_compile": sum(epochs[1:]) + steady,
-        "wall_seconds": record["wall_seconds"], "final_test_acc": record["final_test_acc"],
-        # the median epoch's speed: the first epoch, which compiles, does not count
-        "whole_loop_images_per_second_median": record["images_per_epoch"] / steady,
-    }
+    timing = run_timing(record)
     results.set_timing("compiled_seed", timing)
     if clock.left(reserve) < 30:
         say("compiled: no time left for the bare step")
@@ -327,68 +428,55 @@ def training_flops_per_image(model: Any) -> float:
 
 
 def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int = 10) -> None:
+    """The top kernels of ``steps`` bare steps, eager and compiled (the library's CUDA defaults:
+    fused SGD, cuDNN benchmark mode), and the achieved TFLOP/s over the kernels' time."""
     import torch
-    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
     from cifar_onecycle import ResNet9
-    from cifar_onecycle.augment import normalize
-    from cifar_onecycle.train import autocast, resolve_device, resolve_precision
+    from cifar_onecycle.train import resolve_device, resolve_precision
+    from throughput import bare_step, synchronize
 
     recipe = recipe_for("seed")
     device = resolve_device(recipe.device)
-    precision = resolve_precision(recipe.precision, device)
-    model = ResNet9(logit_scale=recipe.logit_scale).to(device, memory_format=torch.channels_last)
-    flops = training_flops_per_image(model)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x = normalize(torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (recipe.batch_size,), device=device)
-
-    def step() -> None:
-        with autocast(device, precision):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(3):
-        step()
-    sync()
     on_gpu = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    started = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
+    torch.backends.cudnn.benchmark = on_gpu
+    flops = training_flops_per_image(ResNet9().to(device))
+    reports: dict[str, Any] = {}
+    for label, changes in (("eager", {}), ("compiled", {"compile": True})):
+        step = bare_step(recipe.replace(**changes))
+        for _ in range(3):
             step()
-        sync()
-    wall = time.perf_counter() - started
-    wanted = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
-    rows = []
-    for event in prof.key_averages():
-        if event.device_type != wanted:
-            continue
-        own = getattr(event, "self_device_time_total", None) if on_gpu else event.self_cpu_time_total
-        if own is None:
-            own = getattr(event, "self_cuda_time_total", 0.0)
-        rows.append({"name": event.key[:160], "calls": event.count, "self_us": own})
-    rows.sort(key=lambda r: -r["self_us"])
-    device_us = sum(r["self_us"] for r in rows)
-    images = steps * recipe.batch_size
-    report = {"steps": steps, "batch_size": recipe.batch_size, "precision": precision,
-              "training_gflop_per_image": flops / 1e9, "wall_seconds_profiled": wall,
-              "kernel_seconds": device_us / 1e6 if on_gpu else None,
-              "achieved_tflops_wall": flops * images / wall / 1e12,
-              "achieved_tflops_kernels": flops * images / (device_us / 1e6) / 1e12 if on_gpu and device_us else None,
-              "top": [r | {"share": r["self_us"] / device_us if device_us else None} for r in rows[:25]]}
-    results.write("profile.json", json.dumps(report, indent=2) + "\n")
-    say(f"profile: {flops / 1e9:.2f} GFLOP an image; {report['achieved_tflops_wall']:.0f} TFLOP/s over the wall "
-        f"clock (profiler on); top kernel: {rows[0]['name'][:80] if rows else 'none'}")
+        synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        started = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            synchronize()
+        wall = time.perf_counter() - started
+        wanted = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+        rows = []
+        for event in prof.key_averages():
+            if event.device_type != wanted:
+                continue
+            own = getattr(event, "self_device_time_total", None) if on_gpu else event.self_cpu_time_total
+            if own is None:
+                own = getattr(event, "self_cuda_time_total", 0.0)
+            rows.append({"name": event.key[:160], "calls": event.count, "self_us": own})
+        rows.sort(key=lambda r: -r["self_us"])
+        device_us = sum(r["self_us"] for r in rows)
+        images = steps * recipe.batch_size
+        reports[label] = {
+            "steps": steps, "batch_size": recipe.batch_size, "precision": resolve_precision(recipe.precision, device),
+            "training_gflop_per_image": flops / 1e9, "wall_seconds_profiled": wall,
+            "kernel_seconds": device_us / 1e6 if on_gpu else None,
+            "achieved_tflops_wall": flops * images / wall / 1e12,
+            "achieved_tflops_kernels": flops * images / (device_us / 1e6) / 1e12 if on_gpu and device_us else None,
+            "top": [r | {"share": r["self_us"] / device_us if device_us else None} for r in rows[:25]]}
+        say(f"profile {label}: {reports[label]['achieved_tflops_wall']:.0f} TFLOP/s over the wall clock "
+            f"(profiler on); top kernel: {rows[0]['name'][:80] if rows else 'none'}")
+        results.write("profile.json", json.dumps(reports, indent=2) + "\n")
 
 
 def main() -> None:
@@ -405,7 +493,10 @@ def main() -> None:
     ap.add_argument("--proxy-tool", type=Path, default=Path(".gpu/cifar10_proxy.py"))
     ap.add_argument("--wheels", type=Path, help="a folder of wheels to install for missing packages")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points")
+    ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points",
+                    help="in order; also 'speed' (the speed levers, one by one)")
+    ap.add_argument("--results-name", help="the top folder in runs.tar.gz (default: gpu-<card>)")
+    ap.add_argument("--lr-point-seeds", default="0", help="seeds of the LRMAX points")
     ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
     ap.add_argument("--bare-steps", type=int, default=50, help="steps in each timed block of the bare step")
     ap.add_argument("--test-subset", type=int, default=0, help="dry runs: evaluate on the first N test images")
@@ -447,7 +538,7 @@ def main() -> None:
     changes = dict(setting(text) for text in args.set)
     # the run folders of an earlier call of this command on the same machine would be packed too
     shutil.rmtree(args.work / "runs", ignore_errors=True)
-    results = Results(args.out, args.work / "runs", card)
+    results = Results(args.out, args.work / "runs", args.results_name or f"gpu-{card}")
 
     def recipe_for(name: str) -> Any:
         return load_recipe(name).replace(**changes)
@@ -459,9 +550,13 @@ def main() -> None:
         "compiled": lambda: stage_compiled(recipe_for, data, data_dir, results, clock, args.bare_steps,
                                            15.0 if "profile" in stages else 0.0),
         "profile": lambda: stage_profile(recipe_for, results),
-        "lr_points": lambda: [run_one("lr_points", f"seed-lrmax{lr}", recipe_for("seed").replace(lr_max=float(lr)),
+        "lr_points": lambda: [run_one("lr_points", f"seed-lrmax{lr}",
+                                      recipe_for("seed").replace(lr_max=float(lr), seed=int(seed)),
                                       data, data_dir, results, clock, estimate="seed")
-                              for lr in args.lr_points.split(",") if clock.fits("seed")],
+                              for seed in args.lr_point_seeds.split(",") for lr in args.lr_points.split(",")
+                              if clock.fits("seed")],
+        "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,
+                                     15.0 if "profile" in stages else 0.0),
     }
     for stage in stages:
         if clock.left() <= 0:

@@ -17,27 +17,26 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from cifar_onecycle import Cifar10, Recipe, ResNet9, train
 from cifar_onecycle.augment import normalize
-from cifar_onecycle.train import autocast, device_name, resolve_device, resolve_precision
+from cifar_onecycle.train import autocast, device_name, make_optimizer, resolve_device, resolve_precision
 
 
-def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: int = 1) -> list[float]:
-    """Images per second of ``blocks`` timed blocks of ``steps`` bare steps (forward, backward, SGD
-    on one fixed batch), after ``warmup`` untimed steps; compiled when the recipe says so (the
-    first warm-up step then pays for the compilation)."""
+def bare_step(recipe: Recipe, fused: bool | None = None) -> Callable[[], None]:
+    """One bare training step (forward, backward, SGD on one fixed, already normalised batch) of the
+    recipe's model, optimizer (``fused``: ``make_optimizer``'s switch), precision and compilation."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     model = ResNet9(logit_scale=recipe.logit_scale).to(device, memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr_min, momentum=recipe.momentum,
-                          nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-    step_model = torch.compile(model) if recipe.compile else model
+    opt = make_optimizer(model, recipe, device, fused)
+    step_model = torch.compile(model, mode=recipe.compile_mode) if recipe.compile else model
     x = normalize(torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (recipe.batch_size,), device=device)
@@ -49,19 +48,28 @@ def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: 
         loss.backward()
         opt.step()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    return step
 
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: int = 1,
+                           fused: bool | None = None) -> list[float]:
+    """Images per second of ``blocks`` timed blocks of ``steps`` bare steps, after ``warmup``
+    untimed steps (with ``recipe.compile`` the first of them pays for the compilation)."""
+    step = bare_step(recipe, fused)
     for _ in range(warmup):
         step()
     rates = []
     for _ in range(blocks):
-        sync()
+        synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        sync()
+        synchronize()
         rates.append(steps * recipe.batch_size / (time.perf_counter() - t0))
     return rates
 

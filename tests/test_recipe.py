@@ -59,6 +59,7 @@ def test_bad_toml(tmp_path, text, message):
     (dict(lr_max=float("nan")), "finite"),
     (dict(ema_decay=1.0), "ema_decay must lie in"),
     (dict(ema_every=0), "ema_every must be > 0"),
+    (dict(compile_mode="fastest"), "compile_mode must be one of"),
 ])
 def test_impossible_values_refused(changes, message):
     with pytest.raises(RecipeError, match=message):

@@ -146,3 +146,19 @@ def test_the_commit_given_by_the_environment_wins(monkeypatch):
     assert git_commit() == "0123abc"  # a shipped copy's own .git may be stale
     monkeypatch.delenv("CIFAR_ONECYCLE_COMMIT")
     assert git_commit() != "0123abc"
+
+
+def test_the_loop_reads_the_device_every_10_steps_on_a_cpu_and_once_an_epoch_on_a_gpu():
+    from cifar_onecycle.train import sync_every
+
+    assert sync_every(torch.device("cpu"), 97) == 10  # a diverged loss is caught within 10 steps
+    assert sync_every(torch.device("cuda"), 97) == 97  # no host sync inside a GPU epoch
+
+
+def test_sgd_is_fused_on_cuda_only_unless_asked():
+    from cifar_onecycle.train import make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    assert not make_optimizer(model, Recipe(), torch.device("cpu")).defaults["fused"]
+    assert make_optimizer(model, Recipe(), torch.device("cuda")).defaults["fused"]  # placement is not checked
+    assert make_optimizer(model, Recipe(), torch.device("cpu"), fused=True).defaults["fused"]

@@ -62,6 +62,8 @@ class Recipe:
     precision: str = _opt("auto", "arithmetic", choices=("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = _opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = _opt(False, "torch.compile the model")
+    compile_mode: str = _opt("default", "torch.compile mode, with compile (reduce-overhead: CUDA graphs)",
+                             choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     eval_batch_size: int = _opt(1000, "batch size for evaluation")
     tta: bool = _opt(False, "also report test accuracy with flip test-time augmentation after every epoch")
 
