@@ -171,10 +171,36 @@ def speed_section(folder: Path) -> list[str]:
     return lines
 
 
+def lr_find_section(folder: Path) -> list[str]:
+    files = sorted((folder / "lr_find").glob("*/seed0/lr_find.json"))
+    if not files:
+        return []
+    seconds = {}
+    if (folder / "progress.jsonl").is_file():
+        for line in (folder / "progress.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") == "lr_find":
+                seconds[record["recipe"]] = record["seconds"]
+    lines = ["The default `cifar-onecycle lr-find --recipe NAME --mode both` on the GPU (exponential sweep: 1 "
+             "epoch from 1e-5 to 10; linear sweep: 2 epochs from 1e-4 to 1), graphs in `lr_find/<recipe>/seed0/`:",
+             "", "| recipe | sweep | iterations | LRMAX (rule) | LRMIN (rule) | stopped early | note | seconds, both "
+             "sweeps |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in files:
+        recipe = path.parent.parent.name
+        for mode, r in json.loads(path.read_text()).items():
+            def shown(lr: float | None) -> str:
+                return "none" if lr is None else f"{lr:.4g}"
+            lines.append(f"| `{recipe}` | {mode} | {len(r['lrs'])} | {shown(r['suggested_lr_max'])} ({r['lr_max_rule']}) "
+                         f"| {shown(r['suggested_lr_min'])} ({r['lr_min_rule']}) | {r['stopped'] or ''} | "
+                         f"{r['note'] or ''} | {seconds.get(recipe, '')} |")
+    return lines
+
+
 def lr_section(folder: Path) -> list[str]:
     found = runs(folder, "lr_points")
     seed_runs = runs(folder, "accuracy").get("seed", [])
-    if not found and not seed_runs:
+    auto = runs(folder, "lr_auto")
+    if not found and not seed_runs and not auto:
         return []
     points: dict[float, list[dict[str, Any]]] = {}
     for runs_of in found.values():
@@ -191,6 +217,12 @@ def lr_section(folder: Path) -> list[str]:
                      f"{100 * statistics.fmean(r['final_test_acc'] for r in rs):.2f} |")
     for d in diverged:
         lines.append(f"| {d['lr_max']:g} | {d['seed']} | diverged: {d['message']} | |")
+    for name, rs in auto.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        what = "found LRMAX" + (f" and LRMIN {rs[0]['lr_min']:.3g}" if "lrmin" in name else "")
+        each = ", ".join(f"{100 * r['final_test_acc']:.2f}" for r in rs)
+        lines.append(f"| {rs[0]['lr_max']:.4g} ({what}) | {', '.join(str(r['seed']) for r in rs)} | {each} | "
+                     f"{100 * statistics.fmean(r['final_test_acc'] for r in rs):.2f} |")
     return lines
 
 
@@ -217,6 +249,7 @@ def main() -> None:
     sections = (("Accuracy over seeds", accuracy_section),
                 ("Compiled timing (`seed` recipe, `torch.compile` default mode, seed 0)", timing_section),
                 ("Speed levers", speed_section), ("Where the time goes", profile_section),
+                ("LR range test", lr_find_section),
                 ("LRMAX points (`seed` recipe; LRMAX 0.2 is the accuracy stage's runs)", lr_section))
     for title, section in sections:
         lines = section(folder)

@@ -23,6 +23,11 @@ Stages, in order:
 5. ``lr_points``: the ``seed`` recipe at fixed LRMAX values (``--lr-points``), seeds
    ``--lr-point-seeds``; a diverging run is recorded as such and the stage goes on.
 
+``lr_find`` and ``lr_auto`` (not in the default list): the default LR range test of the ``seed``
+and ``dawnbench`` recipes (both sweeps; graphs and lr_find.json packed as
+``lr_find/<recipe>/seed0/``), then the ``seed`` recipe trained at the linear sweep's LRMAX, and at
+its LRMAX and LRMIN, two seeds each.
+
 ``speed`` (not in the default list): each speed lever on the bare step (fused SGD, cuDNN's
 benchmark mode, torch.compile's modes), the augmentation alone, and the whole loop eager and in
 each compilation mode, with the library's CUDA defaults.
@@ -62,7 +67,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 RECIPES = ("seed", "dawnbench", "best")
-RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json")
+# What comes back of a run folder (a diverged run has diverged.json instead of summary.json; a
+# range test has lr_find.json and its graphs).
+PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "lr_find.json")
 # Training FLOPs per image are about three times the forward pass's (backward: gradients of the
 # inputs and of the weights, each about one forward).
 TRAIN_FLOPS_PER_FORWARD = 3
@@ -164,16 +171,9 @@ class Results:
     def pack(self) -> None:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for path in sorted(self.runs.glob("*/*/seed*/summary.json")):
-                run = path.parent
-                for name in RUN_FILES:
-                    if (run / name).is_file():
-                        tar.add(run / name, arcname=f"{self.name}/{run.relative_to(self.runs)}/{name}")
-            for path in sorted(self.runs.glob("*/*/seed*/diverged.json")):  # no summary: metrics so far
-                run = path.parent
-                for name in ("recipe.toml", "metrics.csv", "diverged.json"):
-                    if (run / name).is_file():
-                        tar.add(run / name, arcname=f"{self.name}/{run.relative_to(self.runs)}/{name}")
+            for path in sorted(self.runs.glob("*/*/seed*/*")):
+                if path.name in PACKED or path.name.startswith("lr_find_") and path.suffix == ".png":
+                    tar.add(path, arcname=f"{self.name}/{path.relative_to(self.runs)}")
         self.write("runs.tar.gz", buffer.getvalue())
 
 
@@ -376,6 +376,51 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
         results.set_timing("speed", speed)
 
 
+def stage_lr_find(recipe_for: Callable[[str], Any], data: Any, results: Results,
+                  found: dict[str, Any]) -> None:
+    """The default range test (both sweeps) of the seed and dawnbench recipes, then a linear sweep
+    three times as long (6 epochs: does the sweep's length move the answer?); the seed recipe's
+    default linear suggestion goes into ``found`` for ``stage_lr_auto``."""
+    from cifar_onecycle.lr_finder import MODES, write_lr_find
+    from cifar_onecycle.train import AUTO_SWEEP, lr_range_test
+
+    for name, modes, epochs in (("seed", MODES, None), ("dawnbench", MODES, None),
+                                ("seed-linear6", ("linear",), 6.0), ("dawnbench-linear6", ("linear",), 6.0)):
+        started = time.perf_counter()
+        sweeps = lr_range_test(recipe_for(name.split("-")[0]), data, modes, progress=False, epochs=epochs)
+        seconds = time.perf_counter() - started
+        write_lr_find(sweeps, results.runs / "lr_find" / name / "seed0")
+        record: dict[str, Any] = {"stage": "lr_find", "recipe": name, "seconds": round(seconds, 2)}
+        for mode, sweep in sweeps.items():
+            record[mode] = {"lr_max": sweep.suggested_lr_max, "lr_min": sweep.suggested_lr_min,
+                            "lr_max_rule": sweep.lr_max_rule, "lr_min_rule": sweep.lr_min_rule,
+                            "iterations": len(sweep.lrs), "stopped": sweep.stopped, "note": sweep.note}
+            say(f"lr_find {name} {mode}: LRMAX {sweep.suggested_lr_max} LRMIN {sweep.suggested_lr_min} over "
+                f"{len(sweep.lrs)} iterations; {sweep.stopped or ''} {sweep.note or ''}")
+        results.add_run(record)
+        if name == "seed":
+            found.update(record[AUTO_SWEEP])
+
+
+def stage_lr_auto(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
+                  found: dict[str, Any], seeds: int = 2) -> None:
+    """The seed recipe trained with the range test's LRMAX (LRMIN as the recipe's), then with its
+    LRMAX and LRMIN, ``seeds`` seeds each: what ``--lr-max auto`` and ``--lr-min auto`` would train."""
+    if found.get("lr_max") is None:
+        say(f"lr_auto: skipped, the range test suggested no LRMAX ({found.get('note')})")
+        return
+    variants = [("seed-lrmax-found", {"lr_max": found["lr_max"]})]
+    if found.get("lr_min") is not None:
+        variants.append(("seed-lrmax-lrmin-found", {"lr_max": found["lr_max"], "lr_min": found["lr_min"]}))
+    for seed in range(seeds):
+        for name, changes in variants:
+            if not clock.fits("seed"):
+                say("lr_auto: stopped, the budget is spent")
+                return
+            run_one("lr_auto", name, recipe_for("seed").replace(**changes, seed=seed), data, data_dir, results, clock,
+                    estimate="seed")
+
+
 def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
                    bare_steps: int, reserve: float) -> None:
     from throughput import bare_images_per_second
@@ -543,7 +588,10 @@ def main() -> None:
     def recipe_for(name: str) -> Any:
         return load_recipe(name).replace(**changes)
 
+    found_lrs: dict[str, Any] = {}
     stage_runs: dict[str, Callable[[], None]] = {
+        "lr_find": lambda: stage_lr_find(recipe_for, data, results, found_lrs),
+        "lr_auto": lambda: stage_lr_auto(recipe_for, data, data_dir, results, clock, found_lrs),
         "smoke": lambda: stage_smoke(recipe_for, data, data_dir, results, clock, recipe_for("seed").epochs),
         "accuracy": lambda: stage_accuracy(recipe_for, args.seeds, data, data_dir, results, clock,
                                            args.reserve_s if {"compiled", "profile"} & set(stages) else 0.0),

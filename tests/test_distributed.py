@@ -150,5 +150,5 @@ def test_resume_and_lr_find_under_torchrun(tmp_path):
     lrf = run([*torchrun, "-m", "cifar_onecycle", "lr-find", "--mode", "exp", "--num-iter", "12",
                "--out", str(tmp_path / "lrf"), *common[:3], "--batch-size", "20", "--device", "cpu"])
     assert lrf.returncode == 0, lrf.stderr[-2000:]
-    assert lrf.stdout.count("exp: suggested LR") == 1  # rank 0 alone prints
+    assert lrf.stdout.count("exp: LRMAX") == 1  # rank 0 alone prints
     assert sorted(p.name for p in (tmp_path / "lrf").iterdir()) == ["lr_find.json", "lr_find_exp.png"]

@@ -56,8 +56,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None
                               "help": f"{f.metadata['help']} (default: {f.default})"}
         if f.type == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "lr_max" and auto_lr:
-            kw["help"] = f"{f.metadata['help']}, or 'auto': take the LR range test's suggestion (default: {f.default})"
+        elif f.name in ("lr_max", "lr_min") and auto_lr:
+            kw["help"] = (f"{f.metadata['help']}, or 'auto': the linear LR range test's suggestion "
+                          f"(default: {f.default})")
             g.add_argument(flag, type=_float_or_auto, metavar="LR|auto", **kw)
         else:
             g.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
@@ -109,15 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("lr-find", parents=[common], help="LR range test: loss against a growing LR, with graphs")
     f.add_argument("--mode", choices=("exp", "linear", "both"), default="both",
                    help="exponential or linear growth of the LR, or one sweep of each (default: both)")
-    f.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 0.02 linear)")
-    f.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 0.5 linear)")
-    f.add_argument("--num-iter", type=int, default=100, help="iterations per sweep (default: 100)")
+    f.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 1e-4 linear)")
+    f.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 1 linear)")
+    f.add_argument("--sweep-epochs", type=_number, metavar="E",
+                   help="length of each sweep in epochs of the recipe's batches (default: 1 exp, 2 linear)")
+    f.add_argument("--num-iter", type=int, help="length of each sweep in iterations (instead of --sweep-epochs)")
     f.add_argument("--smooth", type=_number, default=0.05,
                    help="weight of each new loss in the moving average (default: 0.05)")
     f.add_argument("--diverge", type=_number, default=4.0,
-                   help="stop once the smoothed loss exceeds this many times its best (default: 4)")
-    f.add_argument("--method", choices=("valley", "steepest"), default="valley",
-                   help="how the suggestion is read off the curve (default: valley)")
+                   help="stop once the smoothed loss stays above this many times its best (default: 4)")
+    f.add_argument("--patience", type=int,
+                   help="for that many iterations in a row (default: 2%% of the sweep, at least 3)")
+    f.add_argument("--method", choices=("plateau", "valley", "steepest"), default="plateau",
+                   help="how LRMAX is read off the curve: plateau (where the loss stops falling; the One Cycle "
+                        "rule), valley or steepest (default: plateau); LRMIN is always where the loss starts to fall")
     f.add_argument("--out", metavar="DIR", help="where the graphs and lr_find.json go (default: runs/lr-find-<timestamp>)")
     _add_recipe_flags(f)
     _add_data_flags(f)
@@ -141,7 +147,8 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
     """``base`` (default: the seed's recipe), then --recipe FILE, then the flags given: each
     overrides the one before.
 
-    ``--lr-max auto`` leaves LRMAX at the recipe's value here; ``train`` replaces it with the finding.
+    ``--lr-max auto`` and ``--lr-min auto`` leave the recipe's values here; ``train`` replaces them
+    with the range test's findings.
     """
     base = load_recipe(args.recipe, base) if args.recipe else (base or Recipe())
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
@@ -155,14 +162,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
-    if args.seeds is not None and getattr(args, "lr_max", None) == "auto":
+    auto = [name for name in ("lr_max", "lr_min") if getattr(args, name, None) == "auto"]
+    if args.seeds is not None and auto:
         # Every seed must train the same recipe, and a resumed set must not find another LR.
-        raise UserError("--seeds trains one recipe several times: run lr-find once and pass its --lr-max")
+        raise UserError("--seeds trains one recipe several times: run lr-find once and pass its --lr-max and "
+                        "--lr-min")
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise UserError("--resume RUN_DIR writes into RUN_DIR; leave out --out")
-        if getattr(args, "lr_max", None) == "auto" or args.overwrite or args.seeds is not None:
-            raise UserError("--resume continues a run as it was; --lr-max auto, --overwrite and --seeds do not apply")
+        if auto or args.overwrite or args.seeds is not None:
+            raise UserError("--resume continues a run as it was; --lr-max/--lr-min auto, --overwrite and --seeds "
+                            "do not apply")
         out = Path(args.resume)
         # Recipe flags are allowed only where they restate the run's recipe; train() names any change.
         given = args.recipe or any(hasattr(args, f.name) for f in dataclasses.fields(Recipe))
@@ -171,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = recipe_from_args(args)
         out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     options = dict(data_dir=args.data_dir, download=not args.no_download, out=out, overwrite=args.overwrite,
-                   progress=not args.quiet, find_lr_max=getattr(args, "lr_max", None) == "auto",
+                   progress=not args.quiet, find_lr_max="lr_max" in auto, find_lr_min="lr_min" in auto,
                    resume=args.resume, tensorboard=args.tensorboard, report=not args.no_report,
                    checkpoints=not args.no_checkpoint)
     if args.seeds is not None or (args.resume and (out / SEEDS_FILE).is_file()):
@@ -222,27 +232,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from .data import load_cifar10
-    from .lr_finder import MODES, check_sweep, DEFAULT_RANGES, write_lr_find
+    from .lr_finder import DEFAULT_RANGES, MODES, check_sweep, write_lr_find
     from .train import lr_range_test
 
     recipe = recipe_from_args(args)
     modes = MODES if args.mode == "both" else (args.mode,)
+    if args.num_iter is not None and args.sweep_epochs is not None:
+        raise UserError("--num-iter and --sweep-epochs both set a sweep's length; give one")
+    if args.sweep_epochs is not None and args.sweep_epochs <= 0:
+        raise UserError(f"--sweep-epochs must be > 0, got {args.sweep_epochs:g}")
     for mode in modes:  # refuse a bad range before loading anything
         lo, hi = DEFAULT_RANGES[mode]
-        check_sweep(mode, args.start_lr or lo, args.end_lr or hi, args.num_iter, args.smooth, args.diverge)
+        check_sweep(mode, args.start_lr or lo, args.end_lr or hi, args.num_iter or 10, args.smooth, args.diverge)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
     data = load_cifar10(args.data_dir or "data", download=not args.no_download)
-    sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr") if getattr(args, k) is not None}
-    results = lr_range_test(recipe, data, modes, num_iter=args.num_iter, smooth=args.smooth,
-                            diverge=args.diverge, method=args.method, **sweep)
+    sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
+    results = lr_range_test(recipe, data, modes, epochs=args.sweep_epochs, num_iter=args.num_iter,
+                            smooth=args.smooth, diverge=args.diverge, method=args.method, **sweep)
     if not _is_main():
         return 0
     for path in write_lr_find(results, out):
         print(f"wrote {path}")
     for mode, r in results.items():
-        found = f"{r.suggested_lr:.4g}" if r.suggested_lr is not None else "none (curve too short or flat)"
-        print(f"{mode:>6}: suggested LR {found} ({r.method}) over {len(r.lrs)} iterations"
-              + (f"; stopped early: {r.stopped}" if r.stopped else ""))
+        def shown(lr: float | None) -> str:
+            return f"{lr:.4g}" if lr is not None else "none"
+        print(f"{mode:>6}: LRMAX {shown(r.suggested_lr_max)} ({r.lr_max_rule}), LRMIN {shown(r.suggested_lr_min)} "
+              f"({r.lr_min_rule}) over {len(r.lrs)} iterations"
+              + (f"; stopped early: {r.stopped}" if r.stopped else "") + (f"; {r.note}" if r.note else ""))
     return 0
 
 

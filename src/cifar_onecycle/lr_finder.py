@@ -1,10 +1,18 @@
-"""The LR range test (Leslie Smith, 2015): train briefly while the LR grows, and read the loss curve.
+"""The LR range test (Leslie Smith, 2015): train while the LR grows, and read the loss curve.
 
 ``find_lr`` works on any ``nn.Module`` and any source of (inputs, targets) batches. It raises the LR
 every iteration (exponentially or linearly), records the raw loss, its bias-corrected exponential
-moving average and the batch accuracy, stops once the smoothed loss exceeds ``diverge`` times its
-best (or the loss is not finite), and finally puts the model's and the optimizer's state back
-exactly as they were: one saved copy taken before the sweep, no per-step copies.
+moving average and the batch accuracy, stops once the smoothed loss has stayed above ``diverge``
+times its best for a few iterations (or the loss is not finite), and finally puts the model's and
+the optimizer's state back exactly as they were: one saved copy taken before the sweep.
+
+The question it answers by default is the One Cycle one (Smith, "Cyclical learning rates", 2017,
+section 3.3; "A disciplined approach to neural network hyper-parameters", 2018): over a sweep long
+enough for the network to train, which LRs train it at all, and from which LR on does a higher LR
+stop helping? Those are the two ends of the cycle. The ``plateau`` rule reads both off the loss's
+fall from its starting level to its lowest level (see ``fall_bounds``). fastai's ``valley`` and
+torch-lr-finder's ``steepest`` rules, which answer a different question (a good constant LR for
+fine-tuning), remain as options for LRMAX.
 """
 from __future__ import annotations
 
@@ -22,10 +30,25 @@ import torch.nn.functional as F
 from .errors import UserError
 
 MODES = ("exp", "linear")
-# Exponential sweeps span orders of magnitude; a linear axis is readable over about one, so the
-# linear default covers the neighbourhood of this network's usual LRMAX (the seed chose 0.2).
-DEFAULT_RANGES = {"exp": (1e-5, 10.0), "linear": (0.02, 0.5)}
-METHODS = ("valley", "steepest")
+# Exponential sweeps span orders of magnitude, to see where the loss starts to fall and where it
+# blows up. The linear sweep starts near zero, so that a freshly initialised network is trained
+# into the range rather than thrown into it (from 0.02 the seed's network diverged within 6
+# iterations), and ends at 1, five times the seed's LRMAX.
+DEFAULT_RANGES = {"exp": (1e-5, 10.0), "linear": (1e-4, 1.0)}
+# Sweep lengths in epochs of the recipe's batches: both default sweeps together cost 3 epochs. The
+# linear sweep is the One Cycle test proper and gets two; the exponential one gets one, about 16
+# iterations a decade at CIFAR-10's 97 steps an epoch.
+DEFAULT_EPOCHS = {"exp": 1.0, "linear": 2.0}
+METHODS = ("plateau", "valley", "steepest")
+# The One Cycle bounds as fractions of the loss's fall (its starting level minus its lowest level,
+# both of the centred moving average): LRMIN where the first 5% of the fall is done (the loss has
+# started to fall), LRMAX where the loss is within 5% of the fall of its lowest level (a higher
+# LR no longer buys progress). 5% is the usual "settled" band of a step response: an exponential
+# approach covers 95% of its way in three time constants, where a curve's knee is read by eye.
+# Fixed from that principle and the synthetic curves of the tests, not from any real sweep.
+FALL_FRACTION = 0.05
+# The fall must stand out of the noise of the averaged curve by this many standard errors.
+FALL_NOISE_RATIO = 4.0
 # Like torch-lr-finder and Lightning: the first iterations are noise around the initial loss, and
 # the last ones are the blow-up itself; neither may carry the suggestion.
 SKIP_START, SKIP_END = 10, 5
@@ -93,6 +116,60 @@ def suggest(lrs: list[float], smoothed: list[float], method: str = "valley") -> 
     return lrs[lo + best_start + round(best_len * 2 / 3)]
 
 
+def centred_mean(values: list[float], window: int) -> list[float]:
+    """Moving average over ``window`` points centred on each point (fewer at the two ends): unlike
+    the running average, it does not lag, so a feature of the curve stays at its own LR."""
+    half = window // 2
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
+    return out
+
+
+def fall_bounds(lrs: list[float], losses: list[float]) -> tuple[float | None, float | None, str | None]:
+    """(LRMIN, LRMAX, note) read off the fall of the loss: LRMIN where the centred average has done
+    ``FALL_FRACTION`` of its fall from the starting level, LRMAX where it first comes within
+    ``FALL_FRACTION`` of the fall of its lowest level. None for both, with the reason as the note,
+    when the loss does not fall clearly; a note also when the lowest level is the sweep's end
+    (the loss was still falling, so LRMAX may lie beyond the sweep)."""
+    n = len(losses)
+    if n < 10:
+        return None, None, f"{n} iterations are too few to read a fall of the loss"
+    window = max(5, n // 20)  # about 5% of the sweep
+    curve = centred_mean(losses, window)
+    low = min(range(n), key=curve.__getitem__)
+    fall = curve[0] - curve[low]
+    # The noise of the averaged curve: a robust deviation of the raw loss around it (the median
+    # absolute residual x 1.4826 estimates a normal spread whatever a blow-up adds at the end).
+    residuals = sorted(abs(v - c) for v, c in zip(losses, curve))
+    noise = 1.4826 * residuals[n // 2] / math.sqrt(window)
+    if fall <= FALL_NOISE_RATIO * noise:
+        return None, None, (f"the loss does not fall clearly (by {fall:.3g}, noise {noise:.2g}); start lower "
+                            f"or sweep longer")
+    lr_min = next(lrs[i] for i in range(n) if curve[i] <= curve[0] - FALL_FRACTION * fall)
+    lr_max = next(lrs[i] for i in range(n) if curve[i] <= curve[low] + FALL_FRACTION * fall)
+    note = None
+    if low >= n - 1 - window // 2:
+        note = "the loss was still falling at the end of the sweep: LRMAX may lie above it; sweep further"
+    return lr_min, lr_max, note
+
+
+def suggest_bounds(lrs: list[float], losses: list[float], smoothed: list[float],
+                   method: str = "plateau") -> tuple[float | None, float | None, str | None]:
+    """(LRMIN, LRMAX, note): LRMIN by the onset rule of ``fall_bounds``; LRMAX by ``method``."""
+    check_method(method)
+    lr_min, lr_max, note = fall_bounds(lrs, losses)
+    if method != "plateau":
+        lr_max = suggest(lrs, smoothed, method)
+    if lr_min is not None and lr_max is not None and lr_min >= lr_max:
+        lr_min, note = None, f"the loss's onset LR is not below the {method} LRMAX; no LRMIN"
+    return lr_min, lr_max, note
+
+
 @dataclass
 class LRFinderResult:
     """One sweep: per iteration LR, raw loss, smoothed loss, batch accuracy; and the suggestion."""
@@ -102,12 +179,28 @@ class LRFinderResult:
     losses: list[float]
     smoothed: list[float]
     accuracies: list[float] = field(default_factory=list)
-    suggested_lr: float | None = None
-    method: str = "valley"
+    suggested_lr_max: float | None = None
+    suggested_lr_min: float | None = None
+    lr_max_rule: str = "plateau"
+    lr_min_rule: str = "onset"
     stopped: str | None = None   # None: ran to end_lr; else why it stopped early
+    note: str | None = None      # why a suggestion is missing or may be off
+
+    @property
+    def suggested_lr(self) -> float | None:
+        """The LRMAX suggestion (the name of the single suggestion of earlier versions)."""
+        return self.suggested_lr_max
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def _mark(self, ax: Any) -> None:
+        if self.suggested_lr_max is not None:
+            ax.axvline(self.suggested_lr_max, color="C3", ls="--", lw=1,
+                       label=f"LRMAX {self.suggested_lr_max:.3g} ({self.lr_max_rule})")
+        if self.suggested_lr_min is not None:
+            ax.axvline(self.suggested_lr_min, color="C4", ls=":", lw=1.5,
+                       label=f"LRMIN {self.suggested_lr_min:.3g} ({self.lr_min_rule})")
 
     def plot(self, ax: Any = None) -> Any:
         """Loss (raw and smoothed) against LR, the suggestion marked; returns the Axes, never shows."""
@@ -116,9 +209,7 @@ class LRFinderResult:
         ax = ax if ax is not None else new_axes()
         ax.plot(self.lrs, self.losses, color="0.7", lw=1, label="loss")
         ax.plot(self.lrs, self.smoothed, color="C0", lw=2, label="smoothed loss")
-        if self.suggested_lr is not None:
-            ax.axvline(self.suggested_lr, color="C3", ls="--", lw=1,
-                       label=f"suggested LR {self.suggested_lr:.3g} ({self.method})")
+        self._mark(ax)
         if self.mode == "exp":
             ax.set_xscale("log")
         lo, hi = min(self.smoothed), self.smoothed[0]
@@ -150,17 +241,47 @@ class LRFinderResult:
         ax.legend(loc="upper left")
         return ax
 
+    def plot_accuracy(self, ax: Any = None) -> Any:
+        """Batch accuracy (raw and centred average) and the smoothed loss against the LR, with the
+        suggestions marked: where training stops improving is visible in both curves."""
+        from .report import new_axes
+
+        ax = ax if ax is not None else new_axes()
+        if self.accuracies:
+            ax.plot(self.lrs, self.accuracies, color="C1", lw=1, alpha=0.35, label="batch accuracy")
+            ax.plot(self.lrs, centred_mean(self.accuracies, max(5, len(self.lrs) // 20)), color="C1", lw=2,
+                    label="batch accuracy, averaged")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("training accuracy")
+        ax.set_xlabel("learning rate" + (" (log scale)" if self.mode == "exp" else ""))
+        if self.mode == "exp":
+            ax.set_xscale("log")
+        self._mark(ax)
+        ax.grid(alpha=0.3)
+        loss = ax.twinx()
+        loss.plot(self.lrs, self.smoothed, color="C0", lw=1.5, label="smoothed loss")
+        loss.set_ylabel("smoothed loss")
+        loss.legend(loc="upper right")
+        ax.legend(loc="center right", fontsize="small")
+        return ax
+
     def figure(self) -> Any:
-        """The seed's graph: 'Exponential LR' or 'Linear LR', with both panels."""
+        """The seed's graph: 'Exponential LR' or 'Linear LR', with both panels (the linear one shows
+        accuracy and loss against the LR; the exponential one the LR's increase)."""
         from .report import new_figure
 
         fig = new_figure((11, 4.2))
         left, right = fig.subplots(1, 2)
         self.plot(left)
         left.set_title("loss against learning rate")
-        self.plot_lr(right)
-        right.set_title(f"{'exponential' if self.mode == 'exp' else 'linear'} increase of the LR")
+        if self.mode == "linear":
+            self.plot_accuracy(right)
+            right.set_title("batch accuracy and loss against learning rate")
+        else:
+            self.plot_lr(right)
+            right.set_title("exponential increase of the LR")
         note = f", stopped early: {self.stopped}" if self.stopped else ""
+        note += f"; {self.note}" if self.note else ""
         fig.suptitle(f"{'Exponential' if self.mode == 'exp' else 'Linear'} LR  "
                      f"({len(self.lrs)} iterations{note})")
         return fig
@@ -179,7 +300,7 @@ def _cycle(batches: Iterable | Callable[[], Iterable]) -> Iterator:
 
 def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], optimizer: torch.optim.Optimizer | None = None,
             *, mode: str = "exp", start_lr: float | None = None, end_lr: float | None = None, num_iter: int = 100,
-            smooth: float = 0.05, diverge: float = 4.0, method: str = "valley",
+            smooth: float = 0.05, diverge: float = 4.0, method: str = "plateau", patience: int | None = None,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
             autocast: Any = None, progress: Callable[[int, float, float], None] | None = None,
             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LRFinderResult:
@@ -190,20 +311,26 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
     momentum 0.9; its LR is overwritten every iteration. ``autocast``: a context-manager factory
     (for example ``lambda: torch.autocast("cpu", torch.bfloat16)``). ``progress(i, lr, loss)`` is
     called after each iteration. ``reduce``: maps each step's loss to the value recorded (under
-    torchrun, the mean over ranks, so that every rank stops at the same iteration).
+    torchrun, the mean over ranks, so that every rank stops at the same iteration). ``patience``:
+    how many iterations in a row the smoothed loss must stay above ``diverge`` times its best
+    before the sweep stops (default: 2% of ``num_iter``, at least 3), so that a spike the network
+    recovers from, as early in a fast linear sweep, does not end it.
     """
     lo, hi = DEFAULT_RANGES.get(mode, DEFAULT_RANGES["exp"])  # an unknown mode is refused just below
     start_lr = lo if start_lr is None else start_lr
     end_lr = hi if end_lr is None else end_lr
     check_sweep(mode, start_lr, end_lr, num_iter, smooth, diverge)
     check_method(method)  # before the sweep, not after it
+    patience = max(3, round(0.02 * num_iter)) if patience is None else patience
+    if patience < 1:
+        raise UserError(f"lr-find: patience must be >= 1, got {patience}")
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=start_lr, momentum=0.9)
     # The one saved copy: deep copies, since state_dict() returns references to the live tensors.
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(optimizer.state_dict())
     was_training = model.training
     lrs, losses, accs, smoothed = [], [], [], []
-    stopped, best, avg = None, math.inf, 0.0
+    stopped, best, avg, above = None, math.inf, 0.0, 0
     source = _cycle(batches)
     try:
         model.train()
@@ -231,16 +358,18 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
             if progress:
                 progress(i, lr, value)
             best = min(best, s)
-            if s > diverge * best:
-                stopped = f"smoothed loss above {diverge:g} x its best at LR {lr:.3g}"
+            above = above + 1 if s > diverge * best else 0
+            if above >= patience:
+                stopped = f"smoothed loss above {diverge:g} x its best for {patience} iterations, at LR {lr:.3g}"
                 break
     finally:
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_opt)
         model.train(was_training)
     accuracies = torch.stack(accs).tolist() if accs else []
-    return LRFinderResult(mode, lrs, losses, smoothed, accuracies[:len(lrs)], suggest(lrs, smoothed, method),
-                          method, stopped)
+    lr_min, lr_max, note = suggest_bounds(lrs, losses, smoothed, method)
+    return LRFinderResult(mode, lrs, losses, smoothed, accuracies[:len(lrs)], lr_max, lr_min, method, "onset",
+                          stopped, note)
 
 
 

@@ -250,7 +250,13 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
                     transforms: Sequence[str], run_dir: Path) -> str:
     """A README-style page in the seed's order: model, One Cycle settings, transforms, results, graphs."""
     best = max(history, key=lambda h: h.test_acc)
-    found = summary.get("lr_max_found")
+    found = summary.get("lr_found") or {}
+
+    def origin(name: str) -> str:
+        if name not in found:
+            return " (set by the recipe)"
+        return f" (found by the {found['sweep']} LR range test, {found[name + '_rule']} rule)"
+
     lines = [
         "# CIFAR-10 with the One Cycle policy", "",
         "## Model", "", "```", table, "```", "",
@@ -258,9 +264,8 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         "## One Cycle policy", "",
         f"1. Total epochs = {recipe.epochs}",
         f"2. Max at epoch = {recipe.peak_epoch:g}",
-        f"3. LRMIN = {recipe.lr_min:g}",
-        f"4. LRMAX = {recipe.lr_max:g}" + (f" (found by the LR range test: {found['method']})" if found else
-                                           " (set by the recipe)"),
+        f"3. LRMIN = {recipe.lr_min:g}" + origin("lr_min"),
+        f"4. LRMAX = {recipe.lr_max:g}" + origin("lr_max"),
         "5. No annihilation (the last step is at LRMIN)",
         f"6. SGD, momentum {recipe.momentum:g}{' (Nesterov)' if recipe.nesterov else ''}, weight decay "
         f"{recipe.weight_decay:g}", "",

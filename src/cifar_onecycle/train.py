@@ -33,8 +33,8 @@ from .data import Cifar10, load_cifar10
 from .distributed import (Dist, all_reduce_sum, broadcast_buffers, check_batch, gather_objects,
                           init_distributed, test_shard)
 from .ema import WeightEMA
-from .errors import DivergenceError, UserError
-from .lr_finder import LRFinderResult, find_lr, write_lr_find
+from .errors import DivergenceError, RecipeError, UserError
+from .lr_finder import DEFAULT_EPOCHS, LRFinderResult, find_lr, write_lr_find
 from .model import ResNet9, count_parameters
 from .recipe import Recipe
 from .report import write_report
@@ -329,11 +329,25 @@ def setup_run(recipe: Recipe, data: Cifar10, d: Dist | None = None) -> RunSetup:
                     order_gen, aug_gen, d)
 
 
-def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",), progress: bool = True,
-                  **sweep: Any) -> dict[str, LRFinderResult]:
+# The sweep that ``--lr-max auto`` and ``--lr-min auto`` run: the linear one, Smith's One Cycle test.
+AUTO_SWEEP = "linear"
+
+
+def sweep_iterations(mode: str, steps_per_epoch: int, epochs: float | None = None, num_iter: int | None = None) -> int:
+    """A sweep's length: ``num_iter`` when given, else ``epochs`` (default: the mode's) of the
+    recipe's batches."""
+    if num_iter is not None:
+        return num_iter
+    return max(1, round((DEFAULT_EPOCHS[mode] if epochs is None else epochs) * steps_per_epoch))
+
+
+def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",), progress: bool = True, *,
+                  epochs: float | None = None, num_iter: int | None = None, **sweep: Any) -> dict[str, LRFinderResult]:
     """The LR range test on the recipe's model, augmented batches, optimizer and precision.
 
-    ``sweep``: ``find_lr`` settings (start_lr, end_lr, num_iter, smooth, diverge, method).
+    Each sweep lasts ``num_iter`` iterations, or ``epochs`` epochs of the recipe's batches (default:
+    ``DEFAULT_EPOCHS`` of its mode). ``sweep``: the other ``find_lr`` settings (start_lr, end_lr,
+    smooth, diverge, method, patience).
     """
     d = init_distributed(recipe.device)
     s = setup_run(recipe, data, d)
@@ -341,13 +355,14 @@ def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",)
     reduce = (lambda t: all_reduce_sum(t.clone(), d) / d.world) if d.world > 1 else None
     results = {}
     for mode in modes:
-        bar = tqdm(total=sweep.get("num_iter", 100), desc=f"lr-find {mode}", leave=False,
+        iterations = sweep_iterations(mode, s.steps_per_epoch, epochs, num_iter)
+        bar = tqdm(total=iterations, desc=f"lr-find {mode}", leave=False,
                    disable=not (progress and d.main), unit="it")
         results[mode] = find_lr(s.step_model, s.epoch, s.optimizer, mode=mode, autocast=s.autocast, reduce=reduce,
                                 loss_fn=partial(F.cross_entropy, label_smoothing=recipe.label_smoothing),
                                 progress=lambda i, lr, loss: (bar.update(), bar.set_postfix(lr=f"{lr:.3g}",
                                                                                           loss=f"{loss:.3f}")),
-                                **sweep)
+                                num_iter=iterations, **sweep)
         bar.close()
     return results
 
@@ -420,7 +435,7 @@ def _data_dir(given: str | Path | None, data: Cifar10 | None) -> str | None:
 
 
 def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, out: str | Path | None, overwrite: bool,
-           data: Cifar10 | None, progress: bool, find_lr_max: bool,
+           data: Cifar10 | None, progress: bool, find_lr_max: bool, find_lr_min: bool,
            resume: str | Path | None, d: Dist) -> tuple[Recipe, Path | None, Cifar10, str | None, dict | None, dict | None]:
     """Recipe, run folder, data, data folder (None for data given in memory), LR found and
     checkpoint (when resuming) of a run about to train. Only rank 0 makes and writes the folder."""
@@ -447,25 +462,47 @@ def _start(recipe: Recipe | None, data_dir: str | Path | None, download: bool, o
     check_batch(recipe.batch_size, d)
     run_dir = prepare_run_dir(out, overwrite) if out is not None and d.main else None
     lr_found = None
-    if find_lr_max:
-        found = lr_range_test(recipe, data, ("exp",), progress=progress and d.main)["exp"]
-        if found.suggested_lr is None:
-            raise UserError(f"--lr-max auto: the range test found no LR ({found.stopped or 'flat loss'}); "
-                            f"pass --lr-max explicitly")
-        lr_found = {"lr_max": found.suggested_lr, "method": f"LR range test, exp, {found.method}"}
-        if run_dir:
-            write_lr_find({"exp": found}, run_dir)
-        if progress and d.main:
-            tqdm.write(f"lr-find: suggested LRMAX {found.suggested_lr:.4g} ({found.method})")
-        recipe = recipe.replace(lr_max=found.suggested_lr)  # validated again: LRMIN must stay below it
+    if find_lr_max or find_lr_min:
+        recipe, lr_found = _find_lr_bounds(recipe, data, run_dir, find_lr_max, find_lr_min, progress and d.main)
     if run_dir:
         atomic_write(run_dir / "recipe.toml", recipe.to_toml())
     return recipe, run_dir, data, data_dir, lr_found, None
 
 
+def _find_lr_bounds(recipe: Recipe, data: Cifar10, run_dir: Path | None, find_lr_max: bool, find_lr_min: bool,
+                    progress: bool) -> tuple[Recipe, dict[str, Any]]:
+    """Run the ``AUTO_SWEEP`` range test and put its LRMAX and/or LRMIN into the recipe; returns the
+    new recipe and how the values were found (for summary.json)."""
+    found = lr_range_test(recipe, data, (AUTO_SWEEP,), progress=progress)[AUTO_SWEEP]
+    wanted = [name for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on]
+    values = {"lr_max": found.suggested_lr_max, "lr_min": found.suggested_lr_min}
+    if run_dir:
+        write_lr_find({AUTO_SWEEP: found}, run_dir)
+    for name in wanted:
+        if values[name] is None:
+            why = found.note or found.stopped or "no suggestion"
+            raise UserError(f"{name} auto: the LR range test found no {name.upper().replace('_', '')} ({why}); "
+                            f"set {name} explicitly")
+    changes: dict[str, Any] = {name: values[name] for name in wanted}
+    if find_lr_min:
+        changes["lr_min_div"] = 0.0  # the found LRMIN replaces a LRMIN derived from LRMAX
+    lr_found = {**changes, "sweep": AUTO_SWEEP, "iterations": len(found.lrs), "lr_range": [found.lrs[0], found.lrs[-1]],
+                "lr_max_rule": found.lr_max_rule if find_lr_max else None,
+                "lr_min_rule": found.lr_min_rule if find_lr_min else None, "note": found.note}
+    lr_found.pop("lr_min_div", None)
+    if progress:
+        tqdm.write("lr-find: " + ", ".join(f"{name.upper().replace('_', '')} {values[name]:.4g}" for name in wanted)
+                   + f" ({AUTO_SWEEP} sweep, {len(found.lrs)} iterations)")
+    try:
+        return recipe.replace(**changes), lr_found
+    except RecipeError as e:  # e.g. a found LRMIN above the LRMAX given
+        raise UserError(f"the LR range test's values do not fit the recipe: {e}") from None
+
+
 def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, download: bool = True,
           out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
-          progress: bool = True, find_lr_max: bool = False, resume: str | Path | None = None,
+          progress: bool = True, find_lr_max: bool = False, find_lr_min: bool = False,
+          resume: str | Path | None = None,
           report: bool = True, tensorboard: bool = False, checkpoints: bool = True) -> TrainResult:
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
@@ -473,7 +510,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     resuming, the run's own; given both, ``data_dir`` says where ``data`` came from). ``out``: a run
     folder for recipe.toml, metrics.csv, summary.json, the weights and a checkpoint after every epoch
     (and on SIGINT/SIGTERM); none when ``None``.
-    ``progress``: a progress bar and a line per epoch. ``find_lr_max``: run the exponential LR range test first and use its suggestion as LRMAX.
+    ``progress``: a progress bar and a line per epoch. ``find_lr_max`` / ``find_lr_min``: run the
+    linear LR range test first and use its LRMAX / LRMIN suggestion (``lr_range_test``).
     ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
     the pictures and report.md into the run folder at the end. ``tensorboard``: also log each
     epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra). ``checkpoints``: write
@@ -486,7 +524,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     progress = progress and d.main  # under torchrun only rank 0 shows progress and writes files
     writer_class = tensorboard_writer(out or resume) if tensorboard and d.main else None  # refused before any work
     recipe, run_dir, data, data_dir, lr_found, ckpt = _start(recipe, data_dir, download, out, overwrite, data, progress,
-                                                             find_lr_max, resume, d)
+                                                             find_lr_max, find_lr_min, resume, d)
     tb = writer_class(log_dir=str(run_dir / "tensorboard")) if writer_class else None
     # A fresh setup after any range test: the same seed gives the same weights and data order as
     # a run started with the found LRMAX written out.
@@ -655,7 +693,7 @@ def run_summary(recipe: Recipe, s: RunSetup, history: list[EpochMetrics], lr_fou
         "test_images": len(s.test_images),
         "lr_min": recipe.lr_min,
         "lr_max": recipe.lr_max,
-        "lr_max_found": lr_found,
+        "lr_found": lr_found,
         "total_seconds": round(seconds, 2),
         "parameters": count_parameters(s.model),
         "device": device_name(s.device),
