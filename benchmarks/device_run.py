@@ -287,26 +287,25 @@ def run_timing(record: dict[str, Any]) -> dict[str, Any]:
 
 
 # The bare-step variants of the speed stage: (label, recipe changes, fused SGD, cuDNN benchmark
-# mode). The first is the loop as it was before the speed work; max-autotune comes last, since its
-# compilation alone can take minutes.
+# mode). The first is the step as the loop ran it before the speed work. Measured once and not run
+# again: max-autotune-no-cudagraphs, 92,900 images a second after 157 s of autotuning on an H200,
+# slower than eager (benchmarks/results/gpu-h200-levers/).
 BARE_VARIANTS = (
     ("eager, for-each SGD, cuDNN heuristics", {}, False, False),
     ("eager, fused SGD, cuDNN heuristics", {}, True, False),
     ("eager, for-each SGD, cuDNN benchmark", {}, False, True),
     ("eager, fused SGD, cuDNN benchmark", {}, True, True),
-    ("compiled, for-each SGD, cuDNN heuristics", {"compile": True}, False, False),
-    ("compiled, fused SGD, cuDNN benchmark", {"compile": True}, True, True),
-    ("compiled reduce-overhead, fused SGD, cuDNN benchmark",
-     {"compile": True, "compile_mode": "reduce-overhead"}, True, True),
-    ("compiled max-autotune-no-cudagraphs, fused SGD, cuDNN benchmark",
-     {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, True, True),
+    ("compiled, fused SGD, cuDNN heuristics", {"compile": True}, True, False),
+    ("compiled reduce-overhead, fused SGD, cuDNN heuristics",
+     {"compile": True, "compile_mode": "reduce-overhead"}, True, False),
 )
-# The whole-loop variants: the library's own choices on CUDA (fused SGD, cuDNN benchmark mode, one
-# host sync an epoch) with each compilation mode. (label, recipe changes)
+# The whole-loop variants, with the library's own choices on CUDA (fused SGD, cuDNN's heuristics,
+# one host sync an epoch): (label, recipe changes, the bare variant that runs the same step).
 LOOP_VARIANTS = (
-    ("eager", {}),
-    ("compiled", {"compile": True}),
-    ("compiled-reduce-overhead", {"compile": True, "compile_mode": "reduce-overhead"}),
+    ("eager", {}, "eager, fused SGD, cuDNN heuristics"),
+    ("compiled", {"compile": True}, "compiled, fused SGD, cuDNN heuristics"),
+    ("compiled-reduce-overhead", {"compile": True, "compile_mode": "reduce-overhead"},
+     "compiled reduce-overhead, fused SGD, cuDNN heuristics"),
 )
 
 
@@ -320,7 +319,7 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
 
     base = recipe_for("seed")
     speed: dict[str, Any] = {"bare": [], "loops": []}
-    for label, changes, fused, benchmark in BARE_VARIANTS[:-1]:
+    for label, changes, fused, benchmark in BARE_VARIANTS:
         if clock.left(reserve) < 60:
             say(f"speed: bare variants stopped before '{label}', {clock.left(reserve):.0f} s left")
             break
@@ -332,6 +331,7 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
         say(f"  bare {label}: median {statistics.median(rates):.0f} img/s")
         results.set_timing("speed", speed)
 
+    torch.backends.cudnn.benchmark = False  # the library's setting, for everything below
     # The augmentation alone: an epoch's batches (shuffle, gather, crop, flip, normalise, CutOut).
     run = setup_run(base, data)
     seconds = []
@@ -347,7 +347,7 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
     del run
     results.set_timing("speed", speed)
 
-    for label, changes in LOOP_VARIANTS:
+    for label, changes, bare_variant in LOOP_VARIANTS:
         key = f"seed-{label}"
         clock.estimates[key] = clock.estimates["seed"] + (60 if changes else 0)
         if not clock.fits(key, reserve):
@@ -355,7 +355,7 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
             continue
         record = run_one("speed", key, base.replace(**changes), data, data_dir, results, clock)
         if record["status"] == "ok":
-            speed["loops"].append({"variant": label} | run_timing(record))
+            speed["loops"].append({"variant": label, "bare_variant": bare_variant} | run_timing(record))
             results.set_timing("speed", speed)
     # the fastest compiled loop again with seed 1, for its accuracy
     compiled = [loop for loop in speed["loops"] if loop["variant"] != "eager"]
@@ -363,17 +363,8 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
         fastest = min(compiled, key=lambda loop: loop["train_seconds_without_compile"])
         key = f"seed-{fastest['variant']}"
         if clock.fits(key, reserve):
-            run_one("speed", key, base.replace(**dict(LOOP_VARIANTS)[fastest["variant"]], seed=1), data, data_dir,
-                    results, clock)
-    label, changes, fused, benchmark = BARE_VARIANTS[-1]
-    if clock.left(reserve) > 150:
-        torch.backends.cudnn.benchmark = benchmark
-        started = time.perf_counter()
-        rates = bare_images_per_second(base.replace(**changes), bare_steps, blocks=5, warmup=3, fused=fused)
-        speed["bare"].append({"variant": label, "images_per_second": rates, "median": statistics.median(rates),
-                              "seconds_with_warmup": round(time.perf_counter() - started, 2)})
-        say(f"  bare {label}: median {statistics.median(rates):.0f} img/s")
-        results.set_timing("speed", speed)
+            changes = next(c for name, c, _ in LOOP_VARIANTS if name == fastest["variant"])
+            run_one("speed", key, base.replace(**changes, seed=1), data, data_dir, results, clock)
 
 
 def stage_lr_find(recipe_for: Callable[[str], Any], data: Any, results: Results,
@@ -474,7 +465,7 @@ def training_flops_per_image(model: Any) -> float:
 
 def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int = 10) -> None:
     """The top kernels of ``steps`` bare steps, eager and compiled (the library's CUDA defaults:
-    fused SGD, cuDNN benchmark mode), and the achieved TFLOP/s over the kernels' time."""
+    fused SGD, cuDNN heuristics), and the achieved TFLOP/s over the kernels' time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -485,7 +476,7 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
     recipe = recipe_for("seed")
     device = resolve_device(recipe.device)
     on_gpu = device.type == "cuda"
-    torch.backends.cudnn.benchmark = on_gpu
+    torch.backends.cudnn.benchmark = False  # the library's setting
     flops = training_flops_per_image(ResNet9().to(device))
     reports: dict[str, Any] = {}
     for label, changes in (("eager", {}), ("compiled", {"compile": True})):

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 1e-4 linear)")
     f.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 1 linear)")
     f.add_argument("--sweep-epochs", type=_number, metavar="E",
-                   help="length of each sweep in epochs of the recipe's batches (default: 1 exp, 2 linear)")
+                   help="length of each sweep in epochs of the recipe's batches (default: 1 exp, 6 linear)")
     f.add_argument("--num-iter", type=int, help="length of each sweep in iterations (instead of --sweep-epochs)")
     f.add_argument("--smooth", type=_number, default=0.05,
                    help="weight of each new loss in the moving average (default: 0.05)")

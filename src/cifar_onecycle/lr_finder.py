@@ -20,6 +20,7 @@ import contextlib
 import copy
 import json
 import math
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -35,10 +36,14 @@ MODES = ("exp", "linear")
 # into the range rather than thrown into it (from 0.02 the seed's network diverged within 6
 # iterations), and ends at 1, five times the seed's LRMAX.
 DEFAULT_RANGES = {"exp": (1e-5, 10.0), "linear": (1e-4, 1.0)}
-# Sweep lengths in epochs of the recipe's batches: both default sweeps together cost 3 epochs. The
-# linear sweep is the One Cycle test proper and gets two; the exponential one gets one, about 16
-# iterations a decade at CIFAR-10's 97 steps an epoch.
-DEFAULT_EPOCHS = {"exp": 1.0, "linear": 2.0}
+# Sweep lengths in epochs of the recipe's batches. The linear sweep is the One Cycle test proper and
+# must rise slowly enough for a freshly initialised network to train into the range: on the seed's
+# network (logit scale 1) a 2-epoch sweep from 1e-4 to 1 blew up at LR 0.06 after 13 iterations and
+# found nothing, while 6 epochs gave LRMAX 0.44 (and 0.48 for the dawnbench recipe; H200,
+# benchmarks/results/gpu-h200-levers/). The exponential sweep gets one epoch, about 16 iterations a
+# decade at CIFAR-10's 97 steps an epoch. Together 7 epochs: seconds on a GPU, 20 minutes on a CPU
+# with native bf16.
+DEFAULT_EPOCHS = {"exp": 1.0, "linear": 6.0}
 METHODS = ("plateau", "valley", "steepest")
 # The One Cycle bounds as fractions of the loss's fall (its starting level minus its lowest level,
 # both of the centred moving average): LRMIN where the first 5% of the fall is done (the loss has
@@ -282,8 +287,8 @@ class LRFinderResult:
             right.set_title("exponential increase of the LR")
         note = f", stopped early: {self.stopped}" if self.stopped else ""
         note += f"; {self.note}" if self.note else ""
-        fig.suptitle(f"{'Exponential' if self.mode == 'exp' else 'Linear'} LR  "
-                     f"({len(self.lrs)} iterations{note})")
+        fig.suptitle(textwrap.fill(f"{'Exponential' if self.mode == 'exp' else 'Linear'} LR  "
+                                   f"({len(self.lrs)} iterations{note})", 130))
         return fig
 
 
