@@ -49,7 +49,8 @@ def _number(text: str) -> float:
 def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None:
     g = p.add_argument_group("recipe (each overrides --recipe and the seed's defaults)")
     g.add_argument("--recipe", metavar="NAME|FILE.toml",
-                   help="recipe to start from: seed (the default), dawnbench, best, or a TOML file")
+                   help="recipe to start from: seed (the default), dawnbench, best, quick (a few minutes on a CPU), "
+                        "or a TOML file")
     for f in dataclasses.fields(Recipe):
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,

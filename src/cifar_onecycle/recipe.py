@@ -157,12 +157,12 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-NAMED = ("seed", "dawnbench", "best")
+NAMED = ("seed", "dawnbench", "best", "quick")
 
 
 def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
     """Read a recipe TOML file over ``base`` (default: the seed's recipe). ``path`` may also be the
-    name of a recipe shipped with the package: ``seed``, ``dawnbench`` or ``best``."""
+    name of a recipe shipped with the package: ``seed``, ``dawnbench``, ``best`` or ``quick``."""
     if str(path) in NAMED and not Path(path).exists():
         text = (resources.files(__package__) / "recipes" / f"{path}.toml").read_text(encoding="utf-8")
         return Recipe.from_dict({**(base or Recipe()).to_dict(), **tomllib.loads(text)}, source=f"recipe {path}")

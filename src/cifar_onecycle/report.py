@@ -1,8 +1,10 @@
 """What a run leaves behind to look at: curves, the LR schedule, mistakes, the confusion matrix,
 Grad-CAM, augmented samples, and report.md that a user can paste into their own README.
 
-Every plot function takes ``ax=None`` and returns the Axes; figures are made with
-``matplotlib.figure.Figure`` (the Agg canvas), so nothing needs a display and nothing is shown.
+Every plot of one panel takes ``ax=None`` and returns the Axes; every picture of several panels
+takes ``fig=None`` and returns the Figure (in a notebook, either shows inline as a cell's last
+value: ``.figure`` of an Axes). Figures are ``matplotlib.figure.Figure`` objects (the Agg canvas),
+so nothing needs a display and nothing is shown.
 """
 from __future__ import annotations
 
@@ -69,6 +71,15 @@ def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
     ax.legend()
     ax.grid(alpha=0.3)
     return ax
+
+
+def plot_curves(history: Sequence[Any], fig: Any = None) -> Any:
+    """Loss and accuracy per epoch side by side; returns the figure."""
+    fig = fig if fig is not None else new_figure((11, 4))
+    left, right = fig.subplots(1, 2)
+    plot_loss(history, left)
+    plot_accuracy(history, right)
+    return fig
 
 
 def plot_lr_schedule(recipe: Recipe, steps_per_epoch: int, ax: Any = None) -> Any:
@@ -158,11 +169,12 @@ def to_display(x: torch.Tensor) -> torch.Tensor:
 
 
 def image_grid(images: torch.Tensor, titles: Sequence[str], ncols: int = 5, title: str = "",
-               overlays: torch.Tensor | None = None) -> Any:
-    """A figure of [N, H, W, 3] images in [0, 1] with a caption each (and optional heat maps)."""
+               overlays: torch.Tensor | None = None, fig: Any = None) -> Any:
+    """A figure (``fig``, or a new one) of [N, H, W, 3] images in [0, 1] with a caption each (and
+    optional heat maps); returns the figure."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig = new_figure((2.3 * ncols, 2.5 * nrows + 0.4))
+    fig = fig if fig is not None else new_figure((2.3 * ncols, 2.5 * nrows + 0.4))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -176,6 +188,69 @@ def image_grid(images: torch.Tensor, titles: Sequence[str], ncols: int = 5, titl
     return fig
 
 
+def most_confident_mistakes(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Indices of the wrongly classified images, the most confident mistake first."""
+    confidence, predicted = probabilities.max(1)
+    wrong = (predicted != labels.cpu()).nonzero()[:, 0]
+    return wrong[confidence[wrong].argsort(descending=True)]
+
+
+def plot_misclassified(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, count: int = MISCLASSIFIED,
+                       classes: Sequence[str] = CLASSES, probabilities: torch.Tensor | None = None,
+                       fig: Any = None) -> Any:
+    """The ``count`` most confident mistakes of ``model`` on uint8 ``images``, in real colours, with
+    true class, predicted class and confidence; returns the figure (``probabilities``: the model's,
+    when already computed)."""
+    probs = probabilities if probabilities is not None else predict_probabilities(model, images)
+    confidence, predicted = probs.max(1)
+    labels = labels.cpu()
+    wrong = most_confident_mistakes(probs, labels)
+    shown = wrong[:count]
+    real = to_display(normalize(images[shown.to(images.device)]))
+    return image_grid(real, [f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} ({100 * confidence[i]:.0f}%)"
+                             for i in shown.tolist()],
+                      title=f"Misclassified test images ({len(wrong)} of {len(labels)}), most confident first", fig=fig)
+
+
+def plot_gradcam(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, count: int = GRADCAM,
+                 classes: Sequence[str] = CLASSES, probabilities: torch.Tensor | None = None, fig: Any = None) -> Any:
+    """Grad-CAM at the last residual block (layer 3) for the ``count`` most confident mistakes, over
+    the images; returns the figure."""
+    from .model import ResNet9
+
+    probs = probabilities if probabilities is not None else predict_probabilities(model, images)
+    predicted = probs.argmax(1)
+    labels = labels.cpu()
+    shown = most_confident_mistakes(probs, labels)[:count]
+    device = next(model.parameters()).device
+    x = normalize(images[shown.to(images.device)].to(device))
+    layer = model.layer3 if isinstance(model, ResNet9) else list(model.children())[-1]
+    cams = grad_cam(model, layer, x).cpu()
+    return image_grid(to_display(x), [f"pred: {classes[predicted[i]]}\ntrue: {classes[labels[i]]}"
+                                      for i in shown.tolist()],
+                      ncols=4, title="Grad-CAM at the last residual block (layer 3), for the predicted class",
+                      overlays=cams, fig=fig)
+
+
+def augmentation_steps(recipe: Recipe) -> list[str]:
+    """The recipe's transforms in the order they run, as the report names them."""
+    return [name for name, on in ((f"RandomCrop 32 (after reflect-padding {recipe.crop_padding})", recipe.crop),
+                                  ("FlipLR", recipe.flip),
+                                  (f"CutOut {recipe.cutout_size}x{recipe.cutout_size}", recipe.cutout)) if on]
+
+
+def plot_augmentation(recipe: Recipe, train_images: torch.Tensor, count: int = 20, fig: Any = None) -> Any:
+    """The first ``count`` training images after the recipe's augmentation, as the network sees
+    them (drawn from the recipe's seed); returns the figure."""
+    g = torch.Generator(device=train_images.device).manual_seed(recipe.seed)
+    pad = recipe.crop_padding if recipe.crop else 0
+    sample = pad_reflect(train_images[:count], pad)
+    aug = augment_batch(sample, crop=recipe.crop, padding=pad, flip=recipe.flip,
+                        cutout_size=recipe.cutout_size if recipe.cutout else 0, generator=g)
+    return image_grid(to_display(aug), [""] * len(aug),
+                      title="Training images after " + ", ".join(augmentation_steps(recipe) or ["nothing"]), fig=fig)
+
+
 def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, history: Sequence[Any],
                  summary: dict[str, Any], test_images: torch.Tensor, test_labels: torch.Tensor,
                  train_images: torch.Tensor, steps_per_epoch: int, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
@@ -185,47 +260,18 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     from .summary import summarize
 
     run_dir = Path(run_dir)
-    fig = new_figure((11, 4))
-    left, right = fig.subplots(1, 2)
-    plot_loss(history, left)
-    plot_accuracy(history, right)
-    save_png(fig, run_dir / "curves.png")
+    save_png(plot_curves(history), run_dir / "curves.png")
     save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
 
     probs = predict_probabilities(model, test_images)
-    labels = test_labels.cpu()
-    conf, pred = probs.max(1)
-    cm = confusion_matrix(labels, pred, len(classes))
+    cm = confusion_matrix(test_labels.cpu(), probs.argmax(1), len(classes))
     save_png(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
-
-    wrong = (pred != labels).nonzero()[:, 0]
-    wrong = wrong[conf[wrong].argsort(descending=True)]  # the most confident mistakes first
-    shown = wrong[:MISCLASSIFIED]
-    real = to_display(normalize(test_images[shown.to(test_images.device)]))
-    save_png(image_grid(real, [f"true: {classes[labels[i]]}\npred: {classes[pred[i]]} ({100 * conf[i]:.0f}%)"
-                            for i in shown.tolist()],
-                     title=f"Misclassified test images ({len(wrong)} of {len(labels)}), most confident first"),
-          run_dir / "misclassified.png")
-
-    device = next(model.parameters()).device
-    cam_idx = shown[:GRADCAM]
-    x = normalize(test_images[cam_idx.to(test_images.device)].to(device))
-    layer = model.layer3 if isinstance(model, ResNet9) else list(model.children())[-1]
-    cams = grad_cam(model, layer, x).cpu()
-    save_png(image_grid(to_display(x), [f"pred: {classes[pred[i]]}\ntrue: {classes[labels[i]]}" for i in cam_idx.tolist()],
-                     ncols=4, title="Grad-CAM at the last residual block (layer 3), for the predicted class",
-                     overlays=cams), run_dir / "gradcam.png")
-
-    g = torch.Generator(device=train_images.device).manual_seed(recipe.seed)
-    pad = recipe.crop_padding if recipe.crop else 0
-    sample = pad_reflect(train_images[:20], pad)
-    aug = augment_batch(sample, crop=recipe.crop, padding=pad, flip=recipe.flip,
-                        cutout_size=recipe.cutout_size if recipe.cutout else 0, generator=g)
-    steps = [name for name, on in ((f"RandomCrop 32 (after reflect-padding {recipe.crop_padding})", recipe.crop),
-                                   ("FlipLR", recipe.flip),
-                                   (f"CutOut {recipe.cutout_size}x{recipe.cutout_size}", recipe.cutout)) if on]
-    save_png(image_grid(to_display(aug), [""] * len(aug), title="Training images after " + ", ".join(steps or ["nothing"])),
-          run_dir / "augment.png")
+    save_png(plot_misclassified(model, test_images, test_labels, classes=classes, probabilities=probs),
+             run_dir / "misclassified.png")
+    save_png(plot_gradcam(model, test_images, test_labels, classes=classes, probabilities=probs),
+             run_dir / "gradcam.png")
+    save_png(plot_augmentation(recipe, train_images), run_dir / "augment.png")
+    steps = augmentation_steps(recipe)
 
     per_class = {c: (cm[i, i] / cm[i].sum().clamp(min=1)).item() for i, c in enumerate(classes)}
     summary = {**summary, "per_class_accuracy": per_class}
