@@ -132,3 +132,95 @@ def test_proxy_data_loads_with_the_restricted_unpickler(proxy_dir):
     assert d.train_images.shape == (50_000, 3, 32, 32) and d.test_images.shape == (5_000, 3, 32, 32)
     assert np.bincount(d.test_labels.numpy()).tolist() == [500] * 10
     assert np.bincount(d.train_labels.numpy()).tolist() == [5000] * 10
+
+
+class CalledNdarray:
+    """Pickles as a direct call of numpy.ndarray: a zero-stride view of ten million phantom images
+    over one byte (about 200 bytes of file)."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((10_000_000, 3072), "u1", b"\x00", 0, (0, 0)))
+
+
+class ShortArray:
+    """Pickles as numpy's own array reconstruction whose state claims more rows than its bytes fill."""
+
+    def __reduce__(self):
+        reconstruct = np.zeros(1).__reduce__()[0]  # numpy's own _reconstruct
+        return (reconstruct, (np.ndarray, (0,), b"b"), (1, (10, 3072), np.dtype("u1"), False, b"\x00" * 100))
+
+
+def refused(path):
+    """Load ``path`` in a child process (a crash must fail the test, not end the test run): its
+    exit code and its one line of output."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pathlib import Path\nfrom cifar_onecycle.data import DatasetError, safe_load\n"
+            "try:\n    safe_load(Path(sys.argv[1]))\nexcept DatasetError as e:\n    print(e)\n    sys.exit(2)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stdout.strip()
+
+
+@pytest.mark.parametrize("payload, message", [
+    (lambda: pickle.dumps({b"data": CalledNdarray(), b"labels": [0]}, protocol=4), "numpy.ndarray may not be called"),
+    (lambda: pickle.dumps({b"data": ShortArray(), b"labels": [0]}, protocol=4), "does not match its 100 bytes"),
+    # a dict key nested a million tuples deep, without a single MARK
+    (lambda: b"\x80\x04}" + b")" + b"\x85" * 1_000_000 + b"K\x01s.", "nested more than 32 deep"),
+    # a memo index that would make the unpickler allocate a memo of two billion entries
+    (lambda: b"\x80\x04Nr\xff\xff\xff\x7f.", "memo index 2147483647"),
+    (lambda: b"\x80\x04h\x05.", "memo index 5 read before it was written"),
+])
+def test_crafted_streams_are_refused_before_anything_is_built(tmp_path, payload, message):
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(payload())
+    code, line = refused(p)
+    assert code == 2 and message in line and "data_batch_1" in line and "\n" not in line, (code, line)
+
+
+def test_a_batch_file_too_large_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import cifar_onecycle.data as data
+
+    p = tmp_path / "data_batch_1"
+    with open(p, "wb") as f:
+        f.truncate(data.MAX_BATCH_BYTES + 1)  # sparse: no 64 MB written
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read before the size check"))
+    with pytest.raises(DatasetError, match="larger than any CIFAR-10 batch file"):
+        safe_load(p)
+
+
+def test_arrays_from_the_file_own_exactly_its_bytes(tmp_path):
+    p = tmp_path / "b"
+    labels = np.arange(20, dtype=np.int64) % 10
+    p.write_bytes(pickle.dumps({b"data": np.arange(20 * 3072, dtype=np.uint64).astype(np.uint8).reshape(20, 3072),
+                                b"labels": labels}, protocol=4))
+    images, got = read_batch(p)
+    root = images
+    while root.base is not None:
+        root = root.base
+    # a fresh array holding exactly the file's bytes, not a view of the file's buffer
+    assert isinstance(root, np.ndarray) and root.flags.owndata and root.nbytes == 20 * 3072
+    assert got.tolist() == labels.tolist()
+
+
+def test_archives_with_too_many_members_or_bytes_are_refused(tmp_path, monkeypatch):
+    import cifar_onecycle.data as data
+
+    write_cifar(tmp_path / "src")
+    big = tmp_path / "many"
+    big.mkdir()
+    with tarfile.open(big / "cifar-10-python.tar.gz", "w:gz") as tf:
+        for i in range(17):
+            info = tarfile.TarInfo(f"cifar-10-batches-py/extra_{i}")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(DatasetError, match="more than 16 members"):
+        ensure_cifar10(big, download=False)
+    assert not (big / "cifar-10-batches-py").exists()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    make_archive(tmp_path / "src", data_dir / "cifar-10-python.tar.gz")
+    monkeypatch.setattr(data, "MAX_ARCHIVE_BYTES", 10_000)  # the synthetic batches are larger
+    with pytest.raises(DatasetError, match="unpacks to more than 10,000 bytes"):
+        ensure_cifar10(data_dir, download=False)
+    assert not (data_dir / "cifar-10-batches-py").exists()

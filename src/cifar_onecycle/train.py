@@ -45,7 +45,7 @@ RUN_FILES = ("recipe.toml", "metrics.csv", "summary.json", "seeds.json", WEIGHTS
 # the divergence check and (under torchrun) the ranks' agreement on a stop signal. On a CPU every 10
 # steps: a read costs nothing there and a diverged loss is caught within 10 steps. On a GPU each read
 # is a host sync that drains the queue and leaves the GPU idle while the host launches the next
-# step, so there the loop reads once, at the epoch's end (97 steps, about half a second on an H100).
+# step, so there the loop reads once, at the epoch's end (97 steps, about half a second on an H200).
 CPU_SYNC_EVERY = 10
 
 
@@ -484,13 +484,12 @@ def _find_lr_bounds(recipe: Recipe, data: Cifar10, run_dir: Path | None, find_lr
             why = found.note or found.stopped or "no suggestion"
             raise UserError(f"{name} auto: the LR range test found no {name.upper().replace('_', '')} ({why}); "
                             f"set {name} explicitly")
-    changes: dict[str, Any] = {name: values[name] for name in wanted}
-    if find_lr_min:
-        changes["lr_min_div"] = 0.0  # the found LRMIN replaces a LRMIN derived from LRMAX
-    lr_found = {**changes, "sweep": AUTO_SWEEP, "iterations": len(found.lrs), "lr_range": [found.lrs[0], found.lrs[-1]],
-                "lr_max_rule": found.lr_max_rule if find_lr_max else None,
+    found_values = {name: values[name] for name in wanted}
+    # a found LRMIN replaces a LRMIN derived from LRMAX
+    changes = {**found_values, **({"lr_min_div": 0.0} if find_lr_min else {})}
+    lr_found = {**found_values, "sweep": AUTO_SWEEP, "iterations": len(found.lrs),
+                "lr_range": [found.lrs[0], found.lrs[-1]], "lr_max_rule": found.lr_max_rule if find_lr_max else None,
                 "lr_min_rule": found.lr_min_rule if find_lr_min else None, "note": found.note}
-    lr_found.pop("lr_min_div", None)
     if progress:
         tqdm.write("lr-find: " + ", ".join(f"{name.upper().replace('_', '')} {values[name]:.4g}" for name in wanted)
                    + f" ({AUTO_SWEEP} sweep, {len(found.lrs)} iterations)")
