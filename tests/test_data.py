@@ -224,3 +224,35 @@ def test_archives_with_too_many_members_or_bytes_are_refused(tmp_path, monkeypat
     with pytest.raises(DatasetError, match="unpacks to more than 10,000 bytes"):
         ensure_cifar10(data_dir, download=False)
     assert not (data_dir / "cifar-10-batches-py").exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "absolute", "dotdot"])
+def test_archive_members_that_could_write_outside_are_refused(tmp_path, kind):
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tf:
+        name = {"absolute": "/cifar-10-batches-py/evil", "dotdot": "cifar-10-batches-py/../../evil"}.get(
+            kind, "cifar-10-batches-py/data_batch_1")
+        info = tarfile.TarInfo(name)
+        if kind in ("symlink", "hardlink"):
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = str(tmp_path / "outside")
+            tf.addfile(info)
+        else:
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(DatasetError, match="unsafe member|no 'cifar-10-batches-py/' inside"):
+        ensure_cifar10(data, download=False)
+    assert not (data / "cifar-10-batches-py").exists() and not (tmp_path / "evil").exists()
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-python.tar.gz"]  # no temporary folder left
+
+
+def test_a_truncated_archive_is_refused_and_leaves_nothing(tmp_path):
+    write_cifar(tmp_path / "src")
+    data = tmp_path / "data"
+    data.mkdir()
+    whole = make_archive(tmp_path / "src", tmp_path / "whole.tar.gz").read_bytes()
+    (data / "cifar-10-python.tar.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(DatasetError, match="cannot extract"):
+        ensure_cifar10(data, download=False)
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-python.tar.gz"]

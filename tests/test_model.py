@@ -68,3 +68,45 @@ def test_summary_is_the_seed_table_line_for_line():
     assert s.table().splitlines() == SEED_TABLE.splitlines()
     assert round(s.input_mb, 2) == 0.01 and round(s.forward_backward_mb, 2) == 4.88
     assert round(s.params_mb, 2) == 25.07 and round(s.total_mb, 2) == 29.97
+
+
+def reference_forward(params: dict, x: torch.Tensor, training: bool, logit_scale: float = 1.0) -> torch.Tensor:
+    """The seed's network written out with functional calls, in the seed's order, from the weights
+    alone: PrepLayer conv-BN-ReLU; Layer1 conv-pool-BN-ReLU plus (conv-BN-ReLU)x2; Layer2
+    conv-pool-BN-ReLU; Layer3 as Layer1; max-pool 4; FC."""
+    import torch.nn.functional as F
+
+    def conv_bn_relu(x, name, pool=False):
+        x = F.conv2d(x, params[f"{name}.conv.weight"], padding=1)
+        if pool:
+            x = F.max_pool2d(x, 2)
+        x = F.batch_norm(x, params[f"{name}.bn.running_mean"].clone(), params[f"{name}.bn.running_var"].clone(),
+                         params[f"{name}.bn.weight"], params[f"{name}.bn.bias"], training=training)
+        return F.relu(x)
+
+    def residual_layer(x, name):
+        x = conv_bn_relu(x, f"{name}.x", pool=True)
+        return x + conv_bn_relu(conv_bn_relu(x, f"{name}.r1"), f"{name}.r2")
+
+    x = conv_bn_relu(x, "prep")
+    x = residual_layer(x, "layer1")
+    x = conv_bn_relu(x, "layer2", pool=True)
+    x = residual_layer(x, "layer3")
+    x = F.max_pool2d(x, 4).flatten(1)
+    return F.linear(x, params["fc.weight"], params["fc.bias"]) * logit_scale
+
+
+def test_the_forward_pass_is_the_seeds_network():
+    torch.manual_seed(0)
+    model = ResNet9(logit_scale=0.125)
+    with torch.no_grad():  # BatchNorm that does something: random affine and running statistics
+        for name, t in model.state_dict().items():
+            if "bn." in name and t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if name.endswith(("weight", "running_var")) else torch.randn_like(t))
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            got = model(x)
+        assert torch.allclose(got, reference_forward(params, x, training, 0.125), rtol=1e-4, atol=1e-5), training

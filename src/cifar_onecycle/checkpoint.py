@@ -25,16 +25,18 @@ WEIGHTS = "model.safetensors"
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, then
+    fsync the folder, so that the rename itself survives a power cut.
 
-    A kill at any instant leaves either the old file or the new one, never a torn one.
+    A kill at any instant leaves either the old file or the new one, never a torn one; on any error
+    the temporary file is closed and removed.
     """
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable as usual
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns the descriptor from here: closed on every path
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -42,6 +44,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _umask() -> int:
