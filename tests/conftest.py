@@ -70,3 +70,32 @@ def proxy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dest = tmp_path_factory.mktemp("proxy")
     subprocess.run([sys.executable, str(tool), str(dest)], check=True, capture_output=True)
     return dest
+
+
+def py2_pickle(batch: dict) -> bytes:
+    """``batch`` pickled as Python 2's cPickle wrote the official CIFAR-10 files: protocol 2, byte
+    strings as Python 2 ``str`` (BINSTRING), arrays through ``numpy.core.multiarray._reconstruct``
+    with their raw bytes in one string, MARK-delimited dict and lists."""
+    def text(b: bytes) -> bytes:
+        return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + len(b).to_bytes(4, "little")) + b
+
+    def integer(i: int) -> bytes:
+        return b"K" + bytes([i]) if 0 <= i < 256 else b"J" + i.to_bytes(4, "little", signed=True)
+
+    def array(a: np.ndarray) -> bytes:
+        dtype = (b"cnumpy\ndtype\n" + text(b"u1") + integer(0) + integer(1) + b"\x87R"
+                 + b"(" + integer(3) + text(b"|") + b"NNN" + integer(-1) + integer(-1) + integer(0) + b"tb")
+        new = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85" + text(b"b") + b"\x87R"
+        shape = b"(" + b"".join(integer(n) for n in a.shape) + b"t"
+        return new + b"(" + integer(1) + shape + dtype + b"\x89" + text(a.tobytes()) + b"tb"
+
+    def value(v) -> bytes:
+        if isinstance(v, bytes):
+            return text(v)
+        if isinstance(v, int):
+            return integer(v)
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) for x in v) + b"e"
+        return array(v)
+
+    return b"\x80\x02}(" + b"".join(text(k) + value(v) for k, v in batch.items()) + b"u."

@@ -63,3 +63,24 @@ def test_augment_reproducible_and_switchable():
     x = images(32)
     off = augment_batch(x, crop=False, padding=0, flip=False, cutout_size=0, generator=torch.Generator())
     assert torch.equal(off, normalize(x))
+
+
+def test_crop_then_flip_then_cutout_exact_pixels():
+    n = 16
+    padded = pad_reflect(images(n, seed=3), 4)
+    out = augment_batch(padded, crop=True, padding=4, flip=True, cutout_size=8,
+                        generator=torch.Generator().manual_seed(11))
+    # The documented draws, in the documented order, from a generator with the same seed.
+    g = torch.Generator().manual_seed(11)
+    dy, dx = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
+    flipped = torch.rand(n, generator=g) < 0.5
+    hy, hx = torch.randint(0, 25, (n,), generator=g), torch.randint(0, 25, (n,), generator=g)
+    for i in range(n):
+        want = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]   # 1. RandomCrop 32 of the padded image
+        want = want.flip(-1) if flipped[i] else want              # 2. FlipLR of the crop
+        want = normalize(want[None])[0]
+        want[:, hy[i]:hy[i] + 8, hx[i]:hx[i] + 8] = 0.0            # 3. CutOut: the hole holds the mean
+        assert torch.equal(out[i], want), i
+    # every sample its own draws
+    assert len(set(zip(dy.tolist(), dx.tolist()))) > n // 2 and 0 < int(flipped.sum()) < n
+    assert len(set(zip(hy.tolist(), hx.tolist()))) > n // 2

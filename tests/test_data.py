@@ -2,6 +2,7 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import tarfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from cifar_onecycle.data import (DatasetError, download_archive, ensure_cifar10, load_cifar10, read_batch,
                                  safe_load)
-from conftest import Payload, synthetic_batch, write_cifar
+from conftest import Payload, py2_pickle, synthetic_batch, write_cifar
 
 
 def test_loads_the_official_layout(cifar_dir):
@@ -256,3 +257,13 @@ def test_a_truncated_archive_is_refused_and_leaves_nothing(tmp_path):
     with pytest.raises(DatasetError, match="cannot extract"):
         ensure_cifar10(data, download=False)
     assert sorted(p.name for p in data.iterdir()) == ["cifar-10-python.tar.gz"]
+
+
+def test_the_official_python_2_format_loads(tmp_path):
+    batch = synthetic_batch(20, 4)
+    raw = py2_pickle(batch)
+    assert raw[:2] == b"\x80\x02" and b"cnumpy.core.multiarray\n_reconstruct\n" in raw
+    assert max(op.proto for op, _, _ in pickletools.genops(raw)) <= 2  # nothing Python 2 could not write
+    (tmp_path / "data_batch_1").write_bytes(raw)
+    images, labels = read_batch(tmp_path / "data_batch_1")
+    assert np.array_equal(images.reshape(20, 3072), batch[b"data"]) and labels.tolist() == batch[b"labels"]
