@@ -24,8 +24,8 @@ RECIPE = Recipe(epochs=3, peak_epoch=1, batch_size=25, eval_batch_size=16, devic
 TIMING = {"train_seconds", "images_per_second"}
 
 # Run the CLI; with HANG_ON_CHECKPOINT_FSYNC=N, the N-th fsync of a checkpoint's temporary file
-# touches a marker and hangs there, so the test can kill the process in the middle of the write;
-# with SIGINT_AT_STEP=K, the process sends itself SIGINT while step K (from 0) runs.
+# touches a marker and hangs there, so the test can kill the process in the middle of the write.
+# Signals at an exact step come from the library's test hook (CIFAR_ONECYCLE_TEST_SIGNALS).
 RUNNER = """
 import os, sys, time
 n = int(os.environ.get("HANG_ON_CHECKPOINT_FSYNC", "0"))
@@ -39,17 +39,6 @@ if n:
                 time.sleep(600)
         real(fd)
     os.fsync = fsync
-at = int(os.environ.get("SIGINT_AT_STEP", "-1"))
-if at >= 0:  # Ctrl-C at an exact step, as if typed while that step ran
-    import cifar_onecycle.train
-    import signal
-    t = sys.modules["cifar_onecycle.train"]  # the attribute cifar_onecycle.train is the function
-    real_lr_at = t.lr_at
-    def lr_at(step, knots):
-        if step == at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr_at(step, knots)
-    t.lr_at = lr_at
 from cifar_onecycle.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -121,18 +110,35 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_p
     assert_same_run(run, ref)
 
 
-@pytest.mark.parametrize("at_step, where", [(6, "in epoch 2 after step 7"), (7, "after epoch 2")])
-def test_sigint_checkpoints_and_says_how_to_resume(reference, tmp_path, at_step, where):
+@pytest.mark.parametrize("signal, at_step, where", [("SIGINT", 6, "in epoch 2 after step 7"),
+                                                     ("SIGINT", 7, "after epoch 2"),
+                                                     ("SIGTERM", 5, "in epoch 2 after step 6")])
+def test_a_stop_signal_checkpoints_and_says_how_to_resume(reference, tmp_path, signal, at_step, where):
     data, ref = reference
     run = tmp_path / "run"
-    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)], SIGINT_AT_STEP=str(at_step))
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
+              CIFAR_ONECYCLE_TEST_SIGNALS=f"{signal}@{at_step}")
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert f"stopped by SIGINT {where}" in err, err  # 4 steps an epoch: step 6 is mid-epoch, 7 its last
+    assert f"stopped by {signal} {where}" in err, err  # 4 steps an epoch: step 6 is mid-epoch, 7 its last
     assert f"resume with: cifar-onecycle train --resume {run}" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (run / "model.safetensors").exists()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0  # the data folder comes from the checkpoint
+    assert_same_run(run, ref)
+
+
+def test_a_second_signal_stops_at_once(reference, tmp_path):
+    data, ref = reference
+    run = tmp_path / "run"
+    # both arrive as step 6 begins: the first asks for a checkpoint at the end of the step, the
+    # second does not wait for it
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
+              CIFAR_ONECYCLE_TEST_SIGNALS="SIGTERM@6,SIGINT@6")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err and "checkpoint saved" not in err, err
+    assert load_checkpoint(run / "checkpoint.pt")[0]["epoch"] == 1  # epoch 1's, untouched
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(run, ref)
 
 

@@ -53,6 +53,21 @@ def sync_every(device: torch.device, steps_per_epoch: int) -> int:
     return CPU_SYNC_EVERY if device.type == "cpu" else steps_per_epoch
 
 
+# For tests only: CIFAR_ONECYCLE_TEST_SIGNALS="SIGTERM@6,SIGINT@9" makes the run send itself each
+# signal as the step of that number (from 0, over the whole run) begins, as if it arrived from outside
+# during that step: a stop at an exact step, with no sleeps and no patched internals.
+TEST_SIGNALS = "CIFAR_ONECYCLE_TEST_SIGNALS"
+
+
+def signals_for_tests() -> dict[int, list[signal.Signals]]:
+    """The test hook's signals by step; empty unless the environment asks for them."""
+    plan: dict[int, list[signal.Signals]] = {}
+    for item in filter(None, os.environ.get(TEST_SIGNALS, "").split(",")):
+        name, _, step = item.partition("@")
+        plan.setdefault(int(step), []).append(signal.Signals[name.strip()])
+    return plan
+
+
 @dataclass
 class EpochMetrics:
     epoch: int
@@ -535,6 +550,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     evaluated = ema.model if ema else None  # None: the trained model itself
     steps_per_epoch = s.steps_per_epoch
     read_every = sync_every(device, steps_per_epoch)
+    signals_at = signals_for_tests()
     knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
     history: list[EpochMetrics] = []
     done, batch, order, sums, elapsed = 0, 0, None, (0.0, 0, 0.0), 0.0
@@ -581,6 +597,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
             bar = tqdm(s.epoch(order, batch), initial=batch, total=steps_per_epoch,
                        desc=f"epoch {epoch}/{recipe.epochs}", leave=False, disable=not progress, unit="step")
             for i, (x, y) in enumerate(bar, start=batch):
+                for sig in signals_at.get(step, ()):
+                    os.kill(os.getpid(), sig)
                 lr = lr_at(step, knots)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
