@@ -221,7 +221,8 @@ def safe_load(path: Path) -> Any:
         raise DatasetError(f"{path}: refused ({e}); replace it with the official file") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             MemoryError, RecursionError, OverflowError) as e:
-        raise DatasetError(f"{path}: truncated or corrupt ({type(e).__name__}: {e}); "
+        why = " ".join(str(e).split())[:200]  # pickle's own messages may span lines
+        raise DatasetError(f"{path}: truncated or corrupt ({type(e).__name__}: {why}); "
                            f"replace it with the official file") from None
 
 
