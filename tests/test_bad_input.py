@@ -91,6 +91,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
     assert "cannot write there" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_divergence_exit_code_3(tmp_path, capsys):
     data = write_cifar(tmp_path / "data").parent
     out = tmp_path / "run"

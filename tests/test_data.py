@@ -128,6 +128,7 @@ def test_download_checks_md5_and_leaves_nothing_half_written(tmp_path):
     assert os.listdir(tmp_path / "data") == []
 
 
+@pytest.mark.slow
 def test_proxy_data_loads_with_the_restricted_unpickler(proxy_dir):
     d = load_cifar10(proxy_dir, download=False)
     assert d.train_images.shape == (50_000, 3, 32, 32) and d.test_images.shape == (5_000, 3, 32, 32)
@@ -172,6 +173,7 @@ def refused(path):
     (lambda: b"\x80\x04Nr\xff\xff\xff\x7f.", "memo index 2147483647"),
     (lambda: b"\x80\x04h\x05.", "memo index 5 read before it was written"),
 ])
+@pytest.mark.slow
 def test_crafted_streams_are_refused_before_anything_is_built(tmp_path, payload, message):
     p = tmp_path / "data_batch_1"
     p.write_bytes(payload())

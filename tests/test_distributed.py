@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cifar_onecycle.augment import epoch_batches
@@ -37,6 +38,7 @@ def run(cmd, **env):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     from conftest import write_cifar
 
@@ -67,6 +69,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert "test_acc_tta" in rows[0] and b["final_test_acc_tta"] is not None
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_split_is_refused(tmp_path):
     from conftest import write_cifar
 
@@ -94,6 +97,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_ends_the_job_without_a_hang(tmp_path):
     from conftest import write_cifar
 
@@ -121,6 +125,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_resume_and_lr_find_under_torchrun(tmp_path):
     import csv
 

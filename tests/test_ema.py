@@ -61,6 +61,7 @@ def runs(tmp_path_factory):
     return data, plain, copy, averaged, root / "run"
 
 
+@pytest.mark.slow
 def test_vanishing_decay_gives_the_trained_weights(runs):
     _, plain, copy, _, _ = runs
     for k, v in plain.model.state_dict().items():
@@ -69,6 +70,7 @@ def test_vanishing_decay_gives_the_trained_weights(runs):
     assert plain.summary["final_test_acc_without_ema"] is None
 
 
+@pytest.mark.slow
 def test_the_average_is_what_the_run_evaluates_and_saves(runs):
     data, plain, _, averaged, run = runs
     # The same seed trains the same weights; the average is another model.

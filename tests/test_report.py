@@ -25,6 +25,7 @@ def run(tmp_path_factory):
     return result, data
 
 
+@pytest.mark.slow
 def test_every_picture_is_a_valid_png(run):
     result, _ = run
     for name in PICTURES:
@@ -50,6 +51,7 @@ def test_report_md_and_per_class_accuracy(run):
     assert sum(per_class.values()) / 10 == pytest.approx(result.final_test_acc)
 
 
+@pytest.mark.slow
 def test_report_command_rewrites_the_pictures(run, capsys):
     result, data = run
     (result.run_dir / "curves.png").unlink()

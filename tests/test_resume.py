@@ -78,6 +78,7 @@ def assert_same_run(run: Path, ref: Path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_path):
     data, ref = reference
     run, marker = tmp_path / "run", tmp_path / "in-write"
@@ -113,6 +114,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_p
 @pytest.mark.parametrize("signal, at_step, where", [("SIGINT", 6, "in epoch 2 after step 7"),
                                                      ("SIGINT", 7, "after epoch 2"),
                                                      ("SIGTERM", 5, "in epoch 2 after step 6")])
+@pytest.mark.slow
 def test_a_stop_signal_checkpoints_and_says_how_to_resume(reference, tmp_path, signal, at_step, where):
     data, ref = reference
     run = tmp_path / "run"
@@ -128,6 +130,7 @@ def test_a_stop_signal_checkpoints_and_says_how_to_resume(reference, tmp_path, s
     assert_same_run(run, ref)
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(reference, tmp_path):
     data, ref = reference
     run = tmp_path / "run"
@@ -142,6 +145,7 @@ def test_a_second_signal_stops_at_once(reference, tmp_path):
     assert_same_run(run, ref)
 
 
+@pytest.mark.slow
 def test_resume_with_a_weight_average_is_bit_identical(tmp_path):
     from conftest import write_cifar
 
@@ -189,6 +193,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_run_killed_after_its_last_checkpoint_is_finished_by_resume(reference, tmp_path):
     data, ref = reference
     run = tmp_path / "run"

@@ -19,6 +19,7 @@ def test_spread_is_sample_statistics():
     assert spread([0.5])["std"] == 0.0
 
 
+@pytest.mark.slow
 def test_two_seeds_then_resume_reuses_the_finished_one(cifar_dir, tmp_path):
     out = tmp_path / "seeds"
     first = train_seeds(Recipe(**TINY, seed=3), 2, out=out, data_dir=cifar_dir, download=False, progress=False,

@@ -14,6 +14,7 @@ TINY = dict(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="c
             lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)  # few steps: BN statistics must catch up fast
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_the_run_folder(cifar_dir, tmp_path):
     out = tmp_path / "run"
     result = train(Recipe(**TINY), data_dir=cifar_dir, download=False, out=out, progress=False)
@@ -38,6 +39,7 @@ def test_tiny_run_writes_the_run_folder(cifar_dir, tmp_path):
     assert len(load_file(out / "model.safetensors")) == len(result.model.state_dict())
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_on_cpu(cifar_dir):
     data = load_cifar10(cifar_dir, download=False)
     a = train(Recipe(**TINY), data=data, progress=False)
@@ -49,11 +51,13 @@ def test_same_seed_same_run_on_cpu(cifar_dir):
         assert torch.equal(v, b.model.state_dict()[k]), k
 
 
+@pytest.mark.slow
 def test_learns_the_synthetic_classes(cifar_dir):
     r = train(Recipe(**{**TINY, "lr_max": 0.05}), data_dir=cifar_dir, download=False, progress=False)
     assert r.history[-1].test_acc >= 0.6  # chance is 0.1; measured 0.87
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run(cifar_dir):
     with pytest.raises(DivergenceError, match=r"diverged: loss is (nan|inf) in epoch 1.*LR") as e:
         train(Recipe(**{**TINY, "lr_max": 1e12, "logit_scale": 1.0}), data_dir=cifar_dir, download=False,
@@ -61,6 +65,7 @@ def test_divergence_stops_the_run(cifar_dir):
     assert e.value.exit_code == 3
 
 
+@pytest.mark.slow
 def test_existing_run_is_refused_unless_overwrite(cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--quiet",
@@ -74,6 +79,7 @@ def test_existing_run_is_refused_unless_overwrite(cifar_dir, tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() != before
 
 
+@pytest.mark.slow
 def test_evaluate_cli(cifar_dir, tmp_path, capsys):
     result = train(Recipe(**TINY), data_dir=cifar_dir, download=False, out=tmp_path / "run", progress=False)
     capsys.readouterr()
@@ -92,9 +98,16 @@ def test_evaluate_refuses_foreign_files(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
 
 
-def test_precision_auto():
-    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native_bf16, expected):
+    import sys
+
+    train_module = sys.modules["cifar_onecycle.train"]  # the package's attribute "train" is the function
+    # Emulated bf16 is 13 times slower than fp32 on an AVX2-only CPU: auto must fall back to fp32 there.
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice is kept
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_evaluate_refuses_weights_of_another_model(tmp_path, capsys):
@@ -130,6 +143,7 @@ def test_evaluate_with_flip_tta():
     assert mirrored != plain  # the mirror really is another input for this model
 
 
+@pytest.mark.slow
 def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path):
     out = tmp_path / "run"
     code = main(["train", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--quiet",
