@@ -1,20 +1,27 @@
-"""Whole training step against the bare model step, side by side in one run.
+"""Whole training step against the bare model step, alternating, in one run.
 
 The whole step is ``cifar_onecycle.train`` itself (shuffle, gather, crop, flip, normalise, cutout,
 schedule, forward, backward, SGD, bookkeeping, progress bar), measured as the images per second of
-its second epoch (the first warms up). The bare step is forward, backward and SGD on one fixed,
-already normalised batch on the same device and precision. The bare step is timed before and
-after the training run and averaged, so drift in a shared machine's speed hits both sides.
+the second epoch of a 2-epoch run (the first warms up). The bare step is forward, backward and SGD
+on one fixed, already normalised batch on the same device and precision. The two alternate, block
+after block (``--blocks``, at least 5), so that drift in a shared machine's speed reaches both
+sides; each block's ratio is its whole step over the mean of the bare blocks around it. The block
+length (``--steps``, default ``auto``) is chosen from one timed step so that the benchmark takes at
+most about ``--budget-s`` (10 minutes).
 
-    python benchmarks/throughput.py [--steps 6] [--batch-size 512] [--device auto] [--precision auto]
+    python benchmarks/throughput.py [--blocks 5] [--steps auto] [--budget-s 540] [--device auto] [--precision auto]
 
-Prints both speeds and their ratio (target on a CPU: >= 0.95) and writes them as JSON to
-benchmarks/results/throughput-<device>.json.
+Prints every block, the median ratio and its spread (min to max), and writes them as JSON, with the
+commit, torch version, CPU model and precision, to ``--out`` (default
+benchmarks/results/throughput-<device>.json). A median above 1.0 by more than the spread is a
+measurement error to explain, not a result.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,7 +31,8 @@ import torch.nn.functional as F
 
 from cifar_onecycle import Cifar10, Recipe, ResNet9, train
 from cifar_onecycle.augment import normalize
-from cifar_onecycle.train import autocast, device_name, make_optimizer, resolve_device, resolve_precision
+from cifar_onecycle.train import (autocast, device_name, git_commit, make_optimizer, resolve_device,
+                                  resolve_precision)
 
 
 def bare_step(recipe: Recipe, fused: bool | None = None) -> Callable[[], None]:
@@ -74,16 +82,36 @@ def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: 
     return rates
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6, help="steps per timed block (an epoch of the run)")
+    ap.add_argument("--blocks", type=int, default=5, help="timed blocks of each side (at least 5)")
+    ap.add_argument("--steps", default="auto", help="steps per timed block (an epoch of the run), or auto")
+    ap.add_argument("--budget-s", type=float, default=540, help="what --steps auto aims the whole run at")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", type=Path, help="the JSON file (default: benchmarks/results/throughput-<device>.json)")
     a = ap.parse_args()
+    if a.blocks < 5:
+        raise SystemExit("throughput: --blocks must be at least 5")
+    device = resolve_device(a.device)
+    precision = resolve_precision(a.precision, device)
+    probe = Recipe(batch_size=a.batch_size, device=a.device, precision=a.precision, compile=a.compile)
+    if a.steps == "auto":  # a block costs about 3 steps a step of its length: 2 epochs whole, 1 bare
+        step_seconds = a.batch_size / bare_images_per_second(probe, 1, warmup=1)[0]
+        steps = max(2, min(20, int((a.budget_s / (a.blocks * step_seconds) - 2) / 3)))
+    else:
+        steps = int(a.steps)
 
-    n = a.steps * a.batch_size
+    n = steps * a.batch_size
     # Random pixels and labels: the speed of a step does not depend on what the images show. A small
     # LR keeps random labels from diverging.
     recipe = Recipe(epochs=2, peak_epoch=1, batch_size=a.batch_size, train_subset=n, lr_max=0.01,
@@ -93,28 +121,30 @@ def main() -> None:
                    torch.randint(0, 10, (n,), generator=g),
                    torch.randint(0, 256, (500, 3, 32, 32), dtype=torch.uint8, generator=g),
                    torch.randint(0, 10, (500,), generator=g))
-    device = resolve_device(a.device)
-    precision = resolve_precision(a.precision, device)
-    print(f"device {device_name(device)}, precision {precision}, batch {a.batch_size}, {a.steps} steps a block",
-          flush=True)
-    bare_before = bare_images_per_second(recipe, a.steps)[0]
-    print(f"bare model step (before): {bare_before:9.1f} img/s", flush=True)
-    run = train(recipe, data=data, progress=False)
-    whole = run.history[-1].images_per_second
-    print(f"whole training step:      {whole:9.1f} img/s (epoch 2 of train())", flush=True)
-    bare_after = bare_images_per_second(recipe, a.steps)[0]
-    print(f"bare model step (after):  {bare_after:9.1f} img/s", flush=True)
-    bare = (bare_before + bare_after) / 2
-    ratio = whole / bare
-    print(f"ratio whole/bare: {ratio:.3f} (target >= 0.95)")
-    out = Path(__file__).parent / "results" / f"throughput-{device.type}.json"
+    print(f"device {device_name(device)} ({cpu_model()}), precision {precision}, batch {a.batch_size}, "
+          f"{steps} steps a block, {a.blocks} blocks of each side", flush=True)
+    started = time.perf_counter()
+    bare = [bare_images_per_second(recipe, steps)[0]]
+    whole = []
+    for block in range(a.blocks):
+        whole.append(train(recipe, data=data, progress=False).history[-1].images_per_second)
+        bare.append(bare_images_per_second(recipe, steps)[0])
+        print(f"block {block + 1}: bare {bare[-2]:8.1f}, whole {whole[-1]:8.1f}, bare {bare[-1]:8.1f} img/s", flush=True)
+    ratios = [w / ((b0 + b1) / 2) for w, b0, b1 in zip(whole, bare, bare[1:])]
+    median = statistics.median(ratios)
+    print(f"ratio whole/bare: median {median:.3f}, spread {min(ratios):.3f} to {max(ratios):.3f} "
+          f"({time.perf_counter() - started:.0f} s)")
+    out = a.out or Path(__file__).parent / "results" / f"throughput-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python benchmarks/throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "compile") + (" --compile" if a.compile else ""),
-        "device": device_name(device), "precision": precision, "batch_size": a.batch_size, "steps": a.steps,
-        "torch": torch.__version__, "bare_images_per_second": [bare_before, bare_after],
-        "whole_images_per_second": whole, "ratio": ratio}, indent=2) + "\n")
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("compile", "out")
+        ) + (" --compile" if a.compile else ""),
+        "commit": git_commit(), "torch": torch.__version__, "device": device_name(device), "cpu": cpu_model(),
+        "precision": precision, "batch_size": a.batch_size, "steps": steps, "blocks": a.blocks,
+        "bare_images_per_second": bare, "whole_images_per_second": whole, "ratios": ratios,
+        "ratio_median": median, "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
