@@ -140,6 +140,9 @@ def test_plots_and_json(tmp_path):
 @pytest.mark.parametrize("argv, msg", [
     (["--start-lr", "1", "--end-lr", "0.1"], "must be above"),
     (["--num-iter", "5"], ">= 10"),
+    (["--num-iter", "0"], ">= 10"),
+    (["--patience", "0"], "--patience must be >= 1"),
+    (["--num-iter", "20", "--sweep-epochs", "2"], "give one"),
     (["--mode", "cosine"], "invalid choice"),
 ])
 def test_cli_bad_flags(argv, msg, capsys, tmp_path):

@@ -154,7 +154,8 @@ def test_resume_with_a_weight_average_is_bit_identical(tmp_path):
     train(RECIPE.replace(ema_decay=0.9, ema_every=3, tta=True), data_dir=data, download=False, out=tmp_path / "ref",
           progress=False, report=False)
     run = tmp_path / "run"
-    p = start(["--data-dir", str(data), "--no-download", *FLAGS, *ema, "--out", str(run)], SIGINT_AT_STEP="6")
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, *ema, "--out", str(run)],
+              CIFAR_ONECYCLE_TEST_SIGNALS="SIGINT@6")
     assert p.wait(timeout=120) == 130
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(run, tmp_path / "ref")

@@ -242,9 +242,12 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise UserError("--num-iter and --sweep-epochs both set a sweep's length; give one")
     if args.sweep_epochs is not None and args.sweep_epochs <= 0:
         raise UserError(f"--sweep-epochs must be > 0, got {args.sweep_epochs:g}")
+    if args.patience is not None and args.patience < 1:
+        raise UserError(f"--patience must be >= 1, got {args.patience}")
     for mode in modes:  # refuse a bad range before loading anything
         lo, hi = DEFAULT_RANGES[mode]
-        check_sweep(mode, args.start_lr or lo, args.end_lr or hi, args.num_iter or 10, args.smooth, args.diverge)
+        check_sweep(mode, args.start_lr or lo, args.end_lr or hi, 10 if args.num_iter is None else args.num_iter,
+                    args.smooth, args.diverge)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
     data = load_cifar10(args.data_dir or "data", download=not args.no_download)
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
