@@ -127,3 +127,30 @@ def test_every_named_recipe_says_where_its_values_come_from(name):
     text = (resources.files("cifar_onecycle") / "recipes" / f"{name}.toml").read_text()
     comments = [line for line in text.splitlines() if line.startswith("#")]
     assert len(comments) >= 3 and text.startswith("#")
+
+
+def recipe_of(*argv):
+    from cifar_onecycle.cli import build_parser, recipe_from_args
+
+    return recipe_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_a_flag_lr_min_wins_over_the_recipes_lr_min_div():
+    r = recipe_of("--recipe", "dawnbench", "--lr-min", "1e-5")
+    assert r.lr_min == 1e-5 and r.lr_min_div == 0.0 and r.lr_max == 0.4
+    assert "lr_min = 1e-05\n" in r.to_toml() and "lr_min_div = 0.0\n" in r.to_toml()
+
+
+def test_lr_min_and_lr_min_div_together_are_refused():
+    from cifar_onecycle.errors import UserError
+
+    with pytest.raises(UserError, match="--lr-min and --lr-min-div both set LRMIN"):
+        recipe_of("--lr-min", "1e-5", "--lr-min-div", "100")
+
+
+def test_epochs_alone_keeps_the_recipes_shape():
+    assert recipe_of("--epochs", "2").peak_epoch == pytest.approx(5 / 12)    # 5/24 of the run, as the seed
+    assert recipe_of("--epochs", "48").peak_epoch == pytest.approx(10.0)
+    assert recipe_of("--epochs", "2", "--peak-epoch", "1").peak_epoch == 1.0  # an explicit peak wins
+    with pytest.raises(RecipeError, match="peak_epoch 3 must lie in"):
+        recipe_of("--epochs", "2", "--peak-epoch", "3")

@@ -149,11 +149,19 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
     overrides the one before.
 
     ``--lr-max auto`` and ``--lr-min auto`` leave the recipe's values here; ``train`` replaces them
-    with the range test's findings.
+    with the range test's findings. ``--lr-min`` replaces a LRMIN the recipe derives from LRMAX
+    (``lr_min_div``), and ``--epochs`` without ``--peak-epoch`` keeps the recipe's shape: the peak
+    moves to the same fraction of the run.
     """
     base = load_recipe(args.recipe, base) if args.recipe else (base or Recipe())
+    if hasattr(args, "lr_min") and hasattr(args, "lr_min_div"):
+        raise UserError("--lr-min and --lr-min-div both set LRMIN; give one")
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
              if hasattr(args, f.name) and getattr(args, f.name) != "auto"}
+    if "lr_min" in flags:
+        flags["lr_min_div"] = 0.0
+    if "epochs" in flags and "peak_epoch" not in flags:
+        flags["peak_epoch"] = base.peak_epoch * flags["epochs"] / base.epochs
     return Recipe.from_dict({**base.to_dict(), **flags}, source="flags")
 
 
