@@ -10,19 +10,16 @@ the top kernels and the LRMAX points. Nothing is typed in by hand: rerun it afte
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-RECIPES = ("seed", "dawnbench", "best")
-# Points against dawnbench's mean on the proxy data: best at least +0.5, seed at least -2.0.
-TARGETS = {"best": 0.5, "seed": -2.0}
+from device_run import RECIPES
+from recipes import TARGETS  # points against dawnbench's mean on the proxy data
 
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+from cifar_onecycle.seeds import spread
 
 
 def pct(s: dict[str, float]) -> str:
@@ -35,10 +32,8 @@ def runs(folder: Path, stage: str) -> dict[str, list[dict[str, Any]]]:
     for path in sorted((folder / stage).glob("*/seed*/summary.json"), key=lambda p: (p.parent.parent.name,
                                                                                      int(p.parent.name[4:]))):
         summary = json.loads(path.read_text())
-        lines = (path.parent / "metrics.csv").read_text().splitlines()
-        header = lines[0].split(",")
-        column = header.index("train_seconds")
-        summary["train_seconds"] = sum(float(line.split(",")[column]) for line in lines[1:])
+        with open(path.parent / "metrics.csv", newline="") as f:
+            summary["train_seconds"] = sum(float(row["train_seconds"]) for row in csv.DictReader(f))
         summary["seed"] = int(path.parent.name[4:])
         found.setdefault(path.parent.parent.name, []).append(summary)
     return found
