@@ -314,7 +314,7 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
     """Each lever on the bare step, the augmentation alone, then the whole loop in each mode."""
     import torch
 
-    from cifar_onecycle.train import setup_run
+    from cifar_onecycle.run_setup import setup_run
     from throughput import bare_images_per_second, synchronize
 
     base = recipe_for("seed")
@@ -372,8 +372,7 @@ def stage_lr_find(recipe_for: Callable[[str], Any], data: Any, results: Results,
     """The default range test (both sweeps) of the seed and dawnbench recipes; the seed recipe's
     linear suggestion goes into ``found`` for ``stage_lr_auto``. (gpu-h200-levers also has 6-epoch
     linear sweeps beside the 2-epoch default of that code; 6 epochs is the default now.)"""
-    from cifar_onecycle.lr_finder import MODES, write_lr_find
-    from cifar_onecycle.train import AUTO_SWEEP, lr_range_test
+    from cifar_onecycle.lr_finder import AUTO_SWEEP, MODES, lr_range_test, write_lr_find
 
     for name in ("seed", "dawnbench"):
         started = time.perf_counter()
@@ -469,7 +468,7 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
     from torch.profiler import ProfilerActivity, profile
 
     from cifar_onecycle import ResNet9
-    from cifar_onecycle.train import resolve_device, resolve_precision
+    from cifar_onecycle.device import resolve_device, resolve_precision
     from throughput import bare_step, synchronize
 
     recipe = recipe_for("seed")

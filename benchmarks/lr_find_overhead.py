@@ -1,8 +1,8 @@
 """Cost of the LR range test against the same number of plain training steps, in one run.
 
 Both sides use the recipe's model, augmented batches, optimizer and precision (``setup_run``). The
-plain side is the training loop's step (set LR, forward, backward, SGD); the range-test side is
-``find_lr`` (state saved once, loss read every step, smoothing, restore at the end). Plain steps are
+plain side is the training loop's step (``RunSetup.step``: set LR, forward, backward, SGD); the
+range-test side is ``find_lr`` (the same step inside; state saved once, loss read every step, smoothing, restore at the end). Plain steps are
 timed before and after the range test and averaged. Target: ratio <= 1.25.
 
     python benchmarks/lr_find_overhead.py [--iters 12] [--batch-size 128] [--device auto] [--precision auto]
@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cifar_onecycle import Cifar10, Recipe
+from cifar_onecycle.device import device_name
 from cifar_onecycle.lr_finder import find_lr
-from cifar_onecycle.train import device_name, setup_run
+from cifar_onecycle.run_setup import setup_run
 
 
 def sync(device: torch.device) -> None:
@@ -46,14 +46,8 @@ def main() -> None:
     def plain() -> float:
         sync(s.device)
         t0 = time.perf_counter()
-        for x, y in s.epoch():
-            for group in s.optimizer.param_groups:
-                group["lr"] = 1e-3
-            with s.autocast():
-                loss = F.cross_entropy(s.step_model(x).float(), y)
-            s.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            s.optimizer.step()
+        for inputs, targets in s.epoch():
+            s.step(inputs, targets, 1e-3)
         sync(s.device)
         return time.perf_counter() - t0
 
@@ -61,7 +55,7 @@ def main() -> None:
     before = plain()
     t0 = time.perf_counter()
     r = find_lr(s.step_model, s.epoch, s.optimizer, mode="exp", start_lr=1e-5, end_lr=1e-2, num_iter=a.iters,
-                autocast=s.autocast)
+                autocast=s.autocast, scaler=s.scaler, loss_fn=s.loss_fn)
     sync(s.device)
     finder = time.perf_counter() - t0
     after = plain()

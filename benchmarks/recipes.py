@@ -21,7 +21,7 @@ from typing import Any
 
 from cifar_onecycle import load_recipe, train_seeds
 from cifar_onecycle.recipe import tomllib
-from cifar_onecycle.seeds import SEEDS_FILE
+from cifar_onecycle.run_folder import SEEDS
 
 TARGETS = {"best": 0.5, "seed": -2.0}  # points against dawnbench's mean, on the proxy (issue #5)
 
@@ -71,7 +71,7 @@ def main() -> None:
     names, changes = args.recipes.split(","), dict(args.set)
     for name in names if not args.table_only else ():
         folder = args.out / name
-        if (folder / SEEDS_FILE).is_file():
+        if (folder / SEEDS).is_file():
             train_seeds(resume=folder, data_dir=args.data_dir, report=False)
         else:
             recipe = load_recipe(name).replace(**changes)

@@ -27,34 +27,32 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from cifar_onecycle import Cifar10, Recipe, ResNet9, train
+from cifar_onecycle import Cifar10, Recipe, train
 from cifar_onecycle.augment import normalize
-from cifar_onecycle.train import (autocast, device_name, git_commit, make_optimizer, resolve_device,
-                                  resolve_precision)
+from cifar_onecycle.device import autocast, device_name, resolve_device, resolve_precision
+from cifar_onecycle.results import git_commit
+from cifar_onecycle.step import make_optimizer, make_scaler, train_step
 
 
 def bare_step(recipe: Recipe, fused: bool | None = None) -> Callable[[], None]:
-    """One bare training step (forward, backward, SGD on one fixed, already normalised batch) of the
-    recipe's model, optimizer (``fused``: ``make_optimizer``'s switch), precision and compilation."""
+    """One bare training step (``train_step`` on one fixed, already normalised batch: no shuffle,
+    augmentation, schedule or bookkeeping) of the recipe's model, optimizer (``fused``:
+    ``make_optimizer``'s switch), loss scaling, precision and compilation."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
-    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = ResNet9(logit_scale=recipe.logit_scale).to(device, memory_format=fmt)
-    opt = make_optimizer(model, recipe, device, fused)
+    model = recipe.model().to(device, memory_format=recipe.memory_format)
+    optimizer = make_optimizer(model, recipe, device, fused)
+    scaler = make_scaler(device, precision)
     step_model = torch.compile(model, mode=recipe.compile_mode) if recipe.compile else model
-    x = normalize(torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
-    x = x.contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (recipe.batch_size,), device=device)
+    inputs = normalize(torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
+    inputs = inputs.contiguous(memory_format=recipe.memory_format)
+    targets = torch.randint(0, 10, (recipe.batch_size,), device=device)
 
     def step() -> None:
-        with autocast(device, precision):
-            loss = F.cross_entropy(step_model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(step_model, optimizer, inputs, targets, recipe.lr_max, scaler=scaler,
+                   autocast=lambda: autocast(device, precision))
 
     return step
 

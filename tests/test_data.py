@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_onecycle.data import (DatasetError, download_archive, ensure_cifar10, load_cifar10, read_batch,
+from cifar_onecycle.data import (DatasetError, download_archive, download_bar, ensure_cifar10, load_cifar10, read_batch,
                                  safe_load)
 from conftest import Payload, py2_pickle, synthetic_batch, write_cifar
 
@@ -110,6 +110,15 @@ def test_unsafe_archive_member_refused(tmp_path):
     with pytest.raises(DatasetError, match="unsafe member"):
         ensure_cifar10(data, download=False)
     assert not (tmp_path / "escaped").exists() and not (data / "cifar-10-batches-py").exists()
+
+
+def test_the_download_shows_a_progress_bar(tmp_path, capsys):
+    write_cifar(tmp_path / "src")
+    archive = make_archive(tmp_path / "src", tmp_path / "served.tar.gz")
+    download_archive(tmp_path / "data" / "cifar-10-python.tar.gz", url=archive.as_uri(), md5=None,
+                     progress=download_bar())
+    err = capsys.readouterr().err
+    assert "download CIFAR-10" in err and "B/s" in err, err  # tqdm's bar of bytes, with its rate
 
 
 def test_download_checks_md5_and_leaves_nothing_half_written(tmp_path):

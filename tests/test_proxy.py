@@ -23,7 +23,7 @@ def test_a_short_range_test_on_proxy_photos_finds_both_ends(proxy_dir):
     # About a minute on a 2-core CPU in fp32: 60 iterations of batch 64 on 3,200 real photos, the
     # dawnbench recipe (its small logits train from the first iterations).
     from cifar_onecycle import load_cifar10, load_recipe
-    from cifar_onecycle.train import lr_range_test
+    from cifar_onecycle.lr_finder import lr_range_test
 
     recipe = load_recipe("dawnbench").replace(train_subset=3200, batch_size=64, device="cpu", precision="fp32")
     found = lr_range_test(recipe, load_cifar10(proxy_dir, download=False), ("linear",), progress=False,

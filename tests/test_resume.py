@@ -131,6 +131,39 @@ def test_a_stop_signal_checkpoints_and_says_how_to_resume(reference, tmp_path, s
 
 
 @pytest.mark.slow
+def test_a_stop_signal_during_an_evaluation_is_honoured_there(reference, tmp_path):
+    data, ref = reference
+    run = tmp_path / "run"
+    # arrives as epoch 2's evaluation begins: the run must not wait for the evaluation (a minute on
+    # a slow CPU) nor train on into epoch 3
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
+              CIFAR_ONECYCLE_TEST_SIGNALS="SIGTERM@eval2")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "stopped by SIGTERM during the evaluation of epoch 2" in err and len(err.strip().splitlines()) == 1, err
+    saved = load_checkpoint(run / "checkpoint.pt")[0]
+    assert (saved["epoch"], saved["batch"]) == (1, 4)  # epoch 2 trained (4 steps), its evaluation pending
+    assert len(metrics(run)) == 1
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(run, ref)
+
+
+@pytest.mark.parametrize("signal, code", [("SIGINT", 130), ("SIGTERM", -15)])
+@pytest.mark.slow
+def test_a_stop_signal_while_loading_the_data_stops_at_once(tmp_path, signal, code):
+    from conftest import write_cifar
+
+    data = write_cifar(tmp_path / "data").parent
+    run = tmp_path / "run"
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
+              CIFAR_ONECYCLE_TEST_SIGNALS=f"{signal}@load")
+    out, err = p.communicate(timeout=120)
+    # nothing to save yet: SIGINT ends the command (exit code 130), SIGTERM kills the process
+    assert p.returncode == code, err
+    assert "Traceback" not in err and not run.exists()
+
+
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(reference, tmp_path):
     data, ref = reference
     run = tmp_path / "run"

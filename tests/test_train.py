@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from cifar_onecycle import DivergenceError, Recipe, load_cifar10, train
 from cifar_onecycle.checkpoint import load_weights
 from cifar_onecycle.cli import main
-from cifar_onecycle.train import resolve_precision
+from cifar_onecycle.device import resolve_precision
 
 TINY = dict(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="cpu", precision="fp32",
             lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)  # few steps: BN statistics must catch up fast
@@ -102,9 +102,8 @@ def test_evaluate_refuses_foreign_files(tmp_path, capsys):
 def test_precision_auto_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native_bf16, expected):
     import sys
 
-    train_module = sys.modules["cifar_onecycle.train"]  # the package's attribute "train" is the function
     # Emulated bf16 is 13 times slower than fp32 on an AVX2-only CPU: auto must fall back to fp32 there.
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(sys.modules["cifar_onecycle.device"], "cpu_has_native_bf16", lambda: native_bf16)
     assert resolve_precision("auto", torch.device("cpu")) == expected
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice is kept
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
@@ -123,7 +122,7 @@ def test_evaluate_refuses_weights_of_another_model(tmp_path, capsys):
 
 def test_evaluate_with_flip_tta():
     from cifar_onecycle.augment import normalize
-    from cifar_onecycle.train import evaluate
+    from cifar_onecycle.evaluation import evaluate
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
@@ -154,7 +153,7 @@ def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path)
 
 
 def test_the_commit_given_by_the_environment_wins(monkeypatch):
-    from cifar_onecycle.train import git_commit
+    from cifar_onecycle.results import git_commit
 
     monkeypatch.setenv("CIFAR_ONECYCLE_COMMIT", "0123abc")
     assert git_commit() == "0123abc"  # a shipped copy's own .git may be stale
@@ -163,14 +162,14 @@ def test_the_commit_given_by_the_environment_wins(monkeypatch):
 
 
 def test_the_loop_reads_the_device_every_10_steps_on_a_cpu_and_once_an_epoch_on_a_gpu():
-    from cifar_onecycle.train import sync_every
+    from cifar_onecycle.device import sync_every
 
     assert sync_every(torch.device("cpu"), 97) == 10  # a diverged loss is caught within 10 steps
     assert sync_every(torch.device("cuda"), 97) == 97  # no host sync inside a GPU epoch
 
 
 def test_sgd_is_fused_on_cuda_only_unless_asked():
-    from cifar_onecycle.train import make_optimizer
+    from cifar_onecycle.step import make_optimizer
 
     model = torch.nn.Linear(2, 2)
     assert not make_optimizer(model, Recipe(), torch.device("cpu")).defaults["fused"]

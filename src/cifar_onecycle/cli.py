@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from . import __version__
+from .distributed import launch_rank
 from .errors import UserError
 from .recipe import Recipe, load_recipe
 
@@ -160,14 +161,16 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
              if hasattr(args, f.name) and getattr(args, f.name) != "auto"}
     if "lr_min" in flags:
         flags["lr_min_div"] = 0.0
-    if "epochs" in flags and "peak_epoch" not in flags:
-        flags["peak_epoch"] = base.peak_epoch * flags["epochs"] / base.epochs
+    if "epochs" in flags and "peak_epoch" not in flags:  # the recipe's shape over the new length
+        epochs = flags.pop("epochs")
+        return Recipe.from_dict({**base.to_dict(), **flags}, source="flags").with_epochs(epochs)
     return Recipe.from_dict({**base.to_dict(), **flags}, source="flags")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .seeds import SEEDS_FILE, train_seeds
-    from .train import train  # torch is imported only by the commands that need it
+    from .run_folder import SEEDS
+    from .seeds import train_seeds
+    from .train import train
 
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
@@ -193,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    progress=not args.quiet, find_lr_max="lr_max" in auto, find_lr_min="lr_min" in auto,
                    resume=args.resume, tensorboard=args.tensorboard, report=not args.no_report,
                    checkpoints=not args.no_checkpoint)
-    if args.seeds is not None or (args.resume and (out / SEEDS_FILE).is_file()):
+    if args.seeds is not None or (args.resume and (out / SEEDS).is_file()):
         s = train_seeds(recipe, args.seeds or 1, **options).summary
         if _is_main():
             print(f"over {s['runs']} seeds {s['seeds'][0]}..{s['seeds'][-1]}: final test accuracy "
@@ -215,18 +218,16 @@ def _spread(s: dict[str, Any]) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from .checkpoint import load_weights
-    from .data import load_cifar10
-    from .train import evaluate, resolve_device, resolve_precision
+    from .data import download_bar, load_cifar10
+    from .device import resolve_device, resolve_precision
+    from .evaluation import evaluate
 
     model, recipe = load_weights(args.weights)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision or recipe.precision, device)
-    data = load_cifar10(args.data_dir or "data", download=not args.no_download, split="test")
-    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt)
+    data = load_cifar10(args.data_dir or "data", download=not args.no_download, split="test", progress=download_bar())
+    model = model.to(device, memory_format=recipe.memory_format)
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
                          channels_last=recipe.channels_last, tta=args.tta)
@@ -240,9 +241,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .data import load_cifar10
-    from .lr_finder import DEFAULT_RANGES, MODES, check_sweep, write_lr_find
-    from .train import lr_range_test
+    from .data import download_bar, load_cifar10
+    from .lr_finder import DEFAULT_RANGES, MODES, check_sweep, lr_range_test, write_lr_find
 
     recipe = recipe_from_args(args)
     modes = MODES if args.mode == "both" else (args.mode,)
@@ -250,14 +250,12 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise UserError("--num-iter and --sweep-epochs both set a sweep's length; give one")
     if args.sweep_epochs is not None and args.sweep_epochs <= 0:
         raise UserError(f"--sweep-epochs must be > 0, got {args.sweep_epochs:g}")
-    if args.patience is not None and args.patience < 1:
-        raise UserError(f"--patience must be >= 1, got {args.patience}")
     for mode in modes:  # refuse a bad range before loading anything
         lo, hi = DEFAULT_RANGES[mode]
         check_sweep(mode, args.start_lr or lo, args.end_lr or hi, 10 if args.num_iter is None else args.num_iter,
-                    args.smooth, args.diverge)
+                    args.smooth, args.diverge, args.patience)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
-    data = load_cifar10(args.data_dir or "data", download=not args.no_download)
+    data = load_cifar10(args.data_dir or "data", download=not args.no_download, progress=download_bar())
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
     results = lr_range_test(recipe, data, modes, epochs=args.sweep_epochs, num_iter=args.num_iter,
                             smooth=args.smooth, diverge=args.diverge, method=args.method, **sweep)
@@ -275,36 +273,31 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import csv
-
     from .checkpoint import load_weights
-    from .data import load_cifar10
+    from .data import download_bar, load_cifar10
+    from .device import resolve_device
     from .report import write_report
-    from .train import EpochMetrics, resolve_device
+    from .run_folder import RunFolder
 
-    run = Path(args.run_dir)
-    model, recipe = load_weights(run)
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-        rows = list(csv.DictReader((run / "metrics.csv").open()))
-        history = [EpochMetrics(int(r["epoch"]), *(float(r[k]) for k in list(r)[1:])) for r in rows]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{run}: not a finished run folder (summary.json and metrics.csv: {e})") from None
-    if not history:
-        raise UserError(f"{run}/metrics.csv: no epochs recorded")
-    data = load_cifar10(args.data_dir or summary.get("data_dir") or "data", download=not args.no_download)
+    run = RunFolder(args.run_dir)
+    model, recipe = load_weights(run.path)
+    summary, history = run.read_summary(), run.read_metrics()
+    if not isinstance(summary.get("steps_per_epoch"), int):
+        raise UserError(f"{run.path / 'summary.json'}: not a finished run's summary (no steps_per_epoch)")
+    data = load_cifar10(args.data_dir or summary.get("data_dir") or "data", download=not args.no_download,
+                        progress=download_bar())
     device = resolve_device(args.device)
     model = model.to(device)
-    write_report(run, model, recipe, history, summary, data.test_images.to(device), data.test_labels,
-                 data.train_images[:20], summary["steps_per_epoch"])
-    print(f"wrote {run / 'report.md'} and its pictures")
+    run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
+                                   data.test_labels, data.train_images[:20], summary["steps_per_epoch"]))
+    print(f"wrote {run.path / 'report.md'} and its pictures")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
+    from .device import resolve_device
     from .predict import predict_files
-    from .train import resolve_device
 
     model, _ = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
@@ -333,11 +326,24 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def _is_main() -> bool:
     """Rank 0 under torchrun (or a single process): the one that prints results."""
-    return os.environ.get("RANK", "0") == "0"
+    return launch_rank() == 0
 
 
 def _prog() -> str:
-    return PROG if _is_main() else f"{PROG} (rank {os.environ.get('RANK')})"
+    return PROG if _is_main() else f"{PROG} (rank {launch_rank()})"
+
+
+def _flag(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def with_flags(error: UserError) -> str:
+    """The error's message with the first mention of each setting it names written as its flag
+    (``batch_size 600`` -> ``--batch-size 600``): a word of its own, not part of a path."""
+    message = str(error)
+    for setting in error.settings:
+        message = re.sub(rf"(?<![\w/.-]){re.escape(setting)}(?![\w/.-])", _flag(setting), message, count=1)
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,7 +364,7 @@ def _run(args: argparse.Namespace) -> int:
     except UserError as e:
         if args.debug:
             raise
-        tqdm.write(f"{_prog()}: error: {e}", file=sys.stderr)
+        tqdm.write(f"{_prog()}: error: {with_flags(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if args.debug:

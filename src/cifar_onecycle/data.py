@@ -361,6 +361,24 @@ def download_archive(dest: Path, url: str = URL, md5: str | None = MD5,
         part.unlink(missing_ok=True)
 
 
+def download_bar(desc: str = "download CIFAR-10") -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for ``load_cifar10`` that draws a tqdm bar of the
+    download (bytes, with rate and time left); closed when the last byte arrives."""
+    from tqdm.auto import tqdm
+
+    bar: Any = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+        bar.update(done - bar.n)
+        if total and done >= total:
+            bar.close()
+
+    return update
+
+
 def extract_archive(archive: Path, data_dir: Path) -> None:
     """Extract into a temporary folder beside the target, then rename: no half-extracted data set.
 

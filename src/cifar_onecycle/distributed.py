@@ -3,6 +3,9 @@
 A run started by ``torchrun --nproc-per-node N -m cifar_onecycle train ...`` finds RANK,
 LOCAL_RANK and WORLD_SIZE in its environment and joins the process group (NCCL on CUDA, gloo on
 the CPU). Without them everything here is a no-op for a single process.
+
+This module reads the launcher's environment (``launch_rank``, ``init_distributed``) and is the
+only one that does.
 """
 from __future__ import annotations
 
@@ -29,12 +32,17 @@ class Dist:
         return self.rank == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device: str) -> Dist:
     """Join torchrun's process group when launched by it; a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launch_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         if cuda:
@@ -81,5 +89,5 @@ def gather_objects(obj: Any, d: Dist) -> list[Any]:
 
 def check_batch(batch_size: int, d: Dist) -> None:
     if batch_size % d.world:
-        raise UserError(f"--batch-size {batch_size} is the global batch and must divide by the "
-                        f"{d.world} processes; pass a multiple of {d.world}")
+        raise UserError(f"batch_size {batch_size} is the global batch and must divide by the "
+                        f"{d.world} processes; use a multiple of {d.world}", "batch_size")

@@ -16,19 +16,24 @@ fine-tuning), remain as options for LRMAX.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .errors import UserError
+from .data import Cifar10
+from .distributed import all_reduce_sum, init_distributed
+from .errors import RecipeError, UserError
+from .recipe import Recipe
+from .run_setup import RunSetup, setup_run
+from .step import train_step
 
 MODES = ("exp", "linear")
 # Exponential sweeps span orders of magnitude, to see where the loss starts to fall and where it
@@ -68,25 +73,27 @@ def lr_sweep(mode: str, start_lr: float, end_lr: float, num_iter: int) -> list[f
 
 
 def check_sweep(mode: str, start_lr: float, end_lr: float, num_iter: int, smooth: float = 0.05,
-                diverge: float = 4.0) -> None:
+                diverge: float = 4.0, patience: int | None = None) -> None:
     """Refuse impossible sweep settings with a one-line message."""
     if mode not in MODES:
-        raise UserError(f"lr-find: unknown mode {mode!r}; use one of {', '.join(MODES)} (or both)")
+        raise UserError(f"lr-find: unknown mode {mode!r}; use one of {', '.join(MODES)} (or both)", "mode")
     if not (math.isfinite(start_lr) and start_lr > 0):
-        raise UserError(f"lr-find: start LR must be > 0, got {start_lr}")
+        raise UserError(f"lr-find: start_lr must be > 0, got {start_lr}", "start_lr")
     if not (math.isfinite(end_lr) and end_lr > start_lr):
-        raise UserError(f"lr-find: end LR {end_lr} must be above the start LR {start_lr}")
+        raise UserError(f"lr-find: end_lr {end_lr} must be above start_lr {start_lr}", "end_lr", "start_lr")
     if num_iter < 10:
-        raise UserError(f"lr-find: num-iter must be >= 10, got {num_iter}")
+        raise UserError(f"lr-find: num_iter must be >= 10, got {num_iter}", "num_iter")
     if not 0 < smooth <= 1:
-        raise UserError(f"lr-find: smooth must lie in (0, 1], got {smooth}")
+        raise UserError(f"lr-find: smooth must lie in (0, 1], got {smooth}", "smooth")
     if not diverge > 1:
-        raise UserError(f"lr-find: diverge must be > 1, got {diverge}")
+        raise UserError(f"lr-find: diverge must be > 1, got {diverge}", "diverge")
+    if patience is not None and patience < 1:
+        raise UserError(f"lr-find: patience must be >= 1, got {patience}", "patience")
 
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise UserError(f"lr-find: unknown suggestion method {method!r}; use one of {', '.join(METHODS)}")
+        raise UserError(f"lr-find: unknown suggestion method {method!r}; use one of {', '.join(METHODS)}", "method")
 
 
 def suggest(lrs: list[float], smoothed: list[float], method: str = "valley") -> float | None:
@@ -308,7 +315,8 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
             smooth: float = 0.05, diverge: float = 4.0, method: str = "plateau", patience: int | None = None,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
             autocast: Any = None, progress: Callable[[int, float, float], None] | None = None,
-            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LRFinderResult:
+            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            scaler: torch.amp.GradScaler | None = None) -> LRFinderResult:
     """Run an LR range test on ``model`` and restore it afterwards, bit for bit.
 
     ``batches``: (inputs, targets) pairs already on the model's device, as an iterable (re-iterated
@@ -319,20 +327,20 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
     torchrun, the mean over ranks, so that every rank stops at the same iteration). ``patience``:
     how many iterations in a row the smoothed loss must stay above ``diverge`` times its best
     before the sweep stops (default: 2% of ``num_iter``, at least 3), so that a spike the network
-    recovers from, as early in a fast linear sweep, does not end it.
+    recovers from, as early in a fast linear sweep, does not end it. ``scaler``: fp16 loss scaling
+    (each iteration is ``step.train_step``, the training loop's own step).
     """
     lo, hi = DEFAULT_RANGES.get(mode, DEFAULT_RANGES["exp"])  # an unknown mode is refused just below
     start_lr = lo if start_lr is None else start_lr
     end_lr = hi if end_lr is None else end_lr
-    check_sweep(mode, start_lr, end_lr, num_iter, smooth, diverge)
+    check_sweep(mode, start_lr, end_lr, num_iter, smooth, diverge, patience)
     check_method(method)  # before the sweep, not after it
     patience = max(3, round(0.02 * num_iter)) if patience is None else patience
-    if patience < 1:
-        raise UserError(f"lr-find: patience must be >= 1, got {patience}")
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=start_lr, momentum=0.9)
     # The one saved copy: deep copies, since state_dict() returns references to the live tensors.
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(optimizer.state_dict())
+    saved_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None and scaler.is_enabled() else None
     was_training = model.training
     lrs, losses, accs, smoothed = [], [], [], []
     stopped, best, avg, above = None, math.inf, 0.0, 0
@@ -340,16 +348,10 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
     try:
         model.train()
         for i, lr in enumerate(lr_sweep(mode, start_lr, end_lr, num_iter)):
-            x, y = next(source)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast() if autocast else contextlib.nullcontext():
-                out = model(x)
-                loss = loss_fn(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = (reduce(loss.detach()) if reduce else loss).item()  # the one host sync per iteration
+            inputs, targets = next(source)
+            loss, logits = train_step(model, optimizer, inputs, targets, lr, scaler=scaler, autocast=autocast,
+                                      loss_fn=loss_fn)
+            value = (reduce(loss) if reduce else loss).item()  # the one host sync per iteration
             if not math.isfinite(value):
                 stopped = f"loss not finite at LR {lr:.3g}"
                 break
@@ -358,8 +360,8 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
             lrs.append(lr)
             losses.append(value)
             smoothed.append(s)
-            if out.ndim == 2 and y.ndim == 1:  # kept on the device: read once, after the sweep
-                accs.append((out.argmax(1) == y).float().mean())
+            if logits.ndim == 2 and targets.ndim == 1:  # kept on the device: read once, after the sweep
+                accs.append((logits.argmax(1) == targets).float().mean())
             if progress:
                 progress(i, lr, value)
             best = min(best, s)
@@ -370,6 +372,8 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], 
     finally:
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_opt)
+        if saved_scaler is not None and scaler is not None:
+            scaler.load_state_dict(saved_scaler)
         model.train(was_training)
     accuracies = torch.stack(accs).tolist() if accs else []
     lr_min, lr_max, note = suggest_bounds(lrs, losses, smoothed, method)
@@ -391,3 +395,77 @@ def write_lr_find(results: dict[str, LRFinderResult], out_dir: str | Path) -> li
         written.append(out_dir / f"lr_find_{mode}.png")
     atomic_write(out_dir / "lr_find.json", json.dumps({m: r.to_dict() for m, r in results.items()}, indent=1) + "\n")
     return [*written, out_dir / "lr_find.json"]
+
+
+# The sweep that ``--lr-max auto`` and ``--lr-min auto`` run: the linear one, Smith's One Cycle test.
+AUTO_SWEEP = "linear"
+
+
+def sweep_iterations(mode: str, steps_per_epoch: int, epochs: float | None = None, num_iter: int | None = None) -> int:
+    """A sweep's length: ``num_iter`` when given, else ``epochs`` (default: the mode's) of the
+    recipe's batches."""
+    if num_iter is not None:
+        return num_iter
+    return max(1, round((DEFAULT_EPOCHS[mode] if epochs is None else epochs) * steps_per_epoch))
+
+
+def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",), progress: bool = True, *,
+                  epochs: float | None = None, num_iter: int | None = None, **sweep: Any) -> dict[str, LRFinderResult]:
+    """The LR range test on the recipe's model, augmented batches, optimizer, loss scaling and precision.
+
+    Each sweep lasts ``num_iter`` iterations, or ``epochs`` epochs of the recipe's batches (default:
+    ``DEFAULT_EPOCHS`` of its mode). ``sweep``: the other ``find_lr`` settings (start_lr, end_lr,
+    smooth, diverge, method, patience).
+    """
+    return range_test(setup_run(recipe, data, init_distributed(recipe.device)), modes, progress, epochs=epochs,
+                      num_iter=num_iter, **sweep)
+
+
+def range_test(setup: RunSetup, modes: Sequence[str] = ("exp",), progress: bool = True, *,
+               epochs: float | None = None, num_iter: int | None = None, **sweep: Any) -> dict[str, LRFinderResult]:
+    """``lr_range_test`` on a run's setup (whose weights and optimizer it leaves as they were)."""
+    dist = setup.dist
+    # Under torchrun every rank must see the same loss, or their stopping decisions would differ.
+    reduce = (lambda t: all_reduce_sum(t.clone(), dist) / dist.world) if dist.world > 1 else None
+    results = {}
+    for mode in modes:
+        iterations = sweep_iterations(mode, setup.steps_per_epoch, epochs, num_iter)
+        bar = tqdm(total=iterations, desc=f"lr-find {mode}", leave=False, disable=not (progress and dist.main),
+                   unit="it")
+        results[mode] = find_lr(setup.step_model, setup.epoch, setup.optimizer, mode=mode, autocast=setup.autocast,
+                                reduce=reduce, loss_fn=setup.loss_fn, scaler=setup.scaler,
+                                progress=lambda i, lr, loss: (bar.update(), bar.set_postfix(lr=f"{lr:.3g}",
+                                                                                          loss=f"{loss:.3f}")),
+                                num_iter=iterations, **sweep)
+        bar.close()
+    return results
+
+
+def find_lr_bounds(setup: RunSetup, find_lr_max: bool, find_lr_min: bool, folder: Path | None = None,
+                   progress: bool = True) -> tuple[Recipe, dict[str, Any]]:
+    """Run the ``AUTO_SWEEP`` range test on ``setup`` and put its LRMAX and/or LRMIN into its
+    recipe; returns the new recipe and how the values were found (for summary.json). The graphs and
+    lr_find.json go into ``folder``."""
+    found = range_test(setup, (AUTO_SWEEP,), progress=progress)[AUTO_SWEEP]
+    wanted = [name for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on]
+    values = {"lr_max": found.suggested_lr_max, "lr_min": found.suggested_lr_min}
+    if folder:
+        write_lr_find({AUTO_SWEEP: found}, folder)
+    for name in wanted:
+        if values[name] is None:
+            why = found.note or found.stopped or "no suggestion"
+            raise UserError(f"{name} auto: the LR range test found no {name.upper().replace('_', '')} ({why}); "
+                            f"set {name} explicitly", name)
+    found_values = {name: values[name] for name in wanted}
+    # a found LRMIN replaces a LRMIN derived from LRMAX
+    changes = {**found_values, **({"lr_min_div": 0.0} if find_lr_min else {})}
+    lr_found = {**found_values, "sweep": AUTO_SWEEP, "iterations": len(found.lrs),
+                "lr_range": [found.lrs[0], found.lrs[-1]], "lr_max_rule": found.lr_max_rule if find_lr_max else None,
+                "lr_min_rule": found.lr_min_rule if find_lr_min else None, "note": found.note}
+    if progress and setup.dist.main:
+        tqdm.write("lr-find: " + ", ".join(f"{name.upper().replace('_', '')} {values[name]:.4g}" for name in wanted)
+                   + f" ({AUTO_SWEEP} sweep, {len(found.lrs)} iterations)")
+    try:
+        return setup.recipe.replace(**changes), lr_found
+    except RecipeError as e:  # e.g. a found LRMIN above the LRMAX given
+        raise UserError(f"the LR range test's values do not fit the recipe: {e}") from None

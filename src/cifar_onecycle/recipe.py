@@ -11,9 +11,14 @@ import sys
 from importlib import resources
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import RecipeError
+
+if TYPE_CHECKING:  # torch only for the type: reading a recipe must not import it
+    import torch
+
+    from .model import ResNet9
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,8 +101,8 @@ class Recipe:
             raise RecipeError(f"recipe: lr_min {self.lr_min} is above lr_max {self.lr_max}")
         if not 0 < self.peak_epoch <= self.epochs:
             raise RecipeError(
-                f"recipe: peak_epoch {self.peak_epoch:g} must lie in (0, epochs={self.epochs}]; "
-                f"for a short run pass a smaller --peak-epoch (the seed's is 5/24 of the run)")
+                f"recipe: peak_epoch {self.peak_epoch:g} must lie in (0, epochs={self.epochs}]; for a short "
+                f"run set a smaller peak_epoch (the seed's is 5/24 of the run; with_epochs keeps that shape)")
         if not 0 <= self.momentum < 1:
             raise RecipeError(f"recipe: momentum must lie in [0, 1), got {self.momentum}")
         if self.nesterov and self.momentum == 0:
@@ -120,7 +125,34 @@ class Recipe:
             raise RecipeError(f"recipe: train_subset must be >= 0 (0: all), got {self.train_subset}")
         if self.train_subset and self.batch_size > self.train_subset:
             raise RecipeError(f"recipe: batch_size {self.batch_size} is larger than train_subset "
-                              f"{self.train_subset}; pass a smaller --batch-size")
+                              f"{self.train_subset}; use a smaller batch_size")
+
+    @property
+    def padding(self) -> int:
+        """Pixels of reflect padding around each training image: the crop's, none without a crop."""
+        return self.crop_padding if self.crop else 0
+
+    @property
+    def hole_size(self) -> int:
+        """Side of the CutOut hole; 0 without CutOut."""
+        return self.cutout_size if self.cutout else 0
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        import torch
+
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def model(self) -> ResNet9:
+        """A new ResNet of the seed with this recipe's logit scale and BatchNorm momentum (weights
+        from torch's global generator)."""
+        from .model import ResNet9
+
+        return ResNet9(logit_scale=self.logit_scale, bn_momentum=self.bn_momentum)
+
+    def with_epochs(self, epochs: int) -> "Recipe":
+        """The same One Cycle shape over ``epochs``: the peak moves to the same fraction of the run."""
+        return self.replace(epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
 
     def replace(self, **changes: Any) -> "Recipe":
         """A copy with some fields changed (validated again)."""

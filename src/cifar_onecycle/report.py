@@ -9,7 +9,6 @@ so nothing needs a display and nothing is shown.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -243,10 +242,9 @@ def plot_augmentation(recipe: Recipe, train_images: torch.Tensor, count: int = 2
     """The first ``count`` training images after the recipe's augmentation, as the network sees
     them (drawn from the recipe's seed); returns the figure."""
     g = torch.Generator(device=train_images.device).manual_seed(recipe.seed)
-    pad = recipe.crop_padding if recipe.crop else 0
-    sample = pad_reflect(train_images[:count], pad)
-    aug = augment_batch(sample, crop=recipe.crop, padding=pad, flip=recipe.flip,
-                        cutout_size=recipe.cutout_size if recipe.cutout else 0, generator=g)
+    sample = pad_reflect(train_images[:count], recipe.padding)
+    aug = augment_batch(sample, crop=recipe.crop, padding=recipe.padding, flip=recipe.flip,
+                        cutout_size=recipe.hole_size, generator=g)
     return image_grid(to_display(aug), [""] * len(aug),
                       title="Training images after " + ", ".join(augmentation_steps(recipe) or ["nothing"]), fig=fig)
 
@@ -255,7 +253,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
                  summary: dict[str, Any], test_images: torch.Tensor, test_labels: torch.Tensor,
                  train_images: torch.Tensor, steps_per_epoch: int, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
     """Write every picture and report.md into ``run_dir``; return summary.json's contents with the
-    per-class accuracy added (and write it)."""
+    per-class accuracy added (the caller writes summary.json: ``RunFolder.write_summary``)."""
     from .model import ResNet9
     from .summary import summarize
 
@@ -275,7 +273,6 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
 
     per_class = {c: (cm[i, i] / cm[i].sum().clamp(min=1)).item() for i, c in enumerate(classes)}
     summary = {**summary, "per_class_accuracy": per_class}
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write(run_dir / "report.md", report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
                                                         steps, run_dir))
     return summary

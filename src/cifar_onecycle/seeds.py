@@ -8,7 +8,6 @@ no best epoch, no best seed.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,15 +16,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT, atomic_write
-from .data import Cifar10, load_cifar10
+from .checkpoint import CHECKPOINT
+from .data import Cifar10, download_bar, load_cifar10
+from .device import resolve_device, resolve_precision
 from .distributed import init_distributed
-from .errors import UserError
-from .recipe import Recipe, load_recipe
-from .train import (Interrupted, check_fits, check_same_recipe, prepare_run_dir, resolve_device, resolve_precision,
-                    train)
+from .errors import Interrupted, UserError
+from .recipe import Recipe
+from .run_folder import SUMMARY, RunFolder
+from .run_setup import training_images
+from .train import check_same_recipe, train
 
-SEEDS_FILE = "seeds.json"
 # The accuracies summarised over seeds; the last is None in runs without a weight average.
 ACCURACIES = ("final_test_acc", "final_test_acc_tta", "final_train_acc", "final_test_acc_without_ema")
 
@@ -73,63 +73,58 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     start. ``train_args`` go to each ``train`` (``find_lr_max``, ``report``, ``tensorboard``,
     ``checkpoints``).
     """
+    folder: RunFolder | None = None
     if resume is not None:
-        run_dir = Path(resume)
-        saved = load_recipe(run_dir / "recipe.toml")
-        try:
-            info = json.loads((run_dir / SEEDS_FILE).read_text())
-            first, count = int(info["first_seed"]), int(info["seeds"])
-            data_dir = data_dir or info.get("data_dir")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--resume {run_dir}: not a multi-seed run folder ({SEEDS_FILE}: {e})") from None
+        folder = RunFolder(resume)
+        saved = folder.read_recipe()
+        first, count, saved_data_dir = folder.read_seeds()
+        data_dir = data_dir or saved_data_dir
         if recipe is not None:
-            check_same_recipe(recipe, saved, run_dir)
+            check_same_recipe(recipe, saved, folder.path)
         recipe = saved
     else:
         recipe = recipe or Recipe()
         if seeds < 1:
-            raise UserError(f"--seeds {seeds}: give at least 1")
+            raise UserError(f"seeds {seeds}: give at least 1", "seeds")
         first, count = recipe.seed, seeds
-        run_dir = Path(out) if out is not None else None
         resolve_precision(recipe.precision, resolve_device(recipe.device))  # a bad device: refused now
     # Read once for all the runs, and before any folder is made: a missing data set leaves nothing.
     if data is None:
         data_dir = str(Path(data_dir or "data").resolve())
-        data = load_cifar10(data_dir, download=download)
-    check_fits(recipe, data)
+        data = load_cifar10(data_dir, download=download, progress=download_bar() if progress else None)
+    training_images(recipe, data)
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
-    if run_dir and resume is None and main:
-        prepare_run_dir(run_dir, overwrite)
-        atomic_write(run_dir / "recipe.toml", recipe.to_toml())
-        atomic_write(run_dir / SEEDS_FILE, json.dumps({"first_seed": first, "seeds": count,
-                                                       "data_dir": data_dir and str(data_dir)}) + "\n")
+    if out is not None and resume is None and main:
+        folder = RunFolder.create(out, overwrite)
+        folder.write_recipe(recipe)
+        folder.write_seeds(first, count, data_dir and str(data_dir))
     started = time.perf_counter()
     seed_list = list(range(first, first + count))
     runs: list[dict[str, Any]] = []
     for i, seed in enumerate(seed_list, 1):
-        sub = run_dir / f"seed{seed}" if run_dir else None
-        if sub and (sub / "summary.json").is_file():  # finished before a resume
-            runs.append(json.loads((sub / "summary.json").read_text()))
+        run = RunFolder(folder.path / f"seed{seed}") if folder else None
+        if run and run.has(SUMMARY):  # finished before a resume
+            runs.append(run.read_summary())
             continue
         if progress and main:
             tqdm.write(f"seed {seed} ({i} of {count})")
         try:
-            if sub and (sub / CHECKPOINT).is_file():
-                result = train(resume=sub, data_dir=data_dir, data=data, progress=progress, **train_args)
+            if run and run.has(CHECKPOINT):
+                result = train(resume=run.path, data_dir=data_dir, data=data, progress=progress, **train_args)
             else:  # a folder a killed run left without a checkpoint is started again
-                result = train(recipe.replace(seed=seed), out=sub, overwrite=True, data_dir=data_dir, data=data,
-                               progress=progress, **train_args)
+                result = train(recipe.replace(seed=seed), out=run.path if run else None, overwrite=True,
+                               data_dir=data_dir, data=data, progress=progress, **train_args)
         except Interrupted as e:
-            if run_dir is None:
+            if folder is None:
                 raise
             raise Interrupted(f"{e}; or, to go on with all {count} seeds: cifar-onecycle train --resume "
-                              f"{run_dir}") from None
+                              f"{folder.path}") from None
         runs.append(result.summary)
         if progress and main:
             tqdm.write(f"seed {seed}: final test accuracy {result.summary['final_test_acc']:.2%} "
                        f"(flip TTA {result.summary['final_test_acc_tta']:.2%})")
     summary = seeds_summary(recipe, seed_list, runs)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this call's, resumed parts excluded
-    if run_dir and main:
-        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return SeedsResult(recipe, summary, runs, run_dir)
+    if folder and main:
+        folder.write_summary(summary)
+    return SeedsResult(recipe, summary, runs, folder.path if folder else None)

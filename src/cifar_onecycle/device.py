@@ -1,0 +1,65 @@
+"""The device and precision policy: where a run computes, in which arithmetic, how often it syncs."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from .errors import UserError
+
+# How often (in steps) the loop reads the running loss back from the device, for the progress bar,
+# the divergence check and (under torchrun) the ranks' agreement on a stop signal. On a CPU every 10
+# steps: a read costs nothing there and a diverged loss is caught within 10 steps. On a GPU each read
+# is a host sync that drains the queue and leaves the GPU idle while the host launches the next
+# step, so there the loop reads once, at the epoch's end (97 steps, about half a second on an H200).
+CPU_SYNC_EVERY = 10
+
+
+def sync_every(device: torch.device, steps_per_epoch: int) -> int:
+    return CPU_SYNC_EVERY if device.type == "cpu" else steps_per_epoch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU. Asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda: no CUDA device is available; use cpu or auto", "device")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 natively (AVX512-BF16 or AMX). Without it bf16 is emulated and
+    far slower than fp32: measured 166 s against 12.5 s per 512-image step on an AVX2-only EPYC."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA with bf16 and on CPUs with native bf16, fp16 on older GPUs, else fp32."""
+    if name != "auto":
+        if name == "fp16" and device.type != "cuda":
+            raise UserError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU", "precision")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queue: a host clock read before it would stop while the GPU still works."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,74 @@
+"""Test loss and accuracy: of any model on any images, and of a run's model on its test set."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .augment import normalize
+from .device import autocast
+from .distributed import Dist, all_reduce_sum, broadcast_buffers, test_shard
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+             batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
+             tta: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device).
+    ``tta``: average the logits of each image and its mirror image."""
+    loss_sum, correct, _ = evaluate_sums(model, images, labels, batch_size=batch_size, precision=precision,
+                                         channels_last=channels_last, tta=tta)
+    return loss_sum.item() / len(images), correct.item() / len(images)
+
+
+@torch.no_grad()
+def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                  batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
+                  tta: bool = False, stop: Callable[[], bool] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Summed cross-entropy and number correct, as device tensors (no host sync), and whether
+    ``stop()`` (asked before each batch: a stop signal must not wait for the whole test set, over a
+    minute on a slow CPU) cut the pass short."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    stopped = False
+    for start in range(0, len(images), batch_size):
+        if stop is not None and stop():
+            stopped = True
+            break
+        inputs = normalize(images[start:start + batch_size]).contiguous(memory_format=memory_format)
+        targets = labels[start:start + batch_size]
+        with autocast(device, precision):
+            logits = model(inputs).float()
+            if tta:  # costs a second forward pass
+                logits = (logits + model(inputs.flip(-1)).float()) / 2
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum")
+        correct += (logits.argmax(1) == targets).sum()
+    model.train(was_training)
+    return loss_sum, correct, stopped
+
+
+class EvaluationStopped(Exception):
+    """A stop signal (on any rank) cut an evaluation short; no accuracy was measured."""
+
+
+def evaluate_test_set(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+                      precision: str, channels_last: bool, dist: Dist, tta: bool = False,
+                      stop: Callable[[], bool] | None = None) -> tuple[float, float]:
+    """Test loss and accuracy over the whole test set; raises ``EvaluationStopped`` when ``stop()``
+    said so on any rank (asked before each batch). Under torchrun each rank evaluates its own contiguous part with rank 0's BatchNorm
+    statistics, and the sums are added up across ranks."""
+    broadcast_buffers(model, dist)
+    part = test_shard(len(images), dist.rank, dist.world)
+    loss_sum, correct, stopped = evaluate_sums(model, images[part], labels[part], batch_size=batch_size,
+                                               precision=precision, channels_last=channels_last, tta=tta, stop=stop)
+    total_loss, total_correct, stops = all_reduce_sum(
+        torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(stopped), device=images.device,
+                                                                        dtype=torch.float64)]), dist).tolist()
+    if stops:
+        raise EvaluationStopped
+    return total_loss / len(images), total_correct / len(images)

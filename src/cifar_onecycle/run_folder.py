@@ -1,0 +1,117 @@
+"""The run folder: every file a run leaves, written atomically through one object.
+
+    recipe.toml        the resolved recipe (rerun it with --recipe)
+    metrics.csv        a row per epoch
+    checkpoint.pt      the state after the last finished epoch, or where a stop signal caught the run
+    model.safetensors  the delivered weights, with the recipe in their metadata
+    summary.json       the final numbers and their provenance
+    report.md, *.png   the report (``report.write_report``); lr_find.json and graphs with an LR range test
+    seeds.json         in the folder of a multi-seed run only, beside its seed<k>/ run folders
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CHECKPOINT, WEIGHTS, atomic_write, load_checkpoint, save_checkpoint, save_weights
+from .errors import UserError
+from .recipe import Recipe, load_recipe
+from .results import EpochMetrics, metrics_csv, parse_metrics_csv
+
+RECIPE, METRICS, SUMMARY, SEEDS = "recipe.toml", "metrics.csv", "summary.json", "seeds.json"
+RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT)
+
+
+class RunFolder:
+    """One run's folder. ``create`` makes a new one; the constructor opens an existing one."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False) -> "RunFolder":
+        """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
+        the old run's files: a stale one must not pass for the new run's); check it is writable."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"out {path}: exists and is not a folder; choose another", "out")
+        taken = [name for name in RUN_FILES if (path / name).exists()]
+        if taken and not overwrite:
+            raise UserError(f"out {path}: already holds a run ({taken[0]}); choose another folder or pass overwrite",
+                            "out", "overwrite")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write(path / ".write-test", b"")
+            (path / ".write-test").unlink()
+        except OSError as e:
+            raise UserError(f"out {path}: cannot write there ({e.strerror or e}); choose another folder",
+                            "out") from None
+        for name in taken:
+            (path / name).unlink()
+        return cls(path)
+
+    def remove_interrupted_writes(self) -> None:
+        """Temporary files of writes killed before their rename (never a file of the run)."""
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        atomic_write(self.path / RECIPE, recipe.to_toml())
+
+    def read_recipe(self) -> Recipe:
+        return load_recipe(self.path / RECIPE)
+
+    def write_metrics(self, history: list[EpochMetrics]) -> None:
+        atomic_write(self.path / METRICS, metrics_csv(history))
+
+    def read_metrics(self) -> list[EpochMetrics]:
+        try:
+            history = parse_metrics_csv((self.path / METRICS).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.path / METRICS}: not a run's metrics ({e})") from None
+        if not history:
+            raise UserError(f"{self.path / METRICS}: no epochs recorded")
+        return history
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        try:
+            summary = json.loads((self.path / SUMMARY).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.path / SUMMARY}: not a finished run's summary ({e})") from None
+        if not isinstance(summary, dict):
+            raise UserError(f"{self.path / SUMMARY}: not a finished run's summary (not a JSON object)")
+        return summary
+
+    def save_weights(self, model: torch.nn.Module, recipe: Recipe) -> None:
+        save_weights(model, self.path / WEIGHTS, recipe)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        save_checkpoint(self.path / CHECKPOINT, state)
+        return self.path / CHECKPOINT
+
+    def load_checkpoint(self) -> tuple[dict[str, Any], Recipe]:
+        return load_checkpoint(self.path / CHECKPOINT)
+
+    def write_seeds(self, first_seed: int, seeds: int, data_dir: str | None) -> None:
+        atomic_write(self.path / SEEDS, json.dumps({"first_seed": first_seed, "seeds": seeds,
+                                                    "data_dir": data_dir}) + "\n")
+
+    def read_seeds(self) -> tuple[int, int, str | None]:
+        """(first seed, number of seeds, data folder) of a multi-seed run."""
+        try:
+            info = json.loads((self.path / SEEDS).read_text())
+            return int(info["first_seed"]), int(info["seeds"]), info.get("data_dir")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"resume {self.path}: not a multi-seed run folder ({SEEDS}: {e})", "resume") from None

@@ -1,0 +1,142 @@
+"""What a run trains with, on its device: data, model, optimizer, loss scaler, weight average and
+random generators, all built from the recipe and its seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .augment import epoch_batches, pad_reflect
+from .data import Cifar10
+from .device import autocast, resolve_device, resolve_precision
+from .distributed import Dist, check_batch
+from .ema import WeightEMA
+from .errors import UserError
+from .evaluation import evaluate_test_set
+from .recipe import Recipe
+from .step import make_optimizer, make_scaler, train_step
+
+
+@dataclass
+class RunSetup:
+    """Everything a run trains with, on its device."""
+
+    recipe: Recipe
+    data: Cifar10                # as given, on the CPU
+    device: torch.device
+    precision: str
+    train_images: torch.Tensor   # uint8, already padded for the crop
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, or its DDP / torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: WeightEMA | None           # the weight average, when the recipe keeps one
+    generator: torch.Generator      # data order: the same on every rank
+    aug_generator: torch.Generator  # augmentation: this rank's own (the same object on one process)
+    dist: Dist = field(default_factory=Dist)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_images) // self.recipe.batch_size
+
+    @property
+    def delivered_model(self) -> torch.nn.Module:
+        """The model a run saves and its test accuracies describe: the weight average when the
+        recipe keeps one, else the trained model."""
+        return self.ema.model if self.ema else self.model
+
+    def shuffle(self) -> torch.Tensor:
+        """A new epoch's order of the training images."""
+        return torch.randperm(len(self.train_images), device=self.device, generator=self.generator)
+
+    def epoch(self, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented training batches in ``order`` (a new shuffle when None), from batch ``start``."""
+        recipe = self.recipe
+        return epoch_batches(self.train_images, self.train_labels, recipe.batch_size, crop=recipe.crop,
+                             padding=recipe.padding, flip=recipe.flip, cutout_size=recipe.hole_size,
+                             generator=self.aug_generator, order=self.shuffle() if order is None else order,
+                             start=start, rank=self.dist.rank, world=self.dist.world,
+                             memory_format=recipe.memory_format)
+
+    def autocast(self) -> torch.autocast:
+        return autocast(self.device, self.precision)
+
+    @property
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return partial(F.cross_entropy, label_smoothing=self.recipe.label_smoothing)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of this run (``train_step`` with its model, optimizer, scaler, precision and loss)."""
+        return train_step(self.step_model, self.optimizer, inputs, targets, lr, scaler=self.scaler,
+                          autocast=self.autocast, loss_fn=self.loss_fn)
+
+    def evaluate(self, average: bool = True, tta: bool = False,
+                 stop: Callable[[], bool] | None = None) -> tuple[float, float]:
+        """Test loss and accuracy of the delivered model (of the trained weights alone with
+        ``average`` false); ``EvaluationStopped`` when ``stop()`` cuts the pass short."""
+        if self.ema and average:
+            model = self.ema.model
+        else:  # DDP's forward would add collectives: under torchrun, the bare model
+            model = self.step_model if self.dist.world == 1 else self.model
+        return evaluate_test_set(model, self.test_images, self.test_labels, batch_size=self.recipe.eval_batch_size,
+                                 precision=self.precision, channels_last=self.recipe.channels_last, dist=self.dist,
+                                 tta=tta, stop=stop)
+
+
+def training_images(recipe: Recipe, data: Cifar10) -> int:
+    """The number of training images the recipe uses; refuse a subset or batch the data cannot give."""
+    n_train = recipe.train_subset or len(data.train_images)
+    if n_train > len(data.train_images):
+        raise UserError(f"train_subset {n_train}: only {len(data.train_images)} training images", "train_subset")
+    if recipe.batch_size > n_train:
+        raise UserError(f"batch_size {recipe.batch_size} is larger than the {n_train} training images; use a "
+                        f"smaller one", "batch_size")
+    return n_train
+
+
+def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSetup:
+    """Check that the recipe can run here on this data, move the data to the device and build the
+    model, optimizer and generators, seeded from the recipe.
+
+    Under torchrun (``dist.world > 1``) the model is wrapped in DistributedDataParallel; every rank
+    starts from the same weights (same seed, and DDP broadcasts rank 0's at wrapping).
+    """
+    dist = dist or Dist()
+    device = resolve_device(recipe.device)
+    precision = resolve_precision(recipe.precision, device)
+    n_train = training_images(recipe, data)
+    check_batch(recipe.batch_size, dist)
+    if recipe.sync_bn and dist.world > 1 and device.type != "cuda":
+        raise UserError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it off on the CPU", "sync_bn")
+    # The whole uint8 data set lives on the device (150 MB for CIFAR-10): no loader, no workers.
+    # Padding once here, not per batch, leaves each step a single gather for its crops.
+    train_images = pad_reflect(data.train_images[:n_train].to(device), recipe.padding)
+    torch.manual_seed(recipe.seed)  # the weights' initialisation
+    model: torch.nn.Module = recipe.model()
+    if recipe.sync_bn and dist.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=recipe.memory_format)
+    # cuDNN's benchmark mode is left off: on an H200 its choices made the eager step slower (90,000
+    # and 103,000 images a second against 105,000 and 108,000 with cuDNN's heuristics, for-each and
+    # fused SGD; benchmarks/results/gpu-h200-levers/).
+    optimizer = make_optimizer(model, recipe, device)
+    step_model = model
+    if dist.world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    if recipe.compile:
+        step_model = torch.compile(step_model, mode=recipe.compile_mode)
+    ema = WeightEMA(model, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
+    order_generator = torch.Generator(device=device).manual_seed(recipe.seed)
+    # Each rank augments its own share with its own draws; one process keeps one generator.
+    aug_generator = order_generator if dist.world == 1 else torch.Generator(device=device).manual_seed(
+        recipe.seed * 1_000_003 + dist.rank + 1)
+    return RunSetup(recipe, data, device, precision, train_images, data.train_labels[:n_train].to(device),
+                    data.test_images.to(device), data.test_labels.to(device), model, step_model, optimizer,
+                    make_scaler(device, precision), ema, order_generator, aug_generator, dist)

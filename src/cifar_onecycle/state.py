@@ -1,0 +1,105 @@
+"""Where a run is, and the checkpoint that holds it: ``TrainState`` becomes checkpoint.pt through
+``to_checkpoint`` and comes back from it through ``from_checkpoint``, nowhere else."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .distributed import gather_objects
+from .errors import UserError
+from .results import EpochMetrics
+from .run_setup import RunSetup
+
+
+@dataclass
+class TrainState:
+    """The position in the run, the epoch's running sums and the history: with the model,
+    optimizer, loss scaler, weight average and random states (which live in ``RunSetup``), all a
+    run needs to continue bit for bit."""
+
+    epoch: int = 0                      # epochs finished
+    batch: int = 0                      # the next batch of epoch ``epoch + 1`` (steps_per_epoch: evaluation pending)
+    order: torch.Tensor | None = None   # that epoch's shuffle, once drawn
+    loss_sum: float = 0.0               # the epoch's sums so far, over all ranks (rank 0 carries them)
+    correct: int = 0
+    epoch_seconds: float = 0.0          # training time of the epoch so far
+    history: list[EpochMetrics] = field(default_factory=list)
+    elapsed: float = 0.0                # seconds the run took before this process took it up
+    lr_found: dict | None = None        # what the LR range test found, for summary.json
+    data_dir: str | None = None         # where the data came from (None: given in memory)
+    started: float = field(default_factory=time.perf_counter, repr=False)  # this process's start; not saved
+
+    def seconds(self) -> float:
+        """The run's time so far, over every process that worked on it."""
+        return self.elapsed + time.perf_counter() - self.started
+
+    def steps_done(self, setup: RunSetup) -> int:
+        """Training steps taken so far over the whole run: the number of the next step, from 0."""
+        return self.epoch * setup.steps_per_epoch + self.batch
+
+    def end_epoch(self, metrics: EpochMetrics) -> None:
+        self.history.append(metrics)
+        self.epoch, self.batch, self.order = metrics.epoch, 0, None
+        self.loss_sum, self.correct, self.epoch_seconds = 0.0, 0, 0.0
+
+    def to_checkpoint(self, setup: RunSetup) -> dict[str, Any]:
+        """The checkpoint's contents: this state, the weights, the optimizer and every random state.
+        Under torchrun every rank must call it (the ranks' augmentation states are gathered)."""
+        augmentation_states = (gather_objects(setup.aug_generator.get_state(), setup.dist)
+                               if setup.dist.world > 1 else None)
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": setup.generator.get_state()}
+        if setup.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if augmentation_states:
+            rng["aug"] = augmentation_states
+        ema = setup.ema
+        return {
+            "recipe": setup.recipe.to_dict(), "model": _contiguous(setup.model.state_dict()),
+            "optimizer": setup.optimizer.state_dict(),
+            "scaler": setup.scaler.state_dict() if setup.scaler.is_enabled() else None,
+            "ema": _contiguous(ema.model.state_dict()) if ema else None, "rng": rng,
+            "epoch": self.epoch, "batch": self.batch, "order": self.order.cpu() if self.order is not None else None,
+            "loss_sum": self.loss_sum, "correct": self.correct, "epoch_seconds": self.epoch_seconds,
+            "history": [asdict(h) for h in self.history], "lr_found": self.lr_found, "elapsed": self.seconds(),
+            "data_dir": self.data_dir}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup) -> "TrainState":
+        """Load a checkpoint's weights, optimizer and random states into ``setup`` (built from the
+        checkpoint's recipe) and return its state."""
+        setup.model.load_state_dict(checkpoint["model"])
+        setup.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            setup.scaler.load_state_dict(checkpoint["scaler"])
+        if setup.ema:
+            setup.ema.model.load_state_dict(checkpoint["ema"])
+        _set_rng_state(setup, checkpoint["rng"])
+        main = setup.dist.main  # mid-epoch sums are global: rank 0 carries them, the others start from zero
+        return cls(epoch=checkpoint["epoch"], batch=checkpoint["batch"],
+                   order=checkpoint["order"].to(setup.device) if checkpoint["order"] is not None else None,
+                   loss_sum=checkpoint["loss_sum"] if main else 0.0, correct=checkpoint["correct"] if main else 0,
+                   epoch_seconds=checkpoint["epoch_seconds"],
+                   history=[EpochMetrics(**h) for h in checkpoint["history"]], elapsed=checkpoint["elapsed"],
+                   lr_found=checkpoint.get("lr_found"), data_dir=checkpoint.get("data_dir"))
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}  # channels_last weights, saved in NCHW order
+
+
+def _set_rng_state(setup: RunSetup, state: dict[str, Any]) -> None:
+    world = setup.dist.world
+    torch.set_rng_state(state["torch"])
+    setup.generator.set_state(state["generator"])
+    if "aug" in state:
+        if len(state["aug"]) != world:
+            raise UserError(f"resume: the checkpoint was written by {len(state['aug'])} processes; resume it "
+                            f"with the same number (now {world})", "resume")
+        setup.aug_generator.set_state(state["aug"][setup.dist.rank])
+    elif world > 1:
+        raise UserError("resume: the checkpoint was written by one process; resume it without torchrun", "resume")
+    if "cuda" in state and setup.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])

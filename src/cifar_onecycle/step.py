@@ -1,0 +1,57 @@
+"""The training step: the one place where forward, loss, backward and the SGD update happen.
+
+The training loop, the LR range test and the benchmarks all call ``train_step``, so that what the
+range test and the benchmarks measure is what training does (loss scaling included).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from .recipe import Recipe
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+               targets: torch.Tensor, lr: float, *, scaler: torch.amp.GradScaler | None = None,
+               autocast: Callable[[], ContextManager] | None = None,
+               loss_fn: LossFunction = F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step at ``lr``: forward (under ``autocast()``), loss in fp32, backward (through the
+    ``scaler``'s loss scaling: fp16 needs it, an off scaler is a no-op), update.
+
+    Returns the loss and the logits, detached and still on the device: reading them is the
+    caller's choice of when to pay for a host sync."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast() if autocast else contextlib.nullcontext():
+        logits = model(inputs)
+        loss = loss_fn(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
+                   fused: bool | None = None) -> torch.optim.SGD:
+    """The recipe's SGD. ``fused`` (default: on CUDA) updates every parameter in one kernel instead
+    of a few per parameter group: fewer launches for a step that takes milliseconds on a GPU (the
+    eager step went from 105,000 to 108,000 images a second on an H200). The CPU keeps the
+    implementation it has always used (its results are pinned by tests)."""
+    use_fused = device.type == "cuda" if fused is None else fused
+    return torch.optim.SGD(model.parameters(), lr=recipe.lr_min, momentum=recipe.momentum,
+                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay, fused=use_fused or None)
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its gradients underflow without it); a no-op scaler otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
