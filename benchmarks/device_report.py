@@ -16,10 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cifar_onecycle.seeds import spread
 from device_run import RECIPES
 from recipes import TARGETS  # points against dawnbench's mean on the proxy data
-
-from cifar_onecycle.seeds import spread
 
 
 def pct(s: dict[str, float]) -> str:
@@ -158,7 +157,8 @@ def speed_section(folder: Path) -> list[str]:
     for loop in speed["loops"]:
         match = bare.get(loop.get("bare_variant") or MATCHING_BARE.get(loop["variant"], ""))
         ratio = f"{loop['whole_loop_images_per_second_median'] / match['median']:.3f}" if match else ""
-        lines.append(f"| {loop['variant']} | {loop['train_seconds_total']:.2f} | {loop['compile_and_warmup_seconds']:.2f} "
+        lines.append(f"| {loop['variant']} | {loop['train_seconds_total']:.2f} | "
+                     f"{loop['compile_and_warmup_seconds']:.2f} "
                      f"| {loop['train_seconds_without_compile']:.2f} | {loop['median_epoch_seconds']:.3f} | "
                      f"{loop['wall_seconds']:.2f} | {100 * loop['final_test_acc']:.2f} | {ratio} |")
     again = [r for name, rs in runs(folder, "speed").items() for r in rs if r["seed"] != 0]
@@ -188,7 +188,8 @@ def lr_find_section(folder: Path) -> list[str]:
         for mode, r in json.loads(path.read_text()).items():
             def shown(lr: float | None) -> str:
                 return "none" if lr is None else f"{lr:.4g}"
-            lines.append(f"| `{recipe}` | {mode} | {len(r['lrs'])} | {shown(r['suggested_lr_max'])} ({r['lr_max_rule']}) "
+            lines.append(f"| `{recipe}` | {mode} | {len(r['lrs'])} | "
+                         f"{shown(r['suggested_lr_max'])} ({r['lr_max_rule']}) "
                          f"| {shown(r['suggested_lr_min'])} ({r['lr_min_rule']}) | {r['stopped'] or ''} | "
                          f"{r['note'] or ''} | {seconds.get(recipe, '')} |")
     return lines

@@ -63,8 +63,9 @@ import tarfile
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RECIPES = ("seed", "dawnbench", "best")
 # What comes back of a run folder (a diverged run has diverged.json instead of summary.json; a
@@ -541,16 +542,15 @@ def main() -> None:
     stages = args.stages.split(",")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "log.txt", "a", encoding="utf-8", buffering=1)
+    log = open(args.out / "log.txt", "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (open while the process lives)
     sys.stdout = Tee(sys.__stdout__, log)
     sys.stderr = Tee(sys.__stderr__, log)
     say(ensure_packages(args.wheels))
     if args.commit:  # summary.json's git_commit on a copy that is not a checkout
         os.environ["CIFAR_ONECYCLE_COMMIT"] = args.commit
     sys.path.insert(0, str(Path(__file__).parent))  # throughput.py and recipes.py beside this file
-    from recipes import setting
-
     from cifar_onecycle import Cifar10, load_cifar10, load_recipe
+    from recipes import setting
 
     env = environment(args.commit, args)
     card = card_slug(env.get("card"))

@@ -2,8 +2,9 @@
 
 Both sides use the recipe's model, augmented batches, optimizer and precision (``setup_run``). The
 plain side is the training loop's step (``RunSetup.step``: set LR, forward, backward, SGD); the
-range-test side is ``find_lr`` (the same step inside; state saved once, loss read every step, smoothing, restore at the end). Plain steps are
-timed before and after the range test and averaged. Target: ratio <= 1.25.
+range-test side is ``find_lr`` (the same step inside; state saved once, loss read every step,
+smoothing, restore at the end). Plain steps are timed before and after the range test and
+averaged. Target: ratio <= 1.25.
 
     python benchmarks/lr_find_overhead.py [--iters 12] [--batch-size 128] [--device auto] [--precision auto]
 """

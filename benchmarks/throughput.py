@@ -23,8 +23,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -127,8 +127,9 @@ def main() -> None:
     for block in range(a.blocks):
         whole.append(train(recipe, data=data, progress=False).history[-1].images_per_second)
         bare.append(bare_images_per_second(recipe, steps)[0])
-        print(f"block {block + 1}: bare {bare[-2]:8.1f}, whole {whole[-1]:8.1f}, bare {bare[-1]:8.1f} img/s", flush=True)
-    ratios = [w / ((b0 + b1) / 2) for w, b0, b1 in zip(whole, bare, bare[1:])]
+        print(f"block {block + 1}: bare {bare[-2]:8.1f}, whole {whole[-1]:8.1f}, bare {bare[-1]:8.1f} img/s",
+              flush=True)
+    ratios = [w / ((b0 + b1) / 2) for w, b0, b1 in zip(whole, bare, bare[1:], strict=False)]
     median = statistics.median(ratios)
     print(f"ratio whole/bare: median {median:.3f}, spread {min(ratios):.3f} to {max(ratios):.3f} "
           f"({time.perf_counter() - started:.0f} s)")

@@ -103,13 +103,12 @@ def test_divergence_exit_code_3(tmp_path, capsys):
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, capsys, monkeypatch):
-    import cifar_onecycle.train  # noqa: F401  (the module, for monkeypatch)
-    import sys
+    import cifar_onecycle.training as training
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(sys.modules["cifar_onecycle.train"], "setup_run", oom)
+    monkeypatch.setattr(training, "setup_run", oom)
     data = write_cifar(tmp_path / "data").parent
     assert main(["train", "--data-dir", str(data), "--out", str(tmp_path / "run"), *QUICK]) == 2
     err = capsys.readouterr().err.strip()

@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_onecycle.data import (DatasetError, download_archive, download_bar, ensure_cifar10, load_cifar10, read_batch,
-                                 safe_load)
+from cifar_onecycle.data import (
+    DatasetError,
+    download_archive,
+    download_bar,
+    ensure_cifar10,
+    load_cifar10,
+    read_batch,
+    safe_load,
+)
 from conftest import Payload, py2_pickle, synthetic_batch, write_cifar
 
 

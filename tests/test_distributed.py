@@ -84,8 +84,7 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
 
 CRASH_ON_RANK_1 = """
 import os, sys
-import cifar_onecycle.train
-t = sys.modules["cifar_onecycle.train"]
+import cifar_onecycle.training as t
 real = t.lr_at
 def lr_at(step, knots):
     if step == 3 and os.environ["RANK"] == "1":
@@ -112,8 +111,7 @@ def test_a_failure_on_one_rank_ends_the_job_without_a_hang(tmp_path):
 
 SIGINT_ON_RANK_0 = """
 import os, signal, sys
-import cifar_onecycle.train
-t = sys.modules["cifar_onecycle.train"]
+import cifar_onecycle.training as t
 real = t.lr_at
 def lr_at(step, knots):
     if step == 6 and os.environ["RANK"] == "0":

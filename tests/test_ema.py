@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 from cifar_onecycle import Recipe, load_cifar10, train
 from cifar_onecycle.ema import WeightEMA
 from cifar_onecycle.evaluation import evaluate
-
 from test_train import TINY
 
 

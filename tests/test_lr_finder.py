@@ -36,7 +36,7 @@ def test_sweep_end_points_exact():
     exp = lr_sweep("exp", 1e-5, 10.0, 100)
     assert len(exp) == 100 and exp[0] == 1e-5 and exp[-1] == 10.0
     assert exp[50] == pytest.approx(1e-5 * 1e6 ** (50 / 99))
-    ratios = [b / a for a, b in zip(exp, exp[1:])]
+    ratios = [b / a for a, b in zip(exp, exp[1:], strict=False)]
     assert max(ratios) == pytest.approx(min(ratios))
     lin = lr_sweep("linear", 0.02, 0.5, 25)
     assert lin[0] == 0.02 and lin[-1] == 0.5 and lin[12] == pytest.approx(0.26)
@@ -228,14 +228,14 @@ def test_plateau_rule_reads_the_two_ends_of_the_fall():
 def test_plateau_rule_through_noise():
     lrs = linear_sweep()
     g = torch.Generator().manual_seed(0)
-    noisy = [v + 0.15 * float(e) for v, e in zip(knee_curve(lrs), torch.randn(len(lrs), generator=g))]
+    noisy = [v + 0.15 * float(e) for v, e in zip(knee_curve(lrs), torch.randn(len(lrs), generator=g), strict=False)]
     lr_min, lr_max, _ = fall_bounds(lrs, noisy)
     assert lr_min == pytest.approx(0.115, abs=0.05) and lr_max == pytest.approx(0.385, abs=0.05)
 
 
 def test_plateau_rule_ignores_the_blow_up_after_the_plateau():
     lrs = linear_sweep()
-    curve = [v + (max(0.0, lr - 0.7) * 40) ** 2 for v, lr in zip(knee_curve(lrs), lrs)]
+    curve = [v + (max(0.0, lr - 0.7) * 40) ** 2 for v, lr in zip(knee_curve(lrs), lrs, strict=False)]
     lr_min, lr_max, _ = fall_bounds(lrs, curve)
     assert lr_min == pytest.approx(0.115, abs=0.01) and lr_max == pytest.approx(0.385, abs=0.02)
 
@@ -272,3 +272,18 @@ def test_a_spike_the_network_recovers_from_does_not_end_the_sweep():
     r = find_lr(tiny_model(), batches(), mode="linear", start_lr=1e-3, end_lr=0.05, num_iter=100, loss_fn=spiky,
                 patience=1)
     assert r.stopped is not None and len(r.lrs) == 13
+
+
+def test_the_sweep_steps_through_the_loss_scaler_and_puts_it_back():
+    # fp16 needs loss scaling; the range test takes the training loop's scaler and step
+    class CountingScaler(torch.amp.GradScaler):
+        scaled = 0
+
+        def scale(self, outputs):
+            self.scaled += 1
+            return super().scale(outputs)
+
+    scaler = CountingScaler("cpu", init_scale=1024.0, growth_interval=1)  # grows after every good step
+    result = find_lr(tiny_model(), batches(), mode="exp", num_iter=12, diverge=1e9, scaler=scaler)
+    assert len(result.lrs) == 12 and scaler.scaled == 12
+    assert scaler.get_scale() == 1024.0  # its state is restored with the model's and the optimizer's

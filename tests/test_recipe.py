@@ -154,3 +154,22 @@ def test_epochs_alone_keeps_the_recipes_shape():
     assert recipe_of("--epochs", "2", "--peak-epoch", "1").peak_epoch == 1.0  # an explicit peak wins
     with pytest.raises(RecipeError, match="peak_epoch 3 must lie in"):
         recipe_of("--epochs", "2", "--peak-epoch", "3")
+
+
+def test_with_epochs_keeps_the_shape_of_the_cycle():
+    short = Recipe().with_epochs(2)
+    assert short.epochs == 2 and short.peak_epoch == pytest.approx(5 / 12)  # the seed's 5/24 of the run
+    assert Recipe(epochs=48, peak_epoch=10).with_epochs(12).peak_epoch == pytest.approx(2.5)
+
+
+def test_the_cli_writes_the_settings_an_error_names_as_flags():
+    from cifar_onecycle.cli import with_flags
+    from cifar_onecycle.errors import UserError
+
+    error = UserError("out /tmp/out: already holds a run; choose another folder or pass overwrite", "out",
+                      "overwrite")
+    assert with_flags(error) == ("--out /tmp/out: already holds a run; choose another folder or pass "
+                                 "--overwrite")  # the path's "out" is left alone
+    assert with_flags(UserError("batch_size 600 is larger than the 100 training images", "batch_size")) == (
+        "--batch-size 600 is larger than the 100 training images")
+    assert with_flags(UserError("recipe: epochs must be > 0")) == "recipe: epochs must be > 0"

@@ -49,6 +49,15 @@ def start(args, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def run_with_signals(data: Path, run: Path, signals: str):
+    """A training run into ``run`` that sends itself ``signals`` (the library's test hook); its exit
+    code and stderr."""
+    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
+              CIFAR_ONECYCLE_TEST_SIGNALS=signals)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
 def wait_for(path: Path, proc, timeout=120):
     t0 = time.time()
     while not path.exists():
@@ -118,10 +127,8 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_p
 def test_a_stop_signal_checkpoints_and_says_how_to_resume(reference, tmp_path, signal, at_step, where):
     data, ref = reference
     run = tmp_path / "run"
-    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
-              CIFAR_ONECYCLE_TEST_SIGNALS=f"{signal}@{at_step}")
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    code, err = run_with_signals(data, run, f"{signal}@{at_step}")
+    assert code == 130, err
     assert f"stopped by {signal} {where}" in err, err  # 4 steps an epoch: step 6 is mid-epoch, 7 its last
     assert f"resume with: cifar-onecycle train --resume {run}" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -136,10 +143,8 @@ def test_a_stop_signal_during_an_evaluation_is_honoured_there(reference, tmp_pat
     run = tmp_path / "run"
     # arrives as epoch 2's evaluation begins: the run must not wait for the evaluation (a minute on
     # a slow CPU) nor train on into epoch 3
-    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
-              CIFAR_ONECYCLE_TEST_SIGNALS="SIGTERM@eval2")
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    code, err = run_with_signals(data, run, "SIGTERM@eval2")
+    assert code == 130, err
     assert "stopped by SIGTERM during the evaluation of epoch 2" in err and len(err.strip().splitlines()) == 1, err
     saved = load_checkpoint(run / "checkpoint.pt")[0]
     assert (saved["epoch"], saved["batch"]) == (1, 4)  # epoch 2 trained (4 steps), its evaluation pending
@@ -155,11 +160,9 @@ def test_a_stop_signal_while_loading_the_data_stops_at_once(tmp_path, signal, co
 
     data = write_cifar(tmp_path / "data").parent
     run = tmp_path / "run"
-    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
-              CIFAR_ONECYCLE_TEST_SIGNALS=f"{signal}@load")
-    out, err = p.communicate(timeout=120)
+    returncode, err = run_with_signals(data, run, f"{signal}@load")
     # nothing to save yet: SIGINT ends the command (exit code 130), SIGTERM kills the process
-    assert p.returncode == code, err
+    assert returncode == code, err
     assert "Traceback" not in err and not run.exists()
 
 
@@ -169,10 +172,8 @@ def test_a_second_signal_stops_at_once(reference, tmp_path):
     run = tmp_path / "run"
     # both arrive as step 6 begins: the first asks for a checkpoint at the end of the step, the
     # second does not wait for it
-    p = start(["--data-dir", str(data), "--no-download", *FLAGS, "--out", str(run)],
-              CIFAR_ONECYCLE_TEST_SIGNALS="SIGTERM@6,SIGINT@6")
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and "interrupted" in err and "checkpoint saved" not in err, err
+    code, err = run_with_signals(data, run, "SIGTERM@6,SIGINT@6")
+    assert code == 130 and "interrupted" in err and "checkpoint saved" not in err, err
     assert load_checkpoint(run / "checkpoint.pt")[0]["epoch"] == 1  # epoch 1's, untouched
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(run, ref)

@@ -45,7 +45,8 @@ def test_same_seed_same_run_on_cpu(cifar_dir):
     a = train(Recipe(**TINY), data=data, progress=False)
     b = train(Recipe(**TINY), data=data, progress=False)
     c = train(Recipe(**TINY, seed=1), data=data, progress=False)
-    strip = lambda r: [(h.train_loss, h.train_acc, h.test_loss, h.test_acc) for h in r.history]
+    def strip(r):
+        return [(h.train_loss, h.train_acc, h.test_loss, h.test_acc) for h in r.history]
     assert strip(a) == strip(b) and strip(a) != strip(c)
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k

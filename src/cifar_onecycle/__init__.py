@@ -12,7 +12,7 @@ from .results import EpochMetrics, TrainResult  # noqa: E402
 from .schedule import lr_at, one_cycle_knots  # noqa: E402
 from .seeds import SeedsResult, train_seeds  # noqa: E402
 from .summary import summarize  # noqa: E402
-from .train import train  # noqa: E402
+from .training import train  # noqa: E402
 
 __all__ = ["CLASSES", "Cifar10", "DatasetError", "DivergenceError", "EpochMetrics", "Interrupted", "Recipe",
            "RecipeError", "ResNet9", "SeedsResult", "TrainResult", "UserError", "__version__", "count_parameters",

@@ -6,7 +6,7 @@ no DataLoader workers.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,8 @@ def augment_batch(padded: torch.Tensor, *, crop: bool, padding: int, flip: bool,
 def epoch_batches(padded: torch.Tensor, labels: torch.Tensor, batch_size: int, *, crop: bool, padding: int,
                   flip: bool, cutout_size: int, generator: torch.Generator, order: torch.Tensor,
                   start: int = 0, rank: int = 0, world: int = 1,
-                  memory_format: torch.memory_format = torch.channels_last) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  memory_format: torch.memory_format = torch.channels_last,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Augmented (images, labels) batches of device-resident data, in ``order``, from batch ``start``.
 
     Only full batches: the remainder of the shuffled order (a different one each epoch) is dropped,

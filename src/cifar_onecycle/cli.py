@@ -11,8 +11,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -63,8 +64,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None
                           f"(default: {f.default})")
             g.add_argument(flag, type=_float_or_auto, metavar="LR|auto", **kw)
         else:
-            g.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
-                           choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper().split("_")[-1], **kw)
+            choices = f.metadata.get("choices")
+            g.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)], choices=choices,
+                           metavar=None if choices else f.name.upper().split("_")[-1], **kw)
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -75,74 +77,80 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description="Train the EVA6 Session 9 ResNet on CIFAR-10 with the One Cycle policy.")
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    parser = Parser(prog=PROG, description="Train the EVA6 Session 9 ResNet on CIFAR-10 with the One Cycle policy.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    t = sub.add_parser("train", parents=[common], help="train with a recipe (default: the seed's)")
-    _add_recipe_flags(t, auto_lr=True)
-    _add_data_flags(t)
-    t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--resume", metavar="RUN_DIR",
+    train_cmd = sub.add_parser("train", parents=[common], help="train with a recipe (default: the seed's)")
+    _add_recipe_flags(train_cmd, auto_lr=True)
+    _add_data_flags(train_cmd)
+    train_cmd.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
+    train_cmd.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train_cmd.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run (or the runs of --seeds) in RUN_DIR from its checkpoint, with its recipe")
-    t.add_argument("--seeds", type=int, metavar="N",
-                   help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and write the mean, "
-                        "std, min and max of the final test accuracy (with and without flip TTA) to RUN_DIR/summary.json")
-    t.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
-    t.add_argument("--no-checkpoint", action="store_true",
+    train_cmd.add_argument("--seeds", type=int, metavar="N",
+                   help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and write the "
+                        "mean, std, min and max of the final test accuracy (with and without flip TTA) to "
+                        "RUN_DIR/summary.json")
+    train_cmd.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    train_cmd.add_argument("--no-checkpoint", action="store_true",
                    help="write no checkpoint.pt (a run that only measures: it cannot be resumed, and a "
                         "stop signal loses it)")
-    t.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
-    t.add_argument("--tensorboard", action="store_true",
-                   help="also log each epoch's scalars to RUN_DIR/tensorboard (pip install 'cifar-onecycle[tensorboard]')")
+    train_cmd.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
+    train_cmd.add_argument("--tensorboard", action="store_true",
+                   help="also log each epoch's scalars to RUN_DIR/tensorboard "
+                        "(pip install 'cifar-onecycle[tensorboard]')")
 
-    e = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
-    e.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    _add_data_flags(e)
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+    evaluate_cmd = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
+    evaluate_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
+    _add_data_flags(evaluate_cmd)
+    evaluate_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate_cmd.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="arithmetic (default: the run's own recipe setting, so that the run's own test "
                         "accuracy is reproduced)")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--tta", action="store_true", help="test-time augmentation: average each image's logits with its mirror's")
+    evaluate_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate_cmd.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image's logits with its mirror's")
 
-    f = sub.add_parser("lr-find", parents=[common], help="LR range test: loss against a growing LR, with graphs")
-    f.add_argument("--mode", choices=("exp", "linear", "both"), default="both",
+    lr_find_cmd = sub.add_parser("lr-find", parents=[common],
+                                 help="LR range test: loss against a growing LR, with graphs")
+    lr_find_cmd.add_argument("--mode", choices=("exp", "linear", "both"), default="both",
                    help="exponential or linear growth of the LR, or one sweep of each (default: both)")
-    f.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 1e-4 linear)")
-    f.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 1 linear)")
-    f.add_argument("--sweep-epochs", type=_number, metavar="E",
+    lr_find_cmd.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 1e-4 linear)")
+    lr_find_cmd.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 1 linear)")
+    lr_find_cmd.add_argument("--sweep-epochs", type=_number, metavar="E",
                    help="length of each sweep in epochs of the recipe's batches (default: 1 exp, 6 linear)")
-    f.add_argument("--num-iter", type=int, help="length of each sweep in iterations (instead of --sweep-epochs)")
-    f.add_argument("--smooth", type=_number, default=0.05,
+    lr_find_cmd.add_argument("--num-iter", type=int,
+                             help="length of each sweep in iterations (instead of --sweep-epochs)")
+    lr_find_cmd.add_argument("--smooth", type=_number, default=0.05,
                    help="weight of each new loss in the moving average (default: 0.05)")
-    f.add_argument("--diverge", type=_number, default=4.0,
+    lr_find_cmd.add_argument("--diverge", type=_number, default=4.0,
                    help="stop once the smoothed loss stays above this many times its best (default: 4)")
-    f.add_argument("--patience", type=int,
+    lr_find_cmd.add_argument("--patience", type=int,
                    help="for that many iterations in a row (default: 2%% of the sweep, at least 3)")
-    f.add_argument("--method", choices=("plateau", "valley", "steepest"), default="plateau",
+    lr_find_cmd.add_argument("--method", choices=("plateau", "valley", "steepest"), default="plateau",
                    help="how LRMAX is read off the curve: plateau (where the loss stops falling; the One Cycle "
                         "rule), valley or steepest (default: plateau); LRMIN is always where the loss starts to fall")
-    f.add_argument("--out", metavar="DIR", help="where the graphs and lr_find.json go (default: runs/lr-find-<timestamp>)")
-    _add_recipe_flags(f)
-    _add_data_flags(f)
+    lr_find_cmd.add_argument("--out", metavar="DIR",
+                   help="where the graphs and lr_find.json go (default: runs/lr-find-<timestamp>)")
+    _add_recipe_flags(lr_find_cmd)
+    _add_data_flags(lr_find_cmd)
 
-    r = sub.add_parser("report", parents=[common], help="(re)write a run's pictures and report.md")
-    r.add_argument("run_dir", metavar="RUN_DIR")
-    _add_data_flags(r)
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    report_cmd = sub.add_parser("report", parents=[common], help="(re)write a run's pictures and report.md")
+    report_cmd.add_argument("run_dir", metavar="RUN_DIR")
+    _add_data_flags(report_cmd)
+    report_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
-    pr = sub.add_parser("predict", parents=[common], help="classify image files with a trained model")
-    pr.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    pr.add_argument("images", metavar="IMAGE", nargs="+")
-    pr.add_argument("--json", action="store_true", help="one JSON object per line")
-    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict_cmd = sub.add_parser("predict", parents=[common], help="classify image files with a trained model")
+    predict_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
+    predict_cmd.add_argument("images", metavar="IMAGE", nargs="+")
+    predict_cmd.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
-    return p
+    return parser
 
 
 def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
@@ -170,7 +178,7 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
 def cmd_train(args: argparse.Namespace) -> int:
     from .run_folder import SEEDS
     from .seeds import train_seeds
-    from .train import train
+    from .training import train
 
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
@@ -197,24 +205,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                    resume=args.resume, tensorboard=args.tensorboard, report=not args.no_report,
                    checkpoints=not args.no_checkpoint)
     if args.seeds is not None or (args.resume and (out / SEEDS).is_file()):
-        s = train_seeds(recipe, args.seeds or 1, **options).summary
+        over_seeds = train_seeds(recipe, args.seeds or 1, **options).summary
         if _is_main():
-            print(f"over {s['runs']} seeds {s['seeds'][0]}..{s['seeds'][-1]}: final test accuracy "
-                  f"{_spread(s['final_test_acc'])}, with flip TTA {_spread(s['final_test_acc_tta'])}; "
-                  f"run folder: {out}")
+            print(f"over {over_seeds['runs']} seeds {over_seeds['seeds'][0]}..{over_seeds['seeds'][-1]}: final "
+                  f"test accuracy {_spread(over_seeds['final_test_acc'])}, with flip TTA "
+                  f"{_spread(over_seeds['final_test_acc_tta'])}; run folder: {out}")
         return 0
-    s = train(recipe, **options).summary
+    summary = train(recipe, **options).summary
     if not _is_main():
         return 0
-    print(f"final test accuracy {s['final_test_acc']:.2%} (best {s['best_test_acc']:.2%} at epoch "
-          f"{s['best_epoch']}) in {s['total_seconds'] / 60:.1f} min on {s['device']}, {s['precision']}; "
-          f"run folder: {out}")
+    print(f"final test accuracy {summary['final_test_acc']:.2%} (best {summary['best_test_acc']:.2%} at epoch "
+          f"{summary['best_epoch']}) in {summary['total_seconds'] / 60:.1f} min on {summary['device']}, "
+          f"{summary['precision']}; run folder: {out}")
     return 0
 
 
-def _spread(s: dict[str, Any]) -> str:
-    return (f"mean {s['mean']:.2%} (std {100 * s['std']:.2f} points, min {s['min']:.2%}, "
-            f"max {s['max']:.2%})")
+def _spread(values: dict[str, Any]) -> str:
+    return (f"mean {values['mean']:.2%} (std {100 * values['std']:.2f} points, min {values['min']:.2%}, "
+            f"max {values['max']:.2%})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -227,7 +235,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision or recipe.precision, device)
     data = load_cifar10(args.data_dir or "data", download=not args.no_download, split="test", progress=download_bar())
-    model = model.to(device, memory_format=recipe.memory_format)
+    # torch's stubs leave out Module.to's memory_format, which it takes at run time
+    model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
                          channels_last=recipe.channels_last, tta=args.tta)
@@ -303,7 +312,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = model.to(resolve_device(args.device))
     failed = 0
     for p in predict_files(model, args.images):
-        if p.error:
+        if p.error or p.top is None:
             failed += 1
             print(f"{PROG}: error: {p.error}", file=sys.stderr)
             if args.json:

@@ -16,9 +16,10 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,7 +164,7 @@ def scan_pickle(data: bytes) -> None:
             stack.append(_MARK)
             continue
         if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            index = len(memo) if name == "MEMOIZE" else int(arg)
+            index = len(memo) if name == "MEMOIZE" else int(arg)  # type: ignore[arg-type]  # PUT opcodes carry an int
             if index > MAX_MEMO_INDEX:
                 raise RefusedStructure(f"memo index {index} (at most {MAX_MEMO_INDEX})")
             if not stack or stack[-1] == _MARK:
@@ -171,9 +172,9 @@ def scan_pickle(data: bytes) -> None:
             memo[index] = stack[-1]
             continue
         if name in ("GET", "BINGET", "LONG_BINGET"):
-            if int(arg) not in memo:
+            if arg not in memo:  # GET opcodes carry an int
                 raise RefusedStructure(f"memo index {arg} read before it was written")
-            stack.append(memo[int(arg)])
+            stack.append(memo[arg])
             continue
         popped: list[int] = []
         if pickletools.markobject in before:
@@ -279,9 +280,9 @@ class Cifar10:
     test_labels: torch.Tensor
     classes: tuple[str, ...] = CLASSES
 
-    def to(self, device: torch.device | str) -> "Cifar10":
-        return Cifar10(*(t.to(device) for t in (self.train_images, self.train_labels,
-                                                 self.test_images, self.test_labels)), self.classes)
+    def to(self, device: torch.device | str) -> Cifar10:
+        return Cifar10(self.train_images.to(device), self.train_labels.to(device), self.test_images.to(device),
+                       self.test_labels.to(device), self.classes)
 
 
 def load_cifar10(data_dir: str | Path = "data", download: bool = True,
@@ -389,7 +390,8 @@ def extract_archive(archive: Path, data_dir: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=data_dir))
     try:
         with tarfile.open(archive, "r:*") as tf:
-            members, unpacked = [], 0
+            members: list[tarfile.TarInfo] = []
+            unpacked = 0
             for m in tf:  # headers one by one: an archive of a million members is refused at the 17th
                 if len(members) == MAX_ARCHIVE_MEMBERS:
                     raise DatasetError(f"{archive}: more than {MAX_ARCHIVE_MEMBERS} members (CIFAR-10 has 8); "

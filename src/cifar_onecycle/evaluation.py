@@ -1,7 +1,7 @@
 """Test loss and accuracy: of any model on any images, and of a run's model on its test set."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,8 @@ def evaluate_test_set(model: torch.nn.Module, images: torch.Tensor, labels: torc
                       precision: str, channels_last: bool, dist: Dist, tta: bool = False,
                       stop: Callable[[], bool] | None = None) -> tuple[float, float]:
     """Test loss and accuracy over the whole test set; raises ``EvaluationStopped`` when ``stop()``
-    said so on any rank (asked before each batch). Under torchrun each rank evaluates its own contiguous part with rank 0's BatchNorm
-    statistics, and the sums are added up across ranks."""
+    said so on any rank (asked before each batch). Under torchrun each rank evaluates its own
+    contiguous part with rank 0's BatchNorm statistics, and the sums are added up across ranks."""
     broadcast_buffers(model, dist)
     part = test_shard(len(images), dist.rank, dist.world)
     loss_sum, correct, stopped = evaluate_sums(model, images[part], labels[part], batch_size=batch_size,

@@ -20,9 +20,11 @@ import copy
 import json
 import math
 import textwrap
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +159,7 @@ def fall_bounds(lrs: list[float], losses: list[float]) -> tuple[float | None, fl
     fall = curve[0] - curve[low]
     # The noise of the averaged curve: a robust deviation of the raw loss around it (the median
     # absolute residual x 1.4826 estimates a normal spread whatever a blow-up adds at the end).
-    residuals = sorted(abs(v - c) for v, c in zip(losses, curve))
+    residuals = sorted(abs(v - c) for v, c in zip(losses, curve, strict=False))
     noise = 1.4826 * residuals[n // 2] / math.sqrt(window)
     if fall <= FALL_NOISE_RATIO * noise:
         return None, None, (f"the loss does not fall clearly (by {fall:.3g}, noise {noise:.2g}); start lower "
@@ -310,8 +312,9 @@ def _cycle(batches: Iterable | Callable[[], Iterable]) -> Iterator:
             raise UserError("lr-find: the batch source yielded no batches")
 
 
-def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable], optimizer: torch.optim.Optimizer | None = None,
-            *, mode: str = "exp", start_lr: float | None = None, end_lr: float | None = None, num_iter: int = 100,
+def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable],
+            optimizer: torch.optim.Optimizer | None = None, *, mode: str = "exp", start_lr: float | None = None,
+            end_lr: float | None = None, num_iter: int = 100,
             smooth: float = 0.05, diverge: float = 4.0, method: str = "plateau", patience: int | None = None,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
             autocast: Any = None, progress: Callable[[int, float, float], None] | None = None,
@@ -430,15 +433,18 @@ def range_test(setup: RunSetup, modes: Sequence[str] = ("exp",), progress: bool 
     results = {}
     for mode in modes:
         iterations = sweep_iterations(mode, setup.steps_per_epoch, epochs, num_iter)
-        bar = tqdm(total=iterations, desc=f"lr-find {mode}", leave=False, disable=not (progress and dist.main),
-                   unit="it")
-        results[mode] = find_lr(setup.step_model, setup.epoch, setup.optimizer, mode=mode, autocast=setup.autocast,
-                                reduce=reduce, loss_fn=setup.loss_fn, scaler=setup.scaler,
-                                progress=lambda i, lr, loss: (bar.update(), bar.set_postfix(lr=f"{lr:.3g}",
-                                                                                          loss=f"{loss:.3f}")),
-                                num_iter=iterations, **sweep)
-        bar.close()
+        with tqdm(total=iterations, desc=f"lr-find {mode}", leave=False, disable=not (progress and dist.main),
+                  unit="it") as bar:
+            results[mode] = find_lr(setup.step_model, setup.epoch, setup.optimizer, mode=mode,
+                                    autocast=setup.autocast, reduce=reduce, loss_fn=setup.loss_fn,
+                                    scaler=setup.scaler, progress=partial(_show_sweep, bar), num_iter=iterations,
+                                    **sweep)
     return results
+
+
+def _show_sweep(bar: Any, iteration: int, lr: float, loss: float) -> None:
+    bar.update()
+    bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss:.3f}")
 
 
 def find_lr_bounds(setup: RunSetup, find_lr_max: bool, find_lr_min: bool, folder: Path | None = None,

@@ -49,5 +49,5 @@ def predict_files(model: torch.nn.Module, paths: list[str], top_k: int = 3) -> l
             continue
         probs = predict_probabilities(model, image[None])[0]
         values, idx = probs.topk(top_k)
-        out.append(Prediction(str(p), [(CLASSES[i], v) for i, v in zip(idx.tolist(), values.tolist())]))
+        out.append(Prediction(str(p), [(CLASSES[i], v) for i, v in zip(idx.tolist(), values.tolist(), strict=False)]))
     return out

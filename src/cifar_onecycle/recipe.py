@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from importlib import resources
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +81,7 @@ class Recipe:
         """Refuse impossible values with a one-line message that names the setting."""
         for f in fields(self):
             v = getattr(self, f.name)
-            want = {"int": int, "float": (int, float), "bool": bool, "str": str}[_type_name(f)]
+            want = _PYTHON_TYPES[_type_name(f)]
             if isinstance(v, bool) and want is not bool or not isinstance(v, want):
                 raise RecipeError(f"recipe: {f.name} must be {_type_name(f)}, got {v!r}")
             if isinstance(v, float) and not math.isfinite(v):
@@ -150,11 +150,11 @@ class Recipe:
 
         return ResNet9(logit_scale=self.logit_scale, bn_momentum=self.bn_momentum)
 
-    def with_epochs(self, epochs: int) -> "Recipe":
+    def with_epochs(self, epochs: int) -> Recipe:
         """The same One Cycle shape over ``epochs``: the peak moves to the same fraction of the run."""
         return self.replace(epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -162,19 +162,22 @@ class Recipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> "Recipe":
+    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> Recipe:
         """Build from a mapping, refusing unknown keys (a typo must not silently fall back to a default)."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise RecipeError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(known)}")
-        coerced = {k: float(v) if _type_name(known[k]) == "float" and type(v) is int else v
+        coerced: dict[str, Any] = {k: float(v) if _type_name(known[k]) == "float" and type(v) is int else v
                    for k, v in values.items()}
         return cls(**coerced)
 
     def to_toml(self) -> str:
         """The recipe as TOML, one key a line, readable by ``load_recipe``."""
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items())
+
+
+_PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 
 def _type_name(f: dataclasses.Field) -> str:

@@ -9,8 +9,9 @@ so nothing needs a display and nothing is shown.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,7 @@ def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any =
     ax.imshow(cm.numpy(), cmap="Blues")
     acc = (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), [f"{c} ({100 * a:.1f}%)" for c, a in zip(classes, acc)])
+    ax.set_yticks(range(len(classes)), [f"{c} ({100 * a:.1f}%)" for c, a in zip(classes, acc, strict=False)])
     high = cm.max().item() / 2
     for i in range(len(classes)):
         for j in range(len(classes)):
@@ -206,7 +207,8 @@ def plot_misclassified(model: torch.nn.Module, images: torch.Tensor, labels: tor
     wrong = most_confident_mistakes(probs, labels)
     shown = wrong[:count]
     real = to_display(normalize(images[shown.to(images.device)]))
-    return image_grid(real, [f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} ({100 * confidence[i]:.0f}%)"
+    return image_grid(real, [f"true: {classes[int(labels[i])]}\npred: {classes[int(predicted[i])]} "
+                             f"({100 * confidence[i]:.0f}%)"
                              for i in shown.tolist()],
                       title=f"Misclassified test images ({len(wrong)} of {len(labels)}), most confident first", fig=fig)
 
@@ -225,7 +227,7 @@ def plot_gradcam(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     x = normalize(images[shown.to(images.device)].to(device))
     layer = model.layer3 if isinstance(model, ResNet9) else list(model.children())[-1]
     cams = grad_cam(model, layer, x).cpu()
-    return image_grid(to_display(x), [f"pred: {classes[predicted[i]]}\ntrue: {classes[labels[i]]}"
+    return image_grid(to_display(x), [f"pred: {classes[int(predicted[i])]}\ntrue: {classes[int(labels[i])]}"
                                       for i in shown.tolist()],
                       ncols=4, title="Grad-CAM at the last residual block (layer 3), for the predicted class",
                       overlays=cams, fig=fig)

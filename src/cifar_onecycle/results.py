@@ -66,7 +66,7 @@ def metrics_csv(history: list[EpochMetrics]) -> str:
 def parse_metrics_csv(text: str) -> list[EpochMetrics]:
     """The rows of ``metrics_csv``, read by column name (a missing TTA column reads as None)."""
     types = {f.name: f.type for f in dataclasses.fields(EpochMetrics)}
-    history = []
+    history: list[EpochMetrics] = []
     for row in csv.DictReader(io.StringIO(text)):
         values: dict[str, Any] = {}
         for name, kind in types.items():

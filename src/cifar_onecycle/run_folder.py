@@ -35,7 +35,7 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False) -> "RunFolder":
+    def create(cls, path: str | Path, overwrite: bool = False) -> RunFolder:
         """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
         the old run's files: a stale one must not pass for the new run's); check it is writable."""
         path = Path(path)

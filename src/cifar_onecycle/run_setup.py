@@ -2,9 +2,10 @@
 random generators, all built from the recipe and its seed."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,8 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
     n_train = training_images(recipe, data)
     check_batch(recipe.batch_size, dist)
     if recipe.sync_bn and dist.world > 1 and device.type != "cuda":
-        raise UserError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it off on the CPU", "sync_bn")
+        raise UserError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it off on the CPU",
+                        "sync_bn")
     # The whole uint8 data set lives on the device (150 MB for CIFAR-10): no loader, no workers.
     # Padding once here, not per batch, leaves each step a single gather for its crops.
     train_images = pad_reflect(data.train_images[:n_train].to(device), recipe.padding)
@@ -121,7 +123,8 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
     model: torch.nn.Module = recipe.model()
     if recipe.sync_bn and dist.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=recipe.memory_format)
+    # torch's stubs leave out Module.to's memory_format, which it takes at run time
+    model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]
     # cuDNN's benchmark mode is left off: on an H200 its choices made the eager step slower (90,000
     # and 103,000 images a second against 105,000 and 108,000 with cuDNN's heuristics, for-each and
     # fused SGD; benchmarks/results/gpu-h200-levers/).
@@ -131,7 +134,7 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
     if recipe.compile:
-        step_model = torch.compile(step_model, mode=recipe.compile_mode)
+        step_model = cast(torch.nn.Module, torch.compile(step_model, mode=recipe.compile_mode))  # a module wrapper
     ema = WeightEMA(model, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
     order_generator = torch.Generator(device=device).manual_seed(recipe.seed)
     # Each rank augments its own share with its own draws; one process keeps one generator.

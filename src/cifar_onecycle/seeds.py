@@ -24,7 +24,7 @@ from .errors import Interrupted, UserError
 from .recipe import Recipe
 from .run_folder import SUMMARY, RunFolder
 from .run_setup import training_images
-from .train import check_same_recipe, train
+from .training import check_same_recipe, train
 
 # The accuracies summarised over seeds; the last is None in runs without a weight average.
 ACCURACIES = ("final_test_acc", "final_test_acc_tta", "final_train_acc", "final_test_acc_without_ema")
@@ -50,15 +50,15 @@ def seeds_summary(recipe: Recipe, seeds: list[int], runs: list[dict[str, Any]]) 
     """summary.json of a multi-seed run, from the runs' own summaries (in seed order)."""
     out: dict[str, Any] = {"seeds": seeds, "runs": len(runs), "epochs": recipe.epochs}
     for name in ACCURACIES:
-        values = [r.get(name) for r in runs]
-        out[name] = spread(values) if all(v is not None for v in values) else None
+        values = [r[name] for r in runs if r.get(name) is not None]
+        out[name] = spread(values) if len(values) == len(runs) else None
     first = runs[0]
     for key in ("test_images", "train_images", "parameters", "device", "precision", "torch", "cifar_onecycle",
                 "git_commit", "data_dir"):
         out[key] = first.get(key)
     out["total_seconds"] = round(sum(r["total_seconds"] for r in runs), 2)
     out["per_run"] = [{"seed": s, "folder": f"seed{s}", **{k: r.get(k) for k in ACCURACIES}}
-                      for s, r in zip(seeds, runs)]
+                      for s, r in zip(seeds, runs, strict=False)]
     return out
 
 
@@ -97,7 +97,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     if out is not None and resume is None and main:
         folder = RunFolder.create(out, overwrite)
         folder.write_recipe(recipe)
-        folder.write_seeds(first, count, data_dir and str(data_dir))
+        folder.write_seeds(first, count, str(data_dir) if data_dir else None)
     started = time.perf_counter()
     seed_list = list(range(first, first + count))
     runs: list[dict[str, Any]] = []

@@ -67,7 +67,7 @@ class TrainState:
             "data_dir": self.data_dir}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup) -> "TrainState":
+    def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup) -> TrainState:
         """Load a checkpoint's weights, optimizer and random states into ``setup`` (built from the
         checkpoint's recipe) and return its state."""
         setup.model.load_state_dict(checkpoint["model"])

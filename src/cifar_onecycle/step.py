@@ -6,7 +6,8 @@ range test and the benchmarks measure is what training does (loss scaling includ
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                targets: torch.Tensor, lr: float, *, scaler: torch.amp.GradScaler | None = None,
-               autocast: Callable[[], ContextManager] | None = None,
+               autocast: Callable[[], AbstractContextManager] | None = None,
                loss_fn: LossFunction = F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
     """One step at ``lr``: forward (under ``autocast()``), loss in fp32, backward (through the
     ``scaler``'s loss scaling: fp16 needs it, an off scaler is a no-op), update.

@@ -58,7 +58,8 @@ def summarize(model: torch.nn.Module, input_size: tuple[int, int, int] = (3, 32,
     """Run one image through ``model`` (on the CPU, in eval mode) and tabulate its leaf layers."""
     info = torchinfo.summary(model, input_size=(1, *input_size), device="cpu", verbose=0,
                              mode="eval", depth=100)
-    rows, elements = [], 0
+    rows: list[SummaryRow] = []
+    elements = 0
     for layer in info.summary_list:
         if not layer.is_leaf_layer or not layer.executed:
             continue

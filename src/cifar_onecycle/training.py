@@ -60,7 +60,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     recipe = setup.recipe
     board = board_class(log_dir=str(folder.path / "tensorboard")) if board_class and folder else None
     checkpoint_folder = folder if checkpoints else None
-    resume_from = Path(out or resume) if checkpoints and (out or resume) else None  # for the stop message
+    given_folder = out or resume
+    resume_from = Path(given_folder) if checkpoints and given_folder else None  # for the stop message
     knots = one_cycle_knots(recipe.epochs, setup.steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
     with StopSignals(active=folder is not None or dist.world > 1) as stop:
         for epoch in range(state.epoch + 1, recipe.epochs + 1):
@@ -93,6 +94,7 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
     """The run's setup, its state (restored from the checkpoint when resuming) and its folder (rank
     0's only). Nothing is written before the data and the recipe pass every check: a bad input leaves
     no half-made run folder."""
+    folder: RunFolder | None
     if resume is not None:
         folder = RunFolder(resume)
         checkpoint, saved = folder.load_checkpoint()
@@ -105,14 +107,16 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
             raise UserError(f"resume {folder.path}: this run already finished all {saved.epochs} epochs", "resume")
         resolve_precision(saved.precision, resolve_device(saved.device))  # a device this machine lacks: now
         data_dir = _data_dir(data_dir or checkpoint.get("data_dir"), data)
-        setup = setup_run(saved, data if data is not None else load_data(data_dir, download, progress, test_signals), dist)
+        data = data if data is not None else load_data(data_dir, download, progress, test_signals)
+        setup = setup_run(saved, data, dist)
         state = TrainState.from_checkpoint(checkpoint, setup)
         state.data_dir = data_dir
         return setup, state, folder if dist.main else None
     recipe = recipe or Recipe()
     resolve_precision(recipe.precision, resolve_device(recipe.device))  # a device this machine lacks: now
     data_dir = _data_dir(data_dir, data)
-    setup = setup_run(recipe, data if data is not None else load_data(data_dir, download, progress, test_signals), dist)
+    data = data if data is not None else load_data(data_dir, download, progress, test_signals)
+    setup = setup_run(recipe, data, dist)
     folder = RunFolder.create(out, overwrite) if out is not None and dist.main else None
     lr_found = None
     if find_lr_max or find_lr_min:
