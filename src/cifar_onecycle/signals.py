@@ -17,11 +17,12 @@ from .errors import Interrupted
 # training step (from 0, over the whole run), ``evalN`` the evaluation after epoch N, ``load`` the
 # reading of the data set. A stop at an exact point, with no sleeps and no patched internals.
 TEST_SIGNALS = "CIFAR_ONECYCLE_TEST_SIGNALS"
+TestSignals = dict[int | str, list[signal.Signals]]  # the signals to send, by point
 
 
-def signals_for_tests() -> dict[int | str, list[signal.Signals]]:
+def signals_for_tests() -> TestSignals:
     """The test hook's signals by point; empty unless the environment asks for them."""
-    plan: dict[int | str, list[signal.Signals]] = {}
+    plan: TestSignals = {}
     for item in filter(None, os.environ.get(TEST_SIGNALS, "").split(",")):
         name, _, point = item.partition("@")
         point = point.strip()
@@ -29,7 +30,7 @@ def signals_for_tests() -> dict[int | str, list[signal.Signals]]:
     return plan
 
 
-def send_test_signals(plan: dict[int | str, list[signal.Signals]], point: int | str) -> None:
+def send_test_signals(plan: TestSignals, point: int | str) -> None:
     for sig in plan.get(point, ()):
         os.kill(os.getpid(), sig)
 

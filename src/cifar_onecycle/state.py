@@ -30,7 +30,7 @@ class TrainState:
     elapsed: float = 0.0                # seconds the run took before this process took it up
     lr_found: dict | None = None        # what the LR range test found, for summary.json
     data_dir: str | None = None         # where the data came from (None: given in memory)
-    started: float = field(default_factory=time.perf_counter, repr=False)  # this process's start; not saved
+    started: float = field(default_factory=time.perf_counter, repr=False)  # when this process took it up; not saved
 
     def seconds(self) -> float:
         """The run's time so far, over every process that worked on it."""
@@ -67,9 +67,11 @@ class TrainState:
             "data_dir": self.data_dir}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup) -> TrainState:
+    def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup,
+                        started: float | None = None) -> TrainState:
         """Load a checkpoint's weights, optimizer and random states into ``setup`` (built from the
-        checkpoint's recipe) and return its state."""
+        checkpoint's recipe) and return its state (``started``: when this process took the run up,
+        by ``time.perf_counter``; default now)."""
         setup.model.load_state_dict(checkpoint["model"])
         setup.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
@@ -83,7 +85,8 @@ class TrainState:
                    loss_sum=checkpoint["loss_sum"] if main else 0.0, correct=checkpoint["correct"] if main else 0,
                    epoch_seconds=checkpoint["epoch_seconds"],
                    history=[EpochMetrics(**h) for h in checkpoint["history"]], elapsed=checkpoint["elapsed"],
-                   lr_found=checkpoint.get("lr_found"), data_dir=checkpoint.get("data_dir"))
+                   lr_found=checkpoint.get("lr_found"), data_dir=checkpoint.get("data_dir"),
+                   started=time.perf_counter() if started is None else started)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,10 +24,8 @@ from .results import EpochMetrics, TrainResult, format_epoch, git_commit, run_su
 from .run_folder import SUMMARY, RunFolder
 from .run_setup import RunSetup, setup_run
 from .schedule import lr_at, one_cycle_knots
-from .signals import StopSignals, interrupted, send_test_signals, signals_for_tests
+from .signals import StopSignals, TestSignals, interrupted, send_test_signals, signals_for_tests
 from .state import TrainState
-
-TestSignals = dict[int | str, list[Any]]
 
 
 def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, download: bool = True,
@@ -49,6 +47,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     checkpoint.pt after every epoch and on a stop signal (off: a run that only measures, which
     cannot be resumed).
     """
+    started = time.perf_counter()  # the run's time counts its data loading and any range test
     commit = git_commit()  # now: the tree may move on while a long run trains
     dist = init_distributed(recipe.device if recipe else "auto")
     progress = progress and dist.main  # under torchrun only rank 0 shows progress and writes files
@@ -56,7 +55,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     board_class = tensorboard_writer(out or resume) if tensorboard and dist.main else None  # refused before any work
     setup, state, folder = start_run(recipe, data_dir=data_dir, download=download, out=out, overwrite=overwrite,
                                      data=data, progress=progress, find_lr_max=find_lr_max, find_lr_min=find_lr_min,
-                                     resume=resume, dist=dist, test_signals=test_signals)
+                                     resume=resume, dist=dist, test_signals=test_signals, started=started)
     recipe = setup.recipe
     board = board_class(log_dir=str(folder.path / "tensorboard")) if board_class and folder else None
     checkpoint_folder = folder if checkpoints else None
@@ -89,8 +88,8 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
 
 def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: bool, out: str | Path | None,
               overwrite: bool, data: Cifar10 | None, progress: bool, find_lr_max: bool, find_lr_min: bool,
-              resume: str | Path | None, dist: Dist,
-              test_signals: TestSignals) -> tuple[RunSetup, TrainState, RunFolder | None]:
+              resume: str | Path | None, dist: Dist, test_signals: TestSignals,
+              started: float) -> tuple[RunSetup, TrainState, RunFolder | None]:
     """The run's setup, its state (restored from the checkpoint when resuming) and its folder (rank
     0's only). Nothing is written before the data and the recipe pass every check: a bad input leaves
     no half-made run folder."""
@@ -109,7 +108,7 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
         data_dir = _data_dir(data_dir or checkpoint.get("data_dir"), data)
         data = data if data is not None else load_data(data_dir, download, progress, test_signals)
         setup = setup_run(saved, data, dist)
-        state = TrainState.from_checkpoint(checkpoint, setup)
+        state = TrainState.from_checkpoint(checkpoint, setup, started)
         state.data_dir = data_dir
         return setup, state, folder if dist.main else None
     recipe = recipe or Recipe()
@@ -126,7 +125,7 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
         setup = setup_run(recipe, setup.data, dist)
     if folder:
         folder.write_recipe(recipe)
-    return setup, TrainState(lr_found=lr_found, data_dir=data_dir), folder
+    return setup, TrainState(lr_found=lr_found, data_dir=data_dir, started=started), folder
 
 
 def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float]], stop: StopSignals,
