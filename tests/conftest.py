@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny CIFAR-10 folders in the official pickle format, and the proxy data."""
+"""Shared fixtures: tiny CIFAR-10 folders in the official pickle format, the proxy data, and the
+command-line flags of a small recipe."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -12,6 +14,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CIFAR_ONECYCLE_SHARED", ROOT.parent / "shared"))
+
+
+def recipe_flags(recipe) -> list[str]:
+    """The flags that turn the seed's recipe into ``recipe`` on the command line: one small recipe
+    serves the Python API's tests and the CLI's."""
+    from cifar_onecycle import Recipe
+
+    flags: list[str] = []
+    for field in dataclasses.fields(Recipe):
+        value = getattr(recipe, field.name)
+        if value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 class Payload:

@@ -15,12 +15,11 @@ from safetensors.torch import load_file
 from cifar_onecycle import Recipe, UserError, train
 from cifar_onecycle.checkpoint import load_checkpoint, save_checkpoint
 from cifar_onecycle.cli import main
-from conftest import Payload
+from conftest import Payload, recipe_flags
 
-FLAGS = ["--epochs", "3", "--peak-epoch", "1", "--batch-size", "25", "--eval-batch-size", "16", "--device", "cpu",
-         "--precision", "fp32", "--lr-max", "0.02", "--logit-scale", "0.125", "--bn-momentum", "0.5"]
 RECIPE = Recipe(epochs=3, peak_epoch=1, batch_size=25, eval_batch_size=16, device="cpu", precision="fp32",
                 lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)
+FLAGS = recipe_flags(RECIPE)
 TIMING = {"train_seconds", "images_per_second"}
 
 # Run the CLI; with HANG_ON_CHECKPOINT_FSYNC=N, the N-th fsync of a checkpoint's temporary file

@@ -9,6 +9,7 @@ from cifar_onecycle import DivergenceError, Recipe, load_cifar10, train
 from cifar_onecycle.checkpoint import load_weights
 from cifar_onecycle.cli import main
 from cifar_onecycle.device import resolve_precision
+from conftest import recipe_flags
 
 TINY = dict(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="cpu", precision="fp32",
             lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)  # few steps: BN statistics must catch up fast
@@ -147,7 +148,7 @@ def test_evaluate_with_flip_tta():
 def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path):
     out = tmp_path / "run"
     code = main(["train", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--quiet",
-                 "--no-checkpoint", "--no-report", *(f"--{k.replace('_', '-')}={v}" for k, v in TINY.items())])
+                 "--no-checkpoint", "--no-report", *recipe_flags(Recipe(**TINY))])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "model.safetensors", "recipe.toml",
                                                      "summary.json"]

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import __version__
-from .distributed import launch_rank
+from .distributed import launch_rank, shutdown
 from .errors import UserError
 from .recipe import Recipe, load_recipe
 
@@ -360,8 +360,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     finally:
-        from .distributed import shutdown
-
         shutdown()
 
 
