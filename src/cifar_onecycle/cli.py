@@ -89,52 +89,54 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
     train_cmd.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train_cmd.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run (or the runs of --seeds) in RUN_DIR from its checkpoint, with its recipe")
+                           help="continue the run (or the runs of --seeds) in RUN_DIR from its checkpoint, with "
+                                "its recipe")
     train_cmd.add_argument("--seeds", type=int, metavar="N",
-                   help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and write the "
-                        "mean, std, min and max of the final test accuracy (with and without flip TTA) to "
-                        "RUN_DIR/summary.json")
+                           help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and "
+                                "write the mean, std, min and max of the final test accuracy (with and without flip "
+                                "TTA) to RUN_DIR/summary.json")
     train_cmd.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     train_cmd.add_argument("--no-checkpoint", action="store_true",
-                   help="write no checkpoint.pt (a run that only measures: it cannot be resumed, and a "
-                        "stop signal loses it)")
+                           help="write no checkpoint.pt (a run that only measures: it cannot be resumed, and a "
+                                "stop signal loses it)")
     train_cmd.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
     train_cmd.add_argument("--tensorboard", action="store_true",
-                   help="also log each epoch's scalars to RUN_DIR/tensorboard "
-                        "(pip install 'cifar-onecycle[tensorboard]')")
+                           help="also log each epoch's scalars to RUN_DIR/tensorboard "
+                                "(pip install 'cifar-onecycle[tensorboard]')")
 
     evaluate_cmd = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
     evaluate_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     _add_data_flags(evaluate_cmd)
     evaluate_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate_cmd.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="arithmetic (default: the run's own recipe setting, so that the run's own test "
-                        "accuracy is reproduced)")
+                              help="arithmetic (default: the run's own recipe setting, so that the run's own test "
+                                   "accuracy is reproduced)")
     evaluate_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate_cmd.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average each image's logits with its mirror's")
+                              help="test-time augmentation: average each image's logits with its mirror's")
 
     lr_find_cmd = sub.add_parser("lr-find", parents=[common],
                                  help="LR range test: loss against a growing LR, with graphs")
     lr_find_cmd.add_argument("--mode", choices=("exp", "linear", "both"), default="both",
-                   help="exponential or linear growth of the LR, or one sweep of each (default: both)")
+                             help="exponential or linear growth of the LR, or one sweep of each (default: both)")
     lr_find_cmd.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 1e-4 linear)")
     lr_find_cmd.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 1 linear)")
     lr_find_cmd.add_argument("--sweep-epochs", type=_number, metavar="E",
-                   help="length of each sweep in epochs of the recipe's batches (default: 1 exp, 6 linear)")
+                             help="length of each sweep in epochs of the recipe's batches (default: 1 exp, 6 linear)")
     lr_find_cmd.add_argument("--num-iter", type=int,
                              help="length of each sweep in iterations (instead of --sweep-epochs)")
     lr_find_cmd.add_argument("--smooth", type=_number, default=0.05,
-                   help="weight of each new loss in the moving average (default: 0.05)")
+                             help="weight of each new loss in the moving average (default: 0.05)")
     lr_find_cmd.add_argument("--diverge", type=_number, default=4.0,
-                   help="stop once the smoothed loss stays above this many times its best (default: 4)")
+                             help="stop once the smoothed loss stays above this many times its best (default: 4)")
     lr_find_cmd.add_argument("--patience", type=int,
-                   help="for that many iterations in a row (default: 2%% of the sweep, at least 3)")
+                             help="for that many iterations in a row (default: 2%% of the sweep, at least 3)")
     lr_find_cmd.add_argument("--method", choices=("plateau", "valley", "steepest"), default="plateau",
-                   help="how LRMAX is read off the curve: plateau (where the loss stops falling; the One Cycle "
-                        "rule), valley or steepest (default: plateau); LRMIN is always where the loss starts to fall")
+                             help="how LRMAX is read off the curve: plateau (where the loss stops falling; the One "
+                                  "Cycle rule), valley or steepest (default: plateau); LRMIN is always where the "
+                                  "loss starts to fall")
     lr_find_cmd.add_argument("--out", metavar="DIR",
-                   help="where the graphs and lr_find.json go (default: runs/lr-find-<timestamp>)")
+                             help="where the graphs and lr_find.json go (default: runs/lr-find-<timestamp>)")
     _add_recipe_flags(lr_find_cmd)
     _add_data_flags(lr_find_cmd)
 
