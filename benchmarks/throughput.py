@@ -30,7 +30,7 @@ import torch
 
 from cifar_onecycle import Cifar10, Recipe, train
 from cifar_onecycle.augment import normalize
-from cifar_onecycle.device import autocast, device_name, resolve_device, resolve_precision
+from cifar_onecycle.device import autocast, device_name, resolve_device, resolve_placement, resolve_precision
 from cifar_onecycle.results import git_commit
 from cifar_onecycle.step import make_optimizer, make_scaler, train_step
 
@@ -39,8 +39,7 @@ def bare_step(recipe: Recipe, fused: bool | None = None) -> Callable[[], None]:
     """One bare training step (``train_step`` on one fixed, already normalised batch: no shuffle,
     augmentation, schedule or bookkeeping) of the recipe's model, optimizer (``fused``:
     ``make_optimizer``'s switch), loss scaling, precision and compilation."""
-    device = resolve_device(recipe.device)
-    precision = resolve_precision(recipe.precision, device)
+    device, precision = resolve_placement(recipe)
     torch.manual_seed(0)
     model = recipe.model().to(device, memory_format=recipe.memory_format)
     optimizer = make_optimizer(model, recipe, device, fused)

@@ -82,7 +82,7 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
     except (KeyError, json.JSONDecodeError, RecipeError, TypeError) as e:
         raise UserError(f"{path}: no cifar-onecycle recipe in its metadata ({e}); was it written by "
                         f"cifar-onecycle?") from None
-    model = ResNet9(logit_scale=recipe.logit_scale, bn_momentum=recipe.bn_momentum)
+    model = recipe.model()
     _check_fits(model, tensors, path)
     model.load_state_dict(tensors)
     return model, recipe
@@ -121,7 +121,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Recipe]:
         recipe = Recipe.from_dict(state["recipe"], source=f"{path} (recipe)")
     except (KeyError, TypeError, RecipeError) as e:
         raise UserError(f"{path}: checkpoint has no valid recipe ({e})") from None
-    _check_fits(ResNet9(logit_scale=recipe.logit_scale), state.get("model"), path)
+    _check_fits(recipe.model(), state.get("model"), path)
     return state, recipe
 
 

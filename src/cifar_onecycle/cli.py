@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -21,6 +21,9 @@ from . import __version__
 from .distributed import launch_rank, shutdown
 from .errors import UserError
 from .recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from .data import Cifar10
 
 PROG = "cifar-onecycle"
 
@@ -227,16 +230,23 @@ def _spread(values: dict[str, Any]) -> str:
             f"max {values['max']:.2%})")
 
 
+def _load_data(args: argparse.Namespace, split: str = "both", default: str | None = None) -> Cifar10:
+    """The data set of ``--data-dir`` (else ``default``, else ./data), with a download bar."""
+    from .data import download_bar, load_cifar10
+
+    return load_cifar10(args.data_dir or default or "data", download=not args.no_download, split=split,
+                        progress=download_bar())
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
-    from .data import download_bar, load_cifar10
     from .device import resolve_device, resolve_precision
     from .evaluation import evaluate
 
     model, recipe = load_weights(args.weights)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision or recipe.precision, device)
-    data = load_cifar10(args.data_dir or "data", download=not args.no_download, split="test", progress=download_bar())
+    data = _load_data(args, split="test")
     # torch's stubs leave out Module.to's memory_format, which it takes at run time
     model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
@@ -252,7 +262,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .data import download_bar, load_cifar10
     from .lr_finder import DEFAULT_RANGES, MODES, check_sweep, lr_range_test, write_lr_find
 
     recipe = recipe_from_args(args)
@@ -266,7 +275,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         check_sweep(mode, args.start_lr or lo, args.end_lr or hi, 10 if args.num_iter is None else args.num_iter,
                     args.smooth, args.diverge, args.patience)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
-    data = load_cifar10(args.data_dir or "data", download=not args.no_download, progress=download_bar())
+    data = _load_data(args)
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
     results = lr_range_test(recipe, data, modes, epochs=args.sweep_epochs, num_iter=args.num_iter,
                             smooth=args.smooth, diverge=args.diverge, method=args.method, **sweep)
@@ -285,7 +294,6 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
-    from .data import download_bar, load_cifar10
     from .device import resolve_device
     from .report import write_report
     from .run_folder import RunFolder
@@ -295,8 +303,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary, history = run.read_summary(), run.read_metrics()
     if not isinstance(summary.get("steps_per_epoch"), int):
         raise UserError(f"{run.path / 'summary.json'}: not a finished run's summary (no steps_per_epoch)")
-    data = load_cifar10(args.data_dir or summary.get("data_dir") or "data", download=not args.no_download,
-                        progress=download_bar())
+    data = _load_data(args, default=summary.get("data_dir"))
     device = resolve_device(args.device)
     model = model.to(device)
     run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),

@@ -6,6 +6,7 @@ import platform
 import torch
 
 from .errors import UserError
+from .recipe import Recipe
 
 # How often (in steps) the loop reads the running loss back from the device, for the progress bar,
 # the divergence check and (under torchrun) the ranks' agreement on a stop signal. On a CPU every 10
@@ -46,6 +47,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def resolve_placement(recipe: Recipe) -> tuple[torch.device, str]:
+    """The device and arithmetic ``recipe`` runs with on this machine; refuses what it lacks."""
+    device = resolve_device(recipe.device)
+    return device, resolve_precision(recipe.precision, device)
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:

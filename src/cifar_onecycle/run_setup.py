@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .augment import epoch_batches, pad_reflect
 from .data import Cifar10
-from .device import autocast, resolve_device, resolve_precision
+from .device import autocast, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA
 from .errors import UserError
@@ -109,8 +109,7 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
     starts from the same weights (same seed, and DDP broadcasts rank 0's at wrapping).
     """
     dist = dist or Dist()
-    device = resolve_device(recipe.device)
-    precision = resolve_precision(recipe.precision, device)
+    device, precision = resolve_placement(recipe)
     n_train = training_images(recipe, data)
     check_batch(recipe.batch_size, dist)
     if recipe.sync_bn and dist.world > 1 and device.type != "cuda":

@@ -17,14 +17,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT
-from .data import Cifar10, download_bar, load_cifar10
-from .device import resolve_device, resolve_precision
+from .data import Cifar10
+from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted, UserError
 from .recipe import Recipe
 from .run_folder import SUMMARY, RunFolder
 from .run_setup import training_images
-from .training import check_same_recipe, train
+from .signals import signals_for_tests
+from .training import check_same_recipe, data_folder, load_data, train
 
 # The accuracies summarised over seeds; the last is None in runs without a weight average.
 ACCURACIES = ("final_test_acc", "final_test_acc_tta", "final_train_acc", "final_test_acc_without_ema")
@@ -87,11 +88,11 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         if seeds < 1:
             raise UserError(f"seeds {seeds}: give at least 1", "seeds")
         first, count = recipe.seed, seeds
-        resolve_precision(recipe.precision, resolve_device(recipe.device))  # a bad device: refused now
+        resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     # Read once for all the runs, and before any folder is made: a missing data set leaves nothing.
     if data is None:
-        data_dir = str(Path(data_dir or "data").resolve())
-        data = load_cifar10(data_dir, download=download, progress=download_bar() if progress else None)
+        data_dir = data_folder(data_dir, None)
+        data = load_data(data_dir, download, progress, signals_for_tests())
     training_images(recipe, data)
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
     if out is not None and resume is None and main:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Cifar10, download_bar, load_cifar10
-from .device import resolve_device, resolve_precision, sync_every, synchronize
+from .device import resolve_placement, sync_every, synchronize
 from .distributed import Dist, all_reduce_sum, init_distributed
 from .errors import DivergenceError, UserError
 from .evaluation import EvaluationStopped
@@ -104,16 +104,16 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
         # A run killed between its last checkpoint and its summary is finished by the resume.
         if checkpoint["epoch"] >= saved.epochs and folder.has(SUMMARY):
             raise UserError(f"resume {folder.path}: this run already finished all {saved.epochs} epochs", "resume")
-        resolve_precision(saved.precision, resolve_device(saved.device))  # a device this machine lacks: now
-        data_dir = _data_dir(data_dir or checkpoint.get("data_dir"), data)
+        resolve_placement(saved)  # a device this machine lacks: refused before loading anything
+        data_dir = data_folder(data_dir or checkpoint.get("data_dir"), data)
         data = data if data is not None else load_data(data_dir, download, progress, test_signals)
         setup = setup_run(saved, data, dist)
         state = TrainState.from_checkpoint(checkpoint, setup, started)
         state.data_dir = data_dir
         return setup, state, folder if dist.main else None
     recipe = recipe or Recipe()
-    resolve_precision(recipe.precision, resolve_device(recipe.device))  # a device this machine lacks: now
-    data_dir = _data_dir(data_dir, data)
+    resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
+    data_dir = data_folder(data_dir, data)
     data = data if data is not None else load_data(data_dir, download, progress, test_signals)
     setup = setup_run(recipe, data, dist)
     folder = RunFolder.create(out, overwrite) if out is not None and dist.main else None
@@ -242,6 +242,7 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
 
 
 def load_data(data_dir: str | None, download: bool, progress: bool, test_signals: TestSignals) -> Cifar10:
+    """The data set from ``data_dir`` (default ./data), with a download bar when ``progress``."""
     send_test_signals(test_signals, "load")
     return load_cifar10(data_dir or "data", download=download, progress=download_bar() if progress else None)
 
@@ -254,7 +255,7 @@ def check_same_recipe(recipe: Recipe, saved: Recipe, run_dir: Path) -> None:
                         f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}", "resume")
 
 
-def _data_dir(given: str | Path | None, data: Cifar10 | None) -> str | None:
+def data_folder(given: str | Path | None, data: Cifar10 | None) -> str | None:
     """The data folder a run records: the one given, else ./data; None for data given in memory only."""
     if given is None and data is not None:
         return None
