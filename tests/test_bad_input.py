@@ -1,5 +1,6 @@
 """Bad input, as a table: each gets one line on stderr, exit code 2, no traceback, and leaves no
 run folder or partial file behind."""
+import os
 import pickle
 from pathlib import Path
 
@@ -113,3 +114,30 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, capsys, monkeypatch):
     assert main(["train", "--data-dir", str(data), "--out", str(tmp_path / "run"), *QUICK]) == 2
     err = capsys.readouterr().err.strip()
     assert "out of device memory" in err and "smaller --batch-size" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["train", *QUICK], ["lr-find", "--device", "cpu"]])
+def test_a_data_folder_that_is_a_file(tmp_path, capsys, command):
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("")
+    assert main([command[0], "--data-dir", str(not_a_folder), "--out", str(tmp_path / "run"), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--data-dir {not_a_folder}: is a file, not a folder" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists() and not_a_folder.read_text() == ""
+
+
+def test_a_data_folder_that_cannot_be_read(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    is_dir = Path.is_dir
+
+    def no_permission(path, *args, **kwargs):  # as chmod 000 would, for a user other than root
+        if locked in (Path(path), *Path(path).parents):
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", no_permission)
+    monkeypatch.setattr(os.path, "realpath", no_permission)  # Path.resolve stats each part of the path
+    assert main(["train", "--data-dir", str(locked), "--out", str(tmp_path / "run"), *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--data-dir {locked}: cannot use it (Permission denied)" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

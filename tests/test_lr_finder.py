@@ -144,10 +144,13 @@ def test_plots_and_json(tmp_path):
     (["--patience", "0"], "--patience must be >= 1"),
     (["--num-iter", "20", "--sweep-epochs", "2"], "give one"),
     (["--mode", "cosine"], "invalid choice"),
+    (["--start-lr", "0"], "--start-lr must be > 0, got 0.0"),   # refused before the data is looked for
+    (["--end-lr", "0"], "--end-lr 0.0 must be above --start-lr"),
 ])
 def test_cli_bad_flags(argv, msg, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        raise SystemExit(main(["lr-find", *argv, "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)]))
+        raise SystemExit(main(["lr-find", *argv, "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path),
+                               "--no-download"]))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1

@@ -60,10 +60,19 @@ def test_bad_toml(tmp_path, text, message):
     (dict(ema_decay=1.0), "ema_decay must lie in"),
     (dict(ema_every=0), "ema_every must be > 0"),
     (dict(compile_mode="fastest"), "compile_mode must be one of"),
+    (dict(crop_padding=100_000), "crop_padding must lie in 0..16"),   # would pad 50,000 images to 200,032 px
+    (dict(crop_padding=-1), "crop_padding must lie in 0..16"),
+    (dict(seed=2**64), "seed must lie in 0..4294967295"),           # beyond what a torch.Generator takes
+    (dict(seed=-1), "seed must lie in 0..4294967295"),
 ])
 def test_impossible_values_refused(changes, message):
     with pytest.raises(RecipeError, match=message):
         Recipe(**changes)
+
+
+def test_the_largest_padding_and_seed_are_accepted():
+    recipe = Recipe(crop_padding=16, seed=2**32 - 1)
+    assert (recipe.crop_padding, recipe.seed) == (16, 2**32 - 1)
 
 
 @pytest.mark.parametrize("argv", [

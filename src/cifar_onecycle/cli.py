@@ -272,8 +272,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise UserError(f"--sweep-epochs must be > 0, got {args.sweep_epochs:g}")
     for mode in modes:  # refuse a bad range before loading anything
         lo, hi = DEFAULT_RANGES[mode]
-        check_sweep(mode, args.start_lr or lo, args.end_lr or hi, 10 if args.num_iter is None else args.num_iter,
-                    args.smooth, args.diverge, args.patience)
+        check_sweep(mode, lo if args.start_lr is None else args.start_lr, hi if args.end_lr is None else args.end_lr,
+                    10 if args.num_iter is None else args.num_iter, args.smooth, args.diverge, args.patience)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
     data = _load_data(args)
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}

@@ -310,6 +310,17 @@ def _missing(folder: Path) -> list[str]:
 def ensure_cifar10(data_dir: Path, download: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> Path:
     """Return the folder with the batch files, extracting or downloading the archive if needed."""
+    try:
+        return _ensure_cifar10(data_dir, download, progress)
+    except OSError as e:  # a folder that cannot be listed or created: the cause is the path given
+        raise DatasetError(f"data_dir {data_dir}: cannot use it ({e.strerror or e}); give a folder you can read "
+                           f"and write", "data_dir") from None
+
+
+def _ensure_cifar10(data_dir: Path, download: bool, progress: Callable[[int, int], None] | None) -> Path:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DatasetError(f"data_dir {data_dir}: is a file, not a folder; give the folder that holds "
+                           f"'{FOLDER}/' or '{ARCHIVE}', or where the download should go", "data_dir")
     folder = data_dir / FOLDER
     if folder.is_dir():
         missing = _missing(folder)
@@ -341,9 +352,9 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 def download_archive(dest: Path, url: str = URL, md5: str | None = MD5,
                      progress: Callable[[int, int], None] | None = None, timeout: float = 30) -> None:
     """Download to ``dest.part``, check the md5, then rename: a broken download never looks whole."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
             total, done = int(r.headers.get("Content-Length") or 0), 0
             while block := r.read(1 << 20):

@@ -26,6 +26,12 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
+# The whole training set is reflect-padded once, through float32: 50,000 x 3 x (32 + 2p)^2 x 4 bytes,
+# 2.4 GB at 16. Beyond half the image a crop is mostly mirror image, and reflect padding stops at 31;
+# the bound also keeps a recipe file from deciding how much memory the run takes.
+MAX_CROP_PADDING = 16
+
+
 def _opt(default: Any, help: str, flag: bool = True, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
@@ -56,7 +62,7 @@ class Recipe:
     sync_bn: bool = _opt(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only)")
     # Augmentation, in the seed's order
     crop: bool = _opt(True, "RandomCrop 32 after reflect-padding by crop_padding")
-    crop_padding: int = _opt(4, "padding on each side before the random crop")
+    crop_padding: int = _opt(4, "reflect padding on each side before the random crop (0 to 16)")
     flip: bool = _opt(True, "random horizontal flip with p = 0.5")
     cutout: bool = _opt(True, "CutOut: one square hole filled with the dataset mean")
     cutout_size: int = _opt(8, "side of the CutOut hole, in pixels")
@@ -117,8 +123,11 @@ class Recipe:
             raise RecipeError(f"recipe: bn_momentum must lie in (0, 1], got {self.bn_momentum}")
         if self.logit_scale <= 0:
             raise RecipeError(f"recipe: logit_scale must be > 0, got {self.logit_scale}")
-        if self.crop_padding < 0:
-            raise RecipeError(f"recipe: crop_padding must be >= 0, got {self.crop_padding}")
+        if not 0 <= self.crop_padding <= MAX_CROP_PADDING:
+            raise RecipeError(f"recipe: crop_padding must lie in 0..{MAX_CROP_PADDING} (the seed's is 4), got "
+                              f"{self.crop_padding}")
+        if not 0 <= self.seed < 2**32:
+            raise RecipeError(f"recipe: seed must lie in 0..{2**32 - 1}, got {self.seed}")
         if self.cutout_size > 32:
             raise RecipeError(f"recipe: cutout_size {self.cutout_size} is larger than the 32-pixel image")
         if self.train_subset < 0:

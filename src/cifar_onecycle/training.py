@@ -5,6 +5,7 @@ an evaluation, and the run folder brought up to date; then the summary, the weig
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -256,10 +257,12 @@ def check_same_recipe(recipe: Recipe, saved: Recipe, run_dir: Path) -> None:
 
 
 def data_folder(given: str | Path | None, data: Cifar10 | None) -> str | None:
-    """The data folder a run records: the one given, else ./data; None for data given in memory only."""
+    """The data folder a run records, as an absolute path: the one given, else ./data; None for data
+    given in memory only. ``abspath``, not ``resolve``: it touches no file, so a folder that cannot be
+    read fails in the data loader, which says so, rather than here with a traceback."""
     if given is None and data is not None:
         return None
-    return str(Path(given or "data").resolve())
+    return os.path.abspath(given or "data")
 
 
 def tensorboard_writer(run_dir: str | Path | None) -> Any:
