@@ -156,7 +156,7 @@ class Results:
         self.timing: dict[str, Any] = {}
 
     def write(self, name: str, data: bytes | str) -> None:
-        from cifar_onecycle.checkpoint import atomic_write
+        from cifar_onecycle.files import atomic_write
 
         atomic_write(self.out / name, data)
 
@@ -201,7 +201,7 @@ def run_one(stage: str, name: str, recipe: Any, data: Any, data_dir: Path, resul
     import torch
 
     from cifar_onecycle import DivergenceError, train
-    from cifar_onecycle.checkpoint import atomic_write
+    from cifar_onecycle.files import atomic_write
 
     run_dir = results.runs / stage / name / f"seed{recipe.seed}"
     say(f"{stage}: {name} seed {recipe.seed} (estimate {clock.estimates.get(estimate, float('nan')):.0f} s, "

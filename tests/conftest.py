@@ -119,3 +119,23 @@ def py2_pickle(batch: dict) -> bytes:
         return array(v)
 
     return b"\x80\x02}(" + b"".join(text(k) + value(v) for k, v in batch.items()) + b"u."
+
+
+@pytest.fixture
+def reads_forbidden(monkeypatch):
+    """Files of 1 MB or more opened by ``cifar_onecycle.files.read_capped`` may be sized but not
+    read: a test that a file over its ceiling is refused before its bytes are taken into memory."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import cifar_onecycle.files as files
+
+    @contextlib.contextmanager
+    def sized_only(path, mode):
+        with open(path, mode) as real:
+            if os.fstat(real.fileno()).st_size < 1 << 20:
+                yield real
+            else:
+                yield SimpleNamespace(fileno=real.fileno, read=lambda *args: pytest.fail("read before the size check"))
+
+    monkeypatch.setattr(files, "open", sized_only, raising=False)

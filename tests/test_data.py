@@ -197,13 +197,12 @@ def test_crafted_streams_are_refused_before_anything_is_built(tmp_path, payload,
     assert code == 2 and message in line and "data_batch_1" in line and "\n" not in line, (code, line)
 
 
-def test_a_batch_file_too_large_is_refused_before_it_is_read(tmp_path, monkeypatch):
+def test_a_batch_file_too_large_is_refused_before_it_is_read(tmp_path, reads_forbidden):
     import cifar_onecycle.data as data
 
     p = tmp_path / "data_batch_1"
     with open(p, "wb") as f:
         f.truncate(data.MAX_BATCH_BYTES + 1)  # sparse: no 64 MB written
-    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read before the size check"))
     with pytest.raises(DatasetError, match="larger than any CIFAR-10 batch file"):
         safe_load(p)
 

@@ -1,9 +1,14 @@
-"""Atomic writes: the run folder's files survive a kill and a power cut, and a failed write leaves nothing."""
+"""Atomic writes: the run folder's files survive a kill and a power cut, and a failed write leaves nothing.
+Reads: no file of a run decides how much memory reading it takes."""
+import io
 import os
+import zipfile
 
 import pytest
+import torch
 
-from cifar_onecycle.checkpoint import atomic_write
+from cifar_onecycle.cli import main
+from cifar_onecycle.files import MAX_CHECKPOINT_BYTES, MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, atomic_write
 
 
 def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
@@ -42,3 +47,57 @@ def test_metrics_csv_is_read_back_by_column_name():
     assert parse_metrics_csv(metrics_csv(with_tta)) == with_tta
     with pytest.raises(ValueError, match="no test_acc"):
         parse_metrics_csv(text.replace("test_acc,", "test_accuracy,", 1))
+
+
+def sparse(path, size):
+    """A file of ``size`` bytes that takes no disk space."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest.mark.parametrize("name, size, argv", [
+    ("model.safetensors", MAX_WEIGHTS_BYTES + 1, ["evaluate", "{run}"]),
+    ("model.safetensors", MAX_WEIGHTS_BYTES + 1, ["predict", "{run}", "x.png"]),
+    ("checkpoint.pt", MAX_CHECKPOINT_BYTES + 1, ["train", "--resume", "{run}"]),
+    ("seeds.json", MAX_TEXT_BYTES + 1, ["train", "--resume", "{run}"]),
+    ("recipe.toml", MAX_TEXT_BYTES + 1, ["train", "--recipe", "{run}/recipe.toml", "--out", "{run}/new"]),
+])
+def test_a_file_above_its_ceiling_is_refused_before_it_is_read(tmp_path, capsys, reads_forbidden, name, size, argv):
+    from cifar_onecycle import Recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.toml").write_text(Recipe().to_toml())  # a run's own recipe is read first on resume
+    sparse(run / name, size)
+    assert main([arg.format(run=run) for arg in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{run / name}: {size:,} bytes, larger than any" in err and len(err.splitlines()) == 1, err
+
+
+def test_metrics_and_summary_above_their_ceiling_are_refused(tmp_path, reads_forbidden):
+    from cifar_onecycle.errors import UserError
+    from cifar_onecycle.run_folder import RunFolder
+
+    run = RunFolder(tmp_path)
+    for name, read in (("metrics.csv", run.read_metrics), ("summary.json", run.read_summary)):
+        sparse(tmp_path / name, MAX_TEXT_BYTES + 1)
+        with pytest.raises(UserError, match=f"{name}: {MAX_TEXT_BYTES + 1:,} bytes, larger than any"):
+            read()
+
+
+def test_a_checkpoint_with_compressed_members_is_refused(tmp_path):
+    from cifar_onecycle.checkpoint import load_checkpoint
+    from cifar_onecycle.errors import UserError
+
+    buf = io.BytesIO()
+    torch.save({"format": "cifar-onecycle-checkpoint/1", "zeros": torch.zeros(1 << 20)}, buf)
+    squeezed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as stored, \
+            zipfile.ZipFile(squeezed, "w", zipfile.ZIP_DEFLATED) as deflated:
+        for member in stored.infolist():
+            deflated.writestr(member.filename, stored.read(member))
+    assert len(squeezed.getvalue()) < len(buf.getvalue()) // 50  # 4 MB of zeros in a few kB: a bomb's shape
+    (tmp_path / "checkpoint.pt").write_bytes(squeezed.getvalue())
+    with pytest.raises(UserError, match="compressed or oversized members"):
+        load_checkpoint(tmp_path / "checkpoint.pt")

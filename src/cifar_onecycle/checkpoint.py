@@ -1,4 +1,5 @@
-"""Weights files and atomic writes. Weights are safetensors: loading them runs no code.
+"""Weights files and checkpoints. Weights are safetensors, checkpoints are read with
+``weights_only``: loading either runs no code from the file.
 
 The resolved recipe travels in the file's metadata, so ``evaluate`` can rebuild the exact model
 (logit scale included) from the weights alone.
@@ -7,8 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,43 +18,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import UserError
+from .files import MAX_CHECKPOINT_BYTES, MAX_WEIGHTS_BYTES, atomic_write, read_capped
 from .model import ResNet9
 from .recipe import Recipe, RecipeError
 
 WEIGHTS = "model.safetensors"
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, then
-    fsync the folder, so that the rename itself survives a power cut.
-
-    A kill at any instant leaves either the old file or the new one, never a torn one; on any error
-    the temporary file is closed and removed.
-    """
-    path = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # owns the descriptor from here: closed on every path
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_weights(model: torch.nn.Module, path: str | Path, recipe: Recipe) -> None:
@@ -71,7 +39,7 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS
-    raw = _read(path, "weights", f"give a run folder or its {WEIGHTS}")
+    raw = _read(path, "weights", f"give a run folder or its {WEIGHTS}", MAX_WEIGHTS_BYTES)
     try:
         tensors = st_load(raw)
         meta = _metadata(raw)
@@ -109,7 +77,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Recipe]:
     """Read a checkpoint without running any code from it (``weights_only=True``), and check it
     belongs to this model. Returns (state, recipe)."""
     path = Path(path)
-    raw = _read(path, "checkpoint", "is this a run folder that reached the end of an epoch?")
+    raw = _read(path, "checkpoint", "is this a run folder that reached the end of an epoch?", MAX_CHECKPOINT_BYTES)
+    _check_stored(raw, path)
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # a refused global, a truncated zip, garbage: all mean the same to a user
@@ -125,11 +94,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Recipe]:
     return state, recipe
 
 
-def _read(path: Path, what: str, hint: str) -> bytes:
+def _read(path: Path, what: str, hint: str, limit: int) -> bytes:
     try:
-        return path.read_bytes()
+        return read_capped(path, limit, f"{what} file this program writes", "refused")
     except OSError as e:
         raise UserError(f"{path}: cannot read {what} ({e.strerror or e}); {hint}") from None
+
+
+def _check_stored(raw: bytes, path: Path) -> None:
+    """torch.save stores its zip members uncompressed; a compressed member could unpack to any size
+    inside torch.load, so one is refused, as is a total above the checkpoint ceiling."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise UserError(f"{path}: not a loadable checkpoint, refused (not a zip archive: {e})") from None
+    if any(m.compress_type != zipfile.ZIP_STORED for m in members) or \
+            sum(m.file_size for m in members) > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"{path}: not a checkpoint this program wrote (compressed or oversized members); refused")
 
 
 def _check_fits(model: ResNet9, tensors: Any, path: Path) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
+from .files import read_capped
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -206,11 +207,8 @@ def safe_load(path: Path) -> Any:
     """Unpickle a CIFAR-10 file: size cap, opcode scan (``scan_pickle``), then ``RestrictedUnpickler``
     (Python 2 strings come back as bytes). Every refusal is a one-line ``DatasetError``."""
     try:
-        size = path.stat().st_size
-        if size > MAX_BATCH_BYTES:
-            raise DatasetError(f"{path}: {size:,} bytes, larger than any CIFAR-10 batch file (at most "
-                               f"{MAX_BATCH_BYTES:,}); replace it with the official file")
-        data = path.read_bytes()
+        data = read_capped(path, MAX_BATCH_BYTES, "CIFAR-10 batch file", "replace it with the official file",
+                           DatasetError)
     except OSError as e:
         raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
     if not data:

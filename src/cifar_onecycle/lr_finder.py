@@ -387,7 +387,7 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable],
 
 def write_lr_find(results: dict[str, LRFinderResult], out_dir: str | Path) -> list[Path]:
     """lr_find_<mode>.png for each sweep and lr_find.json keyed by mode; returns the paths written."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     from .report import save_png
 
     out_dir = Path(out_dir)

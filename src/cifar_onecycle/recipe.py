@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RecipeError
+from .files import MAX_TEXT_BYTES, read_capped
 
 if TYPE_CHECKING:  # torch only for the type: reading a recipe must not import it
     import torch
@@ -212,7 +213,7 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
         return Recipe.from_dict({**(base or Recipe()).to_dict(), **tomllib.loads(text)}, source=f"recipe {path}")
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        values = tomllib.loads(read_capped(path, MAX_TEXT_BYTES, "recipe file", "give a recipe TOML file").decode())
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found; give a TOML file or one of: {', '.join(NAMED)}") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .augment import CIFAR10_MEAN, CIFAR10_STD, augment_batch, normalize, pad_reflect
-from .checkpoint import atomic_write
 from .data import CLASSES
+from .files import atomic_write
 from .recipe import Recipe
 from .schedule import lr_at, one_cycle_knots
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CHECKPOINT, WEIGHTS, atomic_write, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
 from .errors import UserError
+from .files import MAX_TEXT_BYTES, atomic_write, read_capped
 from .recipe import Recipe, load_recipe
 from .results import EpochMetrics, metrics_csv, parse_metrics_csv
 
@@ -61,6 +62,9 @@ class RunFolder:
         for stale in self.path.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
 
+    def _read_text(self, name: str) -> str:
+        return read_capped(self.path / name, MAX_TEXT_BYTES, f"{name} of a run", "is this a run folder?").decode()
+
     def has(self, name: str) -> bool:
         return (self.path / name).is_file()
 
@@ -75,7 +79,7 @@ class RunFolder:
 
     def read_metrics(self) -> list[EpochMetrics]:
         try:
-            history = parse_metrics_csv((self.path / METRICS).read_text(encoding="utf-8"))
+            history = parse_metrics_csv(self._read_text(METRICS))
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{self.path / METRICS}: not a run's metrics ({e})") from None
         if not history:
@@ -87,7 +91,7 @@ class RunFolder:
 
     def read_summary(self) -> dict[str, Any]:
         try:
-            summary = json.loads((self.path / SUMMARY).read_text(encoding="utf-8"))
+            summary = json.loads(self._read_text(SUMMARY))
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{self.path / SUMMARY}: not a finished run's summary ({e})") from None
         if not isinstance(summary, dict):
@@ -111,7 +115,7 @@ class RunFolder:
     def read_seeds(self) -> tuple[int, int, str | None]:
         """(first seed, number of seeds, data folder) of a multi-seed run."""
         try:
-            info = json.loads((self.path / SEEDS).read_text())
+            info = json.loads(self._read_text(SEEDS))
             return int(info["first_seed"]), int(info["seeds"]), info.get("data_dir")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"resume {self.path}: not a multi-seed run folder ({SEEDS}: {e})", "resume") from None

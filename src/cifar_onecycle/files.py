@@ -1,0 +1,68 @@
+"""Files a run writes and reads: whole, or not at all, and never larger than their kind can be.
+
+Writes go through a temporary file and a rename (``atomic_write``). Reads of the files a run folder
+holds, which may come from someone else, go through ``read_capped``: a file's size must not decide how
+much memory the program takes, so each kind of file has a ceiling well above any file this program
+writes, and a larger one is refused before it is read.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+MB = 1 << 20
+# The ceilings, each with what this program writes: the seed's model in fp32 is 26.3 MB as
+# safetensors; a checkpoint holds the weights, SGD's momentum, a weight average (with ema_decay)
+# and small states: 52.6 MB without the average, 79 MB with it; recipe.toml, metrics.csv,
+# summary.json and seeds.json are a few kB (metrics.csv gains about 100 bytes an epoch).
+MAX_WEIGHTS_BYTES = 64 * MB
+MAX_CHECKPOINT_BYTES = 256 * MB
+MAX_TEXT_BYTES = 16 * MB
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, then
+    fsync the folder, so that the rename itself survives a power cut.
+
+    A kill at any instant leaves either the old file or the new one, never a torn one; on any error
+    the temporary file is closed and removed.
+    """
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:  # owns the descriptor from here: closed on every path
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_capped(path: str | Path, limit: int, what: str, hint: str, error: type[UserError] = UserError) -> bytes:
+    """The bytes of ``path``, refusing a file over ``limit`` bytes before reading it with ``error``
+    ("larger than any ``what``", then ``hint``). OSErrors (a missing file included) propagate for the
+    caller to word."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(limit + 1) if size <= limit else b""  # bounded even if the file grows meanwhile
+    if size > limit or len(raw) > limit:
+        raise error(f"{path}: {max(size, len(raw)):,} bytes, larger than any {what} (at most {limit:,}); {hint}")
+    return raw
