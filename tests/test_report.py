@@ -115,3 +115,59 @@ def test_tensorboard_scalars_or_a_clear_error(tmp_path, capsys):
     assert main(args) == 0
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 100
+
+
+class NearTie(nn.Module):
+    """Logits 1.0 and 1.002: apart in fp32, one and the same number in bf16 (whose step at 1 is
+    1/128), where the tie goes to class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [1.002]]))
+
+    def forward(self, x):
+        return self.head(x.new_ones(len(x), 1))
+
+
+def test_predictions_are_computed_as_the_evaluation_computes_them():
+    from cifar_onecycle.evaluation import evaluate
+    from cifar_onecycle.report import predict_probabilities
+
+    images, labels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)
+    for precision, predicted in (("bf16", 0), ("fp32", 1)):
+        assert evaluate(NearTie(), images, labels, precision=precision)[1] == (predicted == 0)
+        assert predict_probabilities(NearTie(), images, precision=precision).argmax(1).tolist() == [predicted] * 4
+
+
+@pytest.mark.slow
+def test_the_report_counts_mistakes_in_the_runs_own_precision(tmp_path, monkeypatch, capsys):
+    import cifar_onecycle.report as report
+    from conftest import write_cifar
+
+    asked = []
+    real = report.predict_probabilities
+
+    def spy(model, images, batch_size=500, precision="fp32", channels_last=True):
+        asked.append(precision)
+        return real(model, images, batch_size, precision, channels_last)
+
+    monkeypatch.setattr(report, "predict_probabilities", spy)
+    data = write_cifar(tmp_path / "data").parent
+    train(TINY.replace(precision="bf16", epochs=1, peak_epoch=1), data_dir=data, download=False,
+          out=tmp_path / "run", progress=False)
+    assert main(["report", str(tmp_path / "run"), "--data-dir", str(data), "--device", "cpu"]) == 0
+    assert main(["report", str(tmp_path / "run"), "--data-dir", str(data), "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    assert asked == ["bf16", "bf16", "fp32"]  # the run's own; the report command's default; asked for
+
+
+def test_the_curves_tick_whole_epochs_only():
+    from cifar_onecycle.report import plot_curves
+    from cifar_onecycle.results import EpochMetrics
+
+    history = [EpochMetrics(1, 0.1, 2.0, 0.3, 1.9, 0.35, 12.5, 40.0),
+               EpochMetrics(2, 0.2, 1.5, 0.5, 1.4, 0.55, 12.0, 41.5)]
+    for ax in plot_curves(history).axes:
+        assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_xticks()  # no epoch 1.2

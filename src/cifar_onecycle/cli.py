@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("run_dir", metavar="RUN_DIR")
     _add_data_flags(report_cmd)
     report_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    report_cmd.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                            help="arithmetic of the predictions (default: the run's own recipe setting, so that "
+                                 "the mistakes counted are those of the run's own accuracy)")
 
     predict_cmd = sub.add_parser("predict", parents=[common], help="classify image files with a trained model")
     predict_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
@@ -294,7 +297,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
-    from .device import resolve_device
+    from .device import resolve_device, resolve_precision
     from .report import write_report
     from .run_folder import RunFolder
 
@@ -305,9 +308,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"{run.path / 'summary.json'}: not a finished run's summary (no steps_per_epoch)")
     data = _load_data(args, default=summary.get("data_dir"))
     device = resolve_device(args.device)
-    model = model.to(device)
+    precision = resolve_precision(args.precision or recipe.precision, device)
+    model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]  # as in evaluate
     run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
-                                   data.test_labels, data.train_images[:20], summary["steps_per_epoch"]))
+                                   data.test_labels, data.train_images[:20], summary["steps_per_epoch"], precision))
     print(f"wrote {run.path / 'report.md'} and its pictures")
     return 0
 

@@ -51,9 +51,17 @@ def plot_loss(history: Sequence[Any], ax: Any = None) -> Any:
     ax.plot(epochs, [h.train_loss for h in history], "o-", label="train")
     ax.plot(epochs, [h.test_loss for h in history], "s-", label="test")
     ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
+    _whole_epochs(ax)
     ax.legend()
     ax.grid(alpha=0.3)
     return ax
+
+
+def _whole_epochs(ax: Any) -> None:
+    """Ticks at whole epochs only: a point per epoch, no epoch 1.2."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
@@ -68,6 +76,7 @@ def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
     ax.annotate(f"best {100 * best.test_acc:.2f}%", (best.epoch, 100 * best.test_acc), textcoords="offset points",
                 xytext=(-40, -22), arrowprops={"arrowstyle": "->"})
     ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    _whole_epochs(ax)
     ax.legend()
     ax.grid(alpha=0.3)
     return ax
@@ -123,11 +132,15 @@ def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any =
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Softmax probabilities [N, classes] (fp32, on the CPU) for uint8 NCHW images."""
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500,
+                          precision: str = "fp32", channels_last: bool = True) -> torch.Tensor:
+    """Softmax probabilities [N, classes] (fp32, on the CPU) for uint8 NCHW images, computed in
+    ``precision`` as evaluation computes them (``evaluation.logits_of``)."""
+    from .evaluation import logits_of
+
     model.eval()
     device = next(model.parameters()).device
-    out = [F.softmax(model(normalize(images[i:i + batch_size].to(device))).float(), 1).cpu()
+    out = [F.softmax(logits_of(model, images[i:i + batch_size].to(device), precision, channels_last), 1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
@@ -253,9 +266,12 @@ def plot_augmentation(recipe: Recipe, train_images: torch.Tensor, count: int = 2
 
 def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, history: Sequence[Any],
                  summary: dict[str, Any], test_images: torch.Tensor, test_labels: torch.Tensor,
-                 train_images: torch.Tensor, steps_per_epoch: int, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+                 train_images: torch.Tensor, steps_per_epoch: int, precision: str = "fp32",
+                 classes: Sequence[str] = CLASSES) -> dict[str, Any]:
     """Write every picture and report.md into ``run_dir``; return summary.json's contents with the
-    per-class accuracy added (the caller writes summary.json: ``RunFolder.write_summary``)."""
+    per-class accuracy added (the caller writes summary.json: ``RunFolder.write_summary``).
+    ``precision``: the run's evaluation's, so that the mistakes and the confusion matrix count what
+    the reported accuracy counted."""
     from .model import ResNet9
     from .summary import summarize
 
@@ -263,7 +279,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     save_png(plot_curves(history), run_dir / "curves.png")
     save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
 
-    probs = predict_probabilities(model, test_images)
+    probs = predict_probabilities(model, test_images, recipe.eval_batch_size, precision, recipe.channels_last)
     cm = confusion_matrix(test_labels.cpu(), probs.argmax(1), len(classes))
     save_png(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
     save_png(plot_misclassified(model, test_images, test_labels, classes=classes, probabilities=probs),
@@ -273,7 +289,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     save_png(plot_augmentation(recipe, train_images), run_dir / "augment.png")
     steps = augmentation_steps(recipe)
 
-    per_class = {c: (cm[i, i] / cm[i].sum().clamp(min=1)).item() for i, c in enumerate(classes)}
+    per_class = {c: int(cm[i, i]) / max(int(cm[i].sum()), 1) for i, c in enumerate(classes)}
     summary = {**summary, "per_class_accuracy": per_class}
     atomic_write(run_dir / "report.md", report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
                                                         steps, run_dir))

@@ -237,7 +237,8 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
         folder.write_summary(summary)
         if report:  # adds per-class accuracy to the summary
             summary = write_report(folder.path, setup.delivered_model, recipe, history, summary, setup.test_images,
-                                   setup.test_labels, setup.data.train_images[:20], setup.steps_per_epoch)
+                                   setup.test_labels, setup.data.train_images[:20], setup.steps_per_epoch,
+                                   setup.precision)
             folder.write_summary(summary)
     return summary
 
