@@ -82,18 +82,23 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-CRASH_ON_RANK_1 = """
-import os, sys
+def hooked_main(step: int, rank: int, action: str) -> str:
+    """A child script: the CLI's main, doing ``action`` on ``rank`` when step ``step`` asks for its LR."""
+    return f"""
+import os, signal, sys
 import cifar_onecycle.training as t
 real = t.lr_at
 def lr_at(step, knots):
-    if step == 3 and os.environ["RANK"] == "1":
-        raise RuntimeError("rank 1 fails on purpose")
+    if step == {step} and os.environ["RANK"] == "{rank}":
+        {action}
     return real(step, knots)
 t.lr_at = lr_at
 from cifar_onecycle.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+CRASH_ON_RANK_1 = hooked_main(3, 1, 'raise RuntimeError("rank 1 fails on purpose")')
 
 
 @pytest.mark.slow
@@ -109,18 +114,7 @@ def test_a_failure_on_one_rank_ends_the_job_without_a_hang(tmp_path):
     assert "rank 1 fails on purpose" in r.stderr
 
 
-SIGINT_ON_RANK_0 = """
-import os, signal, sys
-import cifar_onecycle.training as t
-real = t.lr_at
-def lr_at(step, knots):
-    if step == 6 and os.environ["RANK"] == "0":
-        os.kill(os.getpid(), signal.SIGINT)
-    return real(step, knots)
-t.lr_at = lr_at
-from cifar_onecycle.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+SIGINT_ON_RANK_0 = hooked_main(6, 0, "os.kill(os.getpid(), signal.SIGINT)")
 
 
 @pytest.mark.slow

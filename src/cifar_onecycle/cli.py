@@ -79,6 +79,14 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-download", action="store_true", help="never use the network for the data set")
 
 
+def _add_device_flags(p: argparse.ArgumentParser, precision_reproduces: str = "") -> None:
+    """--device, and with ``precision_reproduces`` --precision, whose default is the run's own."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    if precision_reproduces:
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                       help=f"arithmetic (default: the run's own recipe setting, so that {precision_reproduces})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Train the EVA6 Session 9 ResNet on CIFAR-10 with the One Cycle policy.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -110,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
     evaluate_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     _add_data_flags(evaluate_cmd)
-    evaluate_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate_cmd.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                              help="arithmetic (default: the run's own recipe setting, so that the run's own test "
-                                   "accuracy is reproduced)")
+    _add_device_flags(evaluate_cmd, "the run's own test accuracy is reproduced")
     evaluate_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate_cmd.add_argument("--tta", action="store_true",
                               help="test-time augmentation: average each image's logits with its mirror's")
@@ -146,16 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd = sub.add_parser("report", parents=[common], help="(re)write a run's pictures and report.md")
     report_cmd.add_argument("run_dir", metavar="RUN_DIR")
     _add_data_flags(report_cmd)
-    report_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    report_cmd.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                            help="arithmetic of the predictions (default: the run's own recipe setting, so that "
-                                 "the mistakes counted are those of the run's own accuracy)")
+    _add_device_flags(report_cmd, "the mistakes shown are those the run's own accuracy counted")
 
     predict_cmd = sub.add_parser("predict", parents=[common], help="classify image files with a trained model")
     predict_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     predict_cmd.add_argument("images", metavar="IMAGE", nargs="+")
     predict_cmd.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_device_flags(predict_cmd)
 
     sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
     return parser
