@@ -141,3 +141,23 @@ def test_a_data_folder_that_cannot_be_read(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert f"--data-dir {locked}: cannot use it (Permission denied)" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    import cifar_onecycle.files as files
+
+    real_fsync = os.fsync
+
+    def disk_full_for_checkpoints(fd):
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", disk_full_for_checkpoints)
+    data = write_cifar(tmp_path / "data").parent
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(data), "--out", str(out), *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{out / 'checkpoint.pt'}: cannot write (No space left on device)" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.pt").exists()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cifar_onecycle.cli import main
+from cifar_onecycle.errors import WriteError
 from cifar_onecycle.files import MAX_CHECKPOINT_BYTES, MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, atomic_write
 
 
@@ -26,7 +27,7 @@ def test_a_failed_write_closes_and_removes_its_temporary_file(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "fchmod", refuse)
     before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="a.txt: cannot write \\(Operation not permitted\\)"):
         atomic_write(tmp_path / "a.txt", "hello")
     assert os.listdir(tmp_path) == []
     assert set(os.listdir("/proc/self/fd")) <= before  # the temporary file's descriptor is closed

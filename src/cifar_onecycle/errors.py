@@ -25,6 +25,16 @@ class RecipeError(UserError, ValueError):
     """A recipe value is impossible or a recipe file has an unknown key."""
 
 
+class WriteError(UserError):
+    """A file could not be written (a full disk, no permission); the file there before, if any, is
+    unchanged. ``reason``: the system's word for it."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: cannot write ({reason}); the file there before, if any, is unchanged: "
+                         f"free some space or choose another folder")
+        self.reason = reason
+
+
 class DivergenceError(UserError):
     """The loss became NaN or infinite: the LR is too high for the recipe. Exit code 3."""
 

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, WriteError
 
 MB = 1 << 20
 # The ceilings, each with what this program writes: the seed's model in fp32 is 26.3 MB as
@@ -28,11 +28,14 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     fsync the folder, so that the rename itself survives a power cut.
 
     A kill at any instant leaves either the old file or the new one, never a torn one; on any error
-    the temporary file is closed and removed.
+    the temporary file is closed and removed, and an OSError becomes a ``WriteError`` naming the file.
     """
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(path, e.strerror or str(e)) from None
     try:
         with os.fdopen(fd, "wb") as f:  # owns the descriptor from here: closed on every path
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable
@@ -40,8 +43,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, mostly: the user's to fix, and nothing was lost
+            raise WriteError(path, e.strerror or str(e)) from None
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
-from .errors import UserError
+from .errors import UserError, WriteError
 from .files import MAX_TEXT_BYTES, atomic_write, read_capped
 from .recipe import Recipe, load_recipe
 from .results import EpochMetrics, metrics_csv, parse_metrics_csv
@@ -50,9 +50,9 @@ class RunFolder:
             path.mkdir(parents=True, exist_ok=True)
             atomic_write(path / ".write-test", b"")
             (path / ".write-test").unlink()
-        except OSError as e:
-            raise UserError(f"out {path}: cannot write there ({e.strerror or e}); choose another folder",
-                            "out") from None
+        except (OSError, WriteError) as e:
+            reason = e.reason if isinstance(e, WriteError) else e.strerror or e
+            raise UserError(f"out {path}: cannot write there ({reason}); choose another folder", "out") from None
         for name in taken:
             (path / name).unlink()
         return cls(path)
