@@ -182,3 +182,9 @@ def test_the_cli_writes_the_settings_an_error_names_as_flags():
     assert with_flags(UserError("batch_size 600 is larger than the 100 training images", "batch_size")) == (
         "--batch-size 600 is larger than the 100 training images")
     assert with_flags(UserError("recipe: epochs must be > 0")) == "recipe: epochs must be > 0"
+
+
+def test_a_recipe_integer_too_large_for_a_float_is_refused(tmp_path):
+    (tmp_path / "r.toml").write_text("lr_max = " + "9" * 400 + "\n")
+    with pytest.raises(RecipeError, match="lr_max must be a finite number, got an integer of 400 digits"):
+        load_recipe(tmp_path / "r.toml")

@@ -171,3 +171,21 @@ def test_the_curves_tick_whole_epochs_only():
                EpochMetrics(2, 0.2, 1.5, 0.5, 1.4, 0.55, 12.0, 41.5)]
     for ax in plot_curves(history).axes:
         assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_xticks()  # no epoch 1.2
+
+
+def test_the_lr_schedule_graph_passes_through_every_steps_lr_and_stays_small():
+    import numpy as np
+
+    from cifar_onecycle.report import plot_lr_schedule
+    from cifar_onecycle.schedule import lr_at, one_cycle_knots
+
+    recipe, steps_per_epoch = Recipe(), 97
+    line = plot_lr_schedule(recipe, steps_per_epoch).lines[0]
+    assert len(line.get_xdata()) == 3  # the knots: start, peak, end
+    knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
+    steps = np.arange(recipe.epochs * steps_per_epoch)
+    drawn = np.interp(steps + 1, line.get_xdata(), line.get_ydata())  # the graph counts steps from 1
+    assert np.allclose(drawn, [lr_at(int(step), knots) for step in steps], rtol=0, atol=1e-12)
+    # a summary.json from elsewhere may claim any number of steps: the graph stays as small
+    assert len(plot_lr_schedule(Recipe(epochs=10**6, peak_epoch=5), 10**9).lines[0].get_xdata()) == 3
+

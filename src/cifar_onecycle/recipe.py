@@ -178,8 +178,13 @@ class Recipe:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise RecipeError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(known)}")
-        coerced: dict[str, Any] = {k: float(v) if _type_name(known[k]) == "float" and type(v) is int else v
-                   for k, v in values.items()}
+        coerced: dict[str, Any] = {}
+        for k, v in values.items():
+            try:
+                coerced[k] = float(v) if _type_name(known[k]) == "float" and type(v) is int else v
+            except OverflowError:  # TOML integers have no size limit; a float has
+                raise RecipeError(f"{source}: {k} must be a finite number, got an integer of {len(str(v))} "
+                                  f"digits") from None
         return cls(**coerced)
 
     def to_toml(self) -> str:

@@ -20,7 +20,7 @@ from .augment import CIFAR10_MEAN, CIFAR10_STD, augment_batch, normalize, pad_re
 from .data import CLASSES
 from .files import atomic_write
 from .recipe import Recipe
-from .schedule import lr_at, one_cycle_knots
+from .schedule import one_cycle_knots
 
 MISCLASSIFIED = 20
 GRADCAM = 8
@@ -95,9 +95,11 @@ def plot_lr_schedule(recipe: Recipe, steps_per_epoch: int, ax: Any = None) -> An
     """The LR of every step, the peak marked, with epochs on a second axis."""
     ax = ax if ax is not None else new_axes((7, 4))
     knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
-    steps = range(recipe.epochs * steps_per_epoch)
-    # Steps are counted from 1 here, so step k * steps_per_epoch is the last batch of epoch k.
-    ax.plot([st + 1 for st in steps], [lr_at(st, knots) for st in steps], color="C2")
+    # The LR is a straight line between knots (lr_at), so the line through the knots passes through
+    # every step's LR, in 3 points rather than one per step (which a recipe and summary.json from
+    # elsewhere could make any number). Steps are counted from 1 here: step k * steps_per_epoch is
+    # the last batch of epoch k.
+    ax.plot([step + 1 for step, _ in knots], [lr for _, lr in knots], color="C2")
     peak_step, peak_lr = max(knots, key=lambda k: k[1])
     ax.plot([peak_step + 1], [peak_lr], "o", color="C3")
     ax.annotate(f"peak LR {peak_lr:g}\nstep {peak_step + 1} (end of epoch {(peak_step + 1) / steps_per_epoch:g})",
