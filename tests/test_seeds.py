@@ -49,6 +49,7 @@ def test_two_seeds_then_resume_reuses_the_finished_one(cifar_dir, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--seeds", "0"], "--seeds 0: give at least 1"),
     (["--seeds", "2", "--lr-max", "auto"], "run lr-find once"),
+    (["--seeds", str(2**32), "--seed", "1"], "would end at seed 4294967296, beyond the largest, 4294967295"),
 ])
 def test_bad_seeds_flags(cifar_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -74,4 +75,21 @@ def test_resume_of_a_seeds_folder_refuses_seeds_and_recipe_changes(cifar_dir, tm
     assert "--seeds do not apply" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--epochs", "3", "--data-dir", str(cifar_dir)]) == 2
     assert "epochs would change from 2 to 3" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.toml", "seeds.json"]
+
+
+@pytest.mark.parametrize("seeds_json", [
+    {"first_seed": 0, "seeds": 2**40},                  # a list of 2**40 seeds would not fit in memory
+    {"first_seed": -1, "seeds": 2},
+    {"first_seed": 0, "seeds": 0},
+    {"first_seed": 0, "seeds": 2, "data_dir": ["a", "list"]},
+])
+def test_a_seeds_json_that_is_not_a_range_of_seeds_is_refused(cifar_dir, tmp_path, capsys, seeds_json):
+    out = tmp_path / "seeds"
+    out.mkdir()
+    (out / "recipe.toml").write_text(Recipe(**TINY).to_toml())
+    (out / "seeds.json").write_text(json.dumps({"data_dir": str(cifar_dir), **seeds_json}))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--resume {out}: not a multi-seed run folder (seeds.json: " in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in out.iterdir()) == ["recipe.toml", "seeds.json"]

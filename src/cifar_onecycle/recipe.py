@@ -31,6 +31,9 @@ else:  # pragma: no cover - exercised only on Python 3.10
 # 2.4 GB at 16. Beyond half the image a crop is mostly mirror image, and reflect padding stops at 31;
 # the bound also keeps a recipe file from deciding how much memory the run takes.
 MAX_CROP_PADDING = 16
+# Seeds lie in 0 .. SEEDS_END - 1: the augmentation's generator is seeded with seed * 1,000,003 +
+# rank + 1, which must stay within the 64-bit seed a torch.Generator takes.
+SEEDS_END = 2**32
 
 
 def _opt(default: Any, help: str, flag: bool = True, choices: tuple[str, ...] | None = None) -> Any:
@@ -127,8 +130,8 @@ class Recipe:
         if not 0 <= self.crop_padding <= MAX_CROP_PADDING:
             raise RecipeError(f"recipe: crop_padding must lie in 0..{MAX_CROP_PADDING} (the seed's is 4), got "
                               f"{self.crop_padding}")
-        if not 0 <= self.seed < 2**32:
-            raise RecipeError(f"recipe: seed must lie in 0..{2**32 - 1}, got {self.seed}")
+        if not 0 <= self.seed < SEEDS_END:
+            raise RecipeError(f"recipe: seed must lie in 0..{SEEDS_END - 1}, got {self.seed}")
         if self.cutout_size > 32:
             raise RecipeError(f"recipe: cutout_size {self.cutout_size} is larger than the 32-pixel image")
         if self.train_subset < 0:

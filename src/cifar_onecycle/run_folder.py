@@ -19,7 +19,7 @@ import torch
 from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
 from .errors import UserError, WriteError
 from .files import MAX_TEXT_BYTES, atomic_write, read_capped
-from .recipe import Recipe, load_recipe
+from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, metrics_csv, parse_metrics_csv
 
 RECIPE, METRICS, SUMMARY, SEEDS = "recipe.toml", "metrics.csv", "summary.json", "seeds.json"
@@ -116,6 +116,11 @@ class RunFolder:
         """(first seed, number of seeds, data folder) of a multi-seed run."""
         try:
             info = json.loads(self._read_text(SEEDS))
-            return int(info["first_seed"]), int(info["seeds"]), info.get("data_dir")
+            first, count, data_dir = int(info["first_seed"]), int(info["seeds"]), info.get("data_dir")
+            if not (0 <= first < SEEDS_END and 1 <= count <= SEEDS_END - first):
+                raise ValueError(f"seeds {count} from seed {first} is not a range of seeds")
+            if not isinstance(data_dir, (str, type(None))):
+                raise TypeError(f"data_dir {data_dir!r} is not a folder's name")
+            return first, count, data_dir
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"resume {self.path}: not a multi-seed run folder ({SEEDS}: {e})", "resume") from None

@@ -21,7 +21,7 @@ from .data import Cifar10
 from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted, UserError
-from .recipe import Recipe
+from .recipe import SEEDS_END, Recipe
 from .run_folder import SUMMARY, RunFolder
 from .run_setup import training_images
 from .signals import signals_for_tests
@@ -63,6 +63,15 @@ def seeds_summary(recipe: Recipe, seeds: list[int], runs: list[dict[str, Any]]) 
     return out
 
 
+def check_seed_range(first: int, count: int) -> None:
+    """Seeds ``first`` .. ``first + count - 1`` must each be a seed a recipe takes."""
+    if count < 1:
+        raise UserError(f"seeds {count}: give at least 1", "seeds")
+    if first + count > SEEDS_END:
+        raise UserError(f"seeds {count} from seed {first} would end at seed {first + count - 1}, beyond the "
+                        f"largest, {SEEDS_END - 1}", "seeds", "seed")
+
+
 def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path | None = None,
                 overwrite: bool = False, resume: str | Path | None = None, data_dir: str | Path | None = None,
                 download: bool = True, data: Cifar10 | None = None, progress: bool = True,
@@ -85,9 +94,8 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         recipe = saved
     else:
         recipe = recipe or Recipe()
-        if seeds < 1:
-            raise UserError(f"seeds {seeds}: give at least 1", "seeds")
         first, count = recipe.seed, seeds
+        check_seed_range(first, count)
         resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     # Read once for all the runs, and before any folder is made: a missing data set leaves nothing.
     if data is None:
@@ -100,9 +108,8 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         folder.write_recipe(recipe)
         folder.write_seeds(first, count, str(data_dir) if data_dir else None)
     started = time.perf_counter()
-    seed_list = list(range(first, first + count))
     runs: list[dict[str, Any]] = []
-    for i, seed in enumerate(seed_list, 1):
+    for i, seed in enumerate(range(first, first + count), 1):
         run = RunFolder(folder.path / f"seed{seed}") if folder else None
         if run and run.has(SUMMARY):  # finished before a resume
             runs.append(run.read_summary())
@@ -124,7 +131,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         if progress and main:
             tqdm.write(f"seed {seed}: final test accuracy {result.summary['final_test_acc']:.2%} "
                        f"(flip TTA {result.summary['final_test_acc_tta']:.2%})")
-    summary = seeds_summary(recipe, seed_list, runs)
+    summary = seeds_summary(recipe, list(range(first, first + count)), runs)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this call's, resumed parts excluded
     if folder and main:
         folder.write_summary(summary)
