@@ -227,6 +227,45 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(reference, tmp_path_factory):
+    """A run stopped in its second epoch: its checkpoint holds the epoch's order."""
+    data, _ = reference
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    code, err = run_with_signals(data, run, "SIGTERM@6")
+    assert code == 130, err
+    checkpoint, _ = load_checkpoint(run / "checkpoint.pt")
+    assert checkpoint["order"] is not None and 0 < checkpoint["batch"] < 4
+    return data, run, checkpoint
+
+
+@pytest.mark.slow  # one stopped run and 9 refused resumes: about 20 s here
+@pytest.mark.parametrize("key, damage", [
+    ("epoch", lambda v: "2"),
+    ("epoch", lambda v: 99),                               # beyond the recipe's 3 epochs
+    ("batch", lambda v: 10**9),                            # beyond the epoch's 4 steps
+    ("order", lambda v: v + 1),                            # an index past the last image
+    ("order", lambda v: v.float()),
+    ("loss_sum", lambda v: None),
+    ("history", lambda v: [{"epoch": 1, "no_such_column": 0.5}]),
+    ("optimizer", lambda v: {"state": {}, "param_groups": []}),
+    ("rng", lambda v: {**v, "torch": torch.zeros(3, dtype=torch.uint8)}),
+])
+def test_a_damaged_checkpoint_is_one_line_and_changes_nothing(stopped_mid_epoch, tmp_path, capsys, key, damage):
+    data, stopped, checkpoint = stopped_mid_epoch
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("recipe.toml", "metrics.csv"):
+        (run / name).write_bytes((stopped / name).read_bytes())
+    save_checkpoint(run / "checkpoint.pt", {**checkpoint, key: damage(checkpoint[key])})
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--data-dir", str(data), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--resume {run}: checkpoint.pt is damaged or does not fit this run (" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 @pytest.mark.slow
 def test_run_killed_after_its_last_checkpoint_is_finished_by_resume(reference, tmp_path):
     data, ref = reference

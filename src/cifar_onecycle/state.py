@@ -66,26 +66,51 @@ class TrainState:
             "history": [asdict(h) for h in self.history], "lr_found": self.lr_found, "elapsed": self.seconds(),
             "data_dir": self.data_dir}
 
+    @staticmethod
+    def check_checkpoint(checkpoint: dict[str, Any], epochs: int) -> None:
+        """Refuse a checkpoint whose position and bookkeeping are not what ``to_checkpoint`` writes
+        for a run of ``epochs`` epochs (a damaged or edited file): a ``ValueError`` saying what."""
+        number, optional = (int, float), type(None)
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "epoch": int, "batch": int, "loss_sum": number, "correct": int, "epoch_seconds": number, "elapsed": number,
+            "history": list, "rng": dict, "optimizer": dict, "order": (torch.Tensor, optional),
+            "data_dir": (str, optional), "lr_found": (dict, optional)}
+        for key, kind in kinds.items():
+            if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool):
+                raise ValueError(f"{key} is {type(checkpoint.get(key)).__name__}")
+        if not 0 <= checkpoint["epoch"] <= epochs or checkpoint["batch"] < 0:
+            raise ValueError(f"epoch {checkpoint['epoch']}, batch {checkpoint['batch']} lie outside the run")
+
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup,
                         started: float | None = None) -> TrainState:
         """Load a checkpoint's weights, optimizer and random states into ``setup`` (built from the
         checkpoint's recipe) and return its state (``started``: when this process took the run up,
-        by ``time.perf_counter``; default now)."""
-        setup.model.load_state_dict(checkpoint["model"])
-        setup.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            setup.scaler.load_state_dict(checkpoint["scaler"])
-        if setup.ema:
-            setup.ema.model.load_state_dict(checkpoint["ema"])
-        _set_rng_state(setup, checkpoint["rng"])
+        by ``time.perf_counter``; default now). A checkpoint that does not fit the run (a damaged
+        or edited file) raises ``ValueError``, before anything is loaded where it can."""
+        cls.check_checkpoint(checkpoint, setup.recipe.epochs)
+        order, batch = checkpoint["order"], checkpoint["batch"]
+        if batch > setup.steps_per_epoch or order is not None and (order.dtype != torch.int64 or not torch.equal(
+                order.sort().values, torch.arange(len(setup.train_images)))):  # torch.equal ignores the dtype
+            raise ValueError(f"batch {batch} or the epoch's order does not fit {setup.steps_per_epoch} steps of "
+                             f"{len(setup.train_images)} images")
+        try:
+            setup.model.load_state_dict(checkpoint["model"])
+            setup.optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint.get("scaler"):
+                setup.scaler.load_state_dict(checkpoint["scaler"])
+            if setup.ema:
+                setup.ema.model.load_state_dict(checkpoint["ema"])
+            _set_rng_state(setup, checkpoint["rng"])
+            history = [EpochMetrics(**h) for h in checkpoint["history"]]
+        except (KeyError, TypeError, RuntimeError) as e:  # RuntimeError: torch's word for a tensor that does not fit
+            raise ValueError(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") \
+                from None
         main = setup.dist.main  # mid-epoch sums are global: rank 0 carries them, the others start from zero
-        return cls(epoch=checkpoint["epoch"], batch=checkpoint["batch"],
-                   order=checkpoint["order"].to(setup.device) if checkpoint["order"] is not None else None,
+        return cls(epoch=checkpoint["epoch"], batch=batch, order=order.to(setup.device) if order is not None else None,
                    loss_sum=checkpoint["loss_sum"] if main else 0.0, correct=checkpoint["correct"] if main else 0,
-                   epoch_seconds=checkpoint["epoch_seconds"],
-                   history=[EpochMetrics(**h) for h in checkpoint["history"]], elapsed=checkpoint["elapsed"],
-                   lr_found=checkpoint.get("lr_found"), data_dir=checkpoint.get("data_dir"),
+                   epoch_seconds=checkpoint["epoch_seconds"], history=history, elapsed=checkpoint["elapsed"],
+                   lr_found=checkpoint["lr_found"], data_dir=checkpoint["data_dir"],
                    started=time.perf_counter() if started is None else started)
 
 

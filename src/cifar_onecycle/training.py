@@ -4,9 +4,11 @@ an evaluation, and the run folder brought up to date; then the summary, the weig
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from .lr_finder import find_lr_bounds
 from .recipe import Recipe
 from .report import write_report
 from .results import EpochMetrics, TrainResult, format_epoch, git_commit, run_summary
-from .run_folder import SUMMARY, RunFolder
+from .run_folder import CHECKPOINT, SUMMARY, RunFolder
 from .run_setup import RunSetup, setup_run
 from .schedule import lr_at, one_cycle_knots
 from .signals import StopSignals, TestSignals, interrupted, send_test_signals, signals_for_tests
@@ -98,6 +100,8 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
     if resume is not None:
         folder = RunFolder(resume)
         checkpoint, saved = folder.load_checkpoint()
+        with damaged_checkpoint(folder):
+            TrainState.check_checkpoint(checkpoint, saved.epochs)
         if dist.main:
             folder.remove_interrupted_writes()
         if recipe is not None:
@@ -109,7 +113,8 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
         data_dir = data_folder(data_dir or checkpoint.get("data_dir"), data)
         data = data if data is not None else load_data(data_dir, download, progress, test_signals)
         setup = setup_run(saved, data, dist)
-        state = TrainState.from_checkpoint(checkpoint, setup, started)
+        with damaged_checkpoint(folder):
+            state = TrainState.from_checkpoint(checkpoint, setup, started)
         state.data_dir = data_dir
         return setup, state, folder if dist.main else None
     recipe = recipe or Recipe()
@@ -247,6 +252,16 @@ def load_data(data_dir: str | None, download: bool, progress: bool, test_signals
     """The data set from ``data_dir`` (default ./data), with a download bar when ``progress``."""
     send_test_signals(test_signals, "load")
     return load_cifar10(data_dir or "data", download=download, progress=download_bar() if progress else None)
+
+
+@contextlib.contextmanager
+def damaged_checkpoint(folder: RunFolder) -> Iterator[None]:
+    """A checkpoint that does not fit its run (``TrainState``'s ValueError) as the user's error."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"resume {folder.path}: {CHECKPOINT} is damaged or does not fit this run ({e}); start the "
+                        f"run again, or resume a copy of its folder that is whole", "resume") from None
 
 
 def check_same_recipe(recipe: Recipe, saved: Recipe, run_dir: Path) -> None:
