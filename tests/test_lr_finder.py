@@ -290,3 +290,15 @@ def test_the_sweep_steps_through_the_loss_scaler_and_puts_it_back():
     result = find_lr(tiny_model(), batches(), mode="exp", num_iter=12, diverge=1e9, scaler=scaler)
     assert len(result.lrs) == 12 and scaler.scaled == 12
     assert scaler.get_scale() == 1024.0  # its state is restored with the model's and the optimizer's
+
+
+def test_an_unwritable_out_is_refused_before_the_sweep(cifar_dir, tmp_path, capsys, monkeypatch):
+    import cifar_onecycle.lr_finder as lr_finder
+
+    monkeypatch.setattr(lr_finder, "lr_range_test", lambda *a, **k: pytest.fail("swept before checking --out"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out, message in ((blocker, "exists and is not a folder"), (blocker / "sub", "cannot write there")):
+        assert main(["lr-find", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--out {out}: {message}" in err and len(err.splitlines()) == 1, err

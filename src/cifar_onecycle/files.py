@@ -71,3 +71,19 @@ def read_capped(path: str | Path, limit: int, what: str, hint: str, error: type[
     if size > limit or len(raw) > limit:
         raise error(f"{path}: {max(size, len(raw)):,} bytes, larger than any {what} (at most {limit:,}); {hint}")
     return raw
+
+
+def writable_folder(path: str | Path, setting: str = "out") -> Path:
+    """Create the folder ``path`` if needed and prove a file can be written there, before any work
+    whose results would go there; a UserError naming ``setting`` otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{setting} {path}: exists and is not a folder; choose another", setting)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / ".write-test", b"")
+        (path / ".write-test").unlink()
+    except (OSError, WriteError) as e:
+        reason = e.reason if isinstance(e, WriteError) else e.strerror or e
+        raise UserError(f"{setting} {path}: cannot write there ({reason}); choose another folder", setting) from None
+    return path

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
-from .errors import UserError, WriteError
-from .files import MAX_TEXT_BYTES, atomic_write, read_capped
+from .errors import UserError
+from .files import MAX_TEXT_BYTES, atomic_write, read_capped, writable_folder
 from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, metrics_csv, parse_metrics_csv
 
@@ -46,13 +46,7 @@ class RunFolder:
         if taken and not overwrite:
             raise UserError(f"out {path}: already holds a run ({taken[0]}); choose another folder or pass overwrite",
                             "out", "overwrite")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            atomic_write(path / ".write-test", b"")
-            (path / ".write-test").unlink()
-        except (OSError, WriteError) as e:
-            reason = e.reason if isinstance(e, WriteError) else e.strerror or e
-            raise UserError(f"out {path}: cannot write there ({reason}); choose another folder", "out") from None
+        writable_folder(path)
         for name in taken:
             (path / name).unlink()
         return cls(path)
