@@ -281,9 +281,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         check_sweep(mode, lo if args.start_lr is None else args.start_lr, hi if args.end_lr is None else args.end_lr,
                     10 if args.num_iter is None else args.num_iter, args.smooth, args.diverge, args.patience)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
-    if _is_main():
-        writable_folder(out)  # before the sweep, not after it
     data = _load_data(args)
+    if _is_main():
+        writable_folder(out)  # after the data's checks (a bad input leaves no folder), before the sweep
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
     results = lr_range_test(recipe, data, modes, epochs=args.sweep_epochs, num_iter=args.num_iter,
                             smooth=args.smooth, diverge=args.diverge, method=args.method, **sweep)
