@@ -17,7 +17,7 @@ MB = 1 << 20
 # The ceilings, each with what this program writes: the seed's model in fp32 is 26.3 MB as
 # safetensors; a checkpoint holds the weights, SGD's momentum, a weight average (with ema_decay)
 # and small states: 52.6 MB without the average, 79 MB with it; recipe.toml, metrics.csv,
-# summary.json and seeds.json are a few kB (metrics.csv gains about 100 bytes an epoch).
+# summary.json and seeds.json are a few kB (metrics.csv gains under 100 bytes an epoch).
 MAX_WEIGHTS_BYTES = 64 * MB
 MAX_CHECKPOINT_BYTES = 256 * MB
 MAX_TEXT_BYTES = 16 * MB

@@ -104,8 +104,8 @@ class TrainState:
             _set_rng_state(setup, checkpoint["rng"])
             history = [EpochMetrics(**h) for h in checkpoint["history"]]
         except (KeyError, TypeError, RuntimeError) as e:  # RuntimeError: torch's word for a tensor that does not fit
-            raise ValueError(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") \
-                from None
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise ValueError(f"{type(e).__name__}: {first_line}") from None
         main = setup.dist.main  # mid-epoch sums are global: rank 0 carries them, the others start from zero
         return cls(epoch=checkpoint["epoch"], batch=batch, order=order.to(setup.device) if order is not None else None,
                    loss_sum=checkpoint["loss_sum"] if main else 0.0, correct=checkpoint["correct"] if main else 0,
