@@ -24,6 +24,8 @@ from .files import writable_folder
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
+    import torch
+
     from .data import Cifar10
 
 PROG = "cifar-onecycle"
@@ -191,8 +193,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .seeds import train_seeds
     from .training import train
 
-    if args.seeds is not None and args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: give at least 1")
     auto = [name for name in ("lr_max", "lr_min") if getattr(args, name, None) == "auto"]
     if args.seeds is not None and auto:
         # Every seed must train the same recipe, and a resumed set must not find another LR.
@@ -216,7 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    resume=args.resume, tensorboard=args.tensorboard, report=not args.no_report,
                    checkpoints=not args.no_checkpoint)
     if args.seeds is not None or (args.resume and (out / SEEDS).is_file()):
-        over_seeds = train_seeds(recipe, args.seeds or 1, **options).summary
+        # train_seeds refuses a count below 1 (``args.seeds or 1`` would have run 1 for --seeds 0)
+        over_seeds = train_seeds(recipe, 1 if args.seeds is None else args.seeds, **options).summary
         if _is_main():
             print(f"over {over_seeds['runs']} seeds {over_seeds['seeds'][0]}..{over_seeds['seeds'][-1]}: final "
                   f"test accuracy {_spread(over_seeds['final_test_acc'])}, with flip TTA "
@@ -244,17 +245,25 @@ def _load_data(args: argparse.Namespace, split: str = "both", default: str | Non
                         progress=download_bar())
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_weights
+def _placed(args: argparse.Namespace, model: torch.nn.Module,
+            recipe: Recipe) -> tuple[torch.nn.Module, torch.device, str]:
+    """A saved model on ``--device`` in its recipe's memory format, and the arithmetic to run it in
+    (``--precision``, else the run's own): as the run evaluated it. Returns (model, device, precision)."""
     from .device import resolve_device, resolve_precision
-    from .evaluation import evaluate
 
-    model, recipe = load_weights(args.weights)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision or recipe.precision, device)
-    data = _load_data(args, split="test")
     # torch's stubs leave out Module.to's memory_format, which it takes at run time
-    model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]
+    return model.to(device, memory_format=recipe.memory_format), device, precision  # type: ignore[call-overload]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_weights
+    from .evaluation import evaluate
+
+    saved, recipe = load_weights(args.weights)
+    model, device, precision = _placed(args, saved, recipe)
+    data = _load_data(args, split="test")
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
                          channels_last=recipe.channels_last, tta=args.tta)
@@ -302,19 +311,16 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
-    from .device import resolve_device, resolve_precision
     from .report import write_report
     from .run_folder import RunFolder
 
     run = RunFolder(args.run_dir)
-    model, recipe = load_weights(run.path)
+    saved, recipe = load_weights(run.path)
     summary, history = run.read_summary(), run.read_metrics()
     if not isinstance(summary.get("steps_per_epoch"), int):
         raise UserError(f"{run.path / 'summary.json'}: not a finished run's summary (no steps_per_epoch)")
     data = _load_data(args, default=summary.get("data_dir"))
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision or recipe.precision, device)
-    model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]  # as in evaluate
+    model, device, precision = _placed(args, saved, recipe)
     run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
                                    data.test_labels, data.train_images[:20], summary["steps_per_epoch"], precision))
     print(f"wrote {run.path / 'report.md'} and its pictures")
