@@ -49,6 +49,7 @@ Dry run on a CPU, tiny settings (minutes)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import json
@@ -63,7 +64,7 @@ import tarfile
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -301,18 +302,37 @@ BARE_VARIANTS = (
      {"compile": True, "compile_mode": "reduce-overhead"}, True, False),
 )
 # The whole-loop variants, with the library's own choices on CUDA (fused SGD, cuDNN's heuristics,
-# one host sync an epoch): (label, recipe changes, the bare variant that runs the same step).
+# one host sync an epoch, GPU_AUGMENT_IMAGES augmented at once): (label, recipe changes, the bare
+# variant that runs the same step, images augmented at once: None for the library's choice, 0 for
+# one batch at a time as before). Measured once and not run again: compile's default mode, slower
+# than eager (73,300 against 77,900 images a second on an H200, benchmarks/results/gpu-h200-levers/).
 LOOP_VARIANTS = (
-    ("eager", {}, "eager, fused SGD, cuDNN heuristics"),
-    ("compiled", {"compile": True}, "compiled, fused SGD, cuDNN heuristics"),
+    ("eager", {}, "eager, fused SGD, cuDNN heuristics", None),
     ("compiled-reduce-overhead", {"compile": True, "compile_mode": "reduce-overhead"},
-     "compiled reduce-overhead, fused SGD, cuDNN heuristics"),
+     "compiled reduce-overhead, fused SGD, cuDNN heuristics", None),
+    ("compiled-reduce-overhead, one batch augmented at a time", {"compile": True, "compile_mode": "reduce-overhead"},
+     "compiled reduce-overhead, fused SGD, cuDNN heuristics", 0),
 )
 
 
+@contextlib.contextmanager
+def augmenting_at_once(images: int | None) -> Iterator[None]:
+    """The training loop augments ``images`` at once on a GPU inside (None: the library's choice)."""
+    from cifar_onecycle import device
+
+    before = device.GPU_AUGMENT_IMAGES
+    device.GPU_AUGMENT_IMAGES = before if images is None else images
+    try:
+        yield
+    finally:
+        device.GPU_AUGMENT_IMAGES = before
+
+
 def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
-                bare_steps: int, reserve: float) -> None:
-    """Each lever on the bare step, the augmentation alone, then the whole loop in each mode."""
+                bare_steps: int, reserve: float, bare_variants: list[int]) -> None:
+    """The chosen levers on the bare step (``bare_variants``: indices into BARE_VARIANTS), the
+    augmentation alone (one batch at a time, and as the library does it), then the whole loop in
+    each mode."""
     import torch
 
     from cifar_onecycle.run_setup import setup_run
@@ -320,7 +340,7 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
 
     base = recipe_for("seed")
     speed: dict[str, Any] = {"bare": [], "loops": []}
-    for label, changes, fused, benchmark in BARE_VARIANTS:
+    for label, changes, fused, benchmark in [BARE_VARIANTS[i] for i in bare_variants]:
         if clock.left(reserve) < 60:
             say(f"speed: bare variants stopped before '{label}', {clock.left(reserve):.0f} s left")
             break
@@ -333,38 +353,48 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
         results.set_timing("speed", speed)
 
     torch.backends.cudnn.benchmark = False  # the library's setting, for everything below
-    # The augmentation alone: an epoch's batches (shuffle, gather, crop, flip, normalise, CutOut).
+    # The augmentation alone: an epoch's batches (shuffle, draws, gather, crop, flip, normalise,
+    # CutOut), one batch at a time (as before) and as the library does it on this device.
     run = setup_run(base, data)
-    seconds = []
-    for _ in range(3):
-        synchronize()
-        started = time.perf_counter()
-        for _batch in run.epoch():
-            pass
-        synchronize()
-        seconds.append(time.perf_counter() - started)
-    speed["augmentation_epoch_seconds"] = seconds
-    say(f"  augmentation alone: {', '.join(f'{t:.3f}' for t in seconds)} s an epoch")
+    for key, images in (("augmentation_epoch_seconds_one_batch_at_a_time", 0),
+                        ("augmentation_epoch_seconds", None)):
+        seconds = []
+        with augmenting_at_once(images):
+            for _ in range(3):
+                synchronize()
+                started = time.perf_counter()
+                for _batch in run.epoch():
+                    pass
+                synchronize()
+                seconds.append(time.perf_counter() - started)
+        speed[key] = seconds
+        say(f"  {key.replace('_', ' ')}: {', '.join(f'{t:.4f}' for t in seconds)} s")
     del run
     results.set_timing("speed", speed)
 
-    for label, changes, bare_variant in LOOP_VARIANTS:
-        key = f"seed-{label}"
+    for label, changes, bare_variant, images in LOOP_VARIANTS:
+        key = f"seed-{label.split(',')[0]}" + ("-one-batch-augmented" if images == 0 else "")
         clock.estimates[key] = clock.estimates["seed"] + (60 if changes else 0)
         if not clock.fits(key, reserve):
             say(f"speed: loop '{label}' skipped, {clock.left(reserve):.0f} s left")
             continue
-        record = run_one("speed", key, base.replace(**changes), data, data_dir, results, clock)
+        with augmenting_at_once(images):
+            record = run_one("speed", key, base.replace(**changes), data, data_dir, results, clock)
         if record["status"] == "ok":
             speed["loops"].append({"variant": label, "bare_variant": bare_variant} | run_timing(record))
+            bare = [b["median"] for b in speed["bare"] if b["variant"] == bare_variant]
+            if bare:
+                speed["loops"][-1]["ratio_whole_over_bare"] = (
+                    speed["loops"][-1]["whole_loop_images_per_second_median"] / bare[0])
+                say(f"  whole loop / bare step: {speed['loops'][-1]['ratio_whole_over_bare']:.3f}")
             results.set_timing("speed", speed)
-    # the fastest compiled loop again with seed 1, for its accuracy
-    compiled = [loop for loop in speed["loops"] if loop["variant"] != "eager"]
-    if compiled:
-        fastest = min(compiled, key=lambda loop: loop["train_seconds_without_compile"])
+    # the fastest loop with the library's augmentation again with seed 1, for its accuracy
+    candidates = [loop for loop in speed["loops"] if loop["variant"] != "eager" and "one batch" not in loop["variant"]]
+    if candidates:
+        fastest = min(candidates, key=lambda loop: loop["train_seconds_without_compile"])
         key = f"seed-{fastest['variant']}"
         if clock.fits(key, reserve):
-            changes = next(c for name, c, _ in LOOP_VARIANTS if name == fastest["variant"])
+            changes = next(c for name, c, _, _ in LOOP_VARIANTS if name == fastest["variant"])
             run_one("speed", key, base.replace(**changes, seed=1), data, data_dir, results, clock)
 
 
@@ -402,8 +432,8 @@ def stage_lr_auto(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, r
     variants = [("seed-lrmax-found", {"lr_max": found["lr_max"]})]
     if found.get("lr_min") is not None:
         variants.append(("seed-lrmax-lrmin-found", {"lr_max": found["lr_max"], "lr_min": found["lr_min"]}))
-    for seed in range(seeds):
-        for name, changes in variants:
+    for name, changes in variants:  # the LRMAX alone first: what --lr-max auto trains, over both seeds
+        for seed in range(seeds):
             if not clock.fits("seed"):
                 say("lr_auto: stopped, the budget is spent")
                 return
@@ -534,6 +564,8 @@ def main() -> None:
     ap.add_argument("--lr-point-seeds", default="0", help="seeds of the LRMAX points")
     ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
     ap.add_argument("--bare-steps", type=int, default=50, help="steps in each timed block of the bare step")
+    ap.add_argument("--bare-variants", default=",".join(map(str, range(len(BARE_VARIANTS)))),
+                    help="the speed stage's bare-step variants, as indices into BARE_VARIANTS (default: all)")
     ap.add_argument("--test-subset", type=int, default=0, help="dry runs: evaluate on the first N test images")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="dry runs: change a setting in every recipe (e.g. epochs=1)")
@@ -593,7 +625,8 @@ def main() -> None:
                               for seed in args.lr_point_seeds.split(",") for lr in args.lr_points.split(",")
                               if clock.fits("seed")],
         "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,
-                                     15.0 if "profile" in stages else 0.0),
+                                     15.0 if "profile" in stages else 0.0,
+                                     [int(i) for i in args.bare_variants.split(",")]),
     }
     for stage in stages:
         if clock.left() <= 0:

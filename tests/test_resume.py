@@ -235,17 +235,19 @@ def stopped_mid_epoch(reference, tmp_path_factory):
     code, err = run_with_signals(data, run, "SIGTERM@6")
     assert code == 130, err
     checkpoint, _ = load_checkpoint(run / "checkpoint.pt")
-    assert checkpoint["order"] is not None and 0 < checkpoint["batch"] < 4
+    assert checkpoint["order"] is not None and checkpoint["draws"] is not None and 0 < checkpoint["batch"] < 4
     return data, run, checkpoint
 
 
-@pytest.mark.slow  # one stopped run and 9 refused resumes: about 20 s here
+@pytest.mark.slow  # one stopped run and 11 refused resumes: about 20 s here
 @pytest.mark.parametrize("key, damage", [
     ("epoch", lambda v: "2"),
     ("epoch", lambda v: 99),                               # beyond the recipe's 3 epochs
     ("batch", lambda v: 10**9),                            # beyond the epoch's 4 steps
     ("order", lambda v: v + 1),                            # an index past the last image
     ("order", lambda v: v.float()),
+    ("draws", lambda v: v + 9),                            # a crop offset past the padding: the gather would fail
+    ("draws", lambda v: v[:-1]),                           # one position short of the order
     ("loss_sum", lambda v: None),
     ("history", lambda v: [{"epoch": 1, "no_such_column": 0.5}]),
     ("optimizer", lambda v: {"state": {}, "param_groups": []}),

@@ -1,8 +1,11 @@
 """Batched augmentation on the training device, in the seed's order: RandomCrop, FlipLR, CutOut.
 
-Every sample gets its own crop offset, flip and hole, drawn from one ``torch.Generator`` so a run
-is reproducible from its seed. Everything is whole-batch tensor indexing: no per-image Python loop,
-no DataLoader workers.
+Every sample gets its own crop offset, flip and hole. An epoch's draws are made once, at its
+start, for every position of its order (``draw_augmentation``): the images a step sees depend on
+the seed and the position alone, not on how many batches are augmented together, so the device
+can augment one batch at a time (the CPU, no extra memory) or many at once (a GPU, where each
+batch's dozen small kernels cost more in launches than in work). Everything is whole-batch tensor
+indexing: no per-image Python loop, no DataLoader workers.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import torch.nn.functional as F
 # on any copy of the data set, and the CutOut fill (the mean) is exactly 0 after normalisation.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The columns of an augmentation draw: the crop's offset (dy, dx), the flip (0 or 1), the hole's
+# corner (y, x).
+DRAW_COLUMNS = ("crop_dy", "crop_dx", "flip", "hole_y", "hole_x")
 
 
 def pad_reflect(images: torch.Tensor, padding: int) -> torch.Tensor:
@@ -26,41 +32,61 @@ def pad_reflect(images: torch.Tensor, padding: int) -> torch.Tensor:
     return F.pad(images.float(), (padding,) * 4, mode="reflect").to(torch.uint8)
 
 
-def random_crop(padded: torch.Tensor, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``size`` x ``size`` window per image at a uniform offset; returns (crops, offsets[N, 2] as (dy, dx))."""
-    n, c, h, w = padded.shape
+def draw_augmentation(count: int, *, size: int, padding: int, cutout_size: int, generator: torch.Generator,
+                      ) -> torch.Tensor:
+    """``count`` samples' draws as an int64 [count, 5] tensor (``DRAW_COLUMNS``), on the generator's
+    device: crop offsets uniform in 0..2*padding, a flip with probability 1/2, a hole corner that
+    keeps the ``cutout_size`` square wholly inside the ``size`` x ``size`` image (as in cifar10-fast).
+    Made whether or not the recipe uses each transform, so that switching one off leaves the
+    others' draws as they were."""
+    device = generator.device
+    crop_dy = torch.randint(0, 2 * padding + 1, (count,), generator=generator, device=device)
+    crop_dx = torch.randint(0, 2 * padding + 1, (count,), generator=generator, device=device)
+    flip = (torch.rand(count, generator=generator, device=device) < 0.5).long()
+    hole_y = torch.randint(0, size - cutout_size + 1, (count,), generator=generator, device=device)
+    hole_x = torch.randint(0, size - cutout_size + 1, (count,), generator=generator, device=device)
+    return torch.stack([crop_dy, crop_dx, flip, hole_y, hole_x], 1)
+
+
+def draws_problem(draws: torch.Tensor, count: int, *, size: int, padding: int, cutout_size: int) -> str | None:
+    """What is wrong with ``draws`` as ``draw_augmentation`` would make them for ``count`` samples
+    (read back from a checkpoint, where an index out of range would crash a gather); None if nothing."""
+    if draws.dtype != torch.int64 or tuple(draws.shape) != (count, len(DRAW_COLUMNS)):
+        return f"augmentation draws of {draws.dtype} {tuple(draws.shape)}, not int64 ({count}, {len(DRAW_COLUMNS)})"
+    highs = (2 * padding, 2 * padding, 1, size - cutout_size, size - cutout_size)
+    for column, (name, high) in enumerate(zip(DRAW_COLUMNS, highs, strict=True)):
+        values = draws[:, column]
+        if count and (int(values.min()) < 0 or int(values.max()) > high):
+            return f"augmentation draw {name} outside 0..{high}"
+    return None
+
+
+def crop_at(padded: torch.Tensor, size: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The ``size`` x ``size`` window of each image at its offset (``offsets[N, 2]`` as (dy, dx))."""
+    n, c = padded.shape[:2]
     dev = padded.device
-    offsets = torch.stack([torch.randint(0, h - size + 1, (n,), generator=generator, device=dev),
-                           torch.randint(0, w - size + 1, (n,), generator=generator, device=dev)], 1)
-    ar = torch.arange(size, device=dev)
-    rows = (offsets[:, 0:1] + ar)[:, None, :, None]            # N,1,size,1
-    cols = (offsets[:, 1:2] + ar)[:, None, None, :]            # N,1,1,size
-    crops = padded[torch.arange(n, device=dev)[:, None, None, None],
-                   torch.arange(c, device=dev)[None, :, None, None], rows, cols]
-    return crops, offsets
+    window = torch.arange(size, device=dev)
+    rows = (offsets[:, 0:1] + window)[:, None, :, None]            # N,1,size,1
+    cols = (offsets[:, 1:2] + window)[:, None, None, :]            # N,1,1,size
+    return padded[torch.arange(n, device=dev)[:, None, None, None],
+                  torch.arange(c, device=dev)[None, :, None, None], rows, cols]
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror each image left-right with probability 1/2; returns (images, flipped mask[N])."""
-    flipped = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
-    return torch.where(flipped[:, None, None, None], images.flip(-1), images), flipped
+def flip_where(images: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right where ``flipped[N]`` is true."""
+    return torch.where(flipped.bool()[:, None, None, None], images.flip(-1), images)
 
 
-def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero one ``size`` x ``size`` square per normalised image (0 is the dataset mean).
-
-    The hole lies wholly inside the image (as in cifar10-fast), so every image loses exactly
-    size*size pixels. Returns (images, corners[N, 2] as (y, x)).
-    """
-    n, _, h, w = images.shape
+def cutout_at(images: torch.Tensor, size: int, corners: torch.Tensor) -> torch.Tensor:
+    """One ``size`` x ``size`` square of each normalised image set to 0 (the dataset mean), at its
+    corner (``corners[N, 2]`` as (y, x))."""
+    _, _, h, w = images.shape
     dev = images.device
-    corners = torch.stack([torch.randint(0, h - size + 1, (n,), generator=generator, device=dev),
-                           torch.randint(0, w - size + 1, (n,), generator=generator, device=dev)], 1)
     ys = torch.arange(h, device=dev)[None, :, None]
     xs = torch.arange(w, device=dev)[None, None, :]
     y0, x0 = corners[:, 0, None, None], corners[:, 1, None, None]
     hole = (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)   # N,H,W
-    return images.masked_fill(hole[:, None], 0.0), corners
+    return images.masked_fill(hole[:, None], 0.0)
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,34 +96,49 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return (images.to(dtype) - mean) / std
 
 
-def augment_batch(padded: torch.Tensor, *, crop: bool, padding: int, flip: bool, cutout_size: int,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Crop (from images pre-padded by ``padding``), flip, normalise, CutOut (0 = off): a float batch."""
-    x = random_crop(padded, padded.shape[-1] - 2 * padding, generator)[0] if crop else padded
+def apply_augmentation(padded: torch.Tensor, draws: torch.Tensor, *, crop: bool, padding: int, flip: bool,
+                       cutout_size: int) -> torch.Tensor:
+    """Crop (from images pre-padded by ``padding``), flip, normalise, CutOut (0 = off), each image
+    by its row of ``draws`` (``draw_augmentation``): a float batch."""
+    x = crop_at(padded, padded.shape[-1] - 2 * padding, draws[:, 0:2]) if crop else padded
     if flip:
-        x = random_flip(x, generator)[0]
+        x = flip_where(x, draws[:, 2])
     x = normalize(x)
     if cutout_size:
-        x = cutout(x, cutout_size, generator)[0]
+        x = cutout_at(x, cutout_size, draws[:, 3:5])
     return x
 
 
+def augment_batch(padded: torch.Tensor, *, crop: bool, padding: int, flip: bool, cutout_size: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """``padded`` augmented with fresh draws from ``generator``: a float batch."""
+    draws = draw_augmentation(len(padded), size=padded.shape[-1] - 2 * padding, padding=padding,
+                              cutout_size=cutout_size, generator=generator)
+    return apply_augmentation(padded, draws, crop=crop, padding=padding, flip=flip, cutout_size=cutout_size)
+
+
 def epoch_batches(padded: torch.Tensor, labels: torch.Tensor, batch_size: int, *, crop: bool, padding: int,
-                  flip: bool, cutout_size: int, generator: torch.Generator, order: torch.Tensor,
-                  start: int = 0, rank: int = 0, world: int = 1,
-                  memory_format: torch.memory_format = torch.channels_last,
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Augmented (images, labels) batches of device-resident data, in ``order``, from batch ``start``.
+                  flip: bool, cutout_size: int, order: torch.Tensor, draws: torch.Tensor, start: int = 0,
+                  rank: int = 0, world: int = 1, memory_format: torch.memory_format = torch.channels_last,
+                  batches_at_once: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Augmented (images, labels) batches of device-resident data, in ``order``, from batch ``start``;
+    the image at position ``p`` of the order is augmented by ``draws[p]``.
 
     Only full batches: the remainder of the shuffled order (a different one each epoch) is dropped,
-    so every step has the same batch size for BatchNorm and the per-step schedule. Resuming at
-    ``start`` with the generator state saved after batch ``start - 1`` repeats the same draws.
-    With ``world`` processes, ``batch_size`` is the global batch and this rank yields its
-    contiguous share of each one: together the ranks cover every batch exactly once.
+    so every step has the same batch size for BatchNorm and the per-step schedule. The batches are
+    the same whatever ``start`` and ``batches_at_once`` (how many are augmented together: memory
+    against kernel launches). With ``world`` processes, ``batch_size`` is the global batch and this
+    rank yields its contiguous share of each one: together the ranks cover every batch exactly once.
     """
     per = batch_size // world
-    for i in range(start, len(order) // batch_size):
-        idx = order[i * batch_size + rank * per:i * batch_size + (rank + 1) * per]
-        x = augment_batch(padded[idx], crop=crop, padding=padding, flip=flip, cutout_size=cutout_size,
-                          generator=generator)
-        yield x.contiguous(memory_format=memory_format), labels[idx]
+    steps = len(order) // batch_size
+    for first in range(start, steps, batches_at_once):
+        batches = range(first, min(first + batches_at_once, steps))
+        # this rank's positions in each batch of the group, in order
+        positions = (torch.arange(batches.start, batches.stop, device=order.device)[:, None] * batch_size
+                     + rank * per + torch.arange(per, device=order.device)).flatten()
+        images = apply_augmentation(padded[order[positions]], draws[positions], crop=crop, padding=padding,
+                                    flip=flip, cutout_size=cutout_size).contiguous(memory_format=memory_format)
+        group_labels = labels[order[positions]]
+        for k in range(len(batches)):  # views along N: no copy, and a channels_last slice stays channels_last
+            yield images[k * per:(k + 1) * per], group_labels[k * per:(k + 1) * per]

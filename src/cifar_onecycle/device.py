@@ -20,6 +20,19 @@ def sync_every(device: torch.device, steps_per_epoch: int) -> int:
     return CPU_SYNC_EVERY if device.type == "cpu" else steps_per_epoch
 
 
+# How many training images a GPU augments at once (a CPU: one batch). Each batch's augmentation is
+# a dozen small kernels whose launches cost more than their work: one batch at a time, an epoch's
+# augmentation took 0.093 s on an H200, a fifth of the 0.43 s epoch of the CUDA-graph loop
+# (benchmarks/results/gpu-h200-levers/). 16,384 images at once hold about 200 MB of fp32 batches
+# (and twice that briefly while they are made); a CPU gains nothing from it and keeps its memory.
+GPU_AUGMENT_IMAGES = 16_384
+
+
+def augment_at_once(device: torch.device, batch_size: int) -> int:
+    """How many batches the training loop augments together on ``device``."""
+    return 1 if device.type == "cpu" else max(1, GPU_AUGMENT_IMAGES // batch_size)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else CPU. Asking for CUDA without one is a user error."""
     if name == "auto":

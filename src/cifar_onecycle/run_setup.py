@@ -10,9 +10,9 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from .augment import epoch_batches, pad_reflect
+from .augment import draw_augmentation, epoch_batches, pad_reflect
 from .data import Cifar10
-from .device import autocast, resolve_placement
+from .device import augment_at_once, autocast, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA
 from .errors import UserError
@@ -38,8 +38,7 @@ class RunSetup:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None           # the weight average, when the recipe keeps one
-    generator: torch.Generator      # data order: the same on every rank
-    aug_generator: torch.Generator  # augmentation: this rank's own (the same object on one process)
+    generator: torch.Generator   # each epoch's order and augmentation draws: the same on every rank
     dist: Dist = field(default_factory=Dist)
 
     @property
@@ -56,14 +55,24 @@ class RunSetup:
         """A new epoch's order of the training images."""
         return torch.randperm(len(self.train_images), device=self.device, generator=self.generator)
 
-    def epoch(self, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Augmented training batches in ``order`` (a new shuffle when None), from batch ``start``."""
+    def draw_augmentation(self) -> torch.Tensor:
+        """A new epoch's augmentation draws, one row per position of its order (``augment.draw_augmentation``).
+        Drawn whole on every rank, like the order: each rank uses the rows of its own share."""
         recipe = self.recipe
+        return draw_augmentation(len(self.train_images), size=self.train_images.shape[-1] - 2 * recipe.padding,
+                                 padding=recipe.padding, cutout_size=recipe.hole_size, generator=self.generator)
+
+    def epoch(self, order: torch.Tensor | None = None, draws: torch.Tensor | None = None,
+              start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented training batches in ``order`` with its ``draws`` (new ones when None), from batch ``start``."""
+        recipe = self.recipe
+        order = self.shuffle() if order is None else order
+        draws = self.draw_augmentation() if draws is None else draws
         return epoch_batches(self.train_images, self.train_labels, recipe.batch_size, crop=recipe.crop,
-                             padding=recipe.padding, flip=recipe.flip, cutout_size=recipe.hole_size,
-                             generator=self.aug_generator, order=self.shuffle() if order is None else order,
-                             start=start, rank=self.dist.rank, world=self.dist.world,
-                             memory_format=recipe.memory_format)
+                             padding=recipe.padding, flip=recipe.flip, cutout_size=recipe.hole_size, order=order,
+                             draws=draws, start=start, rank=self.dist.rank, world=self.dist.world,
+                             memory_format=recipe.memory_format,
+                             batches_at_once=augment_at_once(self.device, recipe.batch_size))
 
     def autocast(self) -> torch.autocast:
         return autocast(self.device, self.precision)
@@ -135,10 +144,7 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
     if recipe.compile:
         step_model = cast(torch.nn.Module, torch.compile(step_model, mode=recipe.compile_mode))  # a module wrapper
     ema = WeightEMA(model, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
-    order_generator = torch.Generator(device=device).manual_seed(recipe.seed)
-    # Each rank augments its own share with its own draws; one process keeps one generator.
-    aug_generator = order_generator if dist.world == 1 else torch.Generator(device=device).manual_seed(
-        recipe.seed * 1_000_003 + dist.rank + 1)
+    generator = torch.Generator(device=device).manual_seed(recipe.seed)
     return RunSetup(recipe, data, device, precision, train_images, data.train_labels[:n_train].to(device),
                     data.test_images.to(device), data.test_labels.to(device), model, step_model, optimizer,
-                    make_scaler(device, precision), ema, order_generator, aug_generator, dist)
+                    make_scaler(device, precision), ema, generator, dist)

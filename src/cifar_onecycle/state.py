@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .distributed import gather_objects
+from .augment import draws_problem
 from .errors import UserError
 from .results import EpochMetrics
 from .run_setup import RunSetup
@@ -23,6 +23,7 @@ class TrainState:
     epoch: int = 0                      # epochs finished
     batch: int = 0                      # the next batch of epoch ``epoch + 1`` (steps_per_epoch: evaluation pending)
     order: torch.Tensor | None = None   # that epoch's shuffle, once drawn
+    draws: torch.Tensor | None = None   # that epoch's augmentation draws, one row per position of ``order``
     loss_sum: float = 0.0               # the epoch's sums so far, over all ranks (rank 0 carries them)
     correct: int = 0
     epoch_seconds: float = 0.0          # training time of the epoch so far
@@ -42,19 +43,16 @@ class TrainState:
 
     def end_epoch(self, metrics: EpochMetrics) -> None:
         self.history.append(metrics)
-        self.epoch, self.batch, self.order = metrics.epoch, 0, None
+        self.epoch, self.batch, self.order, self.draws = metrics.epoch, 0, None, None
         self.loss_sum, self.correct, self.epoch_seconds = 0.0, 0, 0.0
 
     def to_checkpoint(self, setup: RunSetup) -> dict[str, Any]:
-        """The checkpoint's contents: this state, the weights, the optimizer and every random state.
-        Under torchrun every rank must call it (the ranks' augmentation states are gathered)."""
-        augmentation_states = (gather_objects(setup.aug_generator.get_state(), setup.dist)
-                               if setup.dist.world > 1 else None)
-        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": setup.generator.get_state()}
+        """The checkpoint's contents: this state, the weights, the optimizer and every random state
+        (the same on every rank: the generator draws each epoch's order and augmentation for all)."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": setup.generator.get_state(),
+                               "processes": setup.dist.world}
         if setup.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        if augmentation_states:
-            rng["aug"] = augmentation_states
         ema = setup.ema
         return {
             "recipe": setup.recipe.to_dict(), "model": _contiguous(setup.model.state_dict()),
@@ -62,6 +60,7 @@ class TrainState:
             "scaler": setup.scaler.state_dict() if setup.scaler.is_enabled() else None,
             "ema": _contiguous(ema.model.state_dict()) if ema else None, "rng": rng,
             "epoch": self.epoch, "batch": self.batch, "order": self.order.cpu() if self.order is not None else None,
+            "draws": self.draws.cpu() if self.draws is not None else None,
             "loss_sum": self.loss_sum, "correct": self.correct, "epoch_seconds": self.epoch_seconds,
             "history": [asdict(h) for h in self.history], "lr_found": self.lr_found, "elapsed": self.seconds(),
             "data_dir": self.data_dir}
@@ -74,6 +73,7 @@ class TrainState:
         kinds: dict[str, type | tuple[type, ...]] = {
             "epoch": int, "batch": int, "loss_sum": number, "correct": int, "epoch_seconds": number, "elapsed": number,
             "history": list, "rng": dict, "optimizer": dict, "order": (torch.Tensor, optional),
+            "draws": (torch.Tensor, optional),
             "data_dir": (str, optional), "lr_found": (dict, optional)}
         for key, kind in kinds.items():
             if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool):
@@ -94,6 +94,14 @@ class TrainState:
                 order.sort().values, torch.arange(len(setup.train_images)))):  # torch.equal ignores the dtype
             raise ValueError(f"batch {batch} or the epoch's order does not fit {setup.steps_per_epoch} steps of "
                              f"{len(setup.train_images)} images")
+        draws = checkpoint.get("draws")  # None: before the epoch's first step (or a checkpoint of an older version)
+        if draws is not None:
+            recipe = setup.recipe
+            problem = "augmentation draws without an order" if order is None else draws_problem(
+                draws, len(order), size=setup.train_images.shape[-1] - 2 * recipe.padding, padding=recipe.padding,
+                cutout_size=recipe.hole_size)
+            if problem:
+                raise ValueError(problem)
         try:
             setup.model.load_state_dict(checkpoint["model"])
             setup.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -108,6 +116,7 @@ class TrainState:
             raise ValueError(f"{type(e).__name__}: {first_line}") from None
         main = setup.dist.main  # mid-epoch sums are global: rank 0 carries them, the others start from zero
         return cls(epoch=checkpoint["epoch"], batch=batch, order=order.to(setup.device) if order is not None else None,
+                   draws=draws.to(setup.device) if draws is not None else None,
                    loss_sum=checkpoint["loss_sum"] if main else 0.0, correct=checkpoint["correct"] if main else 0,
                    epoch_seconds=checkpoint["epoch_seconds"], history=history, elapsed=checkpoint["elapsed"],
                    lr_found=checkpoint["lr_found"], data_dir=checkpoint["data_dir"],
@@ -120,14 +129,13 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _set_rng_state(setup: RunSetup, state: dict[str, Any]) -> None:
     world = setup.dist.world
+    # Each rank's BatchNorm sees its share of every batch: another number of processes would train
+    # a different run. (Older checkpoints list one augmentation state per process instead.)
+    written_by = state.get("processes", len(state.get("aug", [None])))
+    if written_by != world:
+        raise UserError(f"resume: the checkpoint was written by {written_by} process(es); resume it with the same "
+                        f"number (now {world})", "resume")
     torch.set_rng_state(state["torch"])
     setup.generator.set_state(state["generator"])
-    if "aug" in state:
-        if len(state["aug"]) != world:
-            raise UserError(f"resume: the checkpoint was written by {len(state['aug'])} processes; resume it "
-                            f"with the same number (now {world})", "resume")
-        setup.aug_generator.set_state(state["aug"][setup.dist.rank])
-    elif world > 1:
-        raise UserError("resume: the checkpoint was written by one process; resume it without torchrun", "resume")
     if "cuda" in state and setup.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda"])

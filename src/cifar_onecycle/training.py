@@ -141,12 +141,15 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
     ``state``."""
     recipe, steps_per_epoch, device = setup.recipe, setup.steps_per_epoch, setup.device
     setup.model.train()
-    state.order = setup.shuffle() if state.order is None else state.order
+    if state.order is None:
+        state.order = setup.shuffle()
+    if state.draws is None:  # new with the order; missing from a checkpoint written before draws were saved
+        state.draws = setup.draw_augmentation()
     started = time.perf_counter() - state.epoch_seconds
     loss_sum = torch.tensor(state.loss_sum, device=device)
     correct = torch.tensor(state.correct, device=device, dtype=torch.int64)
     read_every = sync_every(device, steps_per_epoch)
-    bar = tqdm(setup.epoch(state.order, state.batch), initial=state.batch, total=steps_per_epoch,
+    bar = tqdm(setup.epoch(state.order, state.draws, state.batch), initial=state.batch, total=steps_per_epoch,
                desc=f"epoch {state.epoch + 1}/{recipe.epochs}", leave=False, disable=not progress, unit="step")
     stopping, read = False, state.batch == steps_per_epoch  # nothing left to train: the sums are the state's
     for inputs, targets in bar:
