@@ -28,9 +28,10 @@ and ``dawnbench`` recipes (both sweeps; graphs and lr_find.json packed as
 ``lr_find/<recipe>/seed0/``), then the ``seed`` recipe trained at the linear sweep's LRMAX, and at
 its LRMAX and LRMIN, two seeds each.
 
-``speed`` (not in the default list): each speed lever on the bare step (fused SGD, cuDNN's
-benchmark mode, torch.compile's modes), the augmentation alone, and the whole loop eager and in
-each compilation mode, with the library's CUDA defaults.
+``speed`` (not in the default list): the speed levers on the bare step (fused SGD, cuDNN's
+benchmark mode, torch.compile's modes; ``--bare-variants`` picks them), the augmentation alone (one
+batch at a time, and as the library does it), and the whole loop eager and with CUDA graphs, with
+the library's CUDA defaults and with one batch augmented at a time.
 
 No run folder is written into ``--out``. Runs go to ``--work`` (no checkpoints, no report: a run
 costs its training and evaluation only); after each one ``runs.tar.gz`` in ``--out`` is rewritten

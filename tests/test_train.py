@@ -170,6 +170,14 @@ def test_the_loop_reads_the_device_every_10_steps_on_a_cpu_and_once_an_epoch_on_
     assert sync_every(torch.device("cuda"), 97) == 97  # no host sync inside a GPU epoch
 
 
+def test_a_cpu_augments_one_batch_at_a_time_and_a_gpu_many():
+    from cifar_onecycle.device import GPU_AUGMENT_IMAGES, augment_at_once
+
+    assert augment_at_once(torch.device("cpu"), 512) == 1  # no memory spent on batches not yet trained
+    assert augment_at_once(torch.device("cuda"), 512) == GPU_AUGMENT_IMAGES // 512 > 1
+    assert augment_at_once(torch.device("cuda"), 10**6) == 1  # a batch larger than the group: one at a time
+
+
 def test_sgd_is_fused_on_cuda_only_unless_asked():
     from cifar_onecycle.step import make_optimizer
 

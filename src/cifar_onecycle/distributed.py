@@ -13,7 +13,6 @@ import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,15 +82,6 @@ def broadcast_buffers(model: torch.nn.Module, ranks: Dist) -> None:
     if ranks.world > 1:
         for b in model.buffers():
             dist.broadcast(b, src=0)
-
-
-def gather_objects(obj: Any, ranks: Dist) -> list[Any]:
-    """Every rank's ``obj``, in rank order (a collective: all ranks must call it)."""
-    if ranks.world == 1:
-        return [obj]
-    out: list[Any] = [None] * ranks.world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def check_batch(batch_size: int, ranks: Dist) -> None:

@@ -55,12 +55,17 @@ class RunSetup:
         """A new epoch's order of the training images."""
         return torch.randperm(len(self.train_images), device=self.device, generator=self.generator)
 
+    @property
+    def augmentation_shape(self) -> dict[str, int]:
+        """What an augmentation draw depends on: the image's side, the crop's padding, the hole's side."""
+        padding = self.recipe.padding
+        return {"size": self.train_images.shape[-1] - 2 * padding, "padding": padding,
+                "cutout_size": self.recipe.hole_size}
+
     def draw_augmentation(self) -> torch.Tensor:
         """A new epoch's augmentation draws, one row per position of its order (``augment.draw_augmentation``).
         Drawn whole on every rank, like the order: each rank uses the rows of its own share."""
-        recipe = self.recipe
-        return draw_augmentation(len(self.train_images), size=self.train_images.shape[-1] - 2 * recipe.padding,
-                                 padding=recipe.padding, cutout_size=recipe.hole_size, generator=self.generator)
+        return draw_augmentation(len(self.train_images), generator=self.generator, **self.augmentation_shape)
 
     def epoch(self, order: torch.Tensor | None = None, draws: torch.Tensor | None = None,
               start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -96,10 +96,8 @@ class TrainState:
                              f"{len(setup.train_images)} images")
         draws = checkpoint.get("draws")  # None: before the epoch's first step (or a checkpoint of an older version)
         if draws is not None:
-            recipe = setup.recipe
-            problem = "augmentation draws without an order" if order is None else draws_problem(
-                draws, len(order), size=setup.train_images.shape[-1] - 2 * recipe.padding, padding=recipe.padding,
-                cutout_size=recipe.hole_size)
+            problem = ("augmentation draws without an order" if order is None
+                       else draws_problem(draws, len(order), **setup.augmentation_shape))
             if problem:
                 raise ValueError(problem)
         try:

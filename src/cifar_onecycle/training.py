@@ -80,7 +80,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
                 raise interrupted(stop.received, f"during the evaluation of epoch {epoch}", resume_from) from None
             state.end_epoch(metrics)
             record_epoch(state.history, folder, board, progress, recipe.epochs)
-            save_checkpoint(checkpoint_folder, state, setup)  # every rank: it gathers the ranks' random states
+            save_checkpoint(checkpoint_folder, state, setup)
             if stopping and epoch < recipe.epochs:
                 raise interrupted(stop.received, f"after epoch {epoch}", resume_from)
     if board:
@@ -222,13 +222,10 @@ def record_epoch(history: list[EpochMetrics], folder: RunFolder | None, board: A
 
 
 def save_checkpoint(folder: RunFolder | None, state: TrainState, setup: RunSetup) -> None:
-    """Every rank calls it (under torchrun the ranks' random states are gathered); a rank with a
-    folder writes it. Nothing to do for one process without a folder or with checkpoints off."""
-    if folder is None and setup.dist.world == 1:
-        return
-    contents = state.to_checkpoint(setup)
+    """Write checkpoint.pt into ``folder`` (rank 0's, with checkpoints on); nothing to do without one.
+    The other ranks hold nothing of their own: the random state that draws each epoch is shared."""
     if folder:
-        folder.save_checkpoint(contents)
+        folder.save_checkpoint(state.to_checkpoint(setup))
 
 
 def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, commit: str | None,
