@@ -23,8 +23,10 @@ def sync_every(device: torch.device, steps_per_epoch: int) -> int:
 # How many training images a GPU augments at once (a CPU: one batch). Each batch's augmentation is
 # a dozen small kernels whose launches cost more than their work: one batch at a time, an epoch's
 # augmentation took 0.093 s on an H200, a fifth of the 0.43 s epoch of the CUDA-graph loop
-# (benchmarks/results/gpu-h200-levers/). 16,384 images at once hold about 200 MB of fp32 batches
-# (and twice that briefly while they are made); a CPU gains nothing from it and keeps its memory.
+# (benchmarks/results/gpu-h200-levers/); on an H100 0.049 s one batch at a time against 0.0094 s
+# this many at once, which took the CUDA-graph loop from 11.1 to 9.3 s (benchmarks/results/gpu-h100/).
+# 16,384 images at once hold about 200 MB of fp32 batches (and twice that briefly while they are
+# made); a CPU gains nothing from it and keeps its memory.
 GPU_AUGMENT_IMAGES = 16_384
 
 
