@@ -31,8 +31,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
 # 2.4 GB at 16. Beyond half the image a crop is mostly mirror image, and reflect padding stops at 31;
 # the bound also keeps a recipe file from deciding how much memory the run takes.
 MAX_CROP_PADDING = 16
-# Seeds lie in 0 .. SEEDS_END - 1: the augmentation's generator is seeded with seed * 1,000,003 +
-# rank + 1, which must stay within the 64-bit seed a torch.Generator takes.
+# Seeds lie in 0 .. SEEDS_END - 1. The run's one generator takes the seed itself (a torch.Generator
+# takes up to 2**64 - 1); the bound dates from per-rank augmentation generators seeded with
+# seed * 1,000,003 + rank + 1 (gone in 754fed5), and stays so that the seeds a recipe, a run folder
+# and seeds.json accept do not change.
 SEEDS_END = 2**32
 
 
