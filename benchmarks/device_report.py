@@ -235,7 +235,8 @@ def lr_section(folder: Path) -> list[str]:
                 points.setdefault(r["lr_max"], []).append(r)
     for r in seed_runs:
         points.setdefault(r["lr_max"], []).append(r)
-    diverged = [json.loads(p.read_text()) for p in (folder / "lr_points").glob("*/seed*/diverged.json")]
+    diverged = [{"lr_max": float(p.parent.parent.name.partition("=")[2]), "seed": int(p.parent.name[4:]),
+                 **json.loads(p.read_text())} for p in (folder / "lr_points").glob("lr_max=*/seed*/failed.json")]
     lines = ["| LRMAX | seeds | test accuracy % (each seed) | mean % |", "| --- | --- | --- | --- |"]
     for lr in sorted(points):
         rs = sorted(points[lr], key=lambda r: r["seed"])
@@ -243,7 +244,7 @@ def lr_section(folder: Path) -> list[str]:
         lines.append(f"| {lr:g} | {', '.join(str(r['seed']) for r in rs)} | {each} | "
                      f"{100 * statistics.fmean(r['final_test_acc'] for r in rs):.2f} |")
     for d in diverged:
-        lines.append(f"| {d['lr_max']:g} | {d['seed']} | diverged: {d['message']} | |")
+        lines.append(f"| {d['lr_max']:g} | {d['seed']} | {d['reason']}: {d['message']} | |")
     for name, rs in auto.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         what = "found LRMAX" + (f" and LRMIN {rs[0]['lr_min']:.3g}" if "lrmin" in name else "")

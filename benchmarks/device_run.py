@@ -20,8 +20,9 @@ Stages, in order:
    ratio whole loop / bare step.
 4. ``profile``: the top CUDA kernels of 10 bare steps by time, eager and compiled, and the
    achieved TFLOP/s.
-5. ``lr_points``: the ``seed`` recipe at fixed LRMAX values (``--lr-points``), seeds
-   ``--lr-point-seeds``; a diverging run is recorded as such and the stage goes on.
+5. ``lr_points``: the ``seed`` recipe at fixed LRMAX values (``--lr-points``) over
+   ``--lr-point-seeds`` seeds, as one ``cifar_onecycle.sweep``; a diverging run is recorded as such
+   and the sweep goes on.
 
 ``lr_find`` and ``lr_auto`` (not in the default list): the default LR range test of the ``seed``
 and ``dawnbench`` recipes (both sweeps; graphs and lr_find.json packed as
@@ -43,7 +44,7 @@ Dry run on a CPU, tiny settings (minutes)::
 
     python benchmarks/device_run.py --out /tmp/dr-out --work /tmp/dr-work --data-dir DIR --budget-s 900 \\
         --seeds 1 --test-subset 500 --set epochs=1 --set peak_epoch=0.5 --set train_subset=1024 \\
-        --set batch_size=256 --lr-points 0.05 --bare-steps 2
+        --set batch_size=256 --lr-points 0.05,0.1 --bare-steps 2
 
 ``benchmarks/device_report.py`` turns the unpacked files into the results folder's README.md.
 """
@@ -72,7 +73,7 @@ from typing import Any
 RECIPES = ("seed", "dawnbench", "best")
 # What comes back of a run folder (a diverged run has diverged.json instead of summary.json; a
 # range test has lr_find.json and its graphs).
-PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "lr_find.json")
+PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "failed.json", "lr_find.json")
 # Training FLOPs per image are about three times the forward pass's (backward: gradients of the
 # inputs and of the weights, each about one forward).
 TRAIN_FLOPS_PER_FORWARD = 3
@@ -402,9 +403,9 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
 def stage_lr_find(recipe_for: Callable[[str], Any], data: Any, results: Results,
                   found: dict[str, Any]) -> None:
     """The default range test (both sweeps) of the seed and dawnbench recipes; the seed recipe's
-    linear suggestion goes into ``found`` for ``stage_lr_auto``. (gpu-h200-levers also has 6-epoch
-    linear sweeps beside the 2-epoch default of that code; 6 epochs is the default now.)"""
-    from cifar_onecycle.lr_finder import AUTO_SWEEP, MODES, lr_range_test, write_lr_find
+    suggestions, each from the sweep ``--lr-max auto`` and ``--lr-min auto`` read it from, go into
+    ``found`` for ``stage_lr_auto``."""
+    from cifar_onecycle.lr_finder import AUTO_SWEEPS, MODES, lr_range_test, write_lr_find
 
     for name in ("seed", "dawnbench"):
         started = time.perf_counter()
@@ -420,7 +421,8 @@ def stage_lr_find(recipe_for: Callable[[str], Any], data: Any, results: Results,
                 f"{len(sweep.lrs)} iterations; {sweep.stopped or ''} {sweep.note or ''}")
         results.add_run(record)
         if name == "seed":
-            found.update(record[AUTO_SWEEP])
+            found.update({setting: record[mode][setting] for setting, mode in AUTO_SWEEPS.items()},
+                         note=record["linear"]["note"])
 
 
 def stage_lr_auto(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
@@ -440,6 +442,24 @@ def stage_lr_auto(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, r
                 return
             run_one("lr_auto", name, recipe_for("seed").replace(**changes, seed=seed), data, data_dir, results, clock,
                     estimate="seed")
+
+
+def stage_lr_points(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
+                    lrs: list[float], seeds: int) -> None:
+    """The ``seed`` recipe at fixed LRMAX values over ``seeds`` seeds: one ``cifar_onecycle.sweep``
+    (diverged runs recorded as such), its sweep.csv, sweep.json and sweep.png into ``--out``."""
+    from cifar_onecycle import sweep
+
+    if not clock.fits("seed"):
+        say("lr_points: skipped, the budget is spent")
+        return
+    out = results.runs / "lr_points"
+    result = sweep(recipe_for("seed"), {"lr_max": lrs}, seeds, out=out, data=data, data_dir=data_dir,
+                   download=False, progress=False, checkpoints=False)
+    for row in result.rows:
+        results.add_run({"stage": "lr_points", **{k: v for k, v in row.items() if k != "values"}})
+    for name in ("sweep.csv", "sweep.json", "sweep.png"):
+        results.write(f"lr_points-{name}", (out / name).read_bytes())
 
 
 def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
@@ -562,7 +582,7 @@ def main() -> None:
     ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points",
                     help="in order; also 'speed' (the speed levers, one by one)")
     ap.add_argument("--results-name", help="the top folder in runs.tar.gz (default: gpu-<card>)")
-    ap.add_argument("--lr-point-seeds", default="0", help="seeds of the LRMAX points")
+    ap.add_argument("--lr-point-seeds", type=int, default=1, help="seeds of the LRMAX points (from 0)")
     ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
     ap.add_argument("--bare-steps", type=int, default=50, help="steps in each timed block of the bare step")
     ap.add_argument("--bare-variants", default=",".join(map(str, range(len(BARE_VARIANTS)))),
@@ -620,11 +640,8 @@ def main() -> None:
         "compiled": lambda: stage_compiled(recipe_for, data, data_dir, results, clock, args.bare_steps,
                                            15.0 if "profile" in stages else 0.0),
         "profile": lambda: stage_profile(recipe_for, results),
-        "lr_points": lambda: [run_one("lr_points", f"seed-lrmax{lr}",
-                                      recipe_for("seed").replace(lr_max=float(lr), seed=int(seed)),
-                                      data, data_dir, results, clock, estimate="seed")
-                              for seed in args.lr_point_seeds.split(",") for lr in args.lr_points.split(",")
-                              if clock.fits("seed")],
+        "lr_points": lambda: stage_lr_points(recipe_for, data, data_dir, results, clock,
+                                             [float(lr) for lr in args.lr_points.split(",")], args.lr_point_seeds),
         "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,
                                      15.0 if "profile" in stages else 0.0,
                                      [int(i) for i in args.bare_variants.split(",")]),

@@ -172,27 +172,37 @@ def test_cli_on_the_recipe_model(cifar_dir, tmp_path, capsys):
     assert data["exp"]["lrs"][0] == 1e-5 and data["linear"]["lrs"][0] == 1e-4
 
 
+def stub_bounds(lrs, *args, **kwargs):
+    """Known suggestions that say which sweep they came from: (LRMIN, LRMAX, note)."""
+    return (3e-5, 0.5, None) if lrs[0] == 1e-5 else (2e-4, 0.03, None)  # exponential, linear
+
+
 @pytest.mark.parametrize("flags, found_keys", [
     (["--lr-max", "auto", "--lr-min", "1e-6"], {"lr_max"}),
     (["--lr-max", "auto", "--lr-min", "auto"], {"lr_max", "lr_min"}),
 ])
 @pytest.mark.slow
-def test_train_lr_auto_uses_the_linear_suggestion(flags, found_keys, cifar_dir, tmp_path, monkeypatch):
+def test_train_lr_auto_reads_lrmax_off_the_linear_sweep_and_lrmin_off_the_exponential(
+        flags, found_keys, cifar_dir, tmp_path, monkeypatch):
     import cifar_onecycle.lr_finder as lr_finder
 
     # The tiny synthetic set gives a short, noisy curve; the test is about the wiring, so the rule
     # is stubbed with known values.
-    monkeypatch.setattr(lr_finder, "suggest_bounds", lambda *a, **k: (2e-4, 0.03, None))
+    monkeypatch.setattr(lr_finder, "suggest_bounds", stub_bounds)
     out = tmp_path / "run"
     assert main(["train", *flags, "--data-dir", str(cifar_dir), "--no-download", "--out", str(out),
                  "--epochs", "1", "--peak-epoch", "1", "--batch-size", "5", "--device", "cpu",
                  "--precision", "fp32", "--quiet", "--no-report"]) == 0
-    found = json.loads((out / "lr_find.json").read_text())["linear"]
-    assert found["suggested_lr_max"] == 0.03 and found["lr_max_rule"] == "plateau"
+    sweeps = json.loads((out / "lr_find.json").read_text())
+    assert sorted(sweeps) == (["exp", "linear"] if "lr_min" in found_keys else ["linear"])
+    assert sweeps["linear"]["suggested_lr_max"] == 0.03 and sweeps["linear"]["lr_max_rule"] == "plateau"
     summary = json.loads((out / "summary.json").read_text())
-    assert {k for k in ("lr_max", "lr_min") if k in summary["lr_found"]} == found_keys
-    assert summary["lr_found"]["sweep"] == "linear" and summary["lr_max"] == 0.03
-    assert summary["lr_min"] == (2e-4 if "lr_min" in found_keys else 1e-6)
+    found = summary["lr_found"]
+    assert {k for k in ("lr_max", "lr_min") if k in found} == found_keys
+    assert found["lr_max_sweep"] == "linear" and summary["lr_max"] == 0.03
+    if "lr_min" in found_keys:
+        assert found["lr_min_sweep"] == "exp" and found["lr_min_rule"] == "onset"
+    assert summary["lr_min"] == (3e-5 if "lr_min" in found_keys else 1e-6)
     recipe_text = (out / "recipe.toml").read_text()
     assert "lr_max = 0.03\n" in recipe_text and f"lr_min = {summary['lr_min']!r}\n" in recipe_text
 
@@ -201,13 +211,13 @@ def test_train_lr_auto_uses_the_linear_suggestion(flags, found_keys, cifar_dir, 
 def test_lr_min_auto_replaces_a_lr_min_derived_from_lr_max(cifar_dir, tmp_path, monkeypatch):
     import cifar_onecycle.lr_finder as lr_finder
 
-    monkeypatch.setattr(lr_finder, "suggest_bounds", lambda *a, **k: (2e-4, 0.03, None))
+    monkeypatch.setattr(lr_finder, "suggest_bounds", stub_bounds)
     out = tmp_path / "run"
     assert main(["train", "--recipe", "dawnbench", "--lr-min", "auto", "--data-dir", str(cifar_dir), "--no-download",
                  "--out", str(out), "--epochs", "1", "--peak-epoch", "1", "--batch-size", "5", "--device", "cpu",
                  "--precision", "fp32", "--quiet", "--no-report"]) == 0
     text = (out / "recipe.toml").read_text()
-    assert "lr_min = 0.0002\n" in text and "lr_min_div = 0.0\n" in text and "lr_max = 0.4\n" in text
+    assert "lr_min = 3e-05\n" in text and "lr_min_div = 0.0\n" in text and "lr_max = 0.4\n" in text
 
 
 def linear_sweep(n=300):
@@ -248,6 +258,35 @@ def test_a_curve_that_never_blows_up_says_so():
     falling = [2.3 - 1.8 * lr for lr in lrs]  # still falling at the last LR
     lr_min, lr_max, note = fall_bounds(lrs, falling)
     assert lr_max > 0.9 and lr_min < 0.1 and "still falling" in note
+
+
+def exp_sweep(n=97):
+    """The default exponential sweep's LRs: 1e-5 to 10 over one epoch of 97 steps."""
+    return [1e-5 * 1e6 ** (i / (n - 1)) for i in range(n)]
+
+
+def log_knee(lrs, start=1e-3, end=1e-1, top=2.3, bottom=0.8):
+    """Flat at ``top`` up to ``start``, straight down in log LR to ``bottom`` at ``end``, blowing up past 1."""
+    a, b = math.log10(start), math.log10(end)
+    return [(top if lr < start else bottom if lr > end else top - (top - bottom) * (math.log10(lr) - a) / (b - a))
+            + (max(0.0, math.log10(lr)) * 6) ** 2 for lr in lrs]
+
+
+def test_the_onset_on_an_exponential_sweep_is_where_the_fall_begins():
+    lrs = exp_sweep()
+    lr_min, _, _ = fall_bounds(lrs, log_knee(lrs))
+    # 5% of the fall is done a twentieth of the way from 1e-3 to 1e-1 in log LR: 10**-2.9, 1.26e-3
+    assert 10 ** -2.95 <= lr_min <= 10 ** -2.8
+
+
+def test_the_onset_is_not_a_dip_of_noise():
+    # A batch loss's noise (0.05 here) dips the half-window average at the sweep's start below the
+    # onset threshold now and then; the onset is where the curve stays below it.
+    lrs = exp_sweep()
+    for seed in range(20):
+        noise = torch.randn(len(lrs), generator=torch.Generator().manual_seed(seed))
+        lr_min, _, _ = fall_bounds(lrs, [v + 0.05 * float(e) for v, e in zip(log_knee(lrs), noise, strict=True)])
+        assert 10 ** -3.2 <= lr_min <= 10 ** -2.6, f"seed {seed}: LRMIN {lr_min:.3g}"
 
 
 @pytest.mark.parametrize("curve", [

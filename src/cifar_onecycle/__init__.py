@@ -4,7 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .data import CLASSES, Cifar10, load_cifar10  # noqa: E402
-from .errors import DatasetError, DivergenceError, Interrupted, RecipeError, UserError, WriteError  # noqa: E402
+from .errors import DatasetError, DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, WriteError  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 from .model import ResNet9, count_parameters  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
@@ -12,9 +12,10 @@ from .results import EpochMetrics, TrainResult  # noqa: E402
 from .schedule import lr_at, one_cycle_knots  # noqa: E402
 from .seeds import SeedsResult, train_seeds  # noqa: E402
 from .summary import summarize  # noqa: E402
+from .sweep import SweepResult, collect, sweep  # noqa: E402
 from .training import train  # noqa: E402
 
-__all__ = ["CLASSES", "Cifar10", "DatasetError", "DivergenceError", "EpochMetrics", "Interrupted", "Recipe",
-           "RecipeError", "ResNet9", "SeedsResult", "TrainResult", "UserError", "WriteError", "__version__",
-           "count_parameters", "evaluate", "load_cifar10", "load_recipe", "lr_at", "one_cycle_knots", "summarize",
-           "train", "train_seeds"]
+__all__ = ["CLASSES", "Cifar10", "DatasetError", "DivergenceError", "EpochMetrics", "Interrupted", "NoLRFound",
+           "Recipe", "RecipeError", "ResNet9", "SeedsResult", "SweepResult", "TrainResult", "UserError", "WriteError",
+           "__version__", "collect", "count_parameters", "evaluate", "load_cifar10", "load_recipe", "lr_at",
+           "one_cycle_knots", "summarize", "sweep", "train", "train_seeds"]

@@ -151,6 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_flags(lr_find_cmd)
     _add_data_flags(lr_find_cmd)
 
+    sweep_cmd = sub.add_parser("sweep", parents=[common],
+                               help="train a grid of settings over seeds; a table, statistics and a picture")
+    sweep_cmd.add_argument("--vary", action="append", metavar="SETTING=V1,V2,...", default=[],
+                           help="a recipe setting and its values (auto for lr_max or lr_min: the LR range test's "
+                                "value, found in each run); several --vary make a grid")
+    sweep_cmd.add_argument("--seeds", type=int, default=1, metavar="N",
+                           help="seeds --seed .. --seed+N-1 at every point, trained seed by seed (default: 1)")
+    sweep_cmd.add_argument("--baseline", metavar="SETTING=V,...",
+                           help="the point the others are compared with, paired by seed (default: the recipe's own "
+                                "values, when they are in the grid)")
+    sweep_cmd.add_argument("--out", metavar="SWEEP_DIR",
+                           help="sweep folder (default: runs/sweep-<timestamp>); the same sweep again on it goes on "
+                                "where it stopped")
+    sweep_cmd.add_argument("--workers", type=int,
+                           help="runs at once, each a train process; worker k uses GPU k (default: the number of "
+                                "GPUs, 1 on a CPU)")
+    sweep_cmd.add_argument("--print-commands", action="store_true",
+                           help="make the sweep folder and print one 'cifar-onecycle train' command per remaining "
+                                "run (for a job array), then --collect SWEEP_DIR")
+    sweep_cmd.add_argument("--collect", metavar="SWEEP_DIR",
+                           help="write the table, statistics and picture of SWEEP_DIR from its finished runs")
+    sweep_cmd.add_argument("--report", action="store_true", help="write each run's pictures and report.md")
+    sweep_cmd.add_argument("--no-checkpoint", action="store_true",
+                           help="no checkpoint.pt in the runs (an interrupted run then starts again)")
+    sweep_cmd.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in each run folder")
+    sweep_cmd.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    _add_recipe_flags(sweep_cmd)
+    _add_data_flags(sweep_cmd)
+
     report_cmd = sub.add_parser("report", parents=[common], help="(re)write a run's pictures and report.md")
     report_cmd.add_argument("run_dir", metavar="RUN_DIR")
     _add_data_flags(report_cmd)
@@ -189,8 +218,9 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .results import SPLIT_NAMES
     from .run_folder import SEEDS
-    from .seeds import train_seeds
+    from .seeds import final_accuracies, train_seeds
     from .training import train
 
     auto = [name for name in ("lr_max", "lr_min") if getattr(args, name, None) == "auto"]
@@ -219,15 +249,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         # train_seeds refuses a count below 1 (``args.seeds or 1`` would have run 1 for --seeds 0)
         over_seeds = train_seeds(recipe, 1 if args.seeds is None else args.seeds, **options).summary
         if _is_main():
+            val = (f"validation accuracy {_spread(over_seeds['final_val_acc'])}; "
+                   if over_seeds.get("final_val_acc") else "")
             print(f"over {over_seeds['runs']} seeds {over_seeds['seeds'][0]}..{over_seeds['seeds'][-1]}: final "
-                  f"test accuracy {_spread(over_seeds['final_test_acc'])}, with flip TTA "
+                  f"{val}test accuracy {_spread(over_seeds['final_test_acc'])}, with flip TTA "
                   f"{_spread(over_seeds['final_test_acc_tta'])}; run folder: {out}")
         return 0
     summary = train(recipe, **options).summary
     if not _is_main():
         return 0
-    print(f"final test accuracy {summary['final_test_acc']:.2%} (best {summary['best_test_acc']:.2%} at epoch "
-          f"{summary['best_epoch']}) in {summary['total_seconds'] / 60:.1f} min on {summary['device']}, "
+    split = "val" if "best_val_acc" in summary else "test"
+    print(f"{final_accuracies(summary)}; best {SPLIT_NAMES[split]} accuracy {summary[f'best_{split}_acc']:.2%} at "
+          f"epoch {summary['best_epoch']}; {summary['total_seconds'] / 60:.1f} min on {summary['device']}, "
           f"{summary['precision']}; run folder: {out}")
     return 0
 
@@ -349,6 +382,64 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import collect, parse_point, parse_vary, sweep
+
+    if args.collect:
+        if args.vary or args.print_commands:
+            raise UserError("--collect reads a sweep folder as it is; leave out --vary and --print-commands")
+        result = collect(args.collect)
+    else:
+        if not args.vary:
+            raise UserError("sweep: give at least one --vary SETTING=VALUE,VALUE,... (or --collect SWEEP_DIR)")
+        vary = parse_vary(args.vary)
+        given = {f.name for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+        both = sorted(given & set(vary))
+        if both:
+            raise UserError(f"--{both[0].replace('_', '-')} is both fixed and varied; give it in one place")
+        workers = args.workers
+        if workers is None:
+            import torch
+
+            workers = max(1, torch.cuda.device_count()) if getattr(args, "device", "auto") != "cpu" else 1
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
+        result = sweep(recipe_from_args(args), vary, args.seeds, out=out,
+                       baseline=parse_point(args.baseline) if args.baseline else None, data_dir=args.data_dir,
+                       download=not args.no_download, progress=not args.quiet, workers=workers,
+                       report=args.report, checkpoints=not args.no_checkpoint, tensorboard=args.tensorboard,
+                       print_commands=args.print_commands)
+        if args.print_commands:
+            for command in result.commands:
+                print(command)
+            return 0
+    print(sweep_table(result.stats))
+    left = f"; {result.remaining} runs not finished" if result.remaining else ""
+    print(f"sweep folder: {result.path} (sweep.csv, sweep.json, sweep.png){left}")
+    return 0
+
+
+def sweep_table(stats: dict[str, Any]) -> str:
+    """sweep.json's points as a short table: the selection accuracy with its standard error, the
+    paired difference from the baseline, and the test accuracy."""
+    selection = stats["selection"]
+    words = "val" if selection == "final_val_acc" else "test"
+    rows = [("point", "runs", f"{words} % (sem)", "vs baseline (sem)", *(("test %",) if words == "val" else ()))]
+    for p in stats["points"]:
+        acc, test = p.get(selection), p.get("final_test_acc")
+
+        def pct(entry: dict[str, Any] | None, sign: str = "") -> str:
+            if not entry or entry["mean"] is None:
+                return "-"
+            return f"{100 * entry['mean']:{sign}.2f}" + (f" ({100 * entry['sem']:.2f})" if entry["sem"] is not None
+                                                         else "")
+        versus = "baseline" if p["point"] == stats["baseline"] else pct((acc or {}).get("paired_difference"), "+")
+        failed = ", ".join(f"{n} {outcome}" for outcome, n in p["outcomes"].items() if outcome != "finished")
+        runs = f"{p['runs']}" + (f" ({failed})" if failed else "")
+        rows.append((p["point"], runs, pct(acc), versus, *((pct(test),) if words == "val" else ())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .model import ResNet9
     from .summary import summarize
@@ -390,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "lr-find": cmd_lr_find, "report": cmd_report,
-                    "predict": cmd_predict, "summary": cmd_summary}
+                    "predict": cmd_predict, "summary": cmd_summary, "sweep": cmd_sweep}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:

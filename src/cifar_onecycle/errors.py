@@ -41,6 +41,10 @@ class DivergenceError(UserError):
     exit_code = 3
 
 
+class NoLRFound(UserError):
+    """The LR range test found no value for a setting given as ``auto``."""
+
+
 class Interrupted(UserError):
     """SIGINT or SIGTERM: the run saved a checkpoint (when it has a folder) and stopped. Exit code 130."""
 

@@ -64,12 +64,13 @@ class EvaluationStopped(Exception):
     """A stop signal (on any rank) cut an evaluation short; no accuracy was measured."""
 
 
-def evaluate_test_set(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+def evaluate_sharded(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                       precision: str, channels_last: bool, dist: Dist, tta: bool = False,
                       stop: Callable[[], bool] | None = None) -> tuple[float, float]:
-    """Test loss and accuracy over the whole test set; raises ``EvaluationStopped`` when ``stop()``
-    said so on any rank (asked before each batch). Under torchrun each rank evaluates its own
-    contiguous part with rank 0's BatchNorm statistics, and the sums are added up across ranks."""
+    """Loss and accuracy over all of ``images`` (the test set or the validation split); raises
+    ``EvaluationStopped`` when ``stop()`` said so on any rank (asked before each batch). Under
+    torchrun each rank evaluates its own contiguous part with rank 0's BatchNorm statistics, and the
+    sums are added up across ranks."""
     broadcast_buffers(model, dist)
     part = test_shard(len(images), dist.rank, dist.world)
     loss_sum, correct, stopped = evaluate_sums(model, images[part], labels[part], batch_size=batch_size,

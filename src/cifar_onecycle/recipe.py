@@ -74,7 +74,10 @@ class Recipe:
     cutout_size: int = _opt(8, "side of the CutOut hole, in pixels")
     # Run
     seed: int = _opt(0, "seed of the weights, the data order and the augmentation")
-    train_subset: int = _opt(0, "train on the first N training images only (0: all)")
+    train_subset: int = _opt(0, "train on the first N training images only (0: all; after the holdout is taken out)")
+    holdout: int = _opt(0, "validation split: N training images (stratified by class, the same for every seed) left "
+                           "out of training and evaluated each epoch instead of the test set, which is evaluated "
+                           "once at the end (0: none)")
     device: str = _opt("auto", "training device", choices=("auto", "cpu", "cuda"))
     precision: str = _opt("auto", "arithmetic", choices=("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = _opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
@@ -136,6 +139,8 @@ class Recipe:
             raise RecipeError(f"recipe: seed must lie in 0..{SEEDS_END - 1}, got {self.seed}")
         if self.cutout_size > 32:
             raise RecipeError(f"recipe: cutout_size {self.cutout_size} is larger than the 32-pixel image")
+        if self.holdout < 0:
+            raise RecipeError(f"recipe: holdout must be >= 0 (0: none), got {self.holdout}")
         if self.train_subset < 0:
             raise RecipeError(f"recipe: train_subset must be >= 0 (0: all), got {self.train_subset}")
         if self.train_subset and self.batch_size > self.train_subset:

@@ -20,6 +20,7 @@ from .augment import CIFAR10_MEAN, CIFAR10_STD, augment_batch, normalize, pad_re
 from .data import CLASSES
 from .files import atomic_write
 from .recipe import Recipe
+from .results import SPLIT_NAMES
 from .schedule import one_cycle_knots
 
 MISCLASSIFIED = 20
@@ -45,11 +46,11 @@ def save_png(fig: Any, path: Path) -> None:
 
 
 def plot_loss(history: Sequence[Any], ax: Any = None) -> Any:
-    """Train and test loss per epoch."""
+    """Train loss per epoch, and the loss on the split each epoch is evaluated on (test or validation)."""
     ax = ax if ax is not None else new_axes()
     epochs = [h.epoch for h in history]
     ax.plot(epochs, [h.train_loss for h in history], "o-", label="train")
-    ax.plot(epochs, [h.test_loss for h in history], "s-", label="test")
+    ax.plot(epochs, [h.eval_loss for h in history], "s-", label=SPLIT_NAMES[history[-1].split])
     ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
     _whole_epochs(ax)
     ax.legend()
@@ -65,15 +66,17 @@ def _whole_epochs(ax: Any) -> None:
 
 
 def plot_accuracy(history: Sequence[Any], ax: Any = None) -> Any:
-    """Train and test accuracy per epoch, the best test epoch marked."""
+    """Train accuracy per epoch, and the accuracy on the split each epoch is evaluated on (test or
+    validation), its best epoch marked."""
     ax = ax if ax is not None else new_axes()
     epochs = [h.epoch for h in history]
     ax.plot(epochs, [100 * h.train_acc for h in history], "o-", label="train")
-    ax.plot(epochs, [100 * h.test_acc for h in history], "s-", label="test")
-    if all(getattr(h, "test_acc_tta", None) is not None for h in history):
-        ax.plot(epochs, [100 * h.test_acc_tta for h in history], "^--", label="test, flip TTA")
-    best = max(history, key=lambda h: h.test_acc)
-    ax.annotate(f"best {100 * best.test_acc:.2f}%", (best.epoch, 100 * best.test_acc), textcoords="offset points",
+    split = SPLIT_NAMES[history[-1].split]
+    ax.plot(epochs, [100 * h.eval_acc for h in history], "s-", label=split)
+    if all(h.eval_acc_tta is not None for h in history):
+        ax.plot(epochs, [100 * h.eval_acc_tta for h in history], "^--", label=f"{split}, flip TTA")
+    best = max(history, key=lambda h: h.eval_acc)
+    ax.annotate(f"best {100 * best.eval_acc:.2f}%", (best.epoch, 100 * best.eval_acc), textcoords="offset points",
                 xytext=(-40, -22), arrowprops={"arrowstyle": "->"})
     ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     _whole_epochs(ax)
@@ -299,8 +302,12 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
 
 
 def _extras(summary: dict[str, Any]) -> str:
-    """The final accuracy with flip TTA, and without the weight average, when the summary has them."""
+    """The final test accuracy with flip TTA, and without the weight average, when the summary has
+    them; and the validation split's, with a holdout."""
     text = ""
+    if summary.get("final_val_acc") is not None:
+        text += (f" On the {summary.get('val_images', '?')} held-out validation images (the holdout, "
+                 f"evaluated each epoch): {100 * summary['final_val_acc']:.2f}%.")
     if summary.get("final_test_acc_tta") is not None:
         text += f" With flip TTA: {100 * summary['final_test_acc_tta']:.2f}%."
     if summary.get("final_test_acc_without_ema") is not None:
@@ -312,13 +319,15 @@ def _extras(summary: dict[str, Any]) -> str:
 def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, Any], table: str,
                     transforms: Sequence[str], run_dir: Path) -> str:
     """A README-style page in the seed's order: model, One Cycle settings, transforms, results, graphs."""
-    best = max(history, key=lambda h: h.test_acc)
+    best = max(history, key=lambda h: h.eval_acc)
+    split = history[-1].split
     found = summary.get("lr_found") or {}
 
     def origin(name: str) -> str:
         if name not in found:
             return " (set by the recipe)"
-        return f" (found by the {found['sweep']} LR range test, {found[name + '_rule']} rule)"
+        sweep = found.get(name + "_sweep", found.get("sweep"))  # older run folders name one sweep for both
+        return f" (found by the {sweep} LR range test, {found[name + '_rule']} rule)"
 
     lines = [
         "# CIFAR-10 with the One Cycle policy", "",
@@ -336,13 +345,14 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         *[f"{i}. {t}" for i, t in enumerate(transforms, 1)], "",
         f"### Batch size = {recipe.batch_size}", "",
         "## Accuracy", "",
-        f"**{100 * summary['final_test_acc']:.2f}%** after the last epoch ({recipe.epochs}); best "
-        f"{100 * best.test_acc:.2f}% in epoch {best.epoch}. Test images: {summary.get('test_images', '?')}. "
-        f"Device: {summary.get('device', '?')}, {summary.get('precision', '?')}." + _extras(summary), "",
-        "| epoch | LR | train loss | train acc | test loss | test acc |",
+        f"**{100 * summary['final_test_acc']:.2f}%** on the test set after the last epoch ({recipe.epochs}); "
+        f"best {SPLIT_NAMES[split]} accuracy {100 * best.eval_acc:.2f}% in epoch {best.epoch}. Test images: "
+        f"{summary.get('test_images', '?')}. Device: {summary.get('device', '?')}, {summary.get('precision', '?')}."
+        + _extras(summary), "",
+        f"| epoch | LR | train loss | train acc | {split} loss | {split} acc |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
         *[f"| {h.epoch}{' (best)' if h.epoch == best.epoch else ''} | {h.lr:.5f} | {h.train_loss:.4f} | "
-          f"{100 * h.train_acc:.2f}% | {h.test_loss:.4f} | {100 * h.test_acc:.2f}% |" for h in history], "",
+          f"{100 * h.train_acc:.2f}% | {h.eval_loss:.4f} | {100 * h.eval_acc:.2f}% |" for h in history], "",
         "## Graphs", "",
         "![Loss and accuracy](curves.png)", "", "![LR schedule](lr_schedule.png)", "",
     ]

@@ -23,15 +23,44 @@ if TYPE_CHECKING:
 
 @dataclass
 class EpochMetrics:
+    """One epoch's row. Each epoch is evaluated on one split: the test set (``test_*``), or with a
+    holdout the validation split (``val_*``, the ``test_*`` fields None); ``eval_*`` is whichever."""
+
     epoch: int
     lr: float               # the LR of the epoch's last step
     train_loss: float
     train_acc: float
-    test_loss: float
-    test_acc: float
+    test_loss: float | None
+    test_acc: float | None
     train_seconds: float    # the training pass only, evaluation excluded
     images_per_second: float
     test_acc_tta: float | None = None  # with flip TTA; only when the recipe asks for it every epoch
+    val_loss: float | None = None
+    val_acc: float | None = None
+    val_acc_tta: float | None = None
+
+    @property
+    def split(self) -> str:
+        return "test" if self.val_acc is None else "val"
+
+    @property
+    def eval_loss(self) -> float:
+        loss = self.test_loss if self.val_loss is None else self.val_loss
+        assert loss is not None, "an epoch row holds a test or a validation loss"
+        return loss
+
+    @property
+    def eval_acc(self) -> float:
+        acc = self.test_acc if self.val_acc is None else self.val_acc
+        assert acc is not None, "an epoch row holds a test or a validation accuracy"
+        return acc
+
+    @property
+    def eval_acc_tta(self) -> float | None:
+        return self.test_acc_tta if self.val_acc is None else self.val_acc_tta
+
+
+SPLIT_NAMES = {"test": "test", "val": "validation"}
 
 
 @dataclass
@@ -47,14 +76,14 @@ class TrainResult:
 
     @property
     def final_test_acc(self) -> float:
-        return self.history[-1].test_acc
+        """The test accuracy of the delivered model (with a holdout: measured once, at the end)."""
+        return self.summary["final_test_acc"]
 
 
 def metrics_csv(history: list[EpochMetrics]) -> str:
-    """A row per epoch; the TTA column only in runs that measure it."""
-    names = [f.name for f in dataclasses.fields(EpochMetrics)]
-    if not any(m.test_acc_tta is not None for m in history):
-        names.remove("test_acc_tta")
+    """A row per epoch; only the columns the run measures (test or validation, TTA or not)."""
+    names = [f.name for f in dataclasses.fields(EpochMetrics)
+             if any(getattr(m, f.name) is not None for m in history)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     writer.writeheader()
@@ -64,7 +93,7 @@ def metrics_csv(history: list[EpochMetrics]) -> str:
 
 
 def parse_metrics_csv(text: str) -> list[EpochMetrics]:
-    """The rows of ``metrics_csv``, read by column name (a missing TTA column reads as None)."""
+    """The rows of ``metrics_csv``, read by column name (a missing optional column reads as None)."""
     types = {f.name: f.type for f in dataclasses.fields(EpochMetrics)}
     history: list[EpochMetrics] = []
     for row in csv.DictReader(io.StringIO(text)):
@@ -77,16 +106,22 @@ def parse_metrics_csv(text: str) -> list[EpochMetrics]:
                 values[name] = None
             else:
                 values[name] = int(raw) if name == "epoch" else float(raw)
+        if values["test_acc"] is None and values["val_acc"] is None:
+            raise ValueError(f"no test_acc or val_acc in row {len(history) + 1}")
+        for split in ("test", "val"):
+            if (values[f"{split}_loss"] is None) != (values[f"{split}_acc"] is None):
+                raise ValueError(f"row {len(history) + 1} has one of {split}_loss and {split}_acc without the other")
         history.append(EpochMetrics(**values))
     return history
 
 
 def format_epoch(m: EpochMetrics, epochs: int) -> str:
     """The one line per epoch that a run shows."""
+    tta = m.eval_acc_tta
     return (f"epoch {m.epoch:>{len(str(epochs))}}/{epochs}  lr {m.lr:.5f}  "
             f"train loss {m.train_loss:.4f} acc {m.train_acc:6.2%}  "
-            f"test loss {m.test_loss:.4f} acc {m.test_acc:6.2%}"
-            + (f" tta {m.test_acc_tta:6.2%}  " if m.test_acc_tta is not None else "  ") +
+            f"{m.split} loss {m.eval_loss:.4f} acc {m.eval_acc:6.2%}"
+            + (f" tta {tta:6.2%}  " if tta is not None else "  ") +
             f"{m.train_seconds:6.1f}s  {m.images_per_second:7.1f} img/s")
 
 
@@ -106,19 +141,22 @@ def git_commit() -> str | None:
 
 def run_summary(setup: RunSetup, history: list[EpochMetrics], lr_found: dict | None, seconds: float,
                 data_dir: str | None, commit: str | None) -> dict[str, Any]:
-    """The contents of summary.json (the final TTA accuracies are added by the caller)."""
+    """The contents of summary.json (the final TTA accuracies and, with a holdout, the final test
+    accuracy are added by the caller). The best epoch is that of the split each epoch evaluates."""
     recipe = setup.recipe
-    best = max(history, key=lambda h: h.test_acc)
+    split = history[-1].split
+    best = max(history, key=lambda h: h.eval_acc)
     return {
-        "final_test_acc": history[-1].test_acc,
-        "best_test_acc": best.test_acc,
+        f"final_{split}_acc": history[-1].eval_acc,
+        f"best_{split}_acc": best.eval_acc,
         "best_epoch": best.epoch,
-        "final_test_loss": history[-1].test_loss,
+        f"final_{split}_loss": history[-1].eval_loss,
         "final_train_acc": history[-1].train_acc,
         "epochs": recipe.epochs,
         "steps_per_epoch": setup.steps_per_epoch,
         "train_images": len(setup.train_images),
         "test_images": len(setup.test_images),
+        "val_images": 0 if setup.val_images is None else len(setup.val_images),
         "lr_min": recipe.lr_min,
         "lr_max": recipe.lr_max,
         "lr_found": lr_found,

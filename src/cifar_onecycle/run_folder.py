@@ -7,6 +7,9 @@
     summary.json       the final numbers and their provenance
     report.md, *.png   the report (``report.write_report``); lr_find.json and graphs with an LR range test
     seeds.json         in the folder of a multi-seed run only, beside its seed<k>/ run folders
+    failed.json        only in a run that cannot go on: its loss was not finite (diverged), or the LR
+                       range test found no value for a setting given as auto; a sweep records it and
+                       does not train it again
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from .files import MAX_TEXT_BYTES, atomic_write, read_capped, writable_folder
 from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, metrics_csv, parse_metrics_csv
 
-RECIPE, METRICS, SUMMARY, SEEDS = "recipe.toml", "metrics.csv", "summary.json", "seeds.json"
-RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT)
+RECIPE, METRICS, SUMMARY, SEEDS, FAILED = "recipe.toml", "metrics.csv", "summary.json", "seeds.json", "failed.json"
+RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT, FAILED)
+FAILURES = ("diverged", "no LR found")  # why a run cannot go on
 
 
 class RunFolder:
@@ -91,6 +95,20 @@ class RunFolder:
         if not isinstance(summary, dict):
             raise UserError(f"{self.path / SUMMARY}: not a finished run's summary (not a JSON object)")
         return summary
+
+    def write_failed(self, reason: str, message: str) -> None:
+        atomic_write(self.path / FAILED, json.dumps({"reason": reason, "message": message}) + "\n")
+
+    def read_failed(self) -> tuple[str, str]:
+        """Why a run cannot go on: (one of ``FAILURES``, its error message)."""
+        try:
+            record = json.loads(self._read_text(FAILED))
+            reason, message = record["reason"], record["message"]
+            if reason not in FAILURES or not isinstance(message, str):
+                raise TypeError(f"reason {reason!r} or message is not one this program writes")
+            return reason, message
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{self.path / FAILED}: not a failed run's record ({e})") from None
 
     def save_weights(self, model: torch.nn.Module, recipe: Recipe) -> None:
         save_weights(model, self.path / WEIGHTS, recipe)

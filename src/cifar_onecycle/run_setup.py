@@ -16,7 +16,8 @@ from .device import augment_at_once, autocast, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA
 from .errors import UserError
-from .evaluation import evaluate_test_set
+from .evaluation import evaluate_sharded
+from .holdout import holdout_split
 from .recipe import Recipe
 from .step import make_optimizer, make_scaler, train_step
 
@@ -40,6 +41,13 @@ class RunSetup:
     ema: WeightEMA | None           # the weight average, when the recipe keeps one
     generator: torch.Generator   # each epoch's order and augmentation draws: the same on every rank
     dist: Dist = field(default_factory=Dist)
+    val_images: torch.Tensor | None = None  # the held-out training images (recipe.holdout), else None
+    val_labels: torch.Tensor | None = None
+
+    @property
+    def epoch_split(self) -> str:
+        """What each epoch is evaluated on: "val" (the held-out images) with a holdout, else "test"."""
+        return "test" if self.val_images is None else "val"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -91,28 +99,43 @@ class RunSetup:
         return train_step(self.step_model, self.optimizer, inputs, targets, lr, scaler=self.scaler,
                           autocast=self.autocast, loss_fn=self.loss_fn)
 
-    def evaluate(self, average: bool = True, tta: bool = False,
-                 stop: Callable[[], bool] | None = None) -> tuple[float, float]:
-        """Test loss and accuracy of the delivered model (of the trained weights alone with
-        ``average`` false); ``EvaluationStopped`` when ``stop()`` cuts the pass short."""
+    def evaluate(self, average: bool = True, tta: bool = False, stop: Callable[[], bool] | None = None,
+                 split: str | None = None) -> tuple[float, float]:
+        """Loss and accuracy of the delivered model (of the trained weights alone with ``average``
+        false) on ``split``, "val" or "test" (default: ``epoch_split``); ``EvaluationStopped`` when
+        ``stop()`` cuts the pass short."""
+        split = split or self.epoch_split
+        images, labels = (self.val_images, self.val_labels) if split == "val" else (self.test_images, self.test_labels)
+        if images is None or labels is None:
+            raise ValueError("no validation split: the recipe's holdout is 0")
         if self.ema and average:
             model = self.ema.model
         else:  # DDP's forward would add collectives: under torchrun, the bare model
             model = self.step_model if self.dist.world == 1 else self.model
-        return evaluate_test_set(model, self.test_images, self.test_labels, batch_size=self.recipe.eval_batch_size,
+        return evaluate_sharded(model, images, labels, batch_size=self.recipe.eval_batch_size,
                                  precision=self.precision, channels_last=self.recipe.channels_last, dist=self.dist,
                                  tta=tta, stop=stop)
 
 
-def training_images(recipe: Recipe, data: Cifar10) -> int:
-    """The number of training images the recipe uses; refuse a subset or batch the data cannot give."""
-    n_train = recipe.train_subset or len(data.train_images)
-    if n_train > len(data.train_images):
-        raise UserError(f"train_subset {n_train}: only {len(data.train_images)} training images", "train_subset")
+def training_split(recipe: Recipe, data: Cifar10) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+    """(the training images the recipe trains on, the held-out ones or None) as indices into the
+    data's training set; refuse a holdout, subset or batch the data cannot give."""
+    held: torch.Tensor | None = None
+    kept: torch.Tensor | slice = slice(None)
+    available = len(data.train_images)
+    if recipe.holdout:
+        kept, held = holdout_split(data.train_labels, recipe.holdout, len(data.classes))
+        available = len(kept)
+    n_train = recipe.train_subset or available
+    if n_train > available:
+        raise UserError(f"train_subset {n_train}: only {available} training images"
+                        + (f" once holdout {recipe.holdout} is taken out" if recipe.holdout else ""),
+                        "train_subset", *(("holdout",) if recipe.holdout else ()))
     if recipe.batch_size > n_train:
-        raise UserError(f"batch_size {recipe.batch_size} is larger than the {n_train} training images; use a "
-                        f"smaller one", "batch_size")
-    return n_train
+        raise UserError(f"batch_size {recipe.batch_size} is larger than the {n_train} training images"
+                        + (f" left by holdout {recipe.holdout}" if recipe.holdout and not recipe.train_subset else "")
+                        + "; use a smaller one", "batch_size", *(("holdout",) if recipe.holdout else ()))
+    return kept[:n_train] if isinstance(kept, torch.Tensor) else slice(n_train), held
 
 
 def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSetup:
@@ -124,14 +147,14 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
     """
     dist = dist or Dist()
     device, precision = resolve_placement(recipe)
-    n_train = training_images(recipe, data)
+    kept, held = training_split(recipe, data)
     check_batch(recipe.batch_size, dist)
     if recipe.sync_bn and dist.world > 1 and device.type != "cuda":
         raise UserError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it off on the CPU",
                         "sync_bn")
     # The whole uint8 data set lives on the device (150 MB for CIFAR-10): no loader, no workers.
     # Padding once here, not per batch, leaves each step a single gather for its crops.
-    train_images = pad_reflect(data.train_images[:n_train].to(device), recipe.padding)
+    train_images = pad_reflect(data.train_images[kept].to(device), recipe.padding)
     torch.manual_seed(recipe.seed)  # the weights' initialisation
     model: torch.nn.Module = recipe.model()
     if recipe.sync_bn and dist.world > 1:
@@ -150,6 +173,8 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
         step_model = cast(torch.nn.Module, torch.compile(step_model, mode=recipe.compile_mode))  # a module wrapper
     ema = WeightEMA(model, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
     generator = torch.Generator(device=device).manual_seed(recipe.seed)
-    return RunSetup(recipe, data, device, precision, train_images, data.train_labels[:n_train].to(device),
+    return RunSetup(recipe, data, device, precision, train_images, data.train_labels[kept].to(device),
                     data.test_images.to(device), data.test_labels.to(device), model, step_model, optimizer,
-                    make_scaler(device, precision), ema, generator, dist)
+                    make_scaler(device, precision), ema, generator, dist,
+                    None if held is None else data.train_images[held].to(device),
+                    None if held is None else data.train_labels[held].to(device))

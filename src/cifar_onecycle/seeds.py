@@ -23,12 +23,14 @@ from .distributed import init_distributed
 from .errors import Interrupted, UserError
 from .recipe import SEEDS_END, Recipe
 from .run_folder import SUMMARY, RunFolder
-from .run_setup import training_images
+from .run_setup import training_split
 from .signals import signals_for_tests
 from .training import check_same_recipe, data_folder, load_data, train
 
-# The accuracies summarised over seeds; the last is None in runs without a weight average.
-ACCURACIES = ("final_test_acc", "final_test_acc_tta", "final_train_acc", "final_test_acc_without_ema")
+# The accuracies summarised over seeds; the validation ones are None in runs without a holdout, the
+# last of each split in runs without a weight average.
+ACCURACIES = ("final_test_acc", "final_test_acc_tta", "final_train_acc", "final_test_acc_without_ema",
+              "final_val_acc", "final_val_acc_tta", "final_val_acc_without_ema")
 
 
 @dataclass
@@ -52,7 +54,7 @@ def seeds_summary(recipe: Recipe, seeds: list[int], runs: list[dict[str, Any]]) 
     out: dict[str, Any] = {"seeds": seeds, "runs": len(runs), "epochs": recipe.epochs}
     for name in ACCURACIES:
         values = [r[name] for r in runs if r.get(name) is not None]
-        out[name] = spread(values) if len(values) == len(runs) else None
+        out[name] = spread(values) if values and len(values) == len(runs) else None
     first = runs[0]
     for key in ("test_images", "train_images", "parameters", "device", "precision", "torch", "cifar_onecycle",
                 "git_commit", "data_dir"):
@@ -61,6 +63,13 @@ def seeds_summary(recipe: Recipe, seeds: list[int], runs: list[dict[str, Any]]) 
     out["per_run"] = [{"seed": s, "folder": f"seed{s}", **{k: r.get(k) for k in ACCURACIES}}
                       for s, r in zip(seeds, runs, strict=False)]
     return out
+
+
+def final_accuracies(summary: dict[str, Any]) -> str:
+    """A run's final accuracies in words: validation first (what settings are chosen on), then test."""
+    val = (f"validation {summary['final_val_acc']:.2%} (flip TTA {summary['final_val_acc_tta']:.2%}), "
+           if summary.get("final_val_acc") is not None else "")
+    return f"final {val}test accuracy {summary['final_test_acc']:.2%} (flip TTA {summary['final_test_acc_tta']:.2%})"
 
 
 def check_seed_range(first: int, count: int) -> None:
@@ -101,7 +110,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     if data is None:
         data_dir = data_folder(data_dir, None)
         data = load_data(data_dir, download, progress, signals_for_tests())
-    training_images(recipe, data)
+    training_split(recipe, data)
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
     if out is not None and resume is None and main:
         folder = RunFolder.create(out, overwrite)
@@ -129,8 +138,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
                               f"{folder.path}") from None
         runs.append(result.summary)
         if progress and main:
-            tqdm.write(f"seed {seed}: final test accuracy {result.summary['final_test_acc']:.2%} "
-                       f"(flip TTA {result.summary['final_test_acc_tta']:.2%})")
+            tqdm.write(f"seed {seed}: {final_accuracies(result.summary)}")
     summary = seeds_summary(recipe, list(range(first, first + count)), runs)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this call's, resumed parts excluded
     if folder and main:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data import Cifar10, download_bar, load_cifar10
 from .device import resolve_placement, sync_every, synchronize
 from .distributed import Dist, all_reduce_sum, init_distributed
-from .errors import DivergenceError, UserError
+from .errors import DivergenceError, NoLRFound, UserError
 from .evaluation import EvaluationStopped
 from .lr_finder import find_lr_bounds
 from .recipe import Recipe
@@ -67,7 +67,12 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     knots = one_cycle_knots(recipe.epochs, setup.steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
     with StopSignals(active=folder is not None or dist.world > 1) as stop:
         for epoch in range(state.epoch + 1, recipe.epochs + 1):
-            stopping = train_epoch(setup, state, knots, stop, test_signals, progress)
+            try:
+                stopping = train_epoch(setup, state, knots, stop, test_signals, progress)
+            except DivergenceError as e:  # recorded, so that a sweep need not train it again to learn it
+                if folder:
+                    folder.write_failed("diverged", str(e))
+                raise
             if stopping and state.batch < setup.steps_per_epoch:
                 save_checkpoint(checkpoint_folder, state, setup)
                 raise interrupted(stop.received, f"in epoch {epoch} after step {state.steps_done(setup)}",
@@ -125,7 +130,13 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
     folder = RunFolder.create(out, overwrite) if out is not None and dist.main else None
     lr_found = None
     if find_lr_max or find_lr_min:
-        recipe, lr_found = find_lr_bounds(setup, find_lr_max, find_lr_min, folder.path if folder else None, progress)
+        try:
+            recipe, lr_found = find_lr_bounds(setup, find_lr_max, find_lr_min, folder.path if folder else None,
+                                              progress)
+        except NoLRFound as e:  # recorded like a divergence: the same run would find nothing again
+            if folder:
+                folder.write_failed("no LR found", str(e))
+            raise
         # A fresh setup after the range test: the same seed gives the same weights and data order
         # as a run started with the found values written out.
         setup = setup_run(recipe, setup.data, dist)
@@ -196,14 +207,15 @@ def read_sums(setup: RunSetup, state: TrainState, loss_sum: torch.Tensor, correc
 
 def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float]],
                    stop: StopSignals | None) -> EpochMetrics:
-    """The epoch's row: its training sums and time, and the test loss and accuracy (with flip TTA
-    too when the recipe asks for it every epoch)."""
-    test_loss, test_acc = setup.evaluate(stop=stop)
+    """The epoch's row: its training sums and time, and the loss and accuracy on the split each
+    epoch is evaluated on (with flip TTA too when the recipe asks for it every epoch)."""
+    loss, acc = setup.evaluate(stop=stop)
     tta = setup.evaluate(tta=True, stop=stop)[1] if setup.recipe.tta else None
     seen = setup.steps_per_epoch * setup.recipe.batch_size
+    held_out = {"val_loss": loss, "val_acc": acc, "val_acc_tta": tta} if setup.epoch_split == "val" else {}
     return EpochMetrics(state.epoch + 1, lr_at(state.steps_done(setup) - 1, knots), state.loss_sum / seen,
-                        state.correct / seen, test_loss, test_acc, state.epoch_seconds, seen / state.epoch_seconds,
-                        tta)
+                        state.correct / seen, None if held_out else loss, None if held_out else acc,
+                        state.epoch_seconds, seen / state.epoch_seconds, None if held_out else tta, **held_out)
 
 
 def record_epoch(history: list[EpochMetrics], folder: RunFolder | None, board: Any, progress: bool,
@@ -233,10 +245,15 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
     """summary.json, the delivered weights and (with ``report``) the pictures and report.md."""
     recipe, history = setup.recipe, state.history
     summary = run_summary(setup, history, state.lr_found, state.seconds(), state.data_dir, commit)
-    # Both ways, whatever the recipe says (one or two more test passes): the TTA accuracy of the
+    if setup.epoch_split == "val":  # the test set's one evaluation in a run that chooses on the validation split
+        summary["final_test_loss"], summary["final_test_acc"] = setup.evaluate(split="test")
+    # Both ways, whatever the recipe says (one or two more passes a split): the TTA accuracy of the
     # model delivered, and with a weight average, what the trained weights alone would have scored.
-    summary["final_test_acc_tta"] = history[-1].test_acc_tta if recipe.tta else setup.evaluate(tta=True)[1]
-    summary["final_test_acc_without_ema"] = setup.evaluate(average=False)[1] if setup.ema else None
+    for split in ("val", "test") if setup.epoch_split == "val" else ("test",):
+        measured = history[-1].eval_acc_tta if recipe.tta and split == setup.epoch_split else None
+        summary[f"final_{split}_acc_tta"] = measured if measured is not None else setup.evaluate(
+            tta=True, split=split)[1]
+        summary[f"final_{split}_acc_without_ema"] = setup.evaluate(average=False, split=split)[1] if setup.ema else None
     if folder:
         folder.save_weights(setup.delivered_model, recipe)
         folder.write_summary(summary)

@@ -1,0 +1,655 @@
+"""Sweeps: a recipe trained at every point of a grid of settings, each point over the same seeds,
+and the table, statistics and picture that say which value is better and by how much.
+
+A sweep folder holds sweep_plan.json (the settings varied and their values, the seeds, the
+baseline), recipe.toml (the recipe every point starts from), one ordinary run folder per point and
+seed (``lr_max=0.1/seed2/``) and the results, rewritten after every run:
+
+    sweep.csv   a row per run that ended: the point's values, seed, final validation and test
+                accuracy (flip TTA too), the LRs it trained with, seconds, and its outcome: finished,
+                diverged (its loss was not finite) or no LR found (``auto`` found nothing)
+    sweep.json  per point and accuracy: n, mean, standard deviation, standard error; and against the
+                baseline point, the difference paired by seed with its standard error
+    sweep.png   the selection accuracy against the varied value: a dot per seed, mean and standard error
+
+Choose on the validation accuracy (``holdout``), report the test accuracy of what was chosen: the
+selection accuracy is the validation one whenever the recipe holds images out.
+
+Runs go seed by seed (the first seed of every point first), so a sweep cut short is balanced. The
+same sweep started again skips runs that ended (finished, diverged, no LR found) and resumes a
+started one from its checkpoint; another sweep on the same folder is refused.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .checkpoint import CHECKPOINT
+from .data import Cifar10
+from .device import resolve_placement
+from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError
+from .files import MAX_TEXT_BYTES, atomic_write, read_capped, writable_folder
+from .recipe import Recipe, load_recipe
+from .run_folder import FAILED, SUMMARY, RunFolder
+from .run_setup import training_split
+from .seeds import check_seed_range
+from .signals import StopSignals, signals_for_tests
+from .training import data_folder, load_data, train
+
+PLAN, TABLE, STATS, PICTURE = "sweep_plan.json", "sweep.csv", "sweep.json", "sweep.png"
+AUTO = "auto"
+AUTO_SETTINGS = ("lr_max", "lr_min")   # the settings the LR range test can find
+LOG_SETTINGS = ("lr_max", "lr_min", "weight_decay")  # drawn on a log axis
+NOT_VARIED = ("seed",)                 # the seeds are the sweep's other dimension
+# A plan may come from someone else's folder: it must not decide how much work or memory a sweep takes.
+MAX_RUNS = 10_000
+ACCURACIES = ("final_val_acc", "final_val_acc_tta", "final_test_acc", "final_test_acc_tta")
+# A row's numbers and the summary.json keys they come from.
+RESULTS = {**{name: name for name in ACCURACIES}, "lr_max_used": "lr_max", "lr_min_used": "lr_min",
+           "seconds": "total_seconds"}
+KINDS = {f.name: str(f.type) for f in fields(Recipe)}
+
+
+def format_value(value: Any) -> str:
+    """A value as folder names, the csv and the command line write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def parse_value(setting: str, text: str) -> Any:
+    """A value of ``setting`` from its text (``auto`` where the range test can find the setting)."""
+    kind = KINDS.get(setting)
+    if kind is None:
+        raise UserError(f"vary: unknown setting {setting!r}; any recipe setting can be varied: {', '.join(KINDS)}",
+                        "vary")
+    if text == AUTO and setting in AUTO_SETTINGS:
+        return AUTO
+    try:
+        if kind == "bool":
+            if text not in ("true", "false"):
+                raise ValueError(text)
+            return text == "true"
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except ValueError:
+        auto = " or auto" if setting in AUTO_SETTINGS else ""
+        raise UserError(f"vary: {setting}={text}: not a {kind}{auto}", "vary") from None
+
+
+def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``["lr_max=0.1,0.2,auto", "flip=true,false"]`` as {setting: values}, one axis per item."""
+    vary: dict[str, list[Any]] = {}
+    for spec in specs:
+        setting, _, values = spec.partition("=")
+        setting = setting.strip().replace("-", "_")
+        if not values:
+            raise UserError(f"vary: {spec!r} is not SETTING=VALUE,VALUE,...", "vary")
+        if setting in vary:
+            raise UserError(f"vary: {setting} is given twice; list all its values in one", "vary")
+        vary[setting] = [parse_value(setting, v.strip()) for v in values.split(",")]
+    return vary
+
+
+def parse_point(spec: str) -> dict[str, Any]:
+    """``"lr_max=0.2,flip=true"``: one value for each named setting (a baseline)."""
+    point: dict[str, Any] = {}
+    for item in spec.split(","):
+        setting, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"baseline: {spec!r} is not SETTING=VALUE,SETTING=VALUE", "baseline")
+        point[setting.strip().replace("-", "_")] = parse_value(setting.strip().replace("-", "_"), value.strip())
+    return point
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of the grid: a value for each varied setting, in the order they were given."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        """Its folder's name: ``lr_max=0.1`` or ``lr_max=0.1,flip=false``."""
+        return ",".join(f"{k}={format_value(v)}" for k, v in self.values)
+
+    @property
+    def found(self) -> tuple[str, ...]:
+        """The settings the range test finds at this point."""
+        return tuple(k for k, v in self.values if v == AUTO)
+
+    def recipe(self, base: Recipe, seed: int) -> Recipe:
+        """The recipe of this point's run with ``seed``, as ``cifar-onecycle train --recipe BASE`` with
+        this point's flags makes it: a given LRMIN replaces one derived from LRMAX, and a new number
+        of epochs keeps the recipe's shape unless the peak epoch is varied too."""
+        given = {k: v for k, v in self.values if v != AUTO}
+        if "lr_min" in given:
+            given["lr_min_div"] = 0.0
+        epochs = given.pop("epochs", None) if "peak_epoch" not in given else None
+        recipe = Recipe.from_dict({**base.to_dict(), **given, "seed": seed}, source=f"sweep point {self.name}")
+        return recipe.with_epochs(epochs) if epochs is not None else recipe
+
+    def flags(self) -> list[str]:
+        """This point's ``train`` flags."""
+        out: list[str] = []
+        for k, v in self.values:
+            flag = "--" + k.replace("_", "-")
+            out += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, format_value(v)]
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a sweep is: the settings varied with their values, the seeds, the baseline point."""
+
+    vary: dict[str, list[Any]]
+    first_seed: int
+    seeds: int
+    baseline: dict[str, Any] | None = None
+
+    @property
+    def points(self) -> list[Point]:
+        names = list(self.vary)
+        return [Point(tuple(zip(names, values, strict=True))) for values in itertools.product(*self.vary.values())]
+
+    @property
+    def seed_range(self) -> range:
+        return range(self.first_seed, self.first_seed + self.seeds)
+
+    def runs(self) -> list[tuple[int, Point]]:
+        """(seed, point) in the order they train: seed by seed, every point of a seed in grid order."""
+        return [(seed, point) for seed in self.seed_range for point in self.points]
+
+    @property
+    def baseline_point(self) -> Point | None:
+        if self.baseline is None:
+            return None
+        return Point(tuple((k, self.baseline[k]) for k in self.vary))
+
+    def check(self, base: Recipe) -> None:
+        """Refuse a plan that cannot run: an unknown or repeated setting, a value the recipe refuses,
+        too many runs, a baseline that is not a point of the grid."""
+        if not self.vary:
+            raise UserError("vary: give at least one setting to vary (SETTING=VALUE,VALUE,...)", "vary")
+        for setting, values in self.vary.items():
+            if setting not in KINDS:
+                raise UserError(f"vary: unknown setting {setting!r}", "vary")
+            if setting in NOT_VARIED:
+                raise UserError("vary: seed is not varied: every point trains the same seeds, from the recipe's "
+                                "seed on", "vary")
+            if not values or len({format_value(v) for v in values}) != len(values):
+                raise UserError(f"vary: {setting} needs distinct values, got {[format_value(v) for v in values]}",
+                                "vary")
+        if "lr_min" in self.vary and "lr_min_div" in self.vary:
+            raise UserError("vary: lr_min and lr_min_div both set LRMIN; vary one", "vary")
+        check_seed_range(self.first_seed, self.seeds)
+        count = math.prod(len(v) for v in self.vary.values())
+        if count * self.seeds > MAX_RUNS:
+            raise UserError(f"vary: {count} points x {self.seeds} seeds is more than {MAX_RUNS} runs", "vary", "seeds")
+        for point in self.points:
+            try:
+                point.recipe(base, self.first_seed)
+            except RecipeError as e:
+                raise UserError(f"vary: {e}", "vary") from None
+        if self.baseline is not None and (set(self.baseline) != set(self.vary) or self.baseline_point not in set(
+                self.points)):
+            raise UserError(f"baseline {format_point(self.baseline)} is not a point of the sweep: give one value of "
+                            f"each varied setting ({', '.join(self.vary)}) from its values", "baseline")
+
+    def to_json(self) -> str:
+        return json.dumps({"vary": self.vary, "first_seed": self.first_seed, "seeds": self.seeds,
+                           "baseline": self.baseline}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Plan:
+        """A plan as ``to_json`` wrote it; anything else is refused (``Plan.check`` then bounds it)."""
+        try:
+            raw = json.loads(text)
+            vary, baseline = raw["vary"], raw["baseline"]
+            if not (isinstance(vary, dict) and all(isinstance(v, list) and len(v) <= MAX_RUNS for v in vary.values())
+                    and (baseline is None or isinstance(baseline, dict))):
+                raise TypeError("vary must map settings to lists of values")
+            first, seeds = raw["first_seed"], raw["seeds"]
+            if not (type(first) is int and type(seeds) is int):
+                raise TypeError("first_seed and seeds must be integers")
+            vary = {k: [_from_json_value(k, v) for v in values] for k, values in vary.items()}
+            baseline = None if baseline is None else {k: _from_json_value(k, v) for k, v in baseline.items()}
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise UserError(f"{source}: not a sweep plan ({type(e).__name__}: {e})") from None
+        return cls(vary, first, seeds, baseline)
+
+
+def _from_json_value(setting: str, value: Any) -> Any:
+    kind = KINDS.get(setting)
+    if kind is None:
+        raise KeyError(f"unknown setting {setting!r}")
+    ok = (value == AUTO and setting in AUTO_SETTINGS or kind == "bool" and isinstance(value, bool)
+          or kind == "int" and type(value) is int or kind == "float" and type(value) in (int, float)
+          or kind == "str" and isinstance(value, str))
+    if not ok:
+        raise TypeError(f"{setting}: {value!r} is not a {kind}")
+    return float(value) if kind == "float" and type(value) is int else value
+
+
+def format_point(values: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={format_value(v)}" for k, v in values.items())
+
+
+@dataclass
+class SweepResult:
+    """What ``sweep`` returns: a row per run that ended, the statistics per point (as sweep.json
+    holds them) and the sweep folder."""
+
+    plan: Plan
+    rows: list[dict[str, Any]]
+    stats: dict[str, Any]
+    path: Path
+    remaining: int = 0            # runs that have not ended (a sweep cut short)
+    commands: list[str] = field(default_factory=list)
+
+
+class SweepFolder:
+    """A sweep's folder: its plan and base recipe, a run folder per point and seed, the results."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def run(self, point: Point, seed: int) -> RunFolder:
+        return RunFolder(self.path / point.name / f"seed{seed}")
+
+    def status(self, point: Point, seed: int) -> str:
+        """finished, failed (diverged or no LR found), started (a checkpoint to resume from) or new."""
+        run = self.run(point, seed)
+        for name, status in ((SUMMARY, "finished"), (FAILED, "failed"), (CHECKPOINT, "started")):
+            if run.has(name):
+                return status
+        return "new"
+
+    def read(self) -> tuple[Plan, Recipe]:
+        if not (self.path / PLAN).is_file():
+            raise UserError(f"{self.path}: not a sweep folder (no {PLAN})", "out")
+        text = read_capped(self.path / PLAN, MAX_TEXT_BYTES, PLAN, "is this a sweep folder?")
+        try:
+            plan = Plan.from_json(text.decode(), str(self.path / PLAN))
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path / PLAN}: not a sweep plan (not UTF-8)") from None
+        base = load_recipe(self.path / "recipe.toml")
+        plan.check(base)
+        return plan, base
+
+    def open(self, plan: Plan, base: Recipe) -> None:
+        """Make the folder for ``plan`` on ``base``, or check that it is this sweep's already."""
+        if (self.path / PLAN).is_file():
+            saved_plan, saved_base = self.read()
+            if saved_plan != plan or saved_base != base:
+                what = "recipe" if saved_plan == plan else "plan (settings varied, values, seeds or baseline)"
+                raise UserError(f"out {self.path}: holds another sweep (its {what} differs); choose another folder, "
+                                f"or run the same sweep to go on with it", "out")
+            return
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise UserError(f"out {self.path}: is not empty and holds no sweep; choose another folder", "out")
+        writable_folder(self.path)
+        atomic_write(self.path / "recipe.toml", base.to_toml())
+        atomic_write(self.path / PLAN, plan.to_json())
+
+    def rows(self, plan: Plan) -> tuple[list[dict[str, Any]], int]:
+        """(a row per run that ended, in grid order, seed within point; the runs still to do)."""
+        rows, remaining = [], 0
+        for point in plan.points:
+            for seed in plan.seed_range:
+                status = self.status(point, seed)
+                if status not in ("finished", "failed"):
+                    remaining += 1
+                    continue
+                run = self.run(point, seed)
+                row: dict[str, Any] = {"point": point.name, "values": dict(point.values), "seed": seed,
+                                       "outcome": "finished" if status == "finished" else run.read_failed()[0]}
+                summary = run.read_summary() if status == "finished" else {}
+                for name, key in RESULTS.items():
+                    value = summary.get(key)
+                    row[name] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+                rows.append(row)
+        return rows, remaining
+
+    def write_results(self, plan: Plan, base: Recipe) -> SweepResult:
+        """sweep.csv, sweep.json and sweep.png from the run folders as they are now."""
+        rows, remaining = self.rows(plan)
+        stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
+        atomic_write(self.path / TABLE, sweep_csv(plan, rows))
+        atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
+        from .report import save_png
+
+        save_png(plot_sweep(plan, rows, stats), self.path / PICTURE)
+        return SweepResult(plan, rows, stats, self.path, remaining)
+
+
+def selection_accuracy(recipe: Recipe) -> str:
+    """The accuracy a sweep chooses on: the validation split's when the recipe holds images out."""
+    return "final_val_acc" if recipe.holdout else "final_test_acc"
+
+
+def sweep_csv(plan: Plan, rows: list[dict[str, Any]]) -> str:
+    names = [*plan.vary, "seed", *RESULTS, "outcome"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        out = {k: format_value(v) for k, v in row["values"].items()}
+        out.update(seed=row["seed"], outcome=row["outcome"])
+        out.update({name: "" if row[name] is None else f"{row[name]:.6g}" for name in RESULTS})
+        writer.writerow(out)
+    return buf.getvalue()
+
+
+def mean_and_error(values: list[float]) -> dict[str, Any]:
+    """n, mean, sample standard deviation and standard error of the mean (None where undefined)."""
+    n = len(values)
+    std = statistics.stdev(values) if n > 1 else None
+    return {"n": n, "mean": statistics.fmean(values) if n else None, "std": std,
+            "sem": std / math.sqrt(n) if std is not None else None}
+
+
+def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remaining: int) -> dict[str, Any]:
+    """sweep.json: per point, each accuracy's n, mean, std and standard error over its finished runs
+    (runs that failed are counted apart, never averaged in), and the difference from the baseline
+    point paired by seed (over the seeds both finished)."""
+    baseline = plan.baseline_point
+    by_point: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_point.setdefault(row["point"], {})[row["seed"]] = row
+    points = []
+    for point in plan.points:
+        runs = by_point.get(point.name, {})
+        finished = {s: r for s, r in runs.items() if r["outcome"] == "finished"}
+        entry: dict[str, Any] = {"point": point.name, "values": dict(point.values), "runs": len(runs),
+                                 "failed": len(runs) - len(finished),
+                                 "outcomes": {o: sum(r["outcome"] == o for r in runs.values())
+                                              for o in sorted({r["outcome"] for r in runs.values()})}}
+        for name in ACCURACIES:
+            values = [r[name] for r in finished.values() if r.get(name) is not None]
+            if not values:
+                continue
+            entry[name] = mean_and_error(values)
+            if baseline is not None and point != baseline:
+                base_runs = by_point.get(baseline.name, {})
+                diffs = [r[name] - base_runs[s][name] for s, r in finished.items()
+                         if s in base_runs and base_runs[s].get(name) is not None and r.get(name) is not None]
+                entry[name]["paired_difference"] = mean_and_error(diffs)
+        if point.found:  # the LRs the range test found, seed by seed
+            entry["found"] = {k: [r[k + "_used"] for r in finished.values()] for k in point.found}
+        points.append(entry)
+    return {"selection": selection, "vary": plan.vary, "seeds": list(plan.seed_range),
+            "baseline": baseline.name if baseline else None, "remaining_runs": remaining, "points": points}
+
+
+def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) -> Any:
+    """The selection accuracy against the first varied setting: a dot per seed, the mean with its
+    standard error, a line per value of the other settings; a log axis for LRs and weight decay;
+    the baseline's mean a dashed line; ``auto`` points at the LRs the range test found."""
+    from .report import new_figure
+
+    selection = stats["selection"]
+    x_name = next(iter(plan.vary))
+    x_values = plan.vary[x_name]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values if v != AUTO)
+    fig = new_figure((7.5, 4.5))
+    ax = fig.subplots()
+    by_name = {p["point"]: p for p in stats["points"]}
+    others = [k for k in plan.vary if k != x_name]
+    groups: dict[tuple, list[Point]] = {}
+    for point in plan.points:
+        groups.setdefault(tuple((k, v) for k, v in point.values if k != x_name), []).append(point)
+
+    def position(point: Point, found: list[float]) -> float | None:
+        """Where a point sits on the x axis; an ``auto`` point at the (geometric mean of the) LRs found."""
+        value = dict(point.values)[x_name]
+        if not numeric:
+            return float(x_values.index(value))
+        if value != AUTO:
+            return float(value)
+        found = [f for f in found if f > 0]
+        return math.exp(statistics.fmean(math.log(f) for f in found)) if found else None
+
+    for i, (rest, points) in enumerate(groups.items()):
+        color = f"C{i % 10}"
+        label = format_point(dict(rest)) if others else None
+        xs, means, errors = [], [], []
+        for point in points:
+            point_rows = [r for r in rows if r["point"] == point.name and r.get(selection) is not None]
+            auto = x_name in point.found  # its runs trained at the LR the range test found
+            used = x_name + "_used"
+            for r in point_rows:
+                x = position(point, [r[used]] if auto and r.get(used) else [])
+                if x is not None:
+                    ax.plot(x, 100 * r[selection], "x" if auto else ".", color=color, alpha=0.5)
+            entry = by_name.get(point.name, {}).get(selection)
+            x = position(point, [r[used] for r in point_rows if auto and r.get(used)])
+            if entry and x is not None:
+                error = entry["sem"] or 0.0
+                ax.errorbar(x, 100 * entry["mean"], yerr=100 * error, fmt="D" if auto else "o", color=color,
+                            capsize=3, label=("range test's suggestion (auto)" if auto and i == 0 else None))
+                if not auto:
+                    xs.append(x)
+                    means.append(100 * entry["mean"])
+                    errors.append(100 * error)
+        if xs:
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            ax.plot([xs[j] for j in order], [means[j] for j in order], "-", color=color, label=label)
+    baseline = stats.get("baseline")
+    if baseline and by_name.get(baseline, {}).get(selection):
+        ax.axhline(100 * by_name[baseline][selection]["mean"], color="0.4", ls="--", lw=1,
+                   label=f"baseline {baseline}")
+    if numeric:
+        if x_name in LOG_SETTINGS:
+            ax.set_xscale("log")
+    else:
+        ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values])
+    words = "validation" if selection == "final_val_acc" else "test"
+    ax.set(xlabel=x_name, ylabel=f"final {words} accuracy (%)",
+           title=f"{words} accuracy over seeds {plan.first_seed}..{plan.first_seed + plan.seeds - 1}: dots are "
+                 f"runs, bars the standard error")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return fig
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The ``train`` options a sweep passes to every run unchanged."""
+
+    data_dir: str | None
+    download: bool
+    report: bool
+    checkpoints: bool
+    tensorboard: bool
+
+
+def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOptions) -> list[str]:
+    """The ``cifar-onecycle train`` arguments of one run of the sweep (its resume when it has a
+    checkpoint): run as printed, they make the same run folder that ``sweep`` would."""
+    run = folder.run(point, seed)
+    where = os.path.abspath(run.path)  # a scheduler's job may start in another folder
+    if run.has(CHECKPOINT):
+        args = ["train", "--resume", where]
+    else:
+        args = ["train", "--recipe", os.path.abspath(folder.path / "recipe.toml"), *point.flags(), "--seed",
+                str(seed), "--out", where, "--overwrite"]
+    if options.data_dir:
+        args += ["--data-dir", options.data_dir]
+    args += [*([] if options.download else ["--no-download"]), *([] if options.report else ["--no-report"]),
+             *([] if options.checkpoints else ["--no-checkpoint"]), *(["--tensorboard"] if options.tensorboard else [])]
+    return args
+
+
+def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
+          out: str | Path, baseline: Mapping[str, Any] | None = None, data_dir: str | Path | None = None,
+          download: bool = True, data: Cifar10 | None = None, progress: bool = True, workers: int = 1,
+          report: bool = False, checkpoints: bool = True, tensorboard: bool = False,
+          print_commands: bool = False) -> SweepResult:
+    """Train ``recipe`` at every point of the grid ``vary`` ({setting: values}; ``"auto"`` for
+    lr_max or lr_min: the range test's value, found in each run) with seeds ``recipe.seed`` ..
+    ``recipe.seed + seeds - 1``, each run an ordinary run folder under ``out``; returns the table.
+
+    ``baseline``: the point the others are compared with, paired by seed (default: the recipe's
+    own values of the varied settings, when they are a point of the grid). ``workers``: runs at
+    once, each a ``cifar-onecycle train`` process (on a machine with GPUs, worker k uses GPU k modulo
+    their number); 1 trains in this process. ``print_commands``: make the folder and return, in
+    ``commands``, one ``cifar-onecycle train`` command per remaining run instead of training them
+    (for a scheduler); ``collect`` gathers their results. ``report``, ``checkpoints``,
+    ``tensorboard``: as for ``train``. The same call again goes on where a sweep stopped.
+    """
+    base = recipe or Recipe()
+    vary_lists = {k: list(v) for k, v in (vary or {}).items()}
+    own = {k: getattr(base, k) for k in vary_lists if k in KINDS}
+    if baseline is None and all(own[k] in vary_lists[k] for k in own) and own:
+        baseline = own
+    plan = Plan(vary_lists, base.seed, seeds, dict(baseline) if baseline is not None else None)
+    plan.check(base)
+    if workers < 1:
+        raise UserError(f"workers {workers}: give at least 1", "workers")
+    resolve_placement(base)  # a device this machine lacks: refused before loading anything
+    data_dir = data_folder(data_dir, data)
+    if not print_commands:
+        if data is None:
+            data = load_data(data_dir, download, progress, signals_for_tests())
+        for point in plan.points:  # a holdout or subset the data cannot give: refused before any folder
+            training_split(point.recipe(base, plan.first_seed), data)
+    folder = SweepFolder(out)
+    folder.open(plan, base)
+    options = RunOptions(data_dir, download, report, checkpoints, tensorboard)
+    todo = [(seed, point) for seed, point in plan.runs() if folder.status(point, seed) in ("started", "new")]
+    if print_commands:
+        result = folder.write_results(plan, base)
+        result.commands = ["cifar-onecycle " + shlex.join(train_command(folder, point, seed, options))
+                           for seed, point in todo]
+        return result
+    if workers == 1:
+        assert data is not None
+        for i, (seed, point) in enumerate(todo, 1):
+            run = folder.run(point, seed)
+            if progress:
+                tqdm.write(f"sweep: {point.name} seed {seed} ({i} of {len(todo)} left to train)")
+            try:
+                if run.has(CHECKPOINT):
+                    train(resume=run.path, data=data, data_dir=data_dir, progress=progress, report=report,
+                          checkpoints=checkpoints, tensorboard=tensorboard)
+                else:
+                    train(point.recipe(base, seed), data=data, data_dir=data_dir, out=run.path, overwrite=True,
+                          progress=progress, find_lr_max="lr_max" in point.found,
+                          find_lr_min="lr_min" in point.found, report=report, checkpoints=checkpoints,
+                          tensorboard=tensorboard)
+            except (DivergenceError, NoLRFound) as e:  # train recorded it in the run folder; the sweep goes on
+                if progress:
+                    tqdm.write(f"sweep: {point.name} seed {seed}: {e}")
+            except Interrupted as e:
+                folder.write_results(plan, base)
+                raise Interrupted(f"{e}; or, to go on with the whole sweep, run the same sweep again") from None
+            folder.write_results(plan, base)
+    else:
+        run_workers(folder, todo, workers, options, progress, lambda: folder.write_results(plan, base))
+    return folder.write_results(plan, base)
+
+
+def collect(out: str | Path) -> SweepResult:
+    """sweep.csv, sweep.json and sweep.png of the sweep folder ``out`` from its run folders as they
+    are (runs trained elsewhere, from ``print_commands``)."""
+    folder = SweepFolder(out)
+    plan, base = folder.read()
+    return folder.write_results(plan, base)
+
+
+def worker_environment(slot: int, workers: int) -> dict[str, str]:
+    """A worker's environment: its GPU (slot modulo the GPUs there are), or on a CPU its share of the
+    cores (two processes each with every core run far slower than one: OpenMP oversubscribed)."""
+    import torch
+
+    env = dict(os.environ)
+    gpus = torch.cuda.device_count()
+    if gpus:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
+    else:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return env
+
+
+def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int, options: RunOptions,
+                progress: bool, after_each: Any) -> None:
+    """Train ``todo`` as ``cifar-onecycle train`` processes, ``workers`` at once. A stop signal is
+    passed on to every running process (each saves its checkpoint), then the sweep stops; a run that
+    fails for another reason stops the launching of new ones and is reported."""
+    queue = list(todo)
+    running: dict[int, tuple[subprocess.Popen, Any, int, Point]] = {}  # slot: (process, its stderr, seed, point)
+    failure: str | None = None
+    with StopSignals() as stop:
+        try:
+            while queue or running:
+                while queue and len(running) < workers and not stop() and failure is None:
+                    seed, point = queue.pop(0)
+                    slot = min(set(range(workers)) - set(running))
+                    err = tempfile.TemporaryFile()  # noqa: SIM115 - closed once its process has ended
+                    command = [sys.executable, "-m", "cifar_onecycle",
+                               *train_command(folder, point, seed, options), "--quiet"]
+                    # A session of its own: a terminal's Ctrl-C reaches this process alone, which passes
+                    # one SIGINT on (two would stop a run before its checkpoint).
+                    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err,
+                                               env=worker_environment(slot, workers), start_new_session=True)
+                    running[slot] = (process, err, seed, point)
+                    if progress:
+                        tqdm.write(f"sweep: {point.name} seed {seed} started (worker {slot})")
+                if not queue or len(running) >= workers or stop() or failure is not None:
+                    if stop():
+                        for process, *_ in running.values():
+                            if process.poll() is None:
+                                process.send_signal(stop_signal(stop.received))
+                    time.sleep(0.2)
+                for slot, (process, err, seed, point) in list(running.items()):
+                    code = process.poll()
+                    if code is None:
+                        continue
+                    del running[slot]
+                    err.seek(0)
+                    lines = err.read()[-4000:].decode(errors="replace").strip().splitlines()
+                    err.close()
+                    last = lines[-1] if lines else f"exit code {code}"
+                    status = folder.status(point, seed)  # a run that failed (diverged, no LR found) says so
+                    if status in ("finished", "failed") or code == Interrupted.exit_code and stop():
+                        if progress:
+                            tqdm.write(f"sweep: {point.name} seed {seed}: " + ("finished" if code == 0 else last))
+                    elif failure is None:
+                        failure = f"{point.name} seed {seed} failed (exit code {code}): {last}"
+                    after_each()
+                if not running and (stop() or failure is not None):
+                    break
+        except KeyboardInterrupt:  # a second signal: stop every run at once
+            for process, *_ in running.values():
+                process.send_signal(stop_signal("SIGINT"))
+            raise
+    if stop():
+        raise Interrupted(f"sweep {folder.path} stopped by {stop.received}; each run that had started saved its "
+                          f"checkpoint; run the same sweep again to go on")
+    if failure is not None:
+        raise UserError(f"sweep {folder.path}: {failure}")
+
+
+def stop_signal(name: str | None) -> int:
+    import signal
+
+    return int(signal.Signals[name or "SIGINT"])

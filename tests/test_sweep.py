@@ -1,0 +1,202 @@
+"""cifar-onecycle sweep: the grid and its folders, the table and statistics, resuming, refusing another
+sweep on the same folder, diverged runs, commands for a scheduler and --collect."""
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from cifar_onecycle import Interrupted, Recipe, collect, sweep
+from cifar_onecycle.cli import main
+from cifar_onecycle.run_folder import RunFolder
+from cifar_onecycle.run_setup import RunSetup
+from cifar_onecycle.sweep import Plan, SweepFolder, parse_vary
+from conftest import ROOT, recipe_flags
+from test_train import TINY
+
+# The recipe's own lr_max 0.02 is a point of the grid below: the default baseline.
+SMALL = Recipe(**TINY, holdout=20)
+# Its flags but --lr-max, which these sweeps vary (the seed's lr_max is not written out).
+FIXED = recipe_flags(SMALL.replace(lr_max=Recipe().lr_max))
+
+
+def test_the_grid_runs_seed_by_seed_in_folders_named_for_their_values():
+    plan = Plan(parse_vary(["lr_max=0.01,0.02", "flip=true,false"]), first_seed=3, seeds=2)
+    assert [(seed, point.name) for seed, point in plan.runs()] == [
+        (3, "lr_max=0.01,flip=true"), (3, "lr_max=0.01,flip=false"), (3, "lr_max=0.02,flip=true"),
+        (3, "lr_max=0.02,flip=false"),
+        (4, "lr_max=0.01,flip=true"), (4, "lr_max=0.01,flip=false"), (4, "lr_max=0.02,flip=true"),
+        (4, "lr_max=0.02,flip=false")]
+    point = plan.points[1]
+    recipe = point.recipe(SMALL, 4)
+    assert (recipe.lr_max, recipe.flip, recipe.seed, recipe.holdout) == (0.01, False, 4, 20)
+    assert point.flags() == ["--lr-max", "0.01", "--no-flip"]
+    folder = SweepFolder("sw")
+    assert str(folder.run(point, 4).path) == os.path.join("sw", "lr_max=0.01,flip=false", "seed4")
+
+
+def test_a_varied_setting_acts_as_its_flag_would():
+    base = Recipe(lr_min_div=100.0, lr_max=0.4)
+    point = Plan(parse_vary(["lr_min=0.001", "epochs=12"]), 0, 1).points[0]
+    recipe = point.recipe(base, 0)
+    assert recipe.lr_min == 0.001 and recipe.lr_min_div == 0.0  # a given LRMIN replaces the derived one
+    assert recipe.epochs == 12 and recipe.peak_epoch == 2.5  # the recipe's shape over 12 epochs
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["lr_maxx=0.1"], "unknown setting 'lr_maxx'"),
+    (["lr_max=0.1,fast"], "lr_max=fast: not a float or auto"),
+    (["flip=yes"], "flip=yes: not a bool"),
+    (["batch_size=auto"], "batch_size=auto: not a int"),
+    (["seed=1,2"], "seed is not varied: every point trains the same seeds"),
+    (["lr_max=0.1,0.10"], "needs distinct values"),
+    (["lr_max=-1"], "lr_max must be > 0"),
+    (["lr_min=0.1", "lr_min_div=10"], "both set LRMIN"),
+])
+def test_an_impossible_grid_is_one_line_before_anything(cifar_dir, tmp_path, capsys, specs, message):
+    out = tmp_path / "sw"
+    args = [a for spec in specs for a in ("--vary", spec)]
+    code = main(["sweep", *args, "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def numbers(result):
+    """A sweep's rows without their times: what two sweeps of the same runs share."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in result.rows]
+
+
+def write_run(folder, point, seed, val, test, seconds=1.0):
+    run = RunFolder(folder.run(point, seed).path)
+    run.path.mkdir(parents=True)
+    run.write_summary({"final_val_acc": val, "final_val_acc_tta": val + 0.01, "final_test_acc": test,
+                       "final_test_acc_tta": test + 0.01, "lr_max": point.recipe(SMALL, seed).lr_max,
+                       "lr_min": 1e-4, "total_seconds": seconds})
+
+
+def test_the_table_and_statistics_are_those_computed_by_hand(tmp_path):
+    plan = Plan({"lr_max": [0.01, 0.02, 0.04]}, first_seed=0, seeds=3, baseline={"lr_max": 0.02})
+    folder = SweepFolder(tmp_path / "sw")
+    folder.open(plan, SMALL)
+    low, base, high = plan.points
+    for seed, (a, b) in enumerate([(0.80, 0.85), (0.84, 0.83), (0.82, 0.90)]):
+        write_run(folder, low, seed, a, a - 0.05)
+        write_run(folder, base, seed, b, b - 0.05)
+    write_run(folder, high, 0, 0.70, 0.60)
+    RunFolder(folder.run(high, 1).path).path.mkdir(parents=True)
+    RunFolder(folder.run(high, 1).path).write_failed("diverged", "training diverged: loss is nan")
+    result = folder.write_results(plan, SMALL)
+    assert result.remaining == 1  # high, seed 2: not run yet
+    rows = list(csv.DictReader((folder.path / "sweep.csv").open()))
+    assert [(r["lr_max"], r["seed"], r["final_val_acc"], r["outcome"]) for r in rows] == [
+        ("0.01", "0", "0.8", "finished"), ("0.01", "1", "0.84", "finished"), ("0.01", "2", "0.82", "finished"),
+        ("0.02", "0", "0.85", "finished"), ("0.02", "1", "0.83", "finished"), ("0.02", "2", "0.9", "finished"),
+        ("0.04", "0", "0.7", "finished"), ("0.04", "1", "", "diverged")]
+    stats = json.loads((folder.path / "sweep.json").read_text())
+    assert stats["selection"] == "final_val_acc" and stats["baseline"] == "lr_max=0.02"
+    by_point = {p["point"]: p for p in stats["points"]}
+    val = by_point["lr_max=0.01"]["final_val_acc"]
+    assert val["n"] == 3 and val["mean"] == pytest.approx(0.82)
+    assert val["std"] == pytest.approx(0.02) and val["sem"] == pytest.approx(0.02 / math.sqrt(3))
+    # Paired by seed: 0.80-0.85, 0.84-0.83, 0.82-0.90 = -0.05, +0.01, -0.08: mean -0.04, std 0.0458.
+    paired = val["paired_difference"]
+    assert paired["n"] == 3 and paired["mean"] == pytest.approx(-0.04)
+    assert paired["std"] == pytest.approx(math.sqrt((0.01**2 + 0.05**2 + 0.04**2) / 2))
+    assert paired["sem"] == pytest.approx(paired["std"] / math.sqrt(3))
+    assert "paired_difference" not in by_point["lr_max=0.02"]["final_val_acc"]
+    high_stats = by_point["lr_max=0.04"]
+    assert high_stats["runs"] == 2 and high_stats["failed"] == 1 and high_stats["outcomes"] == {
+        "diverged": 1, "finished": 1}
+    assert high_stats["final_val_acc"]["n"] == 1 and high_stats["final_val_acc"]["sem"] is None
+    assert high_stats["final_val_acc"]["paired_difference"]["mean"] == pytest.approx(0.70 - 0.85)
+    assert (folder.path / "sweep.png").stat().st_size > 10_000
+
+
+def test_another_sweep_on_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "sw"
+    first = sweep(SMALL, {"lr_max": [0.01, 0.02]}, 2, out=out, print_commands=True)
+    assert len(first.commands) == 4 and not (out / "lr_max=0.01").exists()
+    again = sweep(SMALL, {"lr_max": [0.01, 0.02]}, 2, out=out, print_commands=True)
+    assert again.commands == first.commands  # the same sweep: nothing refused
+    for changed in [dict(vary={"lr_max": [0.01, 0.04]}, seeds=2), dict(vary={"lr_max": [0.01, 0.02]}, seeds=3)]:
+        with pytest.raises(Exception, match="holds another sweep"):
+            sweep(SMALL, out=out, print_commands=True, **changed)
+    with pytest.raises(Exception, match=r"holds another sweep \(its recipe differs\)"):
+        sweep(SMALL.replace(epochs=3), {"lr_max": [0.01, 0.02]}, 2, out=out, print_commands=True)
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_mid_run_resumes_to_the_table_of_one_never_stopped(cifar_dir, tmp_path, monkeypatch):
+    vary = {"lr_max": [0.01, 0.02]}
+    whole = sweep(SMALL, vary, 2, out=tmp_path / "whole", data_dir=cifar_dir, download=False, progress=False)
+    assert [(r["point"], r["seed"]) for r in whole.rows] == [
+        ("lr_max=0.01", 0), ("lr_max=0.01", 1), ("lr_max=0.02", 0), ("lr_max=0.02", 1)]
+    out = tmp_path / "cut"
+    monkeypatch.setenv("CIFAR_ONECYCLE_TEST_SIGNALS", "SIGINT@4")  # the first run's epoch 2, step 2 of 3
+    with pytest.raises(Interrupted, match="run the same sweep again"):
+        sweep(SMALL, vary, 2, out=out, data_dir=cifar_dir, download=False, progress=False)
+    first = SweepFolder(out).run(SweepFolder(out).read()[0].points[0], 0)
+    assert first.has("checkpoint.pt") and not first.has("summary.json")
+    monkeypatch.delenv("CIFAR_ONECYCLE_TEST_SIGNALS")
+    steps = []
+    step = RunSetup.step
+    monkeypatch.setattr(RunSetup, "step", lambda self, *args: steps.append(1) or step(self, *args))
+    resumed = sweep(SMALL, vary, 2, out=out, data_dir=cifar_dir, download=False, progress=False)
+    assert len(steps) == 4 * 2 * 3 - 5  # 4 runs of 2 epochs of 3 steps, less the 5 the stopped run had taken
+
+    assert numbers(resumed) == numbers(whole) and resumed.remaining == 0
+    # The same sweep once more trains nothing: the finished runs are read back.
+    finished = (first.path / "model.safetensors").stat().st_mtime_ns
+    assert numbers(sweep(SMALL, vary, 2, out=out, data_dir=cifar_dir, download=False, progress=False)) == numbers(whole)
+    assert (first.path / "model.safetensors").stat().st_mtime_ns == finished
+
+
+@pytest.mark.slow
+def test_a_diverging_point_is_recorded_and_the_sweep_goes_on(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "sw"
+    code = main(["sweep", "--vary", "lr_max=0.02,1e6", *FIXED, "--data-dir", str(cifar_dir),
+                 "--no-download", "--out", str(out), "--quiet"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "lr_max=1000000.0  1 (1 diverged)" in table and "lr_max=0.02" in table
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(r["lr_max"], r["outcome"]) for r in rows] == [("0.02", "finished"), ("1000000.0", "diverged")]
+    assert RunFolder(out / "lr_max=1000000.0" / "seed0").read_failed()[0] == "diverged"
+
+
+@pytest.mark.slow
+def test_printed_commands_run_as_printed_and_collect_reads_their_folders(cifar_dir, tmp_path, capsys):
+    vary = {"lr_max": [0.01, 0.02]}
+    here = sweep(SMALL, vary, 1, out=tmp_path / "here", data_dir=cifar_dir, download=False, progress=False)
+    out = tmp_path / "there"
+    assert main(["sweep", "--vary", "lr_max=0.01,0.02", *FIXED, "--data-dir", str(cifar_dir),
+                 "--no-download", "--out", str(out), "--print-commands"]) == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 2 and all(c.startswith("cifar-onecycle train ") for c in commands)
+    for command in commands:  # as a job array would, from another folder
+        args = shlex.split(command)[1:]
+        subprocess.run([sys.executable, "-m", "cifar_onecycle", *args, "--quiet"], cwd=tmp_path, check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    collected = collect(out)
+    assert collected.remaining == 0
+
+    assert numbers(collected) == numbers(here)  # the same runs as the sweep trained itself
+    assert main(["sweep", "--collect", str(out)]) == 0
+    assert "lr_max=0.02  1     " in capsys.readouterr().out
+    for name in ("lr_max=0.01", "lr_max=0.02"):
+        assert (out / name / "seed0" / "recipe.toml").read_text() == (tmp_path / "here" / name / "seed0" /
+                                                                      "recipe.toml").read_text()
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_same_runs(cifar_dir, tmp_path):
+    vary = {"lr_max": [0.01, 0.02]}
+    one = sweep(SMALL, vary, 1, out=tmp_path / "one", data_dir=cifar_dir, download=False, progress=False)
+    two = sweep(SMALL, vary, 1, out=tmp_path / "two", data_dir=cifar_dir, download=False, progress=False, workers=2)
+
+    assert numbers(two) == numbers(one) and two.remaining == 0
