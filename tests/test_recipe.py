@@ -157,6 +157,19 @@ def test_lr_min_and_lr_min_div_together_are_refused():
         recipe_of("--lr-min", "1e-5", "--lr-min-div", "100")
 
 
+def test_a_file_giving_lr_min_and_lr_min_div_that_disagree_is_refused(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("lr_min = 0.05\nlr_max = 1.0\nlr_min_div = 10.0\n")
+    with pytest.raises(RecipeError, match=r"lr_min 0.05 and lr_min_div 10 disagree \(lr_max / lr_min_div is 0.1\)"):
+        load_recipe(path)
+    # As a run's recipe.toml writes them they agree, and the file reads back as it was written.
+    written = load_recipe("dawnbench")
+    path.write_text(written.to_toml())
+    assert written.lr_min_div > 0 and load_recipe(path) == written
+    path.write_text("lr_min = 0.05\nlr_min_div = 0.0\n")  # LRMIN not derived: nothing lost
+    assert load_recipe(path).lr_min == 0.05
+
+
 def test_epochs_alone_keeps_the_recipes_shape():
     assert recipe_of("--epochs", "2").peak_epoch == pytest.approx(5 / 12)    # 5/24 of the run, as the seed
     assert recipe_of("--epochs", "48").peak_epoch == pytest.approx(10.0)

@@ -93,6 +93,18 @@ def test_predict_good_huge_and_bad_files(run, tmp_path, capsys):
     for d in (lines[0], lines[2]):
         assert len(d["top3"]) == 3 and d["class"] == d["top3"][0]["class"]
         assert sum(t["probability"] for t in d["top3"]) <= 1 + 1e-6
+    # The good image's top 3 are the model's own: a flat 32x32 picture needs no resizing, so its
+    # probabilities are the softmax of the saved model's logits for those pixels.
+    from cifar_onecycle import CLASSES
+    from cifar_onecycle.checkpoint import load_weights
+    from cifar_onecycle.evaluation import logits_of
+
+    model, recipe = load_weights(result.run_dir)
+    pixels = torch.tensor([200, 30, 30], dtype=torch.uint8)[:, None, None].expand(3, 32, 32)[None]
+    probabilities = torch.softmax(logits_of(model.eval(), pixels, "fp32", recipe.channels_last), 1)[0]
+    values, classes = probabilities.topk(3)
+    assert [t["class"] for t in lines[0]["top3"]] == [CLASSES[i] for i in classes.tolist()]
+    assert [t["probability"] for t in lines[0]["top3"]] == pytest.approx(values.tolist(), abs=1e-5)
     assert "not an image" in lines[1]["error"]
     assert main(["predict", str(result.run_dir), str(good), "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith(f"{good}: ")

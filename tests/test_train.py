@@ -155,27 +155,65 @@ def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path)
 
 
 def test_the_commit_given_by_the_environment_wins(monkeypatch):
+    import subprocess
+
     from cifar_onecycle.results import git_commit
+    from conftest import ROOT
 
     monkeypatch.setenv("CIFAR_ONECYCLE_COMMIT", "0123abc")
     assert git_commit() == "0123abc"  # a shipped copy's own .git may be stale
     monkeypatch.delenv("CIFAR_ONECYCLE_COMMIT")
     assert git_commit() != "0123abc"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: nothing else to compare with")
+    assert git_commit() == head.stdout.strip()  # without the variable, the checkout's own commit
 
 
-def test_the_loop_reads_the_device_every_10_steps_on_a_cpu_and_once_an_epoch_on_a_gpu():
+@pytest.mark.slow
+def test_the_loop_reads_the_device_every_10_steps_on_a_cpu_and_once_an_epoch_on_a_gpu(cifar_dir, monkeypatch):
+    import cifar_onecycle.training as training
     from cifar_onecycle.device import sync_every
 
     assert sync_every(torch.device("cpu"), 97) == 10  # a diverged loss is caught within 10 steps
     assert sync_every(torch.device("cuda"), 97) == 97  # no host sync inside a GPU epoch
+    # The loop itself: 25 steps an epoch (batch 4 of 100 images) read at steps 10, 20 and 25 on a
+    # CPU, and once, at the end, under a GPU's policy.
+    data = load_cifar10(cifar_dir, download=False)
+    reads = []
+    read_sums = training.read_sums
+    monkeypatch.setattr(training, "read_sums", lambda setup, state, *a: reads.append(state.batch) or read_sums(
+        setup, state, *a))
+    train(Recipe(**{**TINY, "batch_size": 4, "epochs": 1, "peak_epoch": 0.5}), data=data, progress=False)
+    assert reads == [10, 20, 25]
+    reads.clear()
+    monkeypatch.setattr(training, "sync_every", lambda device, steps: sync_every(torch.device("cuda"), steps))
+    train(Recipe(**{**TINY, "batch_size": 4, "epochs": 1, "peak_epoch": 0.5}), data=data, progress=False)
+    assert reads == [25]
 
 
-def test_a_cpu_augments_one_batch_at_a_time_and_a_gpu_many():
+@pytest.mark.slow
+def test_a_cpu_augments_one_batch_at_a_time_and_a_gpu_many(cifar_dir, monkeypatch):
+    import cifar_onecycle.augment as augment
+    import cifar_onecycle.run_setup as run_setup
     from cifar_onecycle.device import GPU_AUGMENT_IMAGES, augment_at_once
 
     assert augment_at_once(torch.device("cpu"), 512) == 1  # no memory spent on batches not yet trained
     assert augment_at_once(torch.device("cuda"), 512) == GPU_AUGMENT_IMAGES // 512 > 1
     assert augment_at_once(torch.device("cuda"), 10**6) == 1  # a batch larger than the group: one at a time
+    # The loop itself: 4 batches an epoch, augmented one at a time on a CPU, all four at once under
+    # a GPU's policy (the same images: tests/test_augment.py).
+    data = load_cifar10(cifar_dir, download=False)
+    groups = []
+    apply = augment.apply_augmentation
+    monkeypatch.setattr(augment, "apply_augmentation", lambda images, *a, **k: groups.append(len(images)) or apply(
+        images, *a, **k))
+    train(Recipe(**TINY), data=data, progress=False)
+    assert groups == [25] * 8  # 2 epochs of 4 batches of 25
+    groups.clear()
+    monkeypatch.setattr(run_setup, "augment_at_once", lambda device, size: augment_at_once(torch.device("cuda"), size))
+    train(Recipe(**TINY), data=data, progress=False)
+    assert groups == [100] * 2
 
 
 def test_sgd_is_fused_on_cuda_only_unless_asked():
@@ -185,3 +223,28 @@ def test_sgd_is_fused_on_cuda_only_unless_asked():
     assert not make_optimizer(model, Recipe(), torch.device("cpu")).defaults["fused"]
     assert make_optimizer(model, Recipe(), torch.device("cuda")).defaults["fused"]  # placement is not checked
     assert make_optimizer(model, Recipe(), torch.device("cpu"), fused=True).defaults["fused"]
+
+
+def test_a_resumed_run_joins_torchrun_with_its_own_device(tmp_path, monkeypatch):
+    """The backend (NCCL or gloo) is chosen from the device before anything else is read: on resume,
+    the run's own recipe decides it, not "auto" (which is CUDA on a machine that has it)."""
+    import cifar_onecycle.training as training
+    from cifar_onecycle.run_folder import RunFolder
+
+    folder = RunFolder.create(tmp_path / "run")
+    folder.write_recipe(Recipe(**TINY))  # device = "cpu"
+    asked = []
+
+    class Joined(Exception):
+        pass
+
+    def init_distributed(device):
+        asked.append(device)
+        raise Joined
+
+    monkeypatch.setattr(training, "init_distributed", init_distributed)
+    with pytest.raises(Joined):
+        train(resume=folder.path)
+    with pytest.raises(Joined):
+        train(Recipe(**TINY).replace(device="auto"))
+    assert asked == ["cpu", "auto"]

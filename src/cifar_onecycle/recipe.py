@@ -225,7 +225,7 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
     name of a recipe shipped with the package: ``seed``, ``dawnbench``, ``best`` or ``quick``."""
     if str(path) in NAMED and not Path(path).exists():
         text = (resources.files(__package__) / "recipes" / f"{path}.toml").read_text(encoding="utf-8")
-        return Recipe.from_dict({**(base or Recipe()).to_dict(), **tomllib.loads(text)}, source=f"recipe {path}")
+        return _over(base, tomllib.loads(text), f"recipe {path}")
     path = Path(path)
     try:
         values = tomllib.loads(read_capped(path, MAX_TEXT_BYTES, "recipe file", "give a recipe TOML file").decode())
@@ -235,4 +235,15 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
         raise RecipeError(f"{path}: cannot read recipe file ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
-    return Recipe.from_dict({**(base or Recipe()).to_dict(), **values}, source=str(path))
+    return _over(base, values, str(path))
+
+
+def _over(base: Recipe | None, values: dict[str, Any], source: str) -> Recipe:
+    """A recipe file's ``values`` over ``base``. A file may give lr_min and lr_min_div together only
+    as recipe.toml writes them, agreeing (lr_min = lr_max / lr_min_div): otherwise one would be lost."""
+    recipe = Recipe.from_dict({**(base or Recipe()).to_dict(), **values}, source=source)
+    given = values.get("lr_min")
+    if "lr_min_div" in values and recipe.lr_min_div > 0 and given is not None and given != recipe.lr_min:
+        raise RecipeError(f"{source}: lr_min {given!r} and lr_min_div {recipe.lr_min_div:g} disagree (lr_max / "
+                          f"lr_min_div is {recipe.lr_min:g}); give one of them")
+    return recipe

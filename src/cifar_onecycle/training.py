@@ -52,7 +52,7 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     """
     started = time.perf_counter()  # the run's time counts its data loading and any range test
     commit = git_commit()  # now: the tree may move on while a long run trains
-    dist = init_distributed(recipe.device if recipe else "auto")
+    dist = init_distributed(run_device(recipe, resume))
     progress = progress and dist.main  # under torchrun only rank 0 shows progress and writes files
     test_signals = signals_for_tests()
     board_class = tensorboard_writer(out or resume) if tensorboard and dist.main else None  # refused before any work
@@ -263,6 +263,17 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
                                    setup.precision)
             folder.write_summary(summary)
     return summary
+
+
+def run_device(recipe: Recipe | None, resume: str | Path | None) -> str:
+    """The device setting that picks torchrun's backend (NCCL for CUDA, gloo for the CPU): the
+    recipe's, or a resumed run's own, read before the process group exists (a CPU run resumed on a
+    machine with CUDA must join a gloo group, as it started). A folder without a readable recipe
+    falls back to auto; ``start_run`` then says what is wrong with it."""
+    if recipe is None and resume is not None:
+        with contextlib.suppress(UserError):
+            return RunFolder(resume).read_recipe().device
+    return recipe.device if recipe else "auto"
 
 
 def load_data(data_dir: str | None, download: bool, progress: bool, test_signals: TestSignals) -> Cifar10:
