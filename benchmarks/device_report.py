@@ -18,11 +18,7 @@ from typing import Any
 
 from cifar_onecycle.seeds import spread
 from device_run import RECIPES
-from recipes import TARGETS  # points against dawnbench's mean on the proxy data
-
-
-def pct(s: dict[str, float]) -> str:
-    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+from recipes import TARGETS, pct  # TARGETS: points against dawnbench's mean on the proxy data
 
 
 def runs(folder: Path, stage: str) -> dict[str, list[dict[str, Any]]]:
@@ -57,8 +53,9 @@ def accuracy_section(folder: Path) -> list[str]:
             if name in TARGETS:
                 target = f">= {TARGETS[name]:+.1f}: {'met' if d >= TARGETS[name] else 'NOT met'}"
         seeds = ", ".join(str(r["seed"]) for r in found[name])
-        lines.append(f"| `{name}` | {seeds} | {pct(acc)} | {100 * acc['min']:.2f} to {100 * acc['max']:.2f} | "
-                     f"{pct(s['final_test_acc_tta'])} | {diff} | {target} | "
+        lines.append(f"| `{name}` | {seeds} | {pct(acc, extremes=False)} | "
+                     f"{100 * acc['min']:.2f} to {100 * acc['max']:.2f} | "
+                     f"{pct(s['final_test_acc_tta'], extremes=False)} | {diff} | {target} | "
                      f"{statistics.fmean(r['train_seconds'] for r in found[name]):.1f} | "
                      f"{statistics.fmean(r['total_seconds'] for r in found[name]):.1f} |")
     lines += ["", "Every run (last epoch; `without average` is `best`'s trained weights alone, without the weight "

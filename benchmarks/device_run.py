@@ -51,7 +51,6 @@ Dry run on a CPU, tiny settings (minutes)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import io
 import json
@@ -66,7 +65,7 @@ import tarfile
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +196,15 @@ class Clock:
 
 
 def run_one(stage: str, name: str, recipe: Any, data: Any, data_dir: Path, results: Results,
-            clock: Clock, estimate: str | None = None) -> dict[str, Any]:
+            clock: Clock, estimate: str | None = None, augment_images: int | None = None) -> dict[str, Any]:
     """Train one run into the work folder and record it; a diverging run is recorded, not raised.
-    ``estimate``: the key of the clock's estimate that this run's time corrects (default ``name``)."""
+    ``estimate``: the key of the clock's estimate that this run's time corrects (default ``name``);
+    ``augment_images``: ``train``'s (None: the library's choice)."""
     estimate = estimate or name
     import torch
 
     from cifar_onecycle import DivergenceError, train
+    from cifar_onecycle.device import synchronize
     from cifar_onecycle.files import atomic_write
 
     run_dir = results.runs / stage / name / f"seed{recipe.seed}"
@@ -214,15 +215,14 @@ def run_one(stage: str, name: str, recipe: Any, data: Any, data_dir: Path, resul
     started = time.perf_counter()
     try:
         result = train(recipe, data=data, data_dir=data_dir, download=False, out=run_dir, overwrite=True,
-                       progress=False, report=False, checkpoints=False)
+                       progress=False, report=False, checkpoints=False, augment_images=augment_images)
     except DivergenceError as e:
         record |= {"status": "diverged", "message": str(e), "wall_seconds": round(time.perf_counter() - started, 2)}
         atomic_write(run_dir / "diverged.json", json.dumps(record, indent=2) + "\n")
         say(f"  diverged: {e}")
         results.add_run(record)
         return record
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     wall = time.perf_counter() - started
     summary, history = result.summary, result.history
     epoch_seconds = [h.train_seconds for h in history]
@@ -317,19 +317,6 @@ LOOP_VARIANTS = (
 )
 
 
-@contextlib.contextmanager
-def augmenting_at_once(images: int | None) -> Iterator[None]:
-    """The training loop augments ``images`` at once on a GPU inside (None: the library's choice)."""
-    from cifar_onecycle import device
-
-    before = device.GPU_AUGMENT_IMAGES
-    device.GPU_AUGMENT_IMAGES = before if images is None else images
-    try:
-        yield
-    finally:
-        device.GPU_AUGMENT_IMAGES = before
-
-
 def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
                 bare_steps: int, reserve: float, bare_variants: list[int]) -> None:
     """The chosen levers on the bare step (``bare_variants``: indices into BARE_VARIANTS), the
@@ -337,8 +324,9 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
     each mode."""
     import torch
 
+    from cifar_onecycle.device import synchronize
     from cifar_onecycle.run_setup import setup_run
-    from throughput import bare_images_per_second, synchronize
+    from throughput import bare_images_per_second
 
     base = recipe_for("seed")
     speed: dict[str, Any] = {"bare": [], "loops": []}
@@ -357,18 +345,17 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
     torch.backends.cudnn.benchmark = False  # the library's setting, for everything below
     # The augmentation alone: an epoch's batches (shuffle, draws, gather, crop, flip, normalise,
     # CutOut), one batch at a time (as before) and as the library does it on this device.
-    run = setup_run(base, data)
     for key, images in (("augmentation_epoch_seconds_one_batch_at_a_time", 0),
                         ("augmentation_epoch_seconds", None)):
+        run = setup_run(base, data, augment_images=images)
         seconds = []
-        with augmenting_at_once(images):
-            for _ in range(3):
-                synchronize()
-                started = time.perf_counter()
-                for _batch in run.epoch():
-                    pass
-                synchronize()
-                seconds.append(time.perf_counter() - started)
+        for _ in range(3):
+            synchronize(run.device)
+            started = time.perf_counter()
+            for _batch in run.epoch():
+                pass
+            synchronize(run.device)
+            seconds.append(time.perf_counter() - started)
         speed[key] = seconds
         say(f"  {key.replace('_', ' ')}: {', '.join(f'{t:.4f}' for t in seconds)} s")
     del run
@@ -380,8 +367,7 @@ def stage_speed(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, res
         if not clock.fits(key, reserve):
             say(f"speed: loop '{label}' skipped, {clock.left(reserve):.0f} s left")
             continue
-        with augmenting_at_once(images):
-            record = run_one("speed", key, base.replace(**changes), data, data_dir, results, clock)
+        record = run_one("speed", key, base.replace(**changes), data, data_dir, results, clock, augment_images=images)
         if record["status"] == "ok":
             speed["loops"].append({"variant": label, "bare_variant": bare_variant} | run_timing(record))
             bare = [b["median"] for b in speed["bare"] if b["variant"] == bare_variant]
@@ -520,8 +506,8 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
     from torch.profiler import ProfilerActivity, profile
 
     from cifar_onecycle import ResNet9
-    from cifar_onecycle.device import resolve_device, resolve_precision
-    from throughput import bare_step, synchronize
+    from cifar_onecycle.device import resolve_device, resolve_precision, synchronize
+    from throughput import bare_step
 
     recipe = recipe_for("seed")
     device = resolve_device(recipe.device)
@@ -533,13 +519,13 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
         step = bare_step(recipe.replace(**changes))
         for _ in range(3):
             step()
-        synchronize()
+        synchronize(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         started = time.perf_counter()
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 step()
-            synchronize()
+            synchronize(device)
         wall = time.perf_counter() - started
         wanted = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
         rows = []
@@ -601,7 +587,6 @@ def main() -> None:
     say(ensure_packages(args.wheels))
     if args.commit:  # summary.json's git_commit on a copy that is not a checkout
         os.environ["CIFAR_ONECYCLE_COMMIT"] = args.commit
-    sys.path.insert(0, str(Path(__file__).parent))  # throughput.py and recipes.py beside this file
     from cifar_onecycle import Cifar10, load_cifar10, load_recipe
     from recipes import setting
 

@@ -18,14 +18,9 @@ from pathlib import Path
 import torch
 
 from cifar_onecycle import Cifar10, Recipe
-from cifar_onecycle.device import device_name
+from cifar_onecycle.device import device_name, synchronize
 from cifar_onecycle.lr_finder import find_lr
 from cifar_onecycle.run_setup import setup_run
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -45,11 +40,11 @@ def main() -> None:
     s = setup_run(recipe, data)
 
     def plain() -> float:
-        sync(s.device)
+        synchronize(s.device)
         t0 = time.perf_counter()
         for inputs, targets in s.epoch():
             s.step(inputs, targets, 1e-3)
-        sync(s.device)
+        synchronize(s.device)
         return time.perf_counter() - t0
 
     plain()  # warm-up
@@ -57,7 +52,7 @@ def main() -> None:
     t0 = time.perf_counter()
     r = find_lr(s.step_model, s.epoch, s.optimizer, mode="exp", start_lr=1e-5, end_lr=1e-2, num_iter=a.iters,
                 autocast=s.autocast, scaler=s.scaler, loss_fn=s.loss_fn)
-    sync(s.device)
+    synchronize(s.device)
     finder = time.perf_counter() - t0
     after = plain()
     assert len(r.lrs) == a.iters, r.stopped

@@ -34,10 +34,12 @@ def setting(text: str) -> tuple[str, Any]:
         return key.strip(), value  # a bare word: a string setting such as device=cuda
 
 
-def pct(s: dict[str, Any] | None) -> str:
+def pct(s: dict[str, Any] | None, extremes: bool = True) -> str:
+    """A spread over seeds (``seeds.spread``) in percent: mean ± std, and (with ``extremes``) min to max."""
     if s is None:
         return "n/a"
-    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} ({100 * s['min']:.2f} to {100 * s['max']:.2f})"
+    shown = f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+    return shown + (f" ({100 * s['min']:.2f} to {100 * s['max']:.2f})" if extremes else "")
 
 
 def table(out: Path, names: list[str], changes: dict[str, Any]) -> str:

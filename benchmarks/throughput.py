@@ -30,35 +30,31 @@ import torch
 
 from cifar_onecycle import Cifar10, Recipe, train
 from cifar_onecycle.augment import normalize
-from cifar_onecycle.device import autocast, device_name, resolve_device, resolve_placement, resolve_precision
+from cifar_onecycle.device import device_name, resolve_device, resolve_placement, resolve_precision, synchronize
 from cifar_onecycle.results import git_commit
-from cifar_onecycle.step import make_optimizer, make_scaler, train_step
+from cifar_onecycle.run_setup import setup_run
+from cifar_onecycle.step import make_optimizer
 
 
 def bare_step(recipe: Recipe, fused: bool | None = None) -> Callable[[], None]:
-    """One bare training step (``train_step`` on one fixed, already normalised batch: no shuffle,
-    augmentation, schedule or bookkeeping) of the recipe's model, optimizer (``fused``:
-    ``make_optimizer``'s switch), loss scaling, precision and compilation."""
-    device, precision = resolve_placement(recipe)
-    torch.manual_seed(0)
-    model = recipe.model().to(device, memory_format=recipe.memory_format)
-    optimizer = make_optimizer(model, recipe, device, fused)
-    scaler = make_scaler(device, precision)
-    step_model = torch.compile(model, mode=recipe.compile_mode) if recipe.compile else model
-    inputs = normalize(torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
-    inputs = inputs.contiguous(memory_format=recipe.memory_format)
-    targets = torch.randint(0, 10, (recipe.batch_size,), device=device)
+    """One bare training step: the run's own step (``RunSetup.step``: model, optimizer, loss
+    scaling, precision, compilation, loss, all as ``setup_run`` builds them for a run) on one fixed,
+    already normalised batch: no shuffle, augmentation, schedule or bookkeeping. ``fused``:
+    ``make_optimizer``'s switch, in place of the run's default."""
+    device, _ = resolve_placement(recipe)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (recipe.batch_size,), generator=generator)
+    setup = setup_run(recipe.replace(train_subset=0, holdout=0), Cifar10(images, labels, images[:1], labels[:1]))
+    if fused is not None:
+        setup.optimizer = make_optimizer(setup.model, recipe, device, fused)
+    inputs = normalize(images.to(device)).contiguous(memory_format=recipe.memory_format)
+    targets = labels.to(device)
 
     def step() -> None:
-        train_step(step_model, optimizer, inputs, targets, recipe.lr_max, scaler=scaler,
-                   autocast=lambda: autocast(device, precision))
+        setup.step(inputs, targets, recipe.lr_max)
 
     return step
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: int = 1,
@@ -66,15 +62,16 @@ def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: 
     """Images per second of ``blocks`` timed blocks of ``steps`` bare steps, after ``warmup``
     untimed steps (with ``recipe.compile`` the first of them pays for the compilation)."""
     step = bare_step(recipe, fused)
+    device, _ = resolve_placement(recipe)
     for _ in range(warmup):
         step()
     rates = []
     for _ in range(blocks):
-        synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        synchronize()
+        synchronize(device)
         rates.append(steps * recipe.batch_size / (time.perf_counter() - t0))
     return rates
 

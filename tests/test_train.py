@@ -211,9 +211,13 @@ def test_a_cpu_augments_one_batch_at_a_time_and_a_gpu_many(cifar_dir, monkeypatc
     train(Recipe(**TINY), data=data, progress=False)
     assert groups == [25] * 8  # 2 epochs of 4 batches of 25
     groups.clear()
-    monkeypatch.setattr(run_setup, "augment_at_once", lambda device, size: augment_at_once(torch.device("cuda"), size))
+    monkeypatch.setattr(run_setup, "augment_at_once", lambda device, size, images: augment_at_once(
+        torch.device("cuda"), size, images))
     train(Recipe(**TINY), data=data, progress=False)
     assert groups == [100] * 2
+    groups.clear()
+    train(Recipe(**TINY), data=data, progress=False, augment_images=50)  # the run's own setting
+    assert groups == [50] * 4
 
 
 def test_sgd_is_fused_on_cuda_only_unless_asked():

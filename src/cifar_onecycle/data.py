@@ -7,11 +7,7 @@ downloaded (with a progress bar and an md5 check) unless downloads are off.
 from __future__ import annotations
 
 import hashlib
-import io
-import math
 import os
-import pickle
-import pickletools
 import shutil
 import tarfile
 import tempfile
@@ -26,6 +22,7 @@ import torch
 
 from .errors import DatasetError
 from .files import read_capped
+from .safe_pickle import CheckedArray, Damaged, Refused, safe_loads
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -35,177 +32,18 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-# Caps, each checked before the work it guards. The official batch files are about 31 MB, hold
-# 10,000 images each and unpickle in about 31,000 opcodes, nested 5 deep, with about 20,000 memo
-# entries; the official archive has 8 members and unpacks to about 178 MB.
+# Caps, each checked before the work it guards. The official batch files are about 31 MB and hold
+# 10,000 images each (their pickle stream's caps are safe_pickle's); the official archive has 8
+# members and unpacks to about 178 MB.
 MAX_BATCH_BYTES = 64 * 2**20
 MAX_IMAGES_PER_FILE = 10_000
-MAX_OPCODES = 200_000
-MAX_NESTING = 32
-MAX_MEMO_INDEX = 100_000
 MAX_ARCHIVE_MEMBERS = 16
 MAX_ARCHIVE_BYTES = 256 * 2**20
-# The dtypes an array in a CIFAR-10 file may have: uint8 images, small integer labels.
-_ARRAY_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """The file names a global outside the whitelist, or uses one as no CIFAR-10 file does."""
-
-
-class RefusedStructure(pickle.UnpicklingError):
-    """The pickle stream is larger, deeper or stranger than any CIFAR-10 file."""
-
-
-class _DType:
-    """What ``numpy.dtype(name, align, copy)`` in a file becomes: a name checked against
-    ``_ARRAY_DTYPES``, then the pickled state (byte order) checked by BUILD."""
-
-    def __init__(self, name: Any, *args: Any) -> None:
-        key = name.decode("latin1") if isinstance(name, bytes) else name
-        if key not in _ARRAY_DTYPES:
-            raise RefusedGlobal(f"dtype {key!r} is not allowed in a CIFAR-10 file")
-        self.dtype = np.dtype(key)
-
-    def __setstate__(self, state: Any) -> None:
-        order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
-        order = order.decode("latin1") if isinstance(order, bytes) else order
-        if order not in ("|", "<", "="):
-            raise RefusedStructure(f"dtype state {state!r} is not a little-endian plain dtype")
-        self.dtype = self.dtype.newbyteorder("<")
-
-
-class _NDArrayName:
-    """What ``numpy.ndarray`` in a file becomes: a name that ``_reconstruct`` accepts, and nothing
-    that can be called (a file calling numpy.ndarray directly could give it strides and a buffer)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise RefusedGlobal("numpy.ndarray may not be called by a CIFAR-10 file")
-
-
-_NDARRAY = _NDArrayName()
-
-
-class _Array:
-    """What ``numpy.core.multiarray._reconstruct`` in a file becomes. Its BUILD state is checked
-    and turned into a fresh C-ordered array that owns a copy of exactly the file's bytes: no
-    strides, no offsets, no shared buffers, no shape the bytes do not fill."""
-
-    def __init__(self, cls: Any, *args: Any) -> None:
-        if cls is not _NDARRAY:
-            raise RefusedGlobal("_reconstruct may only build a numpy.ndarray")
-        self.array: np.ndarray | None = None
-
-    def __setstate__(self, state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) == 5):
-            raise RefusedStructure("array state is not (version, shape, dtype, fortran, data)")
-        _, shape, dtype, fortran, raw = state
-        if not isinstance(dtype, _DType):
-            raise RefusedStructure("array state has no checked dtype")
-        if fortran or not isinstance(raw, (bytes, bytearray)):
-            raise RefusedStructure("array data must be C-ordered raw bytes")
-        if not (isinstance(shape, tuple) and len(shape) in (1, 2)
-                and all(type(n) is int and n >= 0 for n in shape)):
-            raise RefusedStructure(f"array shape {shape!r} is not N or N x columns")
-        if shape[0] > MAX_IMAGES_PER_FILE:
-            raise RefusedStructure(f"array of {shape[0]} rows; a CIFAR-10 file holds at most {MAX_IMAGES_PER_FILE}")
-        if math.prod(shape) * dtype.dtype.itemsize != len(raw):
-            raise RefusedStructure(f"array shape {shape} does not match its {len(raw)} bytes of data")
-        self.array = np.frombuffer(raw, dtype=dtype.dtype).reshape(shape).copy()
-
-
-def _scalar(dtype: Any, raw: Any) -> int:
-    """What ``numpy.core.multiarray.scalar`` in a file becomes: an integer label, as a Python int."""
-    if not isinstance(dtype, _DType) or not isinstance(raw, (bytes, bytearray)) or len(raw) != dtype.dtype.itemsize:
-        raise RefusedStructure("a numpy scalar must be an integer of its dtype's size")
-    return int(np.frombuffer(raw, dtype=dtype.dtype)[0])
-
-
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _Array,
-    ("numpy._core.multiarray", "_reconstruct"): _Array,
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _DType,
-    ("numpy.core.multiarray", "scalar"): _scalar,
-    ("numpy._core.multiarray", "scalar"): _scalar,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what the official CIFAR-10 files hold: builtin containers, and numpy arrays and
-    scalars rebuilt by the checked stand-ins above (no numpy class or function of the file's
-    choosing is ever called). Any other global (``os.system``, ``builtins.eval``, ...) is refused
-    before it can be called."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise RefusedGlobal(f"global {module}.{name} is not allowed in a CIFAR-10 file") from None
-
-
-_MARK = -1  # a MARK on the scan's stack
-_MODIFIES_BELOW = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
-
-
-def scan_pickle(data: bytes) -> None:
-    """Walk the pickle stream's opcodes without building anything (``pickletools.genops``) and
-    refuse, before the real unpickler runs, a stream of more than ``MAX_OPCODES`` opcodes, objects
-    nested deeper than ``MAX_NESTING`` (counted through every opcode that nests, MARK or not: a
-    tuple a million levels deep needs no MARK, and would overflow the C stack when it is freed),
-    memo indices above ``MAX_MEMO_INDEX`` (the unpickler sizes its memo by the largest index), a
-    memo read of an index never written, or a stack that does not add up."""
-    stack: list[int] = []  # the nesting depth of each object on the unpickler's stack
-    memo: dict[int, int] = {}
-    for count, (opcode, arg, _) in enumerate(pickletools.genops(data), 1):
-        if count > MAX_OPCODES:
-            raise RefusedStructure(f"more than {MAX_OPCODES} pickle opcodes")
-        name, before = opcode.name, opcode.stack_before
-        if name == "MARK":
-            stack.append(_MARK)
-            continue
-        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            index = len(memo) if name == "MEMOIZE" else int(arg)  # type: ignore[arg-type]  # PUT opcodes carry an int
-            if index > MAX_MEMO_INDEX:
-                raise RefusedStructure(f"memo index {index} (at most {MAX_MEMO_INDEX})")
-            if not stack or stack[-1] == _MARK:
-                raise RefusedStructure("memo write with nothing to remember")
-            memo[index] = stack[-1]
-            continue
-        if name in ("GET", "BINGET", "LONG_BINGET"):
-            if arg not in memo:  # GET opcodes carry an int
-                raise RefusedStructure(f"memo index {arg} read before it was written")
-            stack.append(memo[arg])
-            continue
-        popped: list[int] = []
-        if pickletools.markobject in before:
-            if _MARK not in stack:
-                raise RefusedStructure(f"{name} without a MARK")
-            mark = len(stack) - 1 - stack[::-1].index(_MARK)
-            popped = stack[mark + 1:]
-            del stack[mark:]
-            below = before.index(pickletools.markobject)  # e.g. the list that APPENDS extends
-        else:
-            below = len(before)
-        if len(stack) < below or _MARK in stack[len(stack) - below:]:
-            raise RefusedStructure(f"{name} finds too few objects on the stack")
-        base = stack[len(stack) - below:]
-        del stack[len(stack) - below:]
-        if name == "DUP":
-            stack += base * 2
-            continue
-        if name in _MODIFIES_BELOW:  # the container below stays; it now holds the others
-            depth = max(base[0], 1 + max(base[1:] + popped, default=0))
-        else:
-            depth = 1 + max(base + popped) if base or popped else 0
-        if depth > MAX_NESTING:
-            raise RefusedStructure(f"objects nested more than {MAX_NESTING} deep")
-        stack += [depth] * len(opcode.stack_after)
 
 
 def safe_load(path: Path) -> Any:
-    """Unpickle a CIFAR-10 file: size cap, opcode scan (``scan_pickle``), then ``RestrictedUnpickler``
-    (Python 2 strings come back as bytes). Every refusal is a one-line ``DatasetError``."""
+    """Unpickle a CIFAR-10 file: size cap, then ``safe_pickle.safe_loads`` (Python 2 strings come
+    back as bytes). Every refusal is a one-line ``DatasetError``."""
     try:
         data = read_capped(path, MAX_BATCH_BYTES, "CIFAR-10 batch file", "replace it with the official file",
                            DatasetError)
@@ -214,20 +52,16 @@ def safe_load(path: Path) -> Any:
     if not data:
         raise DatasetError(f"{path}: file is empty; delete it and extract or download CIFAR-10 again")
     try:
-        scan_pickle(data)
-        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except (RefusedGlobal, RefusedStructure) as e:
+        return safe_loads(data, max_rows=MAX_IMAGES_PER_FILE)
+    except Refused as e:
         raise DatasetError(f"{path}: refused ({e}); replace it with the official file") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, RecursionError, OverflowError) as e:
-        why = " ".join(str(e).split())[:200]  # pickle's own messages may span lines
-        raise DatasetError(f"{path}: truncated or corrupt ({type(e).__name__}: {why}); "
-                           f"replace it with the official file") from None
+    except Damaged as e:
+        raise DatasetError(f"{path}: truncated or corrupt ({e}); replace it with the official file") from None
 
 
 def _array(value: Any) -> Any:
     """A checked array in place of its stand-in; anything else as it is."""
-    if isinstance(value, _Array):
+    if isinstance(value, CheckedArray):
         if value.array is None:
             raise DatasetError("an array in the file has no data")
         return value.array

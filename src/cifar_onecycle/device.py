@@ -30,9 +30,11 @@ def sync_every(device: torch.device, steps_per_epoch: int) -> int:
 GPU_AUGMENT_IMAGES = 16_384
 
 
-def augment_at_once(device: torch.device, batch_size: int) -> int:
-    """How many batches the training loop augments together on ``device``."""
-    return 1 if device.type == "cpu" else max(1, GPU_AUGMENT_IMAGES // batch_size)
+def augment_at_once(device: torch.device, batch_size: int, images: int | None = None) -> int:
+    """How many batches the training loop augments together on ``device``: ``images`` at once on a
+    GPU (None: ``GPU_AUGMENT_IMAGES``; fewer than a batch: one batch at a time)."""
+    images = GPU_AUGMENT_IMAGES if images is None else images
+    return 1 if device.type == "cpu" else max(1, images // batch_size)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -43,6 +43,7 @@ class RunSetup:
     dist: Dist = field(default_factory=Dist)
     val_images: torch.Tensor | None = None  # the held-out training images (recipe.holdout), else None
     val_labels: torch.Tensor | None = None
+    augment_images: int | None = None       # images a GPU augments at once (None: the device's policy)
 
     @property
     def epoch_split(self) -> str:
@@ -85,7 +86,7 @@ class RunSetup:
                              padding=recipe.padding, flip=recipe.flip, cutout_size=recipe.hole_size, order=order,
                              draws=draws, start=start, rank=self.dist.rank, world=self.dist.world,
                              memory_format=recipe.memory_format,
-                             batches_at_once=augment_at_once(self.device, recipe.batch_size))
+                             batches_at_once=augment_at_once(self.device, recipe.batch_size, self.augment_images))
 
     def autocast(self) -> torch.autocast:
         return autocast(self.device, self.precision)
@@ -138,9 +139,10 @@ def training_split(recipe: Recipe, data: Cifar10) -> tuple[torch.Tensor | slice,
     return kept[:n_train] if isinstance(kept, torch.Tensor) else slice(n_train), held
 
 
-def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSetup:
+def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None, augment_images: int | None = None) -> RunSetup:
     """Check that the recipe can run here on this data, move the data to the device and build the
-    model, optimizer and generators, seeded from the recipe.
+    model, optimizer and generators, seeded from the recipe. ``augment_images``: how many images a
+    GPU augments at once (``device.augment_at_once``; the batches are the same whatever it is).
 
     Under torchrun (``dist.world > 1``) the model is wrapped in DistributedDataParallel; every rank
     starts from the same weights (same seed, and DDP broadcasts rank 0's at wrapping).
@@ -177,4 +179,4 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None) -> RunSet
                     data.test_images.to(device), data.test_labels.to(device), model, step_model, optimizer,
                     make_scaler(device, precision), ema, generator, dist,
                     None if held is None else data.train_images[held].to(device),
-                    None if held is None else data.train_labels[held].to(device))
+                    None if held is None else data.train_labels[held].to(device), augment_images)

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from .run_folder import FAILED, SUMMARY, RunFolder
 from .run_setup import training_split
 from .seeds import check_seed_range
 from .signals import StopSignals, signals_for_tests
-from .training import data_folder, load_data, train
+from .training import RunOptions, data_folder, load_data, train
 
 PLAN, TABLE, STATS, PICTURE = "sweep_plan.json", "sweep.csv", "sweep.json", "sweep.png"
 AUTO = "auto"
@@ -469,17 +469,6 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
     return fig
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """The ``train`` options a sweep passes to every run unchanged."""
-
-    data_dir: str | None
-    download: bool
-    report: bool
-    checkpoints: bool
-    tensorboard: bool
-
-
 def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOptions) -> list[str]:
     """The ``cifar-onecycle train`` arguments of one run of the sweep (its resume when it has a
     checkpoint): run as printed, they make the same run folder that ``sweep`` would."""
@@ -491,7 +480,7 @@ def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOpti
         args = ["train", "--recipe", os.path.abspath(folder.path / "recipe.toml"), *point.flags(), "--seed",
                 str(seed), "--out", where, "--overwrite"]
     if options.data_dir:
-        args += ["--data-dir", options.data_dir]
+        args += ["--data-dir", str(options.data_dir)]
     args += [*([] if options.download else ["--no-download"]), *([] if options.report else ["--no-report"]),
              *([] if options.checkpoints else ["--no-checkpoint"]), *(["--tensorboard"] if options.tensorboard else [])]
     return args
@@ -532,7 +521,8 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
             training_split(point.recipe(base, plan.first_seed), data)
     folder = SweepFolder(out)
     folder.open(plan, base)
-    options = RunOptions(data_dir, download, report, checkpoints, tensorboard)
+    options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,
+                         checkpoints=checkpoints, tensorboard=tensorboard)
     todo = [(seed, point) for seed, point in plan.runs() if folder.status(point, seed) in ("started", "new")]
     if print_commands:
         result = folder.write_results(plan, base)
@@ -547,13 +537,11 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
                 tqdm.write(f"sweep: {point.name} seed {seed} ({i} of {len(todo)} left to train)")
             try:
                 if run.has(CHECKPOINT):
-                    train(resume=run.path, data=data, data_dir=data_dir, progress=progress, report=report,
-                          checkpoints=checkpoints, tensorboard=tensorboard)
+                    train(data=data, **asdict(replace(options, resume=run.path)))
                 else:
-                    train(point.recipe(base, seed), data=data, data_dir=data_dir, out=run.path, overwrite=True,
-                          progress=progress, find_lr_max="lr_max" in point.found,
-                          find_lr_min="lr_min" in point.found, report=report, checkpoints=checkpoints,
-                          tensorboard=tensorboard)
+                    train(point.recipe(base, seed), data=data, **asdict(replace(
+                        options, out=run.path, overwrite=True, find_lr_max="lr_max" in point.found,
+                        find_lr_min="lr_min" in point.found)))
             except (DivergenceError, NoLRFound) as e:  # train recorded it in the run folder; the sweep goes on
                 if progress:
                     tqdm.write(f"sweep: {point.name} seed {seed}: {e}")

@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,30 @@ from .signals import StopSignals, TestSignals, interrupted, send_test_signals, s
 from .state import TrainState
 
 
-def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, download: bool = True,
-          out: str | Path | None = None, overwrite: bool = False, data: Cifar10 | None = None,
-          progress: bool = True, find_lr_max: bool = False, find_lr_min: bool = False,
-          resume: str | Path | None = None,
-          report: bool = True, tensorboard: bool = False, checkpoints: bool = True) -> TrainResult:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out, beside what it computes (the recipe): where its data and folder
+    are, what it shows and writes. ``train``'s keyword arguments, documented there."""
+
+    data_dir: str | Path | None = None
+    download: bool = True
+    out: str | Path | None = None
+    overwrite: bool = False
+    resume: str | Path | None = None
+    progress: bool = True
+    report: bool = True
+    tensorboard: bool = False
+    checkpoints: bool = True
+    find_lr_max: bool = False
+    find_lr_min: bool = False
+    augment_images: int | None = None
+
+
+def train(recipe: Recipe | None = None, *, data: Cifar10 | None = None, data_dir: str | Path | None = None,
+          download: bool = True, out: str | Path | None = None, overwrite: bool = False,
+          resume: str | Path | None = None, progress: bool = True, report: bool = True, tensorboard: bool = False,
+          checkpoints: bool = True, find_lr_max: bool = False, find_lr_min: bool = False,
+          augment_images: int | None = None) -> TrainResult:
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
@@ -43,22 +63,23 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     folder for recipe.toml, metrics.csv, summary.json, the weights and a checkpoint after every epoch
     (and on SIGINT/SIGTERM); none when ``None``.
     ``progress``: a progress bar and a line per epoch. ``find_lr_max`` / ``find_lr_min``: run the
-    linear LR range test first and use its LRMAX / LRMIN suggestion (``lr_range_test``).
+    LR range test first and use its LRMAX / LRMIN suggestion (``lr_finder.find_lr_bounds``).
     ``resume``: a run folder whose checkpoint to continue, with its own recipe. ``report``: write
     the pictures and report.md into the run folder at the end. ``tensorboard``: also log each
     epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra). ``checkpoints``: write
     checkpoint.pt after every epoch and on a stop signal (off: a run that only measures, which
-    cannot be resumed).
+    cannot be resumed). ``augment_images``: how many images a GPU augments at once (None: the
+    device's policy, ``device.augment_at_once``; 0: one batch at a time); the images are the same.
     """
+    options = RunOptions(data_dir, download, out, overwrite, resume, progress, report, tensorboard, checkpoints,
+                         find_lr_max, find_lr_min, augment_images)
     started = time.perf_counter()  # the run's time counts its data loading and any range test
     commit = git_commit()  # now: the tree may move on while a long run trains
     dist = init_distributed(run_device(recipe, resume))
     progress = progress and dist.main  # under torchrun only rank 0 shows progress and writes files
     test_signals = signals_for_tests()
     board_class = tensorboard_writer(out or resume) if tensorboard and dist.main else None  # refused before any work
-    setup, state, folder = start_run(recipe, data_dir=data_dir, download=download, out=out, overwrite=overwrite,
-                                     data=data, progress=progress, find_lr_max=find_lr_max, find_lr_min=find_lr_min,
-                                     resume=resume, dist=dist, test_signals=test_signals, started=started)
+    setup, state, folder = start_run(recipe, options, data, dist, test_signals, started)
     recipe = setup.recipe
     board = board_class(log_dir=str(folder.path / "tensorboard")) if board_class and folder else None
     checkpoint_folder = folder if checkpoints else None
@@ -94,16 +115,15 @@ def train(recipe: Recipe | None = None, *, data_dir: str | Path | None = None, d
     return TrainResult(recipe, state.history, summary, setup.delivered_model, folder.path if folder else None)
 
 
-def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: bool, out: str | Path | None,
-              overwrite: bool, data: Cifar10 | None, progress: bool, find_lr_max: bool, find_lr_min: bool,
-              resume: str | Path | None, dist: Dist, test_signals: TestSignals,
+def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, dist: Dist, test_signals: TestSignals,
               started: float) -> tuple[RunSetup, TrainState, RunFolder | None]:
     """The run's setup, its state (restored from the checkpoint when resuming) and its folder (rank
     0's only). Nothing is written before the data and the recipe pass every check: a bad input leaves
     no half-made run folder."""
+    progress = options.progress and dist.main
     folder: RunFolder | None
-    if resume is not None:
-        folder = RunFolder(resume)
+    if options.resume is not None:
+        folder = RunFolder(options.resume)
         checkpoint, saved = folder.load_checkpoint()
         with damaged_checkpoint(folder):
             TrainState.check_checkpoint(checkpoint, saved.epochs)
@@ -115,31 +135,31 @@ def start_run(recipe: Recipe | None, *, data_dir: str | Path | None, download: b
         if checkpoint["epoch"] >= saved.epochs and folder.has(SUMMARY):
             raise UserError(f"resume {folder.path}: this run already finished all {saved.epochs} epochs", "resume")
         resolve_placement(saved)  # a device this machine lacks: refused before loading anything
-        data_dir = data_folder(data_dir or checkpoint.get("data_dir"), data)
-        data = data if data is not None else load_data(data_dir, download, progress, test_signals)
-        setup = setup_run(saved, data, dist)
+        data_dir = data_folder(options.data_dir or checkpoint.get("data_dir"), data)
+        data = data if data is not None else load_data(data_dir, options.download, progress, test_signals)
+        setup = setup_run(saved, data, dist, options.augment_images)
         with damaged_checkpoint(folder):
             state = TrainState.from_checkpoint(checkpoint, setup, started)
         state.data_dir = data_dir
         return setup, state, folder if dist.main else None
     recipe = recipe or Recipe()
     resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
-    data_dir = data_folder(data_dir, data)
-    data = data if data is not None else load_data(data_dir, download, progress, test_signals)
-    setup = setup_run(recipe, data, dist)
-    folder = RunFolder.create(out, overwrite) if out is not None and dist.main else None
+    data_dir = data_folder(options.data_dir, data)
+    data = data if data is not None else load_data(data_dir, options.download, progress, test_signals)
+    setup = setup_run(recipe, data, dist, options.augment_images)
+    folder = RunFolder.create(options.out, options.overwrite) if options.out is not None and dist.main else None
     lr_found = None
-    if find_lr_max or find_lr_min:
+    if options.find_lr_max or options.find_lr_min:
         try:
-            recipe, lr_found = find_lr_bounds(setup, find_lr_max, find_lr_min, folder.path if folder else None,
-                                              progress)
+            recipe, lr_found = find_lr_bounds(setup, options.find_lr_max, options.find_lr_min,
+                                              folder.path if folder else None, progress)
         except NoLRFound as e:  # recorded like a divergence: the same run would find nothing again
             if folder:
                 folder.write_failed("no LR found", str(e))
             raise
         # A fresh setup after the range test: the same seed gives the same weights and data order
         # as a run started with the found values written out.
-        setup = setup_run(recipe, setup.data, dist)
+        setup = setup_run(recipe, setup.data, dist, options.augment_images)
     if folder:
         folder.write_recipe(recipe)
     return setup, TrainState(lr_found=lr_found, data_dir=data_dir, started=started), folder
