@@ -6,6 +6,8 @@ Reads the run folders (``<stage>/<recipe>/seed<k>/summary.json``), ``timing.json
 ``profile.json`` and ``progress.jsonl`` there and writes ``README.md`` beside them: the recipes'
 last-epoch test accuracy over seeds against the proxy targets, the compiled timing, the bare step,
 the top kernels and the LRMAX points. Nothing is typed in by hand: rerun it after adding runs.
+It reads the files of the current ``device_run.py``; the READMEs of older folders (gpu-h200,
+gpu-h200-levers, gpu-h100) are kept as their own code generated them, not regenerated.
 """
 from __future__ import annotations
 
@@ -122,10 +124,6 @@ def profile_section(folder: Path) -> list[str]:
     return lines
 
 
-# The bare variant each whole-loop variant ran, for files written before the loops named it
-# themselves (gpu-h200-levers: the library then switched cuDNN's benchmark mode on).
-MATCHING_BARE = {"eager": "eager, fused SGD, cuDNN benchmark", "compiled": "compiled, fused SGD, cuDNN benchmark",
-                 "compiled-reduce-overhead": "compiled reduce-overhead, fused SGD, cuDNN benchmark"}
 IMAGES_PER_RUN = 24 * 97 * 512  # 24 epochs of 97 full batches of 512
 
 
@@ -157,7 +155,7 @@ def speed_section(folder: Path) -> list[str]:
               "| loop | training s | of which compilation and warm-up | training s without it | median epoch s | "
               "wall s | test % | whole loop / bare step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for loop in speed["loops"]:
-        match = bare.get(loop.get("bare_variant") or MATCHING_BARE.get(loop["variant"], ""))
+        match = bare.get(loop["bare_variant"])
         ratio = f"{loop['whole_loop_images_per_second_median'] / match['median']:.3f}" if match else ""
         lines.append(f"| {loop['variant']} | {loop['train_seconds_total']:.2f} | "
                      f"{loop['compile_and_warmup_seconds']:.2f} "
@@ -201,7 +199,7 @@ def lr_find_section(folder: Path) -> list[str]:
                 seconds[record["recipe"]] = record["seconds"]
     lines = ["`cifar-onecycle lr-find --recipe NAME --mode both` as the code of this call ran it (exponential "
              "sweep from 1e-5 to 10, linear sweep from 1e-4 to 1; the length is the iterations column, 97 to an "
-             "epoch; the `-linear6` rows are a linear sweep of 6 epochs), graphs in `lr_find/<recipe>/seed0/`:",
+             "epoch), graphs in `lr_find/<recipe>/seed0/`:",
              "", "| recipe | sweep | iterations | LRMAX (rule) | LRMIN (rule) | stopped early | note | seconds, both "
              "sweeps |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in files:

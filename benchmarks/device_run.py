@@ -73,9 +73,6 @@ RECIPES = ("seed", "dawnbench", "best")
 # What comes back of a run folder (a diverged run has diverged.json instead of summary.json; a
 # range test has lr_find.json and its graphs).
 PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "failed.json", "lr_find.json")
-# Training FLOPs per image are about three times the forward pass's (backward: gradients of the
-# inputs and of the weights, each about one forward).
-TRAIN_FLOPS_PER_FORWARD = 3
 
 
 class Tee(io.TextIOBase):
@@ -477,28 +474,6 @@ def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, 
     results.set_timing("compiled_seed", timing)
 
 
-def training_flops_per_image(model: Any) -> float:
-    """Multiply-adds of the convolutions and the linear layer, x2 for FLOPs, x3 for training."""
-    import torch
-
-    total = 0
-
-    def count(module: Any, inputs: Any, output: Any) -> None:
-        nonlocal total
-        if isinstance(module, torch.nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += output[0].numel() * per_output
-        elif isinstance(module, torch.nn.Linear):
-            total += module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
-    for h in hooks:
-        h.remove()
-    return 2.0 * total * TRAIN_FLOPS_PER_FORWARD
-
-
 def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int = 10) -> None:
     """The top kernels of ``steps`` bare steps, eager and compiled (the library's CUDA defaults:
     fused SGD, cuDNN heuristics), and the achieved TFLOP/s over the kernels' time."""
@@ -506,7 +481,8 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
     from torch.profiler import ProfilerActivity, profile
 
     from cifar_onecycle import ResNet9
-    from cifar_onecycle.device import resolve_device, resolve_precision, synchronize
+    from cifar_onecycle.device import resolve_device, resolve_precision
+    from cifar_onecycle.model import synchronize, training_flops_per_image
     from throughput import bare_step
 
     recipe = recipe_for("seed")
@@ -551,7 +527,7 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
         results.write("profile.json", json.dumps(reports, indent=2) + "\n")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the folder that comes back ($OUT)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "device_run",
@@ -576,7 +552,30 @@ def main() -> None:
     ap.add_argument("--test-subset", type=int, default=0, help="dry runs: evaluate on the first N test images")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="dry runs: change a setting in every recipe (e.g. epochs=1)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def load_data(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The data set (built from the carried proxy tar unless --data-dir has it) and its folder; with
+    --test-subset, evenly spaced test images (the proxy's are sorted by class)."""
+    from cifar_onecycle import Cifar10, load_cifar10
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = args.work / "data"
+        if not (data_dir / "cifar-10-batches-py").is_dir():
+            subprocess.run([sys.executable, str(args.proxy_tool), str(data_dir), "--tar", str(args.proxy_tar)],
+                           check=True)
+    data = load_cifar10(data_dir, download=False)
+    if args.test_subset:
+        keep = [i * len(data.test_images) // args.test_subset for i in range(args.test_subset)]
+        data = Cifar10(data.train_images, data.train_labels, data.test_images[keep], data.test_labels[keep])
+    say(f"data: {len(data.train_images)} training and {len(data.test_images)} test images from {data_dir}")
+    return data, data_dir
+
+
+def main() -> None:
+    args = parse_args()
     clock = Clock(args.budget_s)
     stages = args.stages.split(",")
 
@@ -587,7 +586,7 @@ def main() -> None:
     say(ensure_packages(args.wheels))
     if args.commit:  # summary.json's git_commit on a copy that is not a checkout
         os.environ["CIFAR_ONECYCLE_COMMIT"] = args.commit
-    from cifar_onecycle import Cifar10, load_cifar10, load_recipe
+    from cifar_onecycle import load_recipe
     from recipes import setting
 
     env = environment(args.commit, args)
@@ -596,17 +595,7 @@ def main() -> None:
     say(f"{env.get('card', 'no GPU')}, torch {env['torch']}, CUDA {env['cuda']}, bf16 {env.get('bf16')}; "
         f"budget {args.budget_s:.0f} s")
 
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = args.work / "data"
-        if not (data_dir / "cifar-10-batches-py").is_dir():
-            subprocess.run([sys.executable, str(args.proxy_tool), str(data_dir), "--tar", str(args.proxy_tar)],
-                           check=True)
-    data = load_cifar10(data_dir, download=False)
-    if args.test_subset:  # evenly spaced: the proxy's test images are sorted by class
-        keep = [i * len(data.test_images) // args.test_subset for i in range(args.test_subset)]
-        data = Cifar10(data.train_images, data.train_labels, data.test_images[keep], data.test_labels[keep])
-    say(f"data: {len(data.train_images)} training and {len(data.test_images)} test images from {data_dir}")
+    data, data_dir = load_data(args)
     changes = dict(setting(text) for text in args.set)
     # the run folders of an earlier call of this command on the same machine would be packed too
     shutil.rmtree(args.work / "runs", ignore_errors=True)

@@ -27,8 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    ap.add_argument("--device", default="auto", choices=Recipe.choices("device"))
+    ap.add_argument("--precision", default="auto", choices=Recipe.choices("precision"))
     a = ap.parse_args()
 
     n = a.batch_size * a.iters

@@ -110,3 +110,27 @@ def test_the_forward_pass_is_the_seeds_network():
         with torch.no_grad():
             got = model(x)
         assert torch.allclose(got, reference_forward(params, x, training, 0.125), rtol=1e-4, atol=1e-5), training
+
+
+def test_training_flops_per_image_are_the_layers_multiply_adds_times_six():
+    from cifar_onecycle.model import training_flops_per_image
+
+    # Multiply-adds, layer by layer (output pixels x output channels x input channels x 3 x 3):
+    # prep 3-64 at 32x32; layer 1's conv 64-128 at 32x32 (before its pool); its residual's two convs
+    # 128-128 at 16x16; layer 2 128-256 at 16x16; layer 3 256-512 at 8x8; its residual 512-512 at
+    # 4x4, twice; the FC layer 512 x 10.
+    macs = (32 * 32 * 64 * 3 * 9 + 32 * 32 * 128 * 64 * 9 + 2 * 16 * 16 * 128 * 128 * 9 + 16 * 16 * 256 * 128 * 9
+            + 8 * 8 * 512 * 256 * 9 + 2 * 4 * 4 * 512 * 512 * 9 + 512 * 10)
+    model = ResNet9().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert training_flops_per_image(model) == 2 * 3 * macs  # x2 FLOPs a multiply-add, x3 forward and backward
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_epoch_line_shows_the_achieved_tflops_where_measured():
+    from cifar_onecycle.results import EpochMetrics, format_epoch, metrics_csv
+
+    row = EpochMetrics(1, 0.1, 2.0, 0.3, 1.9, 0.35, 0.5, 100_000.0)
+    assert "TFLOP/s" not in format_epoch(row, 24) and "tflops" not in metrics_csv([row])
+    row.tflops = 227.6
+    assert format_epoch(row, 24).endswith("228 TFLOP/s") and metrics_csv([row]).splitlines()[0].endswith(",tflops")

@@ -181,8 +181,8 @@ def test_the_loop_reads_the_device_every_10_steps_on_a_cpu_and_once_an_epoch_on_
     # CPU, and once, at the end, under a GPU's policy.
     data = load_cifar10(cifar_dir, download=False)
     reads = []
-    read_sums = training.read_sums
-    monkeypatch.setattr(training, "read_sums", lambda setup, state, *a: reads.append(state.batch) or read_sums(
+    gather_sums = training.gather_sums
+    monkeypatch.setattr(training, "gather_sums", lambda setup, state, *a: reads.append(state.batch) or gather_sums(
         setup, state, *a))
     train(Recipe(**{**TINY, "batch_size": 4, "epochs": 1, "peak_epoch": 0.5}), data=data, progress=False)
     assert reads == [10, 20, 25]

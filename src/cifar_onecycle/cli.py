@@ -84,13 +84,15 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_device_flags(p: argparse.ArgumentParser, precision_reproduces: str = "") -> None:
     """--device, and with ``precision_reproduces`` --precision, whose default is the run's own."""
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=Recipe.choices("device"), default="auto")
     if precision_reproduces:
-        p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+        p.add_argument("--precision", choices=Recipe.choices("precision"),
                        help=f"arithmetic (default: the run's own recipe setting, so that {precision_reproduces})")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .lr_finder import METHODS, MODES
+
     parser = Parser(prog=PROG, description="Train the EVA6 Session 9 ResNet on CIFAR-10 with the One Cycle policy.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = Parser(add_help=False)
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lr_find_cmd = sub.add_parser("lr-find", parents=[common],
                                  help="LR range test: loss against a growing LR, with graphs")
-    lr_find_cmd.add_argument("--mode", choices=("exp", "linear", "both"), default="both",
+    lr_find_cmd.add_argument("--mode", choices=(*MODES, "both"), default="both",
                              help="exponential or linear growth of the LR, or one sweep of each (default: both)")
     lr_find_cmd.add_argument("--start-lr", type=_number, help="first LR (default: 1e-5 exp, 1e-4 linear)")
     lr_find_cmd.add_argument("--end-lr", type=_number, help="last LR (default: 10 exp, 1 linear)")
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="stop once the smoothed loss stays above this many times its best (default: 4)")
     lr_find_cmd.add_argument("--patience", type=int,
                              help="for that many iterations in a row (default: 2%% of the sweep, at least 3)")
-    lr_find_cmd.add_argument("--method", choices=("plateau", "valley", "steepest"), default="plateau",
+    lr_find_cmd.add_argument("--method", choices=METHODS, default="plateau",
                              help="how LRMAX is read off the curve: plateau (where the loss stops falling; the One "
                                   "Cycle rule), valley or steepest (default: plateau); LRMIN is always where the "
                                   "loss starts to fall")

@@ -9,10 +9,9 @@ from .errors import UserError
 from .recipe import Recipe
 
 # How often (in steps) the loop reads the running loss back from the device, for the progress bar,
-# the divergence check and (under torchrun) the ranks' agreement on a stop signal. On a CPU every 10
-# steps: a read costs nothing there and a diverged loss is caught within 10 steps. On a GPU each read
-# is a host sync that drains the queue and leaves the GPU idle while the host launches the next
-# step, so there the loop reads once, at the epoch's end (97 steps, about half a second on an H200).
+# the divergence check and (under torchrun) the ranks' agreement on a stop signal. On a GPU each read
+# is a host sync that drains the queue, so there the loop reads once, at the epoch's end; on a CPU a
+# read costs nothing, and every 10 steps catches a diverged loss within 10 steps.
 CPU_SYNC_EVERY = 10
 
 
@@ -20,13 +19,9 @@ def sync_every(device: torch.device, steps_per_epoch: int) -> int:
     return CPU_SYNC_EVERY if device.type == "cpu" else steps_per_epoch
 
 
-# How many training images a GPU augments at once (a CPU: one batch). Each batch's augmentation is
-# a dozen small kernels whose launches cost more than their work: one batch at a time, an epoch's
-# augmentation took 0.093 s on an H200, a fifth of the 0.43 s epoch of the CUDA-graph loop
-# (benchmarks/results/gpu-h200-levers/); on an H100 0.049 s one batch at a time against 0.0094 s
-# this many at once, which took the CUDA-graph loop from 11.1 to 9.3 s (benchmarks/results/gpu-h100/).
-# 16,384 images at once hold about 200 MB of fp32 batches (and twice that briefly while they are
-# made); a CPU gains nothing from it and keeps its memory.
+# How many training images a GPU augments at once (a CPU: one batch, and keeps its memory). Each
+# batch's augmentation is a dozen small kernels whose launches cost more than their work; 16,384
+# images hold about 200 MB of fp32 batches. Measured: benchmarks/results/README.md, the defaults.
 GPU_AUGMENT_IMAGES = 16_384
 
 

@@ -13,13 +13,16 @@ stop helping? Those are the two ends of the cycle. The ``plateau`` rule reads bo
 fall from its starting level to its lowest level (see ``fall_bounds``). fastai's ``valley`` and
 torch-lr-finder's ``steepest`` rules, which answer a different question (a good constant LR for
 fine-tuning), remain as options for LRMAX.
+
+Two entry points: ``find_lr`` for any model, ``lr_range_test`` for a recipe (its model, augmented
+batches, optimizer, precision and step). ``find_lr_bounds`` is what ``train`` runs for ``auto``
+settings. The graphs are drawn in ``report`` beside the other pictures.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
-import textwrap
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -44,12 +47,10 @@ MODES = ("exp", "linear")
 # iterations), and ends at 1, five times the seed's LRMAX.
 DEFAULT_RANGES = {"exp": (1e-5, 10.0), "linear": (1e-4, 1.0)}
 # Sweep lengths in epochs of the recipe's batches. The linear sweep is the One Cycle test proper and
-# must rise slowly enough for a freshly initialised network to train into the range: on the seed's
-# network (logit scale 1) a 2-epoch sweep from 1e-4 to 1 blew up at LR 0.06 after 13 iterations and
-# found nothing, while 6 epochs gave LRMAX 0.44 (and 0.48 for the dawnbench recipe; H200,
-# benchmarks/results/gpu-h200-levers/). The exponential sweep gets one epoch, about 16 iterations a
-# decade at CIFAR-10's 97 steps an epoch. Together 7 epochs: seconds on a GPU, 20 minutes on a CPU
-# with native bf16.
+# must rise slowly enough for a freshly initialised network to train into the range (2 epochs blew up
+# early on the seed's network, 6 did not: benchmarks/results/README.md, the defaults). The
+# exponential sweep gets one epoch, about 16 iterations a decade at CIFAR-10's 97 steps an epoch.
+# Together 7 epochs: seconds on a GPU, 20 minutes on a CPU with native bf16.
 DEFAULT_EPOCHS = {"exp": 1.0, "linear": 6.0}
 METHODS = ("plateau", "valley", "steepest")
 # The One Cycle bounds as fractions of the loss's fall (its starting level minus its lowest level,
@@ -216,97 +217,17 @@ class LRFinderResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def _mark(self, ax: Any) -> None:
-        if self.suggested_lr_max is not None:
-            ax.axvline(self.suggested_lr_max, color="C3", ls="--", lw=1,
-                       label=f"LRMAX {self.suggested_lr_max:.3g} ({self.lr_max_rule})")
-        if self.suggested_lr_min is not None:
-            ax.axvline(self.suggested_lr_min, color="C4", ls=":", lw=1.5,
-                       label=f"LRMIN {self.suggested_lr_min:.3g} ({self.lr_min_rule})")
-
     def plot(self, ax: Any = None) -> Any:
-        """Loss (raw and smoothed) against LR, the suggestion marked; returns the Axes, never shows."""
-        from .report import new_axes
+        """Loss against LR (``report.plot_lr_find_loss``): in a notebook, the curve at a glance."""
+        from .report import plot_lr_find_loss
 
-        ax = ax if ax is not None else new_axes()
-        ax.plot(self.lrs, self.losses, color="0.7", lw=1, label="loss")
-        ax.plot(self.lrs, self.smoothed, color="C0", lw=2, label="smoothed loss")
-        self._mark(ax)
-        if self.mode == "exp":
-            ax.set_xscale("log")
-        lo, hi = min(self.smoothed), self.smoothed[0]
-        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), max(hi, lo) + 0.6 * (hi - lo + 1e-9))
-        ax.set_xlabel("learning rate" + (" (log scale)" if self.mode == "exp" else ""))
-        ax.set_ylabel("training loss")
-        ax.legend(loc="upper left")
-        ax.grid(alpha=0.3)
-        return ax
-
-    def plot_lr(self, ax: Any = None) -> Any:
-        """The LR against iteration: the increase itself; batch accuracy on a second axis."""
-        from .report import new_axes
-
-        ax = ax if ax is not None else new_axes()
-        ax.plot(range(1, len(self.lrs) + 1), self.lrs, color="C2", lw=2, label="learning rate")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("learning rate")
-        if self.mode == "exp":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if self.accuracies:
-            acc = ax.twinx()
-            acc.plot(range(1, len(self.accuracies) + 1), self.accuracies, color="C1", lw=1, alpha=0.8,
-                     label="batch accuracy")
-            acc.set_ylabel("training accuracy")
-            acc.set_ylim(0, 1)
-            acc.legend(loc="lower right")
-        ax.legend(loc="upper left")
-        return ax
-
-    def plot_accuracy(self, ax: Any = None) -> Any:
-        """Batch accuracy (raw and centred average) and the smoothed loss against the LR, with the
-        suggestions marked: where training stops improving is visible in both curves."""
-        from .report import new_axes
-
-        ax = ax if ax is not None else new_axes()
-        if self.accuracies:
-            ax.plot(self.lrs, self.accuracies, color="C1", lw=1, alpha=0.35, label="batch accuracy")
-            ax.plot(self.lrs, centred_mean(self.accuracies, max(5, len(self.lrs) // 20)), color="C1", lw=2,
-                    label="batch accuracy, averaged")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("training accuracy")
-        ax.set_xlabel("learning rate" + (" (log scale)" if self.mode == "exp" else ""))
-        if self.mode == "exp":
-            ax.set_xscale("log")
-        self._mark(ax)
-        ax.grid(alpha=0.3)
-        loss = ax.twinx()
-        loss.plot(self.lrs, self.smoothed, color="C0", lw=1.5, label="smoothed loss")
-        loss.set_ylabel("smoothed loss")
-        loss.legend(loc="upper right")
-        ax.legend(loc="center right", fontsize="small")
-        return ax
+        return plot_lr_find_loss(self, ax)
 
     def figure(self) -> Any:
-        """The seed's graph: 'Exponential LR' or 'Linear LR', with both panels (the linear one shows
-        accuracy and loss against the LR; the exponential one the LR's increase)."""
-        from .report import new_figure
+        """The seed's graph of this sweep (``report.lr_find_figure``)."""
+        from .report import lr_find_figure
 
-        fig = new_figure((11, 4.2))
-        left, right = fig.subplots(1, 2)
-        self.plot(left)
-        left.set_title("loss against learning rate")
-        if self.mode == "linear":
-            self.plot_accuracy(right)
-            right.set_title("batch accuracy and loss against learning rate")
-        else:
-            self.plot_lr(right)
-            right.set_title("exponential increase of the LR")
-        note = f", stopped early: {self.stopped}" if self.stopped else ""
-        note += f"; {self.note}" if self.note else ""
-        fig.suptitle(textwrap.fill(f"{'Exponential' if self.mode == 'exp' else 'Linear'} LR  "
-                                   f"({len(self.lrs)} iterations{note})", 130))
-        return fig
+        return lr_find_figure(self)
 
 
 def _cycle(batches: Iterable | Callable[[], Iterable]) -> Iterator:
@@ -396,13 +317,13 @@ def find_lr(model: torch.nn.Module, batches: Iterable | Callable[[], Iterable],
 def write_lr_find(results: dict[str, LRFinderResult], out_dir: str | Path) -> list[Path]:
     """lr_find_<mode>.png for each sweep and lr_find.json keyed by mode; returns the paths written."""
     from .files import atomic_write
-    from .report import save_png
+    from .report import lr_find_figure, save_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for mode, result in results.items():
-        save_png(result.figure(), out_dir / f"lr_find_{mode}.png")
+        save_png(lr_find_figure(result), out_dir / f"lr_find_{mode}.png")
         written.append(out_dir / f"lr_find_{mode}.png")
     atomic_write(out_dir / "lr_find.json", json.dumps({m: r.to_dict() for m, r in results.items()}, indent=1) + "\n")
     return [*written, out_dir / "lr_find.json"]
@@ -433,13 +354,13 @@ def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",)
     ``DEFAULT_EPOCHS`` of its mode). ``sweep``: the other ``find_lr`` settings (start_lr, end_lr,
     smooth, diverge, method, patience).
     """
-    return range_test(setup_run(recipe, data, init_distributed(recipe.device)), modes, progress, epochs=epochs,
+    return _sweeps(setup_run(recipe, data, init_distributed(recipe.device)), modes, progress, epochs=epochs,
                       num_iter=num_iter, **sweep)
 
 
-def range_test(setup: RunSetup, modes: Sequence[str] = ("exp",), progress: bool = True, *,
+def _sweeps(setup: RunSetup, modes: Sequence[str] = ("exp",), progress: bool = True, *,
                epochs: float | None = None, num_iter: int | None = None, **sweep: Any) -> dict[str, LRFinderResult]:
-    """``lr_range_test`` on a run's setup (whose weights and optimizer it leaves as they were)."""
+    """The sweeps of ``lr_range_test`` on a run's setup (whose weights and optimizer it leaves as they were)."""
     dist = setup.dist
     # Under torchrun every rank must see the same loss, or their stopping decisions would differ.
     reduce = (lambda t: all_reduce_sum(t.clone(), dist) / dist.world) if dist.world > 1 else None
@@ -467,7 +388,7 @@ def find_lr_bounds(setup: RunSetup, find_lr_max: bool, find_lr_min: bool, folder
     found (for summary.json). The graphs and lr_find.json go into ``folder``."""
     wanted = [name for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on]
     modes = [mode for mode in MODES if mode in {AUTO_SWEEPS[name] for name in wanted}]
-    results = range_test(setup, modes, progress=progress)
+    results = _sweeps(setup, modes, progress=progress)
     if folder:
         write_lr_find(results, folder)
     found_values: dict[str, float] = {}

@@ -5,6 +5,8 @@ keeping them out of the module tree lets the summary walk reproduce that table r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,3 +69,35 @@ class ResNet9(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# A training step costs about three forward passes: the forward, and a backward that computes the
+# gradients of both the activations and the weights (each as large as the forward).
+TRAIN_FLOPS_PER_FORWARD = 3
+
+
+@torch.no_grad()
+def training_flops_per_image(model: nn.Module, image_size: int = 32) -> float:
+    """The FLOPs one image costs a training step: the multiply-adds of the convolutions and linear
+    layers (the rest is memory-bound and small), x2 for FLOPs, x ``TRAIN_FLOPS_PER_FORWARD``. Counted
+    on a forward pass of one image in eval mode (no BatchNorm statistics change); the model is left
+    in the mode it was in."""
+    total = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output[0].numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    was_training = model.training
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        parameter = next(model.parameters())
+        model.eval()(torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return 2.0 * total * TRAIN_FLOPS_PER_FORWARD

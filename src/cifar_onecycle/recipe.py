@@ -31,10 +31,9 @@ else:  # pragma: no cover - exercised only on Python 3.10
 # 2.4 GB at 16. Beyond half the image a crop is mostly mirror image, and reflect padding stops at 31;
 # the bound also keeps a recipe file from deciding how much memory the run takes.
 MAX_CROP_PADDING = 16
-# Seeds lie in 0 .. SEEDS_END - 1. The run's one generator takes the seed itself (a torch.Generator
-# takes up to 2**64 - 1); the bound dates from per-rank augmentation generators seeded with
-# seed * 1,000,003 + rank + 1 (gone in 754fed5), and stays so that the seeds a recipe, a run folder
-# and seeds.json accept do not change.
+# Seeds lie in 0 .. SEEDS_END - 1: what a recipe, a run folder and seeds.json accept. The run's one
+# generator takes the seed itself (a torch.Generator would take up to 2**64 - 1); 32 bits keep a
+# seed a plain number in every file and tool that reads one.
 SEEDS_END = 2**32
 
 
@@ -177,6 +176,11 @@ class Recipe:
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def choices(name: str) -> tuple[str, ...]:
+        """The values a setting with a fixed set of them (device, precision, compile_mode) takes."""
+        return next(f.metadata["choices"] for f in fields(Recipe) if f.name == name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,9 +9,12 @@ so nothing needs a display and nothing is shown.
 from __future__ import annotations
 
 import io
+import math
+import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,10 @@ from .files import atomic_write
 from .recipe import Recipe
 from .results import SPLIT_NAMES
 from .schedule import one_cycle_knots
+
+if TYPE_CHECKING:
+    from .lr_finder import LRFinderResult
+    from .sweep import Plan, Point
 
 MISCLASSIFIED = 20
 GRADCAM = 8
@@ -267,6 +274,175 @@ def plot_augmentation(recipe: Recipe, train_images: torch.Tensor, count: int = 2
                         cutout_size=recipe.hole_size, generator=g)
     return image_grid(to_display(aug), [""] * len(aug),
                       title="Training images after " + ", ".join(augmentation_steps(recipe) or ["nothing"]), fig=fig)
+
+
+# The LR range test's graphs (``lr_finder.write_lr_find``, ``LRFinderResult.figure``).
+
+
+def _mark_suggestions(result: LRFinderResult, ax: Any) -> None:
+    if result.suggested_lr_max is not None:
+        ax.axvline(result.suggested_lr_max, color="C3", ls="--", lw=1,
+                   label=f"LRMAX {result.suggested_lr_max:.3g} ({result.lr_max_rule})")
+    if result.suggested_lr_min is not None:
+        ax.axvline(result.suggested_lr_min, color="C4", ls=":", lw=1.5,
+                   label=f"LRMIN {result.suggested_lr_min:.3g} ({result.lr_min_rule})")
+
+
+def plot_lr_find_loss(result: LRFinderResult, ax: Any = None) -> Any:
+    """Loss (raw and smoothed) against LR, the suggestion marked; returns the Axes, never shows."""
+    ax = ax if ax is not None else new_axes()
+    ax.plot(result.lrs, result.losses, color="0.7", lw=1, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
+    _mark_suggestions(result, ax)
+    if result.mode == "exp":
+        ax.set_xscale("log")
+    lo, hi = min(result.smoothed), result.smoothed[0]
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), max(hi, lo) + 0.6 * (hi - lo + 1e-9))
+    ax.set_xlabel("learning rate" + (" (log scale)" if result.mode == "exp" else ""))
+    ax.set_ylabel("training loss")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_lr_increase(result: LRFinderResult, ax: Any = None) -> Any:
+    """The LR against iteration: the increase itself; batch accuracy on a second axis."""
+    ax = ax if ax is not None else new_axes()
+    ax.plot(range(1, len(result.lrs) + 1), result.lrs, color="C2", lw=2, label="learning rate")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("learning rate")
+    if result.mode == "exp":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if result.accuracies:
+        acc = ax.twinx()
+        acc.plot(range(1, len(result.accuracies) + 1), result.accuracies, color="C1", lw=1, alpha=0.8,
+                 label="batch accuracy")
+        acc.set_ylabel("training accuracy")
+        acc.set_ylim(0, 1)
+        acc.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    return ax
+
+
+def plot_lr_find_accuracy(result: LRFinderResult, ax: Any = None) -> Any:
+    """Batch accuracy (raw and centred average) and the smoothed loss against the LR, with the
+    suggestions marked: where training stops improving is visible in both curves."""
+    from .lr_finder import centred_mean
+
+    ax = ax if ax is not None else new_axes()
+    if result.accuracies:
+        ax.plot(result.lrs, result.accuracies, color="C1", lw=1, alpha=0.35, label="batch accuracy")
+        ax.plot(result.lrs, centred_mean(result.accuracies, max(5, len(result.lrs) // 20)), color="C1", lw=2,
+                label="batch accuracy, averaged")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("training accuracy")
+    ax.set_xlabel("learning rate" + (" (log scale)" if result.mode == "exp" else ""))
+    if result.mode == "exp":
+        ax.set_xscale("log")
+    _mark_suggestions(result, ax)
+    ax.grid(alpha=0.3)
+    loss = ax.twinx()
+    loss.plot(result.lrs, result.smoothed, color="C0", lw=1.5, label="smoothed loss")
+    loss.set_ylabel("smoothed loss")
+    loss.legend(loc="upper right")
+    ax.legend(loc="center right", fontsize="small")
+    return ax
+
+
+def lr_find_figure(result: LRFinderResult) -> Any:
+    """The seed's graph: 'Exponential LR' or 'Linear LR', with both panels (the linear one shows
+    accuracy and loss against the LR; the exponential one the LR's increase)."""
+    fig = new_figure((11, 4.2))
+    left, right = fig.subplots(1, 2)
+    plot_lr_find_loss(result, left)
+    left.set_title("loss against learning rate")
+    if result.mode == "linear":
+        plot_lr_find_accuracy(result, right)
+        right.set_title("batch accuracy and loss against learning rate")
+    else:
+        plot_lr_increase(result, right)
+        right.set_title("exponential increase of the LR")
+    note = f", stopped early: {result.stopped}" if result.stopped else ""
+    note += f"; {result.note}" if result.note else ""
+    fig.suptitle(textwrap.fill(f"{'Exponential' if result.mode == 'exp' else 'Linear'} LR  "
+                               f"({len(result.lrs)} iterations{note})", 130))
+    return fig
+
+
+# A sweep's picture (``sweep.SweepFolder.write_results``).
+
+
+def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) -> Any:
+    """The selection accuracy against the first varied setting: a dot per seed, the mean with its
+    standard error, a line per value of the other settings; a log axis for LRs and weight decay;
+    the baseline's mean a dashed line; ``auto`` points at the LRs the range test found."""
+    from .sweep import AUTO, LOG_SETTINGS, format_point, format_value
+
+    selection = stats["selection"]
+    x_name = next(iter(plan.vary))
+    x_values = plan.vary[x_name]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values if v != AUTO)
+    fig = new_figure((7.5, 4.5))
+    ax = fig.subplots()
+    by_name = {p["point"]: p for p in stats["points"]}
+    others = [k for k in plan.vary if k != x_name]
+    groups: dict[tuple, list[Point]] = {}
+    for point in plan.points:
+        groups.setdefault(tuple((k, v) for k, v in point.values if k != x_name), []).append(point)
+
+    def position(point: Point, found: list[float]) -> float | None:
+        """Where a point sits on the x axis; an ``auto`` point at the (geometric mean of the) LRs found."""
+        value = dict(point.values)[x_name]
+        if not numeric:
+            return float(x_values.index(value))
+        if value != AUTO:
+            return float(value)
+        found = [f for f in found if f > 0]
+        return math.exp(statistics.fmean(math.log(f) for f in found)) if found else None
+
+    for i, (rest, points) in enumerate(groups.items()):
+        color = f"C{i % 10}"
+        label = format_point(dict(rest)) if others else None
+        xs, means, errors = [], [], []
+        for point in points:
+            point_rows = [r for r in rows if r["point"] == point.name and r.get(selection) is not None]
+            auto = x_name in point.found  # its runs trained at the LR the range test found
+            used = x_name + "_used"
+            for r in point_rows:
+                x = position(point, [r[used]] if auto and r.get(used) else [])
+                if x is not None:
+                    ax.plot(x, 100 * r[selection], "x" if auto else ".", color=color, alpha=0.5)
+            entry = by_name.get(point.name, {}).get(selection)
+            x = position(point, [r[used] for r in point_rows if auto and r.get(used)])
+            if entry and x is not None:
+                error = entry["sem"] or 0.0
+                ax.errorbar(x, 100 * entry["mean"], yerr=100 * error, fmt="D" if auto else "o", color=color,
+                            capsize=3, label=("range test's suggestion (auto)" if auto and i == 0 else None))
+                if not auto:
+                    xs.append(x)
+                    means.append(100 * entry["mean"])
+                    errors.append(100 * error)
+        if xs:
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            ax.plot([xs[j] for j in order], [means[j] for j in order], "-", color=color, label=label)
+    baseline = stats.get("baseline")
+    if baseline and by_name.get(baseline, {}).get(selection):
+        ax.axhline(100 * by_name[baseline][selection]["mean"], color="0.4", ls="--", lw=1,
+                   label=f"baseline {baseline}")
+    if numeric:
+        if x_name in LOG_SETTINGS:
+            ax.set_xscale("log")
+    else:
+        ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values])
+    words = "validation" if selection == "final_val_acc" else "test"
+    ax.set(xlabel=x_name, ylabel=f"final {words} accuracy (%)",
+           title=f"{words} accuracy over seeds {plan.first_seed}..{plan.first_seed + plan.seeds - 1}: dots are "
+                 f"runs, bars the standard error")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return fig
 
 
 def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, history: Sequence[Any],

@@ -38,6 +38,7 @@ class EpochMetrics:
     val_loss: float | None = None
     val_acc: float | None = None
     val_acc_tta: float | None = None
+    tflops: float | None = None   # achieved TFLOP/s of the training pass; on a GPU only
 
     @property
     def split(self) -> str:
@@ -122,7 +123,8 @@ def format_epoch(m: EpochMetrics, epochs: int) -> str:
             f"train loss {m.train_loss:.4f} acc {m.train_acc:6.2%}  "
             f"{m.split} loss {m.eval_loss:.4f} acc {m.eval_acc:6.2%}"
             + (f" tta {tta:6.2%}  " if tta is not None else "  ") +
-            f"{m.train_seconds:6.1f}s  {m.images_per_second:7.1f} img/s")
+            f"{m.train_seconds:6.1f}s  {m.images_per_second:7.1f} img/s"
+            + (f"  {m.tflops:.0f} TFLOP/s" if m.tflops is not None else ""))
 
 
 def git_commit() -> str | None:

@@ -2,6 +2,7 @@
 random generators, all built from the recipe and its seed."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,6 +19,7 @@ from .ema import WeightEMA
 from .errors import UserError
 from .evaluation import evaluate_sharded
 from .holdout import holdout_split
+from .model import training_flops_per_image
 from .recipe import Recipe
 from .step import make_optimizer, make_scaler, train_step
 
@@ -49,6 +51,11 @@ class RunSetup:
     def epoch_split(self) -> str:
         """What each epoch is evaluated on: "val" (the held-out images) with a holdout, else "test"."""
         return "test" if self.val_images is None else "val"
+
+    @functools.cached_property
+    def flops_per_image(self) -> float:
+        """The training FLOPs one image costs (``model.training_flops_per_image``; counted once)."""
+        return training_flops_per_image(self.model)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -163,9 +170,8 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None, augment_i
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # torch's stubs leave out Module.to's memory_format, which it takes at run time
     model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]
-    # cuDNN's benchmark mode is left off: on an H200 its choices made the eager step slower (90,000
-    # and 103,000 images a second against 105,000 and 108,000 with cuDNN's heuristics, for-each and
-    # fused SGD; benchmarks/results/gpu-h200-levers/).
+    # cuDNN's benchmark mode is left off: on an H200 its choices were slower than its heuristics
+    # (benchmarks/results/README.md, the defaults).
     optimizer = make_optimizer(model, recipe, device)
     step_model = model
     if dist.world > 1:

@@ -16,7 +16,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT
 from .data import Cifar10
 from .device import resolve_placement
 from .distributed import init_distributed
@@ -25,7 +24,7 @@ from .recipe import SEEDS_END, Recipe
 from .run_folder import SUMMARY, RunFolder
 from .run_setup import training_split
 from .signals import signals_for_tests
-from .training import check_same_recipe, data_folder, load_data, train
+from .training import RunOptions, check_same_recipe, data_folder, load_data, train_folder
 
 # The accuracies summarised over seeds; the validation ones are None in runs without a holdout, the
 # last of each split in runs without a weight average.
@@ -117,6 +116,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         folder.write_recipe(recipe)
         folder.write_seeds(first, count, str(data_dir) if data_dir else None)
     started = time.perf_counter()
+    options = RunOptions(data_dir=data_dir, download=download, progress=progress, **train_args)
     runs: list[dict[str, Any]] = []
     for i, seed in enumerate(range(first, first + count), 1):
         run = RunFolder(folder.path / f"seed{seed}") if folder else None
@@ -126,11 +126,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         if progress and main:
             tqdm.write(f"seed {seed} ({i} of {count})")
         try:
-            if run and run.has(CHECKPOINT):
-                result = train(resume=run.path, data_dir=data_dir, data=data, progress=progress, **train_args)
-            else:  # a folder a killed run left without a checkpoint is started again
-                result = train(recipe.replace(seed=seed), out=run.path if run else None, overwrite=True,
-                               data_dir=data_dir, data=data, progress=progress, **train_args)
+            result = train_folder(run.path if run else None, recipe.replace(seed=seed), data, options)
         except Interrupted as e:
             if folder is None:
                 raise

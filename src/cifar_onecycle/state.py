@@ -88,13 +88,14 @@ class TrainState:
         checkpoint's recipe) and return its state (``started``: when this process took the run up,
         by ``time.perf_counter``; default now). A checkpoint that does not fit the run (a damaged
         or edited file) raises ``ValueError``, before anything is loaded where it can."""
+        checkpoint = from_before_draws(checkpoint)
         cls.check_checkpoint(checkpoint, setup.recipe.epochs)
         order, batch = checkpoint["order"], checkpoint["batch"]
         if batch > setup.steps_per_epoch or order is not None and (order.dtype != torch.int64 or not torch.equal(
                 order.sort().values, torch.arange(len(setup.train_images)))):  # torch.equal ignores the dtype
             raise ValueError(f"batch {batch} or the epoch's order does not fit {setup.steps_per_epoch} steps of "
                              f"{len(setup.train_images)} images")
-        draws = checkpoint.get("draws")  # None: before the epoch's first step (or a checkpoint of an older version)
+        draws = checkpoint["draws"]  # None at an epoch's start, with the order
         if draws is not None:
             problem = ("augmentation draws without an order" if order is None
                        else draws_problem(draws, len(order), **setup.augmentation_shape))
@@ -125,11 +126,26 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in tensors.items()}  # channels_last weights, saved in NCHW order
 
 
+def from_before_draws(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The one reader of the older layout of the same format (cifar-onecycle-checkpoint/1 written
+    before an epoch's augmentation draws were saved beside its order): no ``draws`` key, and one
+    augmentation generator state per process (``rng["aug"]``) where ``rng["processes"]`` now counts
+    them. Read as the current layout with no draws: at an epoch's end it resumes exactly; in the
+    middle of an epoch the rest of that epoch is augmented with draws made anew from the run's
+    generator, not those the uninterrupted run would have used."""
+    rng = checkpoint.get("rng")
+    if "draws" in checkpoint or not isinstance(rng, dict) or not isinstance(rng.get("aug"), list):
+        return checkpoint
+    return {**checkpoint, "draws": None, "rng": {**rng, "processes": len(rng["aug"])}}
+
+
 def _set_rng_state(setup: RunSetup, state: dict[str, Any]) -> None:
     world = setup.dist.world
     # Each rank's BatchNorm sees its share of every batch: another number of processes would train
-    # a different run. (Older checkpoints list one augmentation state per process instead.)
-    written_by = state.get("processes", len(state.get("aug", [None])))
+    # a different run.
+    written_by = state.get("processes")
+    if type(written_by) is not int:
+        raise KeyError("rng has no number of processes")
     if written_by != world:
         raise UserError(f"resume: the checkpoint was written by {written_by} process(es); resume it with the same "
                         f"number (now {world})", "resume")

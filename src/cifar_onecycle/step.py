@@ -45,9 +45,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs:
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
                    fused: bool | None = None) -> torch.optim.SGD:
     """The recipe's SGD. ``fused`` (default: on CUDA) updates every parameter in one kernel instead
-    of a few per parameter group: fewer launches for a step that takes milliseconds on a GPU (the
-    eager step went from 105,000 to 108,000 images a second on an H200). The CPU keeps the
-    implementation it has always used (its results are pinned by tests)."""
+    of a few per parameter group: fewer launches for a step that takes milliseconds on a GPU
+    (benchmarks/results/README.md, the defaults). The CPU uses the for-each implementation, whose
+    results the bit-identical resume tests pin."""
     use_fused = device.type == "cuda" if fused is None else fused
     return torch.optim.SGD(model.parameters(), lr=recipe.lr_min, momentum=recipe.momentum,
                            nesterov=recipe.nesterov, weight_decay=recipe.weight_decay, fused=use_fused or None)

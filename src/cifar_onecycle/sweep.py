@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from .run_folder import FAILED, SUMMARY, RunFolder
 from .run_setup import training_split
 from .seeds import check_seed_range
 from .signals import StopSignals, signals_for_tests
-from .training import RunOptions, data_folder, load_data, train
+from .training import RunOptions, data_folder, load_data, train_folder
 
 PLAN, TABLE, STATS, PICTURE = "sweep_plan.json", "sweep.csv", "sweep.json", "sweep.png"
 AUTO = "auto"
@@ -332,7 +332,7 @@ class SweepFolder:
         stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
         atomic_write(self.path / TABLE, sweep_csv(plan, rows))
         atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
-        from .report import save_png
+        from .report import plot_sweep, save_png
 
         save_png(plot_sweep(plan, rows, stats), self.path / PICTURE)
         return SweepResult(plan, rows, stats, self.path, remaining)
@@ -395,78 +395,6 @@ def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remainin
         points.append(entry)
     return {"selection": selection, "vary": plan.vary, "seeds": list(plan.seed_range),
             "baseline": baseline.name if baseline else None, "remaining_runs": remaining, "points": points}
-
-
-def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) -> Any:
-    """The selection accuracy against the first varied setting: a dot per seed, the mean with its
-    standard error, a line per value of the other settings; a log axis for LRs and weight decay;
-    the baseline's mean a dashed line; ``auto`` points at the LRs the range test found."""
-    from .report import new_figure
-
-    selection = stats["selection"]
-    x_name = next(iter(plan.vary))
-    x_values = plan.vary[x_name]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values if v != AUTO)
-    fig = new_figure((7.5, 4.5))
-    ax = fig.subplots()
-    by_name = {p["point"]: p for p in stats["points"]}
-    others = [k for k in plan.vary if k != x_name]
-    groups: dict[tuple, list[Point]] = {}
-    for point in plan.points:
-        groups.setdefault(tuple((k, v) for k, v in point.values if k != x_name), []).append(point)
-
-    def position(point: Point, found: list[float]) -> float | None:
-        """Where a point sits on the x axis; an ``auto`` point at the (geometric mean of the) LRs found."""
-        value = dict(point.values)[x_name]
-        if not numeric:
-            return float(x_values.index(value))
-        if value != AUTO:
-            return float(value)
-        found = [f for f in found if f > 0]
-        return math.exp(statistics.fmean(math.log(f) for f in found)) if found else None
-
-    for i, (rest, points) in enumerate(groups.items()):
-        color = f"C{i % 10}"
-        label = format_point(dict(rest)) if others else None
-        xs, means, errors = [], [], []
-        for point in points:
-            point_rows = [r for r in rows if r["point"] == point.name and r.get(selection) is not None]
-            auto = x_name in point.found  # its runs trained at the LR the range test found
-            used = x_name + "_used"
-            for r in point_rows:
-                x = position(point, [r[used]] if auto and r.get(used) else [])
-                if x is not None:
-                    ax.plot(x, 100 * r[selection], "x" if auto else ".", color=color, alpha=0.5)
-            entry = by_name.get(point.name, {}).get(selection)
-            x = position(point, [r[used] for r in point_rows if auto and r.get(used)])
-            if entry and x is not None:
-                error = entry["sem"] or 0.0
-                ax.errorbar(x, 100 * entry["mean"], yerr=100 * error, fmt="D" if auto else "o", color=color,
-                            capsize=3, label=("range test's suggestion (auto)" if auto and i == 0 else None))
-                if not auto:
-                    xs.append(x)
-                    means.append(100 * entry["mean"])
-                    errors.append(100 * error)
-        if xs:
-            order = sorted(range(len(xs)), key=xs.__getitem__)
-            ax.plot([xs[j] for j in order], [means[j] for j in order], "-", color=color, label=label)
-    baseline = stats.get("baseline")
-    if baseline and by_name.get(baseline, {}).get(selection):
-        ax.axhline(100 * by_name[baseline][selection]["mean"], color="0.4", ls="--", lw=1,
-                   label=f"baseline {baseline}")
-    if numeric:
-        if x_name in LOG_SETTINGS:
-            ax.set_xscale("log")
-    else:
-        ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values])
-    words = "validation" if selection == "final_val_acc" else "test"
-    ax.set(xlabel=x_name, ylabel=f"final {words} accuracy (%)",
-           title=f"{words} accuracy over seeds {plan.first_seed}..{plan.first_seed + plan.seeds - 1}: dots are "
-                 f"runs, bars the standard error")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    return fig
 
 
 def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOptions) -> list[str]:
@@ -536,12 +464,8 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
             if progress:
                 tqdm.write(f"sweep: {point.name} seed {seed} ({i} of {len(todo)} left to train)")
             try:
-                if run.has(CHECKPOINT):
-                    train(data=data, **asdict(replace(options, resume=run.path)))
-                else:
-                    train(point.recipe(base, seed), data=data, **asdict(replace(
-                        options, out=run.path, overwrite=True, find_lr_max="lr_max" in point.found,
-                        find_lr_min="lr_min" in point.found)))
+                train_folder(run.path, point.recipe(base, seed), data, replace(
+                    options, find_lr_max="lr_max" in point.found, find_lr_min="lr_min" in point.found))
             except (DivergenceError, NoLRFound) as e:  # train recorded it in the run folder; the sweep goes on
                 if progress:
                     tqdm.write(f"sweep: {point.name} seed {seed}: {e}")

@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,16 @@ def train(recipe: Recipe | None = None, *, data: Cifar10 | None = None, data_dir
     return TrainResult(recipe, state.history, summary, setup.delivered_model, folder.path if folder else None)
 
 
+def train_folder(run_dir: str | Path | None, recipe: Recipe, data: Cifar10 | None, options: RunOptions) -> TrainResult:
+    """Take the run folder ``run_dir`` to its end, for callers that train many (several seeds, a
+    sweep): resumed from its checkpoint when it has one, else ``recipe`` started there afresh (a
+    folder that a run killed before its first checkpoint left is started again). None: a run
+    without a folder. A finished run is the caller's to read back (``RunFolder.read_summary``)."""
+    if run_dir is not None and RunFolder(run_dir).has(CHECKPOINT):
+        return train(data=data, **asdict(replace(options, out=None, overwrite=False, resume=run_dir)))
+    return train(recipe, data=data, **asdict(replace(options, out=run_dir, overwrite=True, resume=None)))
+
+
 def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, dist: Dist, test_signals: TestSignals,
               started: float) -> tuple[RunSetup, TrainState, RunFolder | None]:
     """The run's setup, its state (restored from the checkpoint when resuming) and its folder (rank
@@ -174,15 +184,18 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
     setup.model.train()
     if state.order is None:
         state.order = setup.shuffle()
-    if state.draws is None:  # new with the order; missing from a checkpoint written before draws were saved
+    if state.draws is None:  # drawn with the order (a checkpoint from before draws were saved: state.from_before_draws)
         state.draws = setup.draw_augmentation()
     started = time.perf_counter() - state.epoch_seconds
     loss_sum = torch.tensor(state.loss_sum, device=device)
     correct = torch.tensor(state.correct, device=device, dtype=torch.int64)
-    read_every = sync_every(device, steps_per_epoch)
+    sync_every_steps = sync_every(device, steps_per_epoch)
     bar = tqdm(setup.epoch(state.order, state.draws, state.batch), initial=state.batch, total=steps_per_epoch,
                desc=f"epoch {state.epoch + 1}/{recipe.epochs}", leave=False, disable=not progress, unit="step")
-    stopping, read = False, state.batch == steps_per_epoch  # nothing left to train: the sums are the state's
+    # A checkpoint taken after the epoch's last step and before its evaluation: no step is left,
+    # and the sums are the state's own, read below.
+    nothing_to_train = state.batch == steps_per_epoch
+    stopping = False
     for inputs, targets in bar:
         step = state.steps_done(setup)
         send_test_signals(test_signals, step)
@@ -193,36 +206,44 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
         state.batch += 1
         if setup.ema:
             setup.ema.update(setup.model, step + 1, final=step + 1 == recipe.epochs * steps_per_epoch)
-        # One process checks for a signal after every step; under torchrun the ranks agree on it
-        # (and on the loss) only at the sync points, so that all stop at the same step.
-        if state.batch % read_every == 0 or state.batch == steps_per_epoch or (stop() and setup.dist.world == 1):
-            stopping = read_sums(setup, state, loss_sum, correct, stop, lr)  # a host sync
+        # The host reads the sums (a sync) every few steps on a CPU and once an epoch on a GPU, and
+        # at the epoch's end. Under torchrun the ranks agree on a stop only then, so that all stop
+        # at the same step; a single process stops at the step a signal arrives.
+        at_sync_point = state.batch % sync_every_steps == 0 or state.batch == steps_per_epoch
+        if at_sync_point or (stop() and setup.dist.world == 1):
+            stopping = gather_sums(setup, state, loss_sum, correct, stop)
+            check_finite_loss(setup, state, lr)
             bar.set_postfix(lr=f"{lr:.4f}", loss=f"{state.loss_sum / (state.batch * recipe.batch_size):.3f}",
                             acc=f"{state.correct / (state.batch * recipe.batch_size):.3f}")
             if stopping and state.batch < steps_per_epoch:
                 break
     bar.close()
-    if read:
-        stopping = read_sums(setup, state, loss_sum, correct, stop, lr_at(state.steps_done(setup) - 1, knots))
+    if nothing_to_train:
+        stopping = gather_sums(setup, state, loss_sum, correct, stop)
+        check_finite_loss(setup, state, lr_at(state.steps_done(setup) - 1, knots))
     synchronize(device)  # the host clock must not stop before the GPU's queue is done
     state.epoch_seconds = time.perf_counter() - started
     return stopping
 
 
-def read_sums(setup: RunSetup, state: TrainState, loss_sum: torch.Tensor, correct: torch.Tensor,
-              stop: StopSignals, lr: float) -> bool:
-    """Add up the epoch's sums (and the stop flags) over the ranks into ``state``; refuse a diverged
-    loss (the last good checkpoint stays as it is). Returns whether any rank received a stop signal."""
+def gather_sums(setup: RunSetup, state: TrainState, loss_sum: torch.Tensor, correct: torch.Tensor,
+                stop: StopSignals) -> bool:
+    """Add up the epoch's sums over the ranks into ``state`` (the host sync), and whether any rank
+    has received a stop signal: every rank learns the same, so all stop at the same step."""
     flags = torch.tensor(float(stop()), device=setup.device, dtype=torch.float64)
     total = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), flags]), setup.dist)
     total_loss, total_correct, stops = total.tolist()  # the host sync
-    running = total_loss / (state.batch * setup.recipe.batch_size)
+    state.loss_sum, state.correct = total_loss, int(total_correct)
+    return bool(stops)
+
+
+def check_finite_loss(setup: RunSetup, state: TrainState, lr: float) -> None:
+    """Refuse a diverged loss (the last good checkpoint stays as it is), naming where and at which LR."""
+    running = state.loss_sum / (state.batch * setup.recipe.batch_size)
     if not math.isfinite(running):
         raise DivergenceError(
             f"training diverged: loss is {running} in epoch {state.epoch + 1}, by step {state.steps_done(setup)} "
             f"(LR {lr:.4g}); lower lr_max (now {setup.recipe.lr_max:g})", "lr_max")
-    state.loss_sum, state.correct = total_loss, int(total_correct)
-    return bool(stops)
 
 
 def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float]],
@@ -233,9 +254,13 @@ def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, fl
     tta = setup.evaluate(tta=True, stop=stop)[1] if setup.recipe.tta else None
     seen = setup.steps_per_epoch * setup.recipe.batch_size
     held_out = {"val_loss": loss, "val_acc": acc, "val_acc_tta": tta} if setup.epoch_split == "val" else {}
+    # Achieved TFLOP/s, nanoGPT's MFU numerator: on a GPU, where it says how busy the card was; a
+    # CPU's is not worth a column.
+    tflops = setup.flops_per_image * seen / state.epoch_seconds / 1e12 if setup.device.type == "cuda" else None
     return EpochMetrics(state.epoch + 1, lr_at(state.steps_done(setup) - 1, knots), state.loss_sum / seen,
                         state.correct / seen, None if held_out else loss, None if held_out else acc,
-                        state.epoch_seconds, seen / state.epoch_seconds, None if held_out else tta, **held_out)
+                        state.epoch_seconds, seen / state.epoch_seconds, None if held_out else tta, **held_out,
+                        tflops=tflops)
 
 
 def record_epoch(history: list[EpochMetrics], folder: RunFolder | None, board: Any, progress: bool,
