@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(evaluate_cmd, "the run's own test accuracy is reproduced")
     evaluate_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate_cmd.add_argument("--tta", action="store_true",
-                              help="test-time augmentation: average each image's logits with its mirror's")
+                              help="test-time augmentation: average each image's logits with its mirror's (and, "
+                                   "when the run's recipe sets tta_translate, with shifted copies')")
 
     lr_find_cmd = sub.add_parser("lr-find", parents=[common],
                                  help="LR range test: loss against a growing LR, with graphs")
@@ -301,13 +302,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = _load_data(args, split="test")
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
-                         channels_last=recipe.channels_last, tta=args.tta)
+                         channels_last=recipe.channels_last, tta=args.tta, tta_translate=recipe.tta_translate)
     n = len(data.test_images)
     if args.json:
         print(json.dumps({"accuracy": acc, "loss": loss, "images": n, "tta": args.tta}))
     else:
         print(f"test accuracy {acc:.2%}  loss {loss:.4f}  on {n} images ({device.type}, {precision}"
-              f"{', flip TTA' if args.tta else ''})")
+              + (f", TTA: mirror and {recipe.tta_translate}-pixel shifts" if args.tta and recipe.tta_translate
+                 else ", flip TTA" if args.tta else "") + ")")
     return 0
 
 

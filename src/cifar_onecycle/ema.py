@@ -13,6 +13,7 @@ timm's ModelEmaV2 warms up), so a short run's average is not dominated by its in
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 
@@ -49,3 +50,24 @@ class WeightEMA:
             if not v.is_floating_point():
                 v.copy_(new[k])
         return True
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replace ``model``'s BatchNorm running statistics with their plain average over ``batches``
+    (as SWA's ``update_bn``): an average of weights is not the weights whose statistics the average
+    of statistics describes. One forward pass a batch, in training mode, nothing else changed."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    was_training = model.training
+    model.train()
+    try:
+        for inputs, _ in batches:
+            model(inputs)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)

@@ -6,18 +6,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .augment import normalize
+from .augment import normalize, pad_reflect
 from .device import autocast
 from .distributed import Dist, all_reduce_sum, broadcast_buffers, test_shard
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
              batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
-             tta: bool = False) -> tuple[float, float]:
+             tta: bool = False, tta_translate: int = 0) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device).
-    ``tta``: average the logits of each image and its mirror image."""
+    ``tta``: test-time augmentation (``tta_logits``: the mirror, and with ``tta_translate`` shifts)."""
     loss_sum, correct, _ = evaluate_sums(model, images, labels, batch_size=batch_size, precision=precision,
-                                         channels_last=channels_last, tta=tta)
+                                         channels_last=channels_last, tta=tta, tta_translate=tta_translate)
     return loss_sum.item() / len(images), correct.item() / len(images)
 
 
@@ -32,10 +32,26 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp
         return model(inputs).float()
 
 
+def tta_logits(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32", channels_last: bool = True,
+               translate: int = 0) -> torch.Tensor:
+    """Test-time augmentation: the mean of the logits of each image and its mirror (two forward
+    passes); with ``translate``, half of that plus a quarter each of the same for the image shifted
+    ``translate`` pixels up-left and down-right (reflect-padded; six passes), as airbench weighs them."""
+    def mirrored(batch: torch.Tensor) -> torch.Tensor:
+        return (logits_of(model, batch, precision, channels_last)
+                + logits_of(model, batch.flip(-1), precision, channels_last)) / 2
+
+    if not translate:
+        return mirrored(images)
+    size, padded = images.shape[-1], pad_reflect(images, translate)
+    shifted = (padded[..., :size, :size], padded[..., 2 * translate:, 2 * translate:])
+    return mirrored(images) / 2 + (mirrored(shifted[0]) + mirrored(shifted[1])) / 4
+
+
 @torch.no_grad()
 def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                   batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
-                  tta: bool = False, stop: Callable[[], bool] | None = None,
+                  tta: bool = False, tta_translate: int = 0, stop: Callable[[], bool] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Summed cross-entropy and number correct, as device tensors (no host sync), and whether
     ``stop()`` (asked before each batch: a stop signal must not wait for the whole test set, over a
@@ -51,9 +67,8 @@ def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
             stopped = True
             break
         batch, targets = images[start:start + batch_size], labels[start:start + batch_size]
-        logits = logits_of(model, batch, precision, channels_last)
-        if tta:  # costs a second forward pass
-            logits = (logits + logits_of(model, batch.flip(-1), precision, channels_last)) / 2
+        logits = (tta_logits(model, batch, precision, channels_last, tta_translate) if tta
+                  else logits_of(model, batch, precision, channels_last))
         loss_sum += F.cross_entropy(logits, targets, reduction="sum")
         correct += (logits.argmax(1) == targets).sum()
     model.train(was_training)
@@ -65,7 +80,7 @@ class EvaluationStopped(Exception):
 
 
 def evaluate_sharded(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                      precision: str, channels_last: bool, dist: Dist, tta: bool = False,
+                      precision: str, channels_last: bool, dist: Dist, tta: bool = False, tta_translate: int = 0,
                       stop: Callable[[], bool] | None = None) -> tuple[float, float]:
     """Loss and accuracy over all of ``images`` (the test set or the validation split); raises
     ``EvaluationStopped`` when ``stop()`` said so on any rank (asked before each batch). Under
@@ -74,7 +89,8 @@ def evaluate_sharded(model: torch.nn.Module, images: torch.Tensor, labels: torch
     broadcast_buffers(model, dist)
     part = test_shard(len(images), dist.rank, dist.world)
     loss_sum, correct, stopped = evaluate_sums(model, images[part], labels[part], batch_size=batch_size,
-                                               precision=precision, channels_last=channels_last, tta=tta, stop=stop)
+                                               precision=precision, channels_last=channels_last, tta=tta,
+                                               tta_translate=tta_translate, stop=stop)
     total_loss, total_correct, stops = all_reduce_sum(
         torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(stopped), device=images.device,
                                                                         dtype=torch.float64)]), dist).tolist()

@@ -20,12 +20,40 @@ class ConvBN(nn.Module):
         self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2) if pool else None
         self.bn = nn.BatchNorm2d(c_out, momentum=bn_momentum)
+        self.ghost_batch = 0  # a setting, not a layer: the summary table stays the seed's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
         if self.pool is not None:
             x = self.pool(x)
-        return F.relu(self.bn(x))
+        return F.relu(ghost_batch_norm(self.bn, x, self.ghost_batch))
+
+
+def ghost_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, size: int) -> torch.Tensor:
+    """``bn`` in training with its statistics over consecutive groups of ``size`` images ("ghost"
+    batches, as one process of a data-parallel run sees its share of each batch), each group
+    normalised by its own; the running statistics move towards the groups' mean statistics once a
+    step. In evaluation, or with ``size`` 0 or not below the batch, plain ``bn``. The groups are
+    laid side by side as channels for one ``batch_norm`` call: a copy of the activations each way."""
+    n, c, h, w = x.shape
+    groups = n // size if size else 1
+    if not bn.training or groups <= 1:
+        return bn(x)
+    if n % size:
+        raise ValueError(f"ghost batch norm: {n} images are not whole groups of {size}")
+    assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
+    grouped = x.reshape(groups, size, c, h, w).transpose(0, 1).reshape(size, groups * c, h, w)
+    mean, var = bn.running_mean.repeat(groups), bn.running_var.repeat(groups)
+    weight = bn.weight.repeat(groups) if bn.weight is not None else None
+    bias = bn.bias.repeat(groups) if bn.bias is not None else None
+    # momentum None: a cumulative average, as BatchNorm keeps it (the weight average's statistics)
+    rate = 1.0 / (int(bn.num_batches_tracked) + 1) if bn.momentum is None else bn.momentum
+    out = F.batch_norm(grouped, mean, var, weight, bias, True, rate, bn.eps)
+    with torch.no_grad():
+        bn.running_mean.copy_(mean.view(groups, c).mean(0))
+        bn.running_var.copy_(var.view(groups, c).mean(0))
+        bn.num_batches_tracked += 1
+    return out.reshape(size, groups, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 
 class Residual(nn.Module):
@@ -46,11 +74,13 @@ class ResNet9(nn.Module):
     """PrepLayer 64 - Layer1 128 (+res) - Layer2 256 - Layer3 512 (+res) - MaxPool 4 - FC 10.
 
     ``logit_scale`` multiplies the logits (the DAWNBench ResNet uses 0.125); it is a constant, not a
-    parameter, so the count stays at 6,573,130. The forward returns logits: the seed's softmax lives
-    in the cross-entropy loss.
+    parameter, so the count stays at 6,573,130. ``ghost_batch``: BatchNorm statistics over groups of
+    that many images in training (``ghost_batch_norm``; 0: the whole batch). The forward returns
+    logits: the seed's softmax lives in the cross-entropy loss.
     """
 
-    def __init__(self, num_classes: int = 10, logit_scale: float = 1.0, bn_momentum: float = 0.1) -> None:
+    def __init__(self, num_classes: int = 10, logit_scale: float = 1.0, bn_momentum: float = 0.1,
+                 ghost_batch: int = 0) -> None:
         super().__init__()
         self.prep = ConvBN(3, 64, bn_momentum=bn_momentum)
         self.layer1 = Residual(64, 128, bn_momentum=bn_momentum)
@@ -59,6 +89,9 @@ class ResNet9(nn.Module):
         self.pool = nn.MaxPool2d(4)
         self.fc = nn.Linear(512, num_classes)
         self.logit_scale = logit_scale
+        for layer in self.modules():
+            if isinstance(layer, ConvBN):
+                layer.ghost_batch = ghost_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))

@@ -31,6 +31,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 # 2.4 GB at 16. Beyond half the image a crop is mostly mirror image, and reflect padding stops at 31;
 # the bound also keeps a recipe file from deciding how much memory the run takes.
 MAX_CROP_PADDING = 16
+# Test-time translations beyond a few pixels show mostly mirrored border (airbench shifts by 1).
+MAX_TTA_TRANSLATE = 4
 # Seeds lie in 0 .. SEEDS_END - 1: what a recipe, a run folder and seeds.json accept. The run's one
 # generator takes the seed itself (a torch.Generator would take up to 2**64 - 1); 32 bits keep a
 # seed a plain number in every file and tool that reads one.
@@ -61,14 +63,22 @@ class Recipe:
     ema_decay: float = _opt(0.0, "per-step decay of an average of the weights that is evaluated and saved "
                                  "in their place (0: off)")
     ema_every: int = _opt(5, "update the weight average every this many steps")
+    ema_bn_batches: int = _opt(0, "with a weight average: its BatchNorm statistics recomputed at the end over this "
+                                  "many training batches (0: the average of the trained model's statistics)")
     # Model
     logit_scale: float = _opt(1.0, "multiplier on the logits (DAWNBench uses 0.125); adds no parameters")
     bn_momentum: float = _opt(0.1, "BatchNorm running-statistics momentum (PyTorch convention)")
+    bn_ghost_batch: int = _opt(0, "BatchNorm statistics in training over groups of this many images of each batch "
+                                  "(ghost batch norm; 0: the whole batch)")
+    bn_scale_frozen: bool = _opt(False, "BatchNorm scales stay at 1 (never updated)")
+    bn_bias_lr_mult: float = _opt(1.0, "the BatchNorm biases' LR is the schedule's times this")
     sync_bn: bool = _opt(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only)")
     # Augmentation, in the seed's order
     crop: bool = _opt(True, "RandomCrop 32 after reflect-padding by crop_padding")
     crop_padding: int = _opt(4, "reflect padding on each side before the random crop (0 to 16)")
     flip: bool = _opt(True, "random horizontal flip with p = 0.5")
+    flip_alternate: bool = _opt(False, "with flip: each image mirrored in every other epoch (at random in the first) "
+                                       "instead of by a new coin each epoch")
     cutout: bool = _opt(True, "CutOut: one square hole filled with the dataset mean")
     cutout_size: int = _opt(8, "side of the CutOut hole, in pixels")
     # Run
@@ -84,7 +94,9 @@ class Recipe:
     compile_mode: str = _opt("default", "torch.compile mode, with compile (reduce-overhead: CUDA graphs)",
                              choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     eval_batch_size: int = _opt(1000, "batch size for evaluation")
-    tta: bool = _opt(False, "also report test accuracy with flip test-time augmentation after every epoch")
+    tta: bool = _opt(False, "also report test accuracy with test-time augmentation after every epoch")
+    tta_translate: int = _opt(0, "test-time augmentation averages the mirror and also the image shifted this many "
+                                 "pixels up-left and down-right, each with its mirror (0: the mirror only)")
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_min_div, (int, float)) and self.lr_min_div > 0 and isinstance(self.lr_max, (int, float)):
@@ -129,6 +141,17 @@ class Recipe:
             raise RecipeError(f"recipe: ema_decay must lie in [0, 1) (0: off), got {self.ema_decay}")
         if not 0 < self.bn_momentum <= 1:
             raise RecipeError(f"recipe: bn_momentum must lie in (0, 1], got {self.bn_momentum}")
+        if self.ema_bn_batches < 0:
+            raise RecipeError(f"recipe: ema_bn_batches must be >= 0 (0: off), got {self.ema_bn_batches}")
+        if self.bn_ghost_batch < 0:
+            raise RecipeError(f"recipe: bn_ghost_batch must be >= 0 (0: off), got {self.bn_ghost_batch}")
+        if self.bn_ghost_batch and self.batch_size % self.bn_ghost_batch:
+            raise RecipeError(f"recipe: bn_ghost_batch {self.bn_ghost_batch} must divide batch_size "
+                              f"{self.batch_size}")
+        if self.bn_bias_lr_mult < 0:
+            raise RecipeError(f"recipe: bn_bias_lr_mult must be >= 0, got {self.bn_bias_lr_mult}")
+        if not 0 <= self.tta_translate <= MAX_TTA_TRANSLATE:
+            raise RecipeError(f"recipe: tta_translate must lie in 0..{MAX_TTA_TRANSLATE}, got {self.tta_translate}")
         if self.logit_scale <= 0:
             raise RecipeError(f"recipe: logit_scale must be > 0, got {self.logit_scale}")
         if not 0 <= self.crop_padding <= MAX_CROP_PADDING:
@@ -163,11 +186,11 @@ class Recipe:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def model(self) -> ResNet9:
-        """A new ResNet of the seed with this recipe's logit scale and BatchNorm momentum (weights
-        from torch's global generator)."""
+        """A new ResNet of the seed with this recipe's logit scale and BatchNorm momentum and ghost
+        batches (weights from torch's global generator)."""
         from .model import ResNet9
 
-        return ResNet9(logit_scale=self.logit_scale, bn_momentum=self.bn_momentum)
+        return ResNet9(logit_scale=self.logit_scale, bn_momentum=self.bn_momentum, ghost_batch=self.bn_ghost_batch)
 
     def with_epochs(self, epochs: int) -> Recipe:
         """The same One Cycle shape over ``epochs``: the peak moves to the same fraction of the run."""

@@ -3,6 +3,7 @@ random generators, all built from the recipe and its seed."""
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -11,16 +12,16 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from .augment import draw_augmentation, epoch_batches, pad_reflect
+from .augment import DRAW_COLUMNS, draw_augmentation, epoch_batches, pad_reflect
 from .data import Cifar10
 from .device import augment_at_once, autocast, resolve_placement
 from .distributed import Dist, check_batch
-from .ema import WeightEMA
+from .ema import WeightEMA, refresh_batchnorm
 from .errors import UserError
 from .evaluation import evaluate_sharded
 from .holdout import holdout_split
 from .model import training_flops_per_image
-from .recipe import Recipe
+from .recipe import SEEDS_END, Recipe
 from .step import make_optimizer, make_scaler, train_step
 
 
@@ -67,6 +68,19 @@ class RunSetup:
         recipe keeps one, else the trained model."""
         return self.ema.model if self.ema else self.model
 
+    def refresh_average_statistics(self) -> None:
+        """With a weight average and ``ema_bn_batches``: its BatchNorm statistics recomputed over that
+        many augmented training batches (``ema.refresh_batchnorm``), in the run's precision. The
+        batches come from a generator of their own, so the run's stream is as without it and a
+        resumed run that recomputes them gets the same."""
+        if not (self.ema and self.recipe.ema_bn_batches):
+            return
+        generator = torch.Generator(device=self.device).manual_seed(self.recipe.seed + SEEDS_END + 1)
+        order = torch.randperm(len(self.train_images), device=self.device, generator=generator)
+        draws = draw_augmentation(len(order), generator=generator, **self.augmentation_shape)
+        with self.autocast():
+            refresh_batchnorm(self.ema.model, itertools.islice(self.epoch(order, draws), self.recipe.ema_bn_batches))
+
     def shuffle(self) -> torch.Tensor:
         """A new epoch's order of the training images."""
         return torch.randperm(len(self.train_images), device=self.device, generator=self.generator)
@@ -78,17 +92,30 @@ class RunSetup:
         return {"size": self.train_images.shape[-1] - 2 * padding, "padding": padding,
                 "cutout_size": self.recipe.hole_size}
 
-    def draw_augmentation(self) -> torch.Tensor:
-        """A new epoch's augmentation draws, one row per position of its order (``augment.draw_augmentation``).
-        Drawn whole on every rank, like the order: each rank uses the rows of its own share."""
-        return draw_augmentation(len(self.train_images), generator=self.generator, **self.augmentation_shape)
+    def draw_augmentation(self, order: torch.Tensor, epoch: int = 1) -> torch.Tensor:
+        """Epoch ``epoch``'s augmentation draws, one row per position of its ``order``
+        (``augment.draw_augmentation``). Drawn whole on every rank, like the order: each rank uses
+        the rows of its own share. With ``flip_alternate`` the flip column is each image's own
+        coin (``first_flips``) in odd epochs and its opposite in even ones."""
+        draws = draw_augmentation(len(self.train_images), generator=self.generator, **self.augmentation_shape)
+        if self.recipe.flip_alternate:
+            draws[:, DRAW_COLUMNS.index("flip")] = self.first_flips[order] ^ ((epoch - 1) % 2)
+        return draws
+
+    @functools.cached_property
+    def first_flips(self) -> torch.Tensor:
+        """Each training image's flip in the first epoch, for ``flip_alternate``: a coin per image from
+        a generator of its own (the recipe's seed moved past every seed's range, so that it is not
+        the stream that draws the orders), so a resumed run draws the same."""
+        generator = torch.Generator().manual_seed(self.recipe.seed + SEEDS_END)
+        return torch.randint(0, 2, (len(self.train_images),), generator=generator).to(self.device)
 
     def epoch(self, order: torch.Tensor | None = None, draws: torch.Tensor | None = None,
               start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Augmented training batches in ``order`` with its ``draws`` (new ones when None), from batch ``start``."""
         recipe = self.recipe
         order = self.shuffle() if order is None else order
-        draws = self.draw_augmentation() if draws is None else draws
+        draws = self.draw_augmentation(order) if draws is None else draws
         return epoch_batches(self.train_images, self.train_labels, recipe.batch_size, crop=recipe.crop,
                              padding=recipe.padding, flip=recipe.flip, cutout_size=recipe.hole_size, order=order,
                              draws=draws, start=start, rank=self.dist.rank, world=self.dist.world,
@@ -122,7 +149,7 @@ class RunSetup:
             model = self.step_model if self.dist.world == 1 else self.model
         return evaluate_sharded(model, images, labels, batch_size=self.recipe.eval_batch_size,
                                  precision=self.precision, channels_last=self.recipe.channels_last, dist=self.dist,
-                                 tta=tta, stop=stop)
+                                 tta=tta, tta_translate=self.recipe.tta_translate, stop=stop)
 
 
 def training_split(recipe: Recipe, data: Cifar10) -> tuple[torch.Tensor | slice, torch.Tensor | None]:

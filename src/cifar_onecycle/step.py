@@ -27,7 +27,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs:
     Returns the loss and the logits, detached and still on the device: reading them is the
     caller's choice of when to pay for a host sync."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     with autocast() if autocast else contextlib.nullcontext():
         logits = model(inputs)
         loss = loss_fn(logits.float(), targets)
@@ -49,8 +49,25 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
     (benchmarks/results/README.md, the defaults). The CPU uses the for-each implementation, whose
     results the bit-identical resume tests pin."""
     use_fused = device.type == "cuda" if fused is None else fused
-    return torch.optim.SGD(model.parameters(), lr=recipe.lr_min, momentum=recipe.momentum,
+    return torch.optim.SGD(parameter_groups(model, recipe), lr=recipe.lr_min, momentum=recipe.momentum,
                            nesterov=recipe.nesterov, weight_decay=recipe.weight_decay, fused=use_fused or None)
+
+
+def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
+    """The optimizer's parameter groups: one, unless the recipe treats BatchNorm's parameters
+    apart. Frozen scales sit in a group whose LR multiplier and weight decay are 0, so SGD never
+    moves them from 1 (they stay parameters: the count and the summary are the seed's); the biases'
+    group has the recipe's LR multiplier (``train_step`` applies ``lr_mult``)."""
+    if not recipe.bn_scale_frozen and recipe.bn_bias_lr_mult == 1.0:
+        return [{"params": list(model.parameters())}]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    scales = {id(m.weight) for m in norms}
+    biases = {id(m.bias) for m in norms}
+    rest = [p for p in model.parameters() if id(p) not in scales | biases]
+    return [{"params": rest},
+            {"params": [m.weight for m in norms], **({"lr_mult": 0.0, "weight_decay": 0.0}
+                                                    if recipe.bn_scale_frozen else {})},
+            {"params": [m.bias for m in norms], "lr_mult": recipe.bn_bias_lr_mult}]
 
 
 def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

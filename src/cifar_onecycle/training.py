@@ -185,7 +185,7 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
     if state.order is None:
         state.order = setup.shuffle()
     if state.draws is None:  # drawn with the order (a checkpoint from before draws were saved: state.from_before_draws)
-        state.draws = setup.draw_augmentation()
+        state.draws = setup.draw_augmentation(state.order, state.epoch + 1)
     started = time.perf_counter() - state.epoch_seconds
     loss_sum = torch.tensor(state.loss_sum, device=device)
     correct = torch.tensor(state.correct, device=device, dtype=torch.int64)
@@ -221,6 +221,8 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
     if nothing_to_train:
         stopping = gather_sums(setup, state, loss_sum, correct, stop)
         check_finite_loss(setup, state, lr_at(state.steps_done(setup) - 1, knots))
+    if state.steps_done(setup) == recipe.epochs * steps_per_epoch:  # the weight average is final
+        setup.refresh_average_statistics()
     synchronize(device)  # the host clock must not stop before the GPU's queue is done
     state.epoch_seconds = time.perf_counter() - started
     return stopping
