@@ -186,15 +186,20 @@ def test_with_epochs_keeps_the_shape_of_the_cycle():
 
 def test_the_cli_writes_the_settings_an_error_names_as_flags():
     from cifar_onecycle.cli import with_flags
-    from cifar_onecycle.errors import UserError
+    from cifar_onecycle.errors import UserError, as_setting
 
-    error = UserError("out /tmp/out: already holds a run; choose another folder or pass overwrite", "out",
-                      "overwrite")
+    error = UserError(f"{as_setting('out')} /tmp/out: already holds a run; choose another folder or pass "
+                      f"{as_setting('overwrite')}")
     assert with_flags(error) == ("--out /tmp/out: already holds a run; choose another folder or pass "
                                  "--overwrite")  # the path's "out" is left alone
-    assert with_flags(UserError("batch_size 600 is larger than the 100 training images", "batch_size")) == (
+    assert str(error) == "out /tmp/out: already holds a run; choose another folder or pass overwrite"
+    assert error.settings == ("out", "overwrite")
+    assert with_flags(UserError(f"{as_setting('batch_size')} 600 is larger than the 100 training images")) == (
         "--batch-size 600 is larger than the 100 training images")
     assert with_flags(UserError("recipe: epochs must be > 0")) == "recipe: epochs must be > 0"
+    # Only what the message marks: the same word elsewhere, even the first, stays a word.
+    assert with_flags(UserError(f"out of memory: lower {as_setting('batch_size')}")) == (
+        "out of memory: lower --batch-size")
 
 
 def test_a_recipe_integer_too_large_for_a_float_is_refused(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -466,12 +465,8 @@ def _flag(setting: str) -> str:
 
 
 def with_flags(error: UserError) -> str:
-    """The error's message with the first mention of each setting it names written as its flag
-    (``batch_size 600`` -> ``--batch-size 600``): a word of its own, not part of a path."""
-    message = str(error)
-    for setting in error.settings:
-        message = re.sub(rf"(?<![\w/.-]){re.escape(setting)}(?![\w/.-])", _flag(setting), message, count=1)
-    return message
+    """The error's message with each setting it marks written as its flag (``--batch-size 600``)."""
+    return error.render(_flag)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

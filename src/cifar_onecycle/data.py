@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DatasetError
+from .errors import DatasetError, as_setting
 from .files import read_capped
 from .safe_pickle import CheckedArray, Damaged, Refused, safe_loads
 
@@ -145,14 +145,15 @@ def ensure_cifar10(data_dir: Path, download: bool = True,
     try:
         return _ensure_cifar10(data_dir, download, progress)
     except OSError as e:  # a folder that cannot be listed or created: the cause is the path given
-        raise DatasetError(f"data_dir {data_dir}: cannot use it ({e.strerror or e}); give a folder you can read "
-                           f"and write", "data_dir") from None
+        raise DatasetError(f"{as_setting('data_dir')} {data_dir}: cannot use it ({e.strerror or e}); give a folder "
+                           f"you can read "
+                           f"and write") from None
 
 
 def _ensure_cifar10(data_dir: Path, download: bool, progress: Callable[[int, int], None] | None) -> Path:
     if data_dir.exists() and not data_dir.is_dir():
-        raise DatasetError(f"data_dir {data_dir}: is a file, not a folder; give the folder that holds "
-                           f"'{FOLDER}/' or '{ARCHIVE}', or where the download should go", "data_dir")
+        raise DatasetError(f"{as_setting('data_dir')} {data_dir}: is a file, not a folder; give the folder that holds "
+                           f"'{FOLDER}/' or '{ARCHIVE}', or where the download should go")
     folder = data_dir / FOLDER
     if folder.is_dir():
         missing = _missing(folder)

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, as_setting
 from .recipe import Recipe
 
 # How often (in steps) the loop reads the running loss back from the device, for the progress bar,
@@ -37,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda: no CUDA device is available; use cpu or auto", "device")
+        raise UserError(f"{as_setting('device')} cuda: no CUDA device is available; use cpu or auto")
     return torch.device(name)
 
 
@@ -54,7 +54,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 on CUDA with bf16 and on CPUs with native bf16, fp16 on older GPUs, else fp32."""
     if name != "auto":
         if name == "fp16" and device.type != "cuda":
-            raise UserError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU", "precision")
+            raise UserError(f"{as_setting('precision')} fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

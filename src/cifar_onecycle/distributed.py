@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, as_setting
 
 
 @dataclass(frozen=True)
@@ -86,5 +86,5 @@ def broadcast_buffers(model: torch.nn.Module, ranks: Dist) -> None:
 
 def check_batch(batch_size: int, ranks: Dist) -> None:
     if batch_size % ranks.world:
-        raise UserError(f"batch_size {batch_size} is the global batch and must divide by the "
-                        f"{ranks.world} processes; use a multiple of {ranks.world}", "batch_size")
+        raise UserError(f"{as_setting('batch_size')} {batch_size} is the global batch and must divide by the "
+                        f"{ranks.world} processes; use a multiple of {ranks.world}")

@@ -1,10 +1,22 @@
 """Errors a user can act on. The CLI prints them as one line and exits with ``exit_code``.
 
 Library code speaks of settings (``batch_size``, ``out``): the recipe's fields and the arguments of
-``train``. An error names the settings it is about in ``settings``; the CLI writes them as the flags
-that set them. Recipe errors keep the recipe's own names, which recipe.toml files use too.
+``train``. A message marks each setting it names with ``as_setting``: read as a string it says the
+setting's name, and the CLI renders the same mark as the flag that sets it (``UserError.render``),
+so no wording is tied to the flags. Recipe errors keep the recipe's own names, which recipe.toml
+files use too.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+
+# The ASCII unit separator: in no path, value or word a user types.
+_MARK = "\x1f"
+
+
+def as_setting(name: str) -> str:
+    """``name``, marked in an error message as a setting (see the module's docstring)."""
+    return f"{_MARK}{name}{_MARK}"
 
 
 class UserError(Exception):
@@ -12,9 +24,21 @@ class UserError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str, *settings: str) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.settings = settings
+
+    def render(self, setting: Callable[[str], str]) -> str:
+        """The message with each marked setting written by ``setting`` (its name, or its flag)."""
+        parts = str(self.args[0] if self.args else "").split(_MARK)
+        return "".join(setting(part) if i % 2 else part for i, part in enumerate(parts))
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The settings the message names, in order."""
+        return tuple(str(self.args[0] if self.args else "").split(_MARK)[1::2])
+
+    def __str__(self) -> str:
+        return self.render(lambda name: name)
 
 
 class DatasetError(UserError):

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserError, WriteError
+from .errors import UserError, WriteError, as_setting
 
 MB = 1 << 20
 # The ceilings, each with what this program writes: the seed's model in fp32 is 26.3 MB as
@@ -78,12 +78,12 @@ def writable_folder(path: str | Path, setting: str = "out") -> Path:
     whose results would go there; a UserError naming ``setting`` otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{setting} {path}: exists and is not a folder; choose another", setting)
+        raise UserError(f"{as_setting(setting)} {path}: exists and is not a folder; choose another")
     try:
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / ".write-test", b"")
         (path / ".write-test").unlink()
     except (OSError, WriteError) as e:
         reason = e.reason if isinstance(e, WriteError) else e.strerror or e
-        raise UserError(f"{setting} {path}: cannot write there ({reason}); choose another folder", setting) from None
+        raise UserError(f"{as_setting(setting)} {path}: cannot write there ({reason}); choose another folder") from None
     return path

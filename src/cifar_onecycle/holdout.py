@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, as_setting
 
 # Not the recipe's seed: the validation images must not change with it.
 HOLDOUT_SEED = 0
@@ -23,8 +23,9 @@ def holdout_split(labels: torch.Tensor, holdout: int, classes: int) -> tuple[tor
     labels = labels.cpu()
     n = len(labels)
     if not classes <= holdout < n:
-        raise UserError(f"holdout {holdout}: give at least one image a class ({classes}) and fewer than the "
-                        f"{n} training images", "holdout")
+        raise UserError(f"{as_setting('holdout')} {holdout}: give at least one image a class ({classes}) and fewer "
+                        f"than the "
+                        f"{n} training images")
     counts = torch.bincount(labels, minlength=classes)[:classes].tolist()
     quotas = [holdout * c / n for c in counts]
     taken = [int(q) for q in quotas]
@@ -33,8 +34,9 @@ def holdout_split(labels: torch.Tensor, holdout: int, classes: int) -> tuple[tor
         taken[c] += 1
     empty = [c for c in range(classes) if taken[c] == 0]
     if empty:
-        raise UserError(f"holdout {holdout} leaves class {empty[0]} no validation image ({counts[empty[0]]} training "
-                        f"images of it); hold out more", "holdout")
+        raise UserError(f"{as_setting('holdout')} {holdout} leaves class {empty[0]} no validation image "
+                        f"({counts[empty[0]]} training "
+                        f"images of it); hold out more")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     shuffled = labels[order]
     held = torch.cat([order[shuffled == c][:taken[c]] for c in range(classes)]).sort().values

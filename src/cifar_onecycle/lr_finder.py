@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .data import Cifar10
 from .distributed import all_reduce_sum, init_distributed
-from .errors import NoLRFound, RecipeError, UserError
+from .errors import NoLRFound, RecipeError, UserError, as_setting
 from .recipe import Recipe
 from .run_setup import RunSetup, setup_run
 from .step import train_step
@@ -79,24 +79,25 @@ def check_sweep(mode: str, start_lr: float, end_lr: float, num_iter: int, smooth
                 diverge: float = 4.0, patience: int | None = None) -> None:
     """Refuse impossible sweep settings with a one-line message."""
     if mode not in MODES:
-        raise UserError(f"lr-find: unknown mode {mode!r}; use one of {', '.join(MODES)} (or both)", "mode")
+        raise UserError(f"lr-find: unknown {as_setting('mode')} {mode!r}; use one of {', '.join(MODES)} (or both)")
     if not (math.isfinite(start_lr) and start_lr > 0):
-        raise UserError(f"lr-find: start_lr must be > 0, got {start_lr}", "start_lr")
+        raise UserError(f"lr-find: {as_setting('start_lr')} must be > 0, got {start_lr}")
     if not (math.isfinite(end_lr) and end_lr > start_lr):
-        raise UserError(f"lr-find: end_lr {end_lr} must be above start_lr {start_lr}", "end_lr", "start_lr")
+        raise UserError(f"lr-find: {as_setting('end_lr')} {end_lr} must be above {as_setting('start_lr')} {start_lr}")
     if num_iter < 10:
-        raise UserError(f"lr-find: num_iter must be >= 10, got {num_iter}", "num_iter")
+        raise UserError(f"lr-find: {as_setting('num_iter')} must be >= 10, got {num_iter}")
     if not 0 < smooth <= 1:
-        raise UserError(f"lr-find: smooth must lie in (0, 1], got {smooth}", "smooth")
+        raise UserError(f"lr-find: {as_setting('smooth')} must lie in (0, 1], got {smooth}")
     if not diverge > 1:
-        raise UserError(f"lr-find: diverge must be > 1, got {diverge}", "diverge")
+        raise UserError(f"lr-find: {as_setting('diverge')} must be > 1, got {diverge}")
     if patience is not None and patience < 1:
-        raise UserError(f"lr-find: patience must be >= 1, got {patience}", "patience")
+        raise UserError(f"lr-find: {as_setting('patience')} must be >= 1, got {patience}")
 
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise UserError(f"lr-find: unknown suggestion method {method!r}; use one of {', '.join(METHODS)}", "method")
+        raise UserError(f"lr-find: unknown suggestion {as_setting('method')} {method!r}; use one of "
+                        f"{', '.join(METHODS)}")
 
 
 def suggest(lrs: list[float], smoothed: list[float], method: str = "valley") -> float | None:
@@ -397,8 +398,8 @@ def find_lr_bounds(setup: RunSetup, find_lr_max: bool, find_lr_min: bool, folder
         value = result.suggested_lr_max if name == "lr_max" else result.suggested_lr_min
         if value is None:
             why = result.note or result.stopped or "no suggestion"
-            raise NoLRFound(f"{name} auto: the {result.mode} LR range test found no {name.upper().replace('_', '')} "
-                            f"({why}); set {name} explicitly", name)
+            raise NoLRFound(f"{as_setting(name)} auto: the {result.mode} LR range test found no "
+                            f"{name.upper().replace('_', '')} ({why}); set {name} explicitly")
         found_values[name] = value
     # a found LRMIN replaces a LRMIN derived from LRMAX
     changes = {**found_values, **({"lr_min_div": 0.0} if find_lr_min else {})}

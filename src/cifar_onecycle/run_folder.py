@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
-from .errors import UserError
+from .errors import UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, read_capped, writable_folder
 from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, metrics_csv, parse_metrics_csv
@@ -45,11 +45,11 @@ class RunFolder:
         the old run's files: a stale one must not pass for the new run's); check it is writable."""
         path = Path(path)
         if path.exists() and not path.is_dir():
-            raise UserError(f"out {path}: exists and is not a folder; choose another", "out")
+            raise UserError(f"{as_setting('out')} {path}: exists and is not a folder; choose another")
         taken = [name for name in RUN_FILES if (path / name).exists()]
         if taken and not overwrite:
-            raise UserError(f"out {path}: already holds a run ({taken[0]}); choose another folder or pass overwrite",
-                            "out", "overwrite")
+            raise UserError(f"{as_setting('out')} {path}: already holds a run ({taken[0]}); choose another folder "
+                            f"or pass {as_setting('overwrite')}")
         writable_folder(path)
         for name in taken:
             (path / name).unlink()
@@ -135,4 +135,4 @@ class RunFolder:
                 raise TypeError(f"data_dir {data_dir!r} is not a folder's name")
             return first, count, data_dir
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"resume {self.path}: not a multi-seed run folder ({SEEDS}: {e})", "resume") from None
+            raise UserError(f"{as_setting('resume')} {self.path}: not a multi-seed run folder ({SEEDS}: {e})") from None

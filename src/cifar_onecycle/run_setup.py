@@ -17,7 +17,7 @@ from .data import Cifar10
 from .device import augment_at_once, autocast, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA, refresh_batchnorm
-from .errors import UserError
+from .errors import UserError, as_setting
 from .evaluation import evaluate_sharded
 from .holdout import holdout_split
 from .model import training_flops_per_image
@@ -162,14 +162,14 @@ def training_split(recipe: Recipe, data: Cifar10) -> tuple[torch.Tensor | slice,
         kept, held = holdout_split(data.train_labels, recipe.holdout, len(data.classes))
         available = len(kept)
     n_train = recipe.train_subset or available
+    holdout = f"{as_setting('holdout')} {recipe.holdout}"
     if n_train > available:
-        raise UserError(f"train_subset {n_train}: only {available} training images"
-                        + (f" once holdout {recipe.holdout} is taken out" if recipe.holdout else ""),
-                        "train_subset", *(("holdout",) if recipe.holdout else ()))
+        raise UserError(f"{as_setting('train_subset')} {n_train}: only {available} training images"
+                        + (f" once {holdout} is taken out" if recipe.holdout else ""))
     if recipe.batch_size > n_train:
-        raise UserError(f"batch_size {recipe.batch_size} is larger than the {n_train} training images"
-                        + (f" left by holdout {recipe.holdout}" if recipe.holdout and not recipe.train_subset else "")
-                        + "; use a smaller one", "batch_size", *(("holdout",) if recipe.holdout else ()))
+        raise UserError(f"{as_setting('batch_size')} {recipe.batch_size} is larger than the {n_train} training images"
+                        + (f" left by {holdout}" if recipe.holdout and not recipe.train_subset else "")
+                        + "; use a smaller one")
     return kept[:n_train] if isinstance(kept, torch.Tensor) else slice(n_train), held
 
 
@@ -186,8 +186,8 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None, augment_i
     kept, held = training_split(recipe, data)
     check_batch(recipe.batch_size, dist)
     if recipe.sync_bn and dist.world > 1 and device.type != "cuda":
-        raise UserError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it off on the CPU",
-                        "sync_bn")
+        raise UserError(f"{as_setting('sync_bn')} needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it "
+                        f"off on the CPU")
     # The whole uint8 data set lives on the device (150 MB for CIFAR-10): no loader, no workers.
     # Padding once here, not per batch, leaves each step a single gather for its crops.
     train_images = pad_reflect(data.train_images[kept].to(device), recipe.padding)

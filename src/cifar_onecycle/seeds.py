@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data import Cifar10
 from .device import resolve_placement
 from .distributed import init_distributed
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, as_setting
 from .recipe import SEEDS_END, Recipe
 from .run_folder import SUMMARY, RunFolder
 from .run_setup import training_split
@@ -74,10 +74,11 @@ def final_accuracies(summary: dict[str, Any]) -> str:
 def check_seed_range(first: int, count: int) -> None:
     """Seeds ``first`` .. ``first + count - 1`` must each be a seed a recipe takes."""
     if count < 1:
-        raise UserError(f"seeds {count}: give at least 1", "seeds")
+        raise UserError(f"{as_setting('seeds')} {count}: give at least 1")
     if first + count > SEEDS_END:
-        raise UserError(f"seeds {count} from seed {first} would end at seed {first + count - 1}, beyond the "
-                        f"largest, {SEEDS_END - 1}", "seeds", "seed")
+        raise UserError(f"{as_setting('seeds')} {count} from {as_setting('seed')} {first} would end at seed "
+                        f"{first + count - 1}, beyond the "
+                        f"largest, {SEEDS_END - 1}")
 
 
 def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path | None = None,

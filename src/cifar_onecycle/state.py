@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .augment import draws_problem
-from .errors import UserError
+from .errors import UserError, as_setting
 from .results import EpochMetrics
 from .run_setup import RunSetup
 
@@ -147,8 +147,9 @@ def _set_rng_state(setup: RunSetup, state: dict[str, Any]) -> None:
     if type(written_by) is not int:
         raise KeyError("rng has no number of processes")
     if written_by != world:
-        raise UserError(f"resume: the checkpoint was written by {written_by} process(es); resume it with the same "
-                        f"number (now {world})", "resume")
+        raise UserError(f"{as_setting('resume')}: the checkpoint was written by {written_by} process(es); resume it "
+                        f"with the same "
+                        f"number (now {world})")
     torch.set_rng_state(state["torch"])
     setup.generator.set_state(state["generator"])
     if "cuda" in state and setup.device.type == "cuda":

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CHECKPOINT
 from .data import Cifar10
 from .device import resolve_placement
-from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError
+from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, read_capped, writable_folder
 from .recipe import Recipe, load_recipe
 from .run_folder import FAILED, SUMMARY, RunFolder
@@ -77,8 +77,8 @@ def parse_value(setting: str, text: str) -> Any:
     """A value of ``setting`` from its text (``auto`` where the range test can find the setting)."""
     kind = KINDS.get(setting)
     if kind is None:
-        raise UserError(f"vary: unknown setting {setting!r}; any recipe setting can be varied: {', '.join(KINDS)}",
-                        "vary")
+        raise UserError(f"{as_setting('vary')}: unknown setting {setting!r}; any recipe setting can be varied: "
+                        f"{', '.join(KINDS)}")
     if text == AUTO and setting in AUTO_SETTINGS:
         return AUTO
     try:
@@ -89,7 +89,7 @@ def parse_value(setting: str, text: str) -> Any:
         return {"int": int, "float": float, "str": str}[kind](text)
     except ValueError:
         auto = " or auto" if setting in AUTO_SETTINGS else ""
-        raise UserError(f"vary: {setting}={text}: not a {kind}{auto}", "vary") from None
+        raise UserError(f"{as_setting('vary')}: {setting}={text}: not a {kind}{auto}") from None
 
 
 def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
@@ -99,9 +99,9 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
         setting, _, values = spec.partition("=")
         setting = setting.strip().replace("-", "_")
         if not values:
-            raise UserError(f"vary: {spec!r} is not SETTING=VALUE,VALUE,...", "vary")
+            raise UserError(f"{as_setting('vary')}: {spec!r} is not SETTING=VALUE,VALUE,...")
         if setting in vary:
-            raise UserError(f"vary: {setting} is given twice; list all its values in one", "vary")
+            raise UserError(f"{as_setting('vary')}: {setting} is given twice; list all its values in one")
         vary[setting] = [parse_value(setting, v.strip()) for v in values.split(",")]
     return vary
 
@@ -112,7 +112,7 @@ def parse_point(spec: str) -> dict[str, Any]:
     for item in spec.split(","):
         setting, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"baseline: {spec!r} is not SETTING=VALUE,SETTING=VALUE", "baseline")
+            raise UserError(f"{as_setting('baseline')}: {spec!r} is not SETTING=VALUE,SETTING=VALUE")
         point[setting.strip().replace("-", "_")] = parse_value(setting.strip().replace("-", "_"), value.strip())
     return point
 
@@ -185,31 +185,34 @@ class Plan:
         """Refuse a plan that cannot run: an unknown or repeated setting, a value the recipe refuses,
         too many runs, a baseline that is not a point of the grid."""
         if not self.vary:
-            raise UserError("vary: give at least one setting to vary (SETTING=VALUE,VALUE,...)", "vary")
+            raise UserError(f"{as_setting('vary')}: give at least one setting to vary (SETTING=VALUE,VALUE,...)")
         for setting, values in self.vary.items():
             if setting not in KINDS:
-                raise UserError(f"vary: unknown setting {setting!r}", "vary")
+                raise UserError(f"{as_setting('vary')}: unknown setting {setting!r}")
             if setting in NOT_VARIED:
-                raise UserError("vary: seed is not varied: every point trains the same seeds, from the recipe's "
-                                "seed on", "vary")
+                raise UserError(f"{as_setting('vary')}: seed is not varied: every point trains the same seeds, from "
+                                f"the recipe's "
+                                "seed on")
             if not values or len({format_value(v) for v in values}) != len(values):
-                raise UserError(f"vary: {setting} needs distinct values, got {[format_value(v) for v in values]}",
-                                "vary")
+                raise UserError(f"{as_setting('vary')}: {setting} needs distinct values, got "
+                                f"{[format_value(v) for v in values]}")
         if "lr_min" in self.vary and "lr_min_div" in self.vary:
-            raise UserError("vary: lr_min and lr_min_div both set LRMIN; vary one", "vary")
+            raise UserError(f"{as_setting('vary')}: lr_min and lr_min_div both set LRMIN; vary one")
         check_seed_range(self.first_seed, self.seeds)
         count = math.prod(len(v) for v in self.vary.values())
         if count * self.seeds > MAX_RUNS:
-            raise UserError(f"vary: {count} points x {self.seeds} seeds is more than {MAX_RUNS} runs", "vary", "seeds")
+            raise UserError(f"{as_setting('vary')}: {count} points x {self.seeds} {as_setting('seeds')} is more "
+                            f"than {MAX_RUNS} runs")
         for point in self.points:
             try:
                 point.recipe(base, self.first_seed)
             except RecipeError as e:
-                raise UserError(f"vary: {e}", "vary") from None
+                raise UserError(f"{as_setting('vary')}: {e}") from None
         if self.baseline is not None and (set(self.baseline) != set(self.vary) or self.baseline_point not in set(
                 self.points)):
-            raise UserError(f"baseline {format_point(self.baseline)} is not a point of the sweep: give one value of "
-                            f"each varied setting ({', '.join(self.vary)}) from its values", "baseline")
+            raise UserError(f"{as_setting('baseline')} {format_point(self.baseline)} is not a point of the sweep: "
+                            f"give one value of "
+                            f"each varied setting ({', '.join(self.vary)}) from its values")
 
     def to_json(self) -> str:
         return json.dumps({"vary": self.vary, "first_seed": self.first_seed, "seeds": self.seeds,
@@ -282,7 +285,7 @@ class SweepFolder:
 
     def read(self) -> tuple[Plan, Recipe]:
         if not (self.path / PLAN).is_file():
-            raise UserError(f"{self.path}: not a sweep folder (no {PLAN})", "out")
+            raise UserError(f"{as_setting('out')} {self.path}: not a sweep folder (no {PLAN})")
         text = read_capped(self.path / PLAN, MAX_TEXT_BYTES, PLAN, "is this a sweep folder?")
         try:
             plan = Plan.from_json(text.decode(), str(self.path / PLAN))
@@ -298,11 +301,12 @@ class SweepFolder:
             saved_plan, saved_base = self.read()
             if saved_plan != plan or saved_base != base:
                 what = "recipe" if saved_plan == plan else "plan (settings varied, values, seeds or baseline)"
-                raise UserError(f"out {self.path}: holds another sweep (its {what} differs); choose another folder, "
-                                f"or run the same sweep to go on with it", "out")
+                raise UserError(f"{as_setting('out')} {self.path}: holds another sweep (its {what} differs); choose "
+                                f"another folder, "
+                                f"or run the same sweep to go on with it")
             return
         if self.path.is_dir() and any(self.path.iterdir()):
-            raise UserError(f"out {self.path}: is not empty and holds no sweep; choose another folder", "out")
+            raise UserError(f"{as_setting('out')} {self.path}: is not empty and holds no sweep; choose another folder")
         writable_folder(self.path)
         atomic_write(self.path / "recipe.toml", base.to_toml())
         atomic_write(self.path / PLAN, plan.to_json())
@@ -439,7 +443,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     plan = Plan(vary_lists, base.seed, seeds, dict(baseline) if baseline is not None else None)
     plan.check(base)
     if workers < 1:
-        raise UserError(f"workers {workers}: give at least 1", "workers")
+        raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
     resolve_placement(base)  # a device this machine lacks: refused before loading anything
     data_dir = data_folder(data_dir, data)
     if not print_commands:

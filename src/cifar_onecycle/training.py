@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data import Cifar10, download_bar, load_cifar10
 from .device import resolve_placement, sync_every, synchronize
 from .distributed import Dist, all_reduce_sum, init_distributed
-from .errors import DivergenceError, NoLRFound, UserError
+from .errors import DivergenceError, NoLRFound, UserError, as_setting
 from .evaluation import EvaluationStopped
 from .lr_finder import find_lr_bounds
 from .recipe import Recipe
@@ -143,7 +143,8 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, 
             check_same_recipe(recipe, saved, folder.path)
         # A run killed between its last checkpoint and its summary is finished by the resume.
         if checkpoint["epoch"] >= saved.epochs and folder.has(SUMMARY):
-            raise UserError(f"resume {folder.path}: this run already finished all {saved.epochs} epochs", "resume")
+            raise UserError(f"{as_setting('resume')} {folder.path}: this run already finished all {saved.epochs} "
+                            f"epochs")
         resolve_placement(saved)  # a device this machine lacks: refused before loading anything
         data_dir = data_folder(options.data_dir or checkpoint.get("data_dir"), data)
         data = data if data is not None else load_data(data_dir, options.download, progress, test_signals)
@@ -245,7 +246,7 @@ def check_finite_loss(setup: RunSetup, state: TrainState, lr: float) -> None:
     if not math.isfinite(running):
         raise DivergenceError(
             f"training diverged: loss is {running} in epoch {state.epoch + 1}, by step {state.steps_done(setup)} "
-            f"(LR {lr:.4g}); lower lr_max (now {setup.recipe.lr_max:g})", "lr_max")
+            f"(LR {lr:.4g}); lower {as_setting('lr_max')} (now {setup.recipe.lr_max:g})")
 
 
 def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float]],
@@ -335,16 +336,17 @@ def damaged_checkpoint(folder: RunFolder) -> Iterator[None]:
     try:
         yield
     except ValueError as e:
-        raise UserError(f"resume {folder.path}: {CHECKPOINT} is damaged or does not fit this run ({e}); start the "
-                        f"run again, or resume a copy of its folder that is whole", "resume") from None
+        raise UserError(f"{as_setting('resume')} {folder.path}: {CHECKPOINT} is damaged or does not fit this run "
+                        f"({e}); start the "
+                        f"run again, or resume a copy of its folder that is whole") from None
 
 
 def check_same_recipe(recipe: Recipe, saved: Recipe, run_dir: Path) -> None:
     """A resumed run keeps its own recipe: refuse a ``recipe`` that differs, naming the first change."""
     changed = [k for k, v in recipe.to_dict().items() if getattr(saved, k) != v]
     if changed:
-        raise UserError(f"resume {run_dir}: the run's own recipe is used; {changed[0]} would change "
-                        f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}", "resume")
+        raise UserError(f"{as_setting('resume')} {run_dir}: the run's own recipe is used; {changed[0]} would change "
+                        f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}")
 
 
 def data_folder(given: str | Path | None, data: Cifar10 | None) -> str | None:
@@ -359,10 +361,10 @@ def data_folder(given: str | Path | None, data: Cifar10 | None) -> str | None:
 def tensorboard_writer(run_dir: str | Path | None) -> Any:
     """torch's SummaryWriter class; a clear error without a run folder or the tensorboard extra."""
     if run_dir is None:
-        raise UserError("tensorboard needs a run folder (out)", "tensorboard", "out")
+        raise UserError(f"{as_setting('tensorboard')} needs a run folder ({as_setting('out')})")
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("tensorboard needs the tensorboard package: pip install 'cifar-onecycle[tensorboard]'",
-                        "tensorboard") from None
+        raise UserError(f"{as_setting('tensorboard')} needs the tensorboard package: pip install "
+                        f"'cifar-onecycle[tensorboard]'") from None
     return SummaryWriter
