@@ -188,6 +188,7 @@ def test_the_curves_tick_whole_epochs_only():
 def test_the_lr_schedule_graph_passes_through_every_steps_lr_and_stays_small():
     import numpy as np
 
+    from cifar_onecycle.recipe import MAX_EPOCHS
     from cifar_onecycle.report import plot_lr_schedule
     from cifar_onecycle.schedule import lr_at, one_cycle_knots
 
@@ -198,6 +199,7 @@ def test_the_lr_schedule_graph_passes_through_every_steps_lr_and_stays_small():
     steps = np.arange(recipe.epochs * steps_per_epoch)
     drawn = np.interp(steps + 1, line.get_xdata(), line.get_ydata())  # the graph counts steps from 1
     assert np.allclose(drawn, [lr_at(int(step), knots) for step in steps], rtol=0, atol=1e-12)
-    # a summary.json from elsewhere may claim any number of steps: the graph stays as small
-    assert len(plot_lr_schedule(Recipe(epochs=10**6, peak_epoch=5), 10**9).lines[0].get_xdata()) == 3
+    # a summary.json from elsewhere may claim any number of steps: the graph stays as small (the
+    # recipe's own bound on epochs, 10,000, times 10**9 steps an epoch)
+    assert len(plot_lr_schedule(Recipe(epochs=MAX_EPOCHS, peak_epoch=5), 10**9).lines[0].get_xdata()) == 3
 

@@ -272,12 +272,16 @@ def _spread(values: dict[str, Any]) -> str:
             f"max {values['max']:.2%})")
 
 
-def _load_data(args: argparse.Namespace, split: str = "both", default: str | None = None) -> Cifar10:
-    """The data set of ``--data-dir`` (else ``default``, else ./data), with a download bar."""
-    from .data import download_bar, load_cifar10
+def _load_data(args: argparse.Namespace, split: str = "both", recorded: tuple[Any, Path] | None = None) -> Cifar10:
+    """The data set of ``--data-dir``, else of the folder a run's file recorded (``recorded``: the
+    value and the file; read only, never created or downloaded into), else ./data."""
+    from .data import download_bar, load_cifar10, recorded_data_dir
 
-    return load_cifar10(args.data_dir or default or "data", download=not args.no_download, split=split,
-                        progress=download_bar())
+    if args.data_dir is None and recorded is not None and recorded[0] is not None:
+        if not isinstance(recorded[0], str):
+            raise UserError(f"{recorded[1]}: data_dir {recorded[0]!r} is not a folder's name; give --data-dir")
+        return load_cifar10(recorded_data_dir(recorded[0], recorded[1]), download=False, split=split)
+    return load_cifar10(args.data_dir or "data", download=not args.no_download, split=split, progress=download_bar())
 
 
 def _placed(args: argparse.Namespace, model: torch.nn.Module,
@@ -313,14 +317,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .lr_finder import DEFAULT_RANGES, MODES, check_sweep, lr_range_test, write_lr_find
+    from .lr_finder import DEFAULT_RANGES, MAX_SWEEP_EPOCHS, MODES, check_sweep, lr_range_test, write_lr_find
 
     recipe = recipe_from_args(args)
     modes = MODES if args.mode == "both" else (args.mode,)
     if args.num_iter is not None and args.sweep_epochs is not None:
         raise UserError("--num-iter and --sweep-epochs both set a sweep's length; give one")
-    if args.sweep_epochs is not None and args.sweep_epochs <= 0:
-        raise UserError(f"--sweep-epochs must be > 0, got {args.sweep_epochs:g}")
+    if args.sweep_epochs is not None and not 0 < args.sweep_epochs <= MAX_SWEEP_EPOCHS:  # NaN fails both
+        raise UserError(f"--sweep-epochs must lie in (0, {MAX_SWEEP_EPOCHS}], got {args.sweep_epochs:g}")
     for mode in modes:  # refuse a bad range before loading anything
         lo, hi = DEFAULT_RANGES[mode]
         check_sweep(mode, lo if args.start_lr is None else args.start_lr, hi if args.end_lr is None else args.end_lr,
@@ -355,7 +359,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary, history = run.read_summary(), run.read_metrics()
     if not isinstance(summary.get("steps_per_epoch"), int):
         raise UserError(f"{run.path / 'summary.json'}: not a finished run's summary (no steps_per_epoch)")
-    data = _load_data(args, default=summary.get("data_dir"))
+    data = _load_data(args, recorded=(summary.get("data_dir"), run.path / "summary.json"))
     model, device, precision = _placed(args, saved, recipe)
     run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
                                    data.test_labels, data.train_images[:20], summary["steps_per_epoch"], precision))
@@ -377,9 +381,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {p.error}", file=sys.stderr)
             if args.json:
                 print(json.dumps({"path": p.path, "error": p.error}))
-        elif args.json:
+        elif args.json:  # allow_nan=False: a line that is not JSON fails here, not in the reader
             print(json.dumps({"path": p.path, "class": p.top[0][0],
-                              "top3": [{"class": c, "probability": v} for c, v in p.top]}))
+                              "top3": [{"class": c, "probability": v} for c, v in p.top]}, allow_nan=False))
         else:
             print(f"{p.path}: {p.top[0][0]}  (" + ", ".join(f"{c} {v:.1%}" for c, v in p.top) + ")")
     return 2 if failed else 0
@@ -492,9 +496,17 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"\n{_prog()}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # out of device memory is the one runtime failure a flag can fix
-        if type(e).__name__ != "OutOfMemoryError" or args.debug:
+    except Exception as e:  # running out of memory is the one runtime failure a flag can fix
+        if not _out_of_memory(e) or args.debug:
             raise
-        print(f"{_prog()}: error: out of device memory ({str(e).splitlines()[0]}); pass a smaller "
-              f"--batch-size", file=sys.stderr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "device memory" if type(e).__name__ == "OutOfMemoryError" else "memory"
+        print(f"{_prog()}: error: out of {where} ({first[:200]}); pass a smaller --batch-size or --eval-batch-size",
+              file=sys.stderr)
         return 2
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """A GPU's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError)
+            or isinstance(e, RuntimeError) and ("DefaultCPUAllocator" in str(e) or "not enough memory" in str(e)))

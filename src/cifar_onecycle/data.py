@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError, as_setting
-from .files import read_capped
+from .files import open_regular, read_capped
 from .safe_pickle import CheckedArray, Damaged, Refused, safe_loads
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -117,6 +117,15 @@ class Cifar10:
                        self.test_labels.to(device), self.classes)
 
 
+def recorded_data_dir(recorded: str, source: str | Path) -> str:
+    """A data folder that a file of a run (``source``) recorded: a hint to read from, never a folder
+    to create or download into (the file may be someone else's), so it must be there already."""
+    if not os.path.isdir(recorded):
+        raise DatasetError(f"{source} names the data folder {recorded}, which is not there; give "
+                           f"{as_setting('data_dir')}")
+    return recorded
+
+
 def load_cifar10(data_dir: str | Path = "data", download: bool = True,
                  progress: Callable[[int, int], None] | None = None, split: str = "both") -> Cifar10:
     """Load CIFAR-10 from ``data_dir`` (extracting or downloading it first when needed).
@@ -162,6 +171,9 @@ def _ensure_cifar10(data_dir: Path, download: bool, progress: Callable[[int, int
                                f"'{FOLDER}' folder there or delete it to extract/download again")
         return folder
     archive = data_dir / ARCHIVE
+    if archive.exists() and not archive.is_file():  # a FIFO or device would block or never end
+        raise DatasetError(f"{archive}: not a regular file but a {'FIFO' if archive.is_fifo() else 'folder or device'}"
+                           f"; put the official archive there or remove it")
     if not archive.is_file():
         if not download:
             raise DatasetError(f"CIFAR-10 not found in {data_dir}: put '{FOLDER}/' or '{ARCHIVE}' "
@@ -233,7 +245,7 @@ def extract_archive(archive: Path, data_dir: Path) -> None:
     """
     tmp = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=data_dir))
     try:
-        with tarfile.open(archive, "r:*") as tf:
+        with open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:*") as tf:
             members: list[tarfile.TarInfo] = []
             unpacked = 0
             for m in tf:  # headers one by one: an archive of a million members is refused at the 17th

@@ -7,9 +7,12 @@ writes, and a larger one is refused before it is read.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import UserError, WriteError, as_setting
 
@@ -61,11 +64,29 @@ def _umask() -> int:
     return mask
 
 
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file. Opened without blocking and checked
+    before any read: a FIFO would block the open (or the first read) until something writes to it,
+    and a device can be read for ever. Anything else is an OSError (``strerror`` says what)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise OSError(errno.EINVAL, f"not a regular file but {kind}", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_capped(path: str | Path, limit: int, what: str, hint: str, error: type[UserError] = UserError) -> bytes:
-    """The bytes of ``path``, refusing a file over ``limit`` bytes before reading it with ``error``
-    ("larger than any ``what``", then ``hint``). OSErrors (a missing file included) propagate for the
-    caller to word."""
-    with open(path, "rb") as f:
+    """The bytes of ``path`` (a regular file: ``open_regular``), refusing a file over ``limit``
+    bytes before reading it with ``error`` ("larger than any ``what``", then ``hint``). OSErrors (a
+    missing file included) propagate for the caller to word."""
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         raw = f.read(limit + 1) if size <= limit else b""  # bounded even if the file grows meanwhile
     if size > limit or len(raw) > limit:

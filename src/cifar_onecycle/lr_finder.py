@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .data import Cifar10
 from .distributed import all_reduce_sum, init_distributed
 from .errors import NoLRFound, RecipeError, UserError, as_setting
-from .recipe import Recipe
+from .recipe import Recipe, short_number
 from .run_setup import RunSetup, setup_run
 from .step import train_step
 
@@ -52,6 +52,10 @@ DEFAULT_RANGES = {"exp": (1e-5, 10.0), "linear": (1e-4, 1.0)}
 # exponential sweep gets one epoch, about 16 iterations a decade at CIFAR-10's 97 steps an epoch.
 # Together 7 epochs: seconds on a GPU, 20 minutes on a CPU with native bf16.
 DEFAULT_EPOCHS = {"exp": 1.0, "linear": 6.0}
+# The longest sweeps anyone can ask for: a million iterations (their LRs a list of 8 MB) are hours
+# of a GPU; a thousand epochs more so.
+MAX_SWEEP_ITERATIONS = 1_000_000
+MAX_SWEEP_EPOCHS = 1_000
 METHODS = ("plateau", "valley", "steepest")
 # The One Cycle bounds as fractions of the loss's fall (its starting level minus its lowest level,
 # both of the centred moving average): LRMIN where the first 5% of the fall is done (the loss has
@@ -84,8 +88,9 @@ def check_sweep(mode: str, start_lr: float, end_lr: float, num_iter: int, smooth
         raise UserError(f"lr-find: {as_setting('start_lr')} must be > 0, got {start_lr}")
     if not (math.isfinite(end_lr) and end_lr > start_lr):
         raise UserError(f"lr-find: {as_setting('end_lr')} {end_lr} must be above {as_setting('start_lr')} {start_lr}")
-    if num_iter < 10:
-        raise UserError(f"lr-find: {as_setting('num_iter')} must be >= 10, got {num_iter}")
+    if not 10 <= num_iter <= MAX_SWEEP_ITERATIONS:
+        raise UserError(f"lr-find: {as_setting('num_iter')} must be >= 10 and at most {MAX_SWEEP_ITERATIONS:,}, "
+                        f"got {short_number(num_iter)}")
     if not 0 < smooth <= 1:
         raise UserError(f"lr-find: {as_setting('smooth')} must lie in (0, 1], got {smooth}")
     if not diverge > 1:

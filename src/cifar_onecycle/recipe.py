@@ -31,6 +31,12 @@ else:  # pragma: no cover - exercised only on Python 3.10
 # 2.4 GB at 16. Beyond half the image a crop is mostly mirror image, and reflect padding stops at 31;
 # the bound also keeps a recipe file from deciding how much memory the run takes.
 MAX_CROP_PADDING = 16
+# Upper bounds on the counts a recipe (a file from anyone) sets, so that no file decides how much
+# memory or time a run takes before it has done any work. 10,000 epochs are weeks of a GPU; a batch
+# of 65,536 images holds 805 MB of fp32 inputs before any activation (all 50,000 CIFAR-10 training
+# images fit in one).
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 16
 # Test-time translations beyond a few pixels show mostly mirrored border (airbench shifts by 1).
 MAX_TTA_TRANSLATE = 4
 # Seeds lie in 0 .. SEEDS_END - 1: what a recipe, a run folder and seeds.json accept. The run's one
@@ -118,6 +124,10 @@ class Recipe:
         for name in ("epochs", "batch_size", "eval_batch_size", "cutout_size", "ema_every"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"recipe: {name} must be > 0, got {getattr(self, name)}")
+        for name, bound in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH),
+                            ("ema_every", MAX_EPOCHS * MAX_BATCH), ("ema_bn_batches", MAX_BATCH)):
+            if getattr(self, name) > bound:
+                raise RecipeError(f"recipe: {name} must be at most {bound:,}, got {short_number(getattr(self, name))}")
         for name in ("lr_min", "lr_max"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"recipe: {name} must be > 0, got {getattr(self, name)}")
@@ -194,6 +204,8 @@ class Recipe:
 
     def with_epochs(self, epochs: int) -> Recipe:
         """The same One Cycle shape over ``epochs``: the peak moves to the same fraction of the run."""
+        if not 0 < epochs <= MAX_EPOCHS:  # before the arithmetic: a huge integer would overflow a float
+            raise RecipeError(f"recipe: epochs must lie in 1..{MAX_EPOCHS:,}, got {short_number(epochs)}")
         return self.replace(epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
 
     def replace(self, **changes: Any) -> Recipe:
@@ -220,13 +232,23 @@ class Recipe:
             try:
                 coerced[k] = float(v) if _type_name(known[k]) == "float" and type(v) is int else v
             except OverflowError:  # TOML integers have no size limit; a float has
-                raise RecipeError(f"{source}: {k} must be a finite number, got an integer of {len(str(v))} "
-                                  f"digits") from None
+                raise RecipeError(f"{source}: {k} must be a finite number, got {short_number(v)}") from None
         return cls(**coerced)
 
     def to_toml(self) -> str:
         """The recipe as TOML, one key a line, readable by ``load_recipe``."""
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items())
+
+
+def short_number(value: Any) -> str:
+    """A value for a message: a long integer by its number of digits (counted where Python will
+    write it out, estimated beyond 4,300 digits, where str() raises)."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:
+            return f"an integer of about {int((abs(value).bit_length() - 1) * math.log10(2)) + 1} digits"
+    return str(value)
 
 
 _PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}

@@ -16,12 +16,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import Cifar10
+from .data import Cifar10, recorded_data_dir
 from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted, UserError, as_setting
 from .recipe import SEEDS_END, Recipe
-from .run_folder import SUMMARY, RunFolder
+from .run_folder import SEEDS, SUMMARY, RunFolder
 from .run_setup import training_split
 from .signals import signals_for_tests
 from .training import RunOptions, check_same_recipe, data_folder, load_data, train_folder
@@ -97,7 +97,8 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         folder = RunFolder(resume)
         saved = folder.read_recipe()
         first, count, saved_data_dir = folder.read_seeds()
-        data_dir = data_dir or saved_data_dir
+        if data_dir is None and data is None and saved_data_dir is not None:
+            data_dir, download = recorded_data_dir(saved_data_dir, folder.path / SEEDS), False
         if recipe is not None:
             check_same_recipe(recipe, saved, folder.path)
         recipe = saved

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import Cifar10, download_bar, load_cifar10
+from .data import Cifar10, download_bar, load_cifar10, recorded_data_dir
 from .device import resolve_placement, sync_every, synchronize
 from .distributed import Dist, all_reduce_sum, init_distributed
 from .errors import DivergenceError, NoLRFound, UserError, as_setting
@@ -146,8 +146,11 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, 
             raise UserError(f"{as_setting('resume')} {folder.path}: this run already finished all {saved.epochs} "
                             f"epochs")
         resolve_placement(saved)  # a device this machine lacks: refused before loading anything
-        data_dir = data_folder(options.data_dir or checkpoint.get("data_dir"), data)
-        data = data if data is not None else load_data(data_dir, options.download, progress, test_signals)
+        data_dir, download = options.data_dir, options.download
+        if data_dir is None and data is None and checkpoint.get("data_dir") is not None:
+            data_dir, download = recorded_data_dir(checkpoint["data_dir"], folder.path / CHECKPOINT), False
+        data_dir = data_folder(data_dir, data)
+        data = data if data is not None else load_data(data_dir, download, progress, test_signals)
         setup = setup_run(saved, data, dist, options.augment_images)
         with damaged_checkpoint(folder):
             state = TrainState.from_checkpoint(checkpoint, setup, started)

@@ -1,0 +1,156 @@
+"""Files from someone else: a FIFO never hangs a reader, a data folder named by a run's file is read,
+never created, counts and reals from flags and files are bounded, and predict sees an image as a
+viewer shows it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_onecycle import Recipe, ResNet9
+from cifar_onecycle.checkpoint import save_weights
+from cifar_onecycle.cli import main
+from cifar_onecycle.predict import load_image
+from cifar_onecycle.run_folder import RunFolder
+from conftest import ROOT
+
+
+def weights_folder(path, model=None):
+    path.mkdir(parents=True, exist_ok=True)
+    save_weights(model or ResNet9(), path / "model.safetensors", Recipe())
+    return path
+
+
+def fifo(path):
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["weights", "recipe", "checkpoint", "image", "archive"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, case):
+    run = tmp_path / "run"
+    if case == "weights":
+        run.mkdir()
+        fifo(run / "model.safetensors")
+        args = ["evaluate", str(run), "--data-dir", str(tmp_path / "data"), "--no-download"]
+    elif case == "recipe":
+        args = ["train", "--recipe", str(fifo(tmp_path / "r.toml")), "--out", str(run)]
+    elif case == "checkpoint":
+        RunFolder.create(run).write_recipe(Recipe())
+        fifo(run / "checkpoint.pt")
+        args = ["train", "--resume", str(run)]
+    elif case == "image":
+        weights_folder(run)
+        args = ["predict", str(run), str(fifo(tmp_path / "photo.png")), "--device", "cpu"]
+    else:
+        (tmp_path / "data").mkdir()
+        fifo(tmp_path / "data" / "cifar-10-python.tar.gz")
+        args = ["train", "--data-dir", str(tmp_path / "data"), "--no-download", "--out", str(run)]
+    done = subprocess.run([sys.executable, "-m", "cifar_onecycle", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "not a regular file but a FIFO" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_data_folder_a_run_recorded_is_read_never_created(tmp_path, capsys):
+    gone = tmp_path / "elsewhere" / "data"
+    seeds = RunFolder.create(tmp_path / "seeds")
+    seeds.write_recipe(Recipe())
+    seeds.write_seeds(0, 2, str(gone))
+    assert main(["train", "--resume", str(seeds.path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"names the data folder {gone}, which is not there; give --data-dir" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "elsewhere").exists()
+    run = RunFolder(weights_folder(tmp_path / "run"))
+    run.write_summary({"steps_per_epoch": 97, "data_dir": str(gone)})
+    from cifar_onecycle.results import EpochMetrics
+    run.write_metrics([EpochMetrics(1, 0.1, 2.0, 0.3, 1.9, 0.35, 1.0, 10.0)])
+    assert main(["report", str(run.path), "--device", "cpu"]) == 2
+    assert "which is not there; give --data-dir" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--epochs", "9" * 400], "epochs must lie in 1..10,000, got an integer of 400 digits"),
+    (["train", "--epochs", "20000", "--peak-epoch", "1"], "epochs must be at most 10,000, got 20000"),
+    (["train", "--eval-batch-size", str(10**9)], "eval_batch_size must be at most 65,536"),
+    (["train", "--batch-size", "100000"], "batch_size must be at most 65,536"),
+    (["lr-find", "--num-iter", str(10**10)], "--num-iter must be >= 10 and at most 1,000,000"),
+    (["lr-find", "--sweep-epochs", "nan"], "--sweep-epochs must lie in (0, 1000], got nan"),
+    (["lr-find", "--sweep-epochs", "1e9"], "--sweep-epochs must lie in (0, 1000]"),
+])
+def test_counts_and_reals_are_bounded_before_any_work(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*argv, "--data-dir", str(tmp_path / "none"), "--no-download", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "none").exists()
+
+
+def test_a_recipe_file_cannot_ask_for_a_huge_evaluation_batch(tmp_path):
+    from cifar_onecycle import RecipeError, load_recipe
+
+    (tmp_path / "r.toml").write_text(f"eval_batch_size = {10**9}\n")
+    with pytest.raises(RecipeError, match="eval_batch_size must be at most 65,536"):
+        load_recipe(tmp_path / "r.toml")
+
+
+def test_running_out_of_cpu_memory_is_one_line(monkeypatch, capsys):
+    import cifar_onecycle.cli as cli
+
+    def exhausted(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 161061273600 bytes.")
+
+    monkeypatch.setattr(cli, "cmd_summary", exhausted)
+    assert main(["summary"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--batch-size" in err and len(err.strip().splitlines()) == 1
+
+
+def asymmetric(width=64, height=48):
+    """A picture whose orientation matters: a red left third, a green top band, the rest blue."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[...] = (20, 40, 200)
+    a[:, : width // 3] = (220, 30, 30)
+    a[: height // 4] = (30, 200, 60)
+    return Image.fromarray(a)
+
+
+def test_predict_applies_the_exif_orientation(tmp_path):
+    plain = asymmetric()
+    plain.save(tmp_path / "plain.png")
+    # Stored on its side, with the tag that tells a viewer to turn it 90 degrees clockwise.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    assert torch.equal(load_image(tmp_path / "phone.png"), load_image(tmp_path / "plain.png"))
+
+
+def test_predict_sees_16_bit_and_transparent_images_as_a_viewer_does(tmp_path):
+    grey = np.random.default_rng(0).integers(60, 200, size=(40, 40)).astype(np.uint16)
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(grey * 257).save(tmp_path / "sixteen.png")  # uint16: a 16-bit PNG
+    eight, sixteen = load_image(tmp_path / "eight.png"), load_image(tmp_path / "sixteen.png")
+    assert (eight.int() - sixteen.int()).abs().max() <= 1  # not clipped to white
+    assert 100 < float(sixteen.float().mean()) < 160
+    clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # fully transparent: a viewer shows its background
+    clear.save(tmp_path / "clear.png")
+    assert torch.equal(load_image(tmp_path / "clear.png"), torch.full((3, 32, 32), 255, dtype=torch.uint8))
+
+
+def test_predict_with_weights_that_hold_nan_is_an_error_and_json_stays_json(tmp_path, capsys):
+    model = ResNet9()
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    run = weights_folder(tmp_path / "run", model)
+    asymmetric().save(tmp_path / "photo.png")
+    assert main(["predict", str(run), str(tmp_path / "photo.png"), "--json", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    line = json.loads(captured.out)  # valid JSON: no NaN
+    assert "not finite" in line["error"] and "nan%" not in captured.err
