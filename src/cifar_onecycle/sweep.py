@@ -446,7 +446,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
         raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
     resolve_placement(base)  # a device this machine lacks: refused before loading anything
     data_dir = data_folder(data_dir, data)
-    if not print_commands:
+    if not print_commands:  # with workers the data is read here too, once, to check the grid against it
         if data is None:
             data = load_data(data_dir, download, progress, signals_for_tests())
         for point in plan.points:  # a holdout or subset the data cannot give: refused before any folder
