@@ -154,3 +154,35 @@ def test_predict_with_weights_that_hold_nan_is_an_error_and_json_stays_json(tmp_
     captured = capsys.readouterr()
     line = json.loads(captured.out)  # valid JSON: no NaN
     assert "not finite" in line["error"] and "nan%" not in captured.err
+
+
+def test_a_recipe_file_is_flat_lines_checked_before_the_toml_parser(tmp_path):
+    from cifar_onecycle import RecipeError, load_recipe
+
+    path = tmp_path / "r.toml"
+    # One dotted key: the TOML parser's work grows with the square of its length (100,000 parts took
+    # over 8 GB); 1,000 parts are enough to show the line is refused before parsing.
+    path.write_text(".".join(["a"] * 1000) + " = 1\n")
+    with pytest.raises(RecipeError, match="line 1 is not 'setting = value'"):
+        load_recipe(path)
+    for text in ("[table]\nlr_max = 0.1\n", "lr_max = [0.1]\n", "x = {a = 1}\n", "lr_max = 0.1\n" * 1001):
+        path.write_text(text)
+        with pytest.raises(RecipeError, match="not 'setting = value'|lines; a recipe holds"):
+            load_recipe(path)
+    path.write_text("# a comment\n\nlr_max = 0.3  # the peak\ndevice = \"cpu\"\n")
+    assert load_recipe(path).lr_max == 0.3  # what recipe.toml and the shipped recipes look like
+
+
+def test_json_from_a_file_is_bounded_in_depth_and_digits(tmp_path, capsys):
+    from cifar_onecycle.files import parse_json
+
+    assert parse_json('{"a": [1, {"b": "[[[["}], "c": -123}') == {"a": [1, {"b": "[[[["}], "c": -123}
+    with pytest.raises(ValueError, match="nested more than 32 deep"):
+        parse_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="an integer of 31 digits"):
+        parse_json('{"seed": 1234567890123456789012345678901}')
+    run = RunFolder(weights_folder(tmp_path / "run"))
+    (run.path / "summary.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert main(["report", str(run.path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "nested more than 32 deep" in err and len(err.strip().splitlines()) == 1

@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import UserError
-from .files import MAX_CHECKPOINT_BYTES, MAX_WEIGHTS_BYTES, atomic_write, read_capped
+from .files import MAX_CHECKPOINT_BYTES, MAX_WEIGHTS_BYTES, atomic_write, parse_json, read_capped
 from .model import ResNet9
 from .recipe import Recipe, RecipeError
 
@@ -46,8 +46,8 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
     except (SafetensorError, ValueError, OSError) as e:
         raise UserError(f"{path}: not a safetensors weights file ({e})") from None
     try:
-        recipe = Recipe.from_dict(json.loads(meta["recipe"]), source=f"{path} (metadata)")
-    except (KeyError, json.JSONDecodeError, RecipeError, TypeError) as e:
+        recipe = Recipe.from_dict(parse_json(meta["recipe"]), source=f"{path} (metadata)")
+    except (KeyError, ValueError, RecipeError, TypeError) as e:
         raise UserError(f"{path}: no cifar-onecycle recipe in its metadata ({e}); was it written by "
                         f"cifar-onecycle?") from None
     model = recipe.model()
@@ -59,7 +59,7 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
 def _metadata(raw: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file: its header is 8 bytes of length, then JSON."""
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]).get("__metadata__") or {}
+    return parse_json(raw[8:8 + n]).get("__metadata__") or {}
 
 
 CHECKPOINT = "checkpoint.pt"

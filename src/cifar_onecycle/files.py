@@ -8,11 +8,13 @@ writes, and a larger one is refused before it is read.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import UserError, WriteError, as_setting
 
@@ -92,6 +94,33 @@ def read_capped(path: str | Path, limit: int, what: str, hint: str, error: type[
     if size > limit or len(raw) > limit:
         raise error(f"{path}: {max(size, len(raw)):,} bytes, larger than any {what} (at most {limit:,}); {hint}")
     return raw
+
+
+# JSON a run writes nests 3 deep and holds integers of at most 13 digits (seeds, byte counts).
+MAX_JSON_DEPTH = 32
+MAX_JSON_INT_DIGITS = 30
+_JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
+
+
+def parse_json(text: str | bytes) -> Any:
+    """JSON from a file that may be someone else's: nesting deeper than ``MAX_JSON_DEPTH`` (checked
+    before parsing: the parser's recursion would overflow) and integers of more than
+    ``MAX_JSON_INT_DIGITS`` digits are a ``ValueError``, as malformed JSON is."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} deep")
+
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > MAX_JSON_INT_DIGITS:
+            raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits")
+        return int(digits)
+
+    return json.loads(text, parse_int=integer)
 
 
 def writable_folder(path: str | Path, setting: str = "out") -> Path:

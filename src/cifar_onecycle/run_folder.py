@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
 from .errors import UserError, as_setting
-from .files import MAX_TEXT_BYTES, atomic_write, read_capped, writable_folder
+from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, metrics_csv, parse_metrics_csv
 
@@ -89,7 +89,7 @@ class RunFolder:
 
     def read_summary(self) -> dict[str, Any]:
         try:
-            summary = json.loads(self._read_text(SUMMARY))
+            summary = parse_json(self._read_text(SUMMARY))
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{self.path / SUMMARY}: not a finished run's summary ({e})") from None
         if not isinstance(summary, dict):
@@ -102,7 +102,7 @@ class RunFolder:
     def read_failed(self) -> tuple[str, str]:
         """Why a run cannot go on: (one of ``FAILURES``, its error message)."""
         try:
-            record = json.loads(self._read_text(FAILED))
+            record = parse_json(self._read_text(FAILED))
             reason, message = record["reason"], record["message"]
             if reason not in FAILURES or not isinstance(message, str):
                 raise TypeError(f"reason {reason!r} or message is not one this program writes")
@@ -127,7 +127,7 @@ class RunFolder:
     def read_seeds(self) -> tuple[int, int, str | None]:
         """(first seed, number of seeds, data folder) of a multi-seed run."""
         try:
-            info = json.loads(self._read_text(SEEDS))
+            info = parse_json(self._read_text(SEEDS))
             first, count, data_dir = int(info["first_seed"]), int(info["seeds"]), info.get("data_dir")
             if not (0 <= first < SEEDS_END and 1 <= count <= SEEDS_END - first):
                 raise ValueError(f"seeds {count} from seed {first} is not a range of seeds")

@@ -44,7 +44,7 @@ from .checkpoint import CHECKPOINT
 from .data import Cifar10
 from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
-from .files import MAX_TEXT_BYTES, atomic_write, read_capped, writable_folder
+from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import Recipe, load_recipe
 from .run_folder import FAILED, SUMMARY, RunFolder
 from .run_setup import training_split
@@ -222,7 +222,7 @@ class Plan:
     def from_json(cls, text: str, source: str) -> Plan:
         """A plan as ``to_json`` wrote it; anything else is refused (``Plan.check`` then bounds it)."""
         try:
-            raw = json.loads(text)
+            raw = parse_json(text)
             vary, baseline = raw["vary"], raw["baseline"]
             if not (isinstance(vary, dict) and all(isinstance(v, list) and len(v) <= MAX_RUNS for v in vary.values())
                     and (baseline is None or isinstance(baseline, dict))):
