@@ -403,7 +403,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         given = {f.name for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
         both = sorted(given & set(vary))
         if both:
-            raise UserError(f"--{both[0].replace('_', '-')} is both fixed and varied; give it in one place")
+            raise UserError(f"{_flag(both[0])} is both fixed and varied; give it in one place")
         workers = args.workers
         if workers is None:
             import torch

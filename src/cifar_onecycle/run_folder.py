@@ -107,7 +107,7 @@ class RunFolder:
             if reason not in FAILURES or not isinstance(message, str):
                 raise TypeError(f"reason {reason!r} or message is not one this program writes")
             return reason, message
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise UserError(f"{self.path / FAILED}: not a failed run's record ({e})") from None
 
     def save_weights(self, model: torch.nn.Module, recipe: Recipe) -> None:

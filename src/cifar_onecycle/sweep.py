@@ -113,7 +113,8 @@ def parse_point(spec: str) -> dict[str, Any]:
         setting, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"{as_setting('baseline')}: {spec!r} is not SETTING=VALUE,SETTING=VALUE")
-        point[setting.strip().replace("-", "_")] = parse_value(setting.strip().replace("-", "_"), value.strip())
+        setting = setting.strip().replace("-", "_")
+        point[setting] = parse_value(setting, value.strip())
     return point
 
 
@@ -232,7 +233,7 @@ class Plan:
                 raise TypeError("first_seed and seeds must be integers")
             vary = {k: [_from_json_value(k, v) for v in values] for k, values in vary.items()}
             baseline = None if baseline is None else {k: _from_json_value(k, v) for k, v in baseline.items()}
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # parse_json bounds the nesting
             raise UserError(f"{source}: not a sweep plan ({type(e).__name__}: {e})") from None
         return cls(vary, first, seeds, baseline)
 
