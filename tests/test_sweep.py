@@ -76,7 +76,7 @@ def write_run(folder, point, seed, val, test, seconds=1.0):
     run.path.mkdir(parents=True)
     run.write_summary({"final_val_acc": val, "final_val_acc_tta": val + 0.01, "final_test_acc": test,
                        "final_test_acc_tta": test + 0.01, "lr_max": point.recipe(SMALL, seed).lr_max,
-                       "lr_min": 1e-4, "total_seconds": seconds})
+                       "lr_min": 1e-4, "total_seconds": seconds, "steps_per_epoch": 4})
 
 
 def test_the_table_and_statistics_are_those_computed_by_hand(tmp_path):

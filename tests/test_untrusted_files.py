@@ -67,7 +67,7 @@ def test_a_data_folder_a_run_recorded_is_read_never_created(tmp_path, capsys):
     assert f"names the data folder {gone}, which is not there; give --data-dir" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "elsewhere").exists()
     run = RunFolder(weights_folder(tmp_path / "run"))
-    run.write_summary({"steps_per_epoch": 97, "data_dir": str(gone)})
+    run.write_summary({"steps_per_epoch": 97, "final_test_acc": 0.5, "total_seconds": 1.0, "data_dir": str(gone)})
     from cifar_onecycle.results import EpochMetrics
     run.write_metrics([EpochMetrics(1, 0.1, 2.0, 0.3, 1.9, 0.35, 1.0, 10.0)])
     assert main(["report", str(run.path), "--device", "cpu"]) == 2

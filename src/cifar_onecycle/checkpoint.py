@@ -21,6 +21,7 @@ from .errors import UserError
 from .files import MAX_CHECKPOINT_BYTES, MAX_WEIGHTS_BYTES, atomic_write, parse_json, read_capped
 from .model import ResNet9
 from .recipe import Recipe, RecipeError
+from .safe_pickle import Refused, scan_pickle
 
 WEIGHTS = "model.safetensors"
 
@@ -101,17 +102,35 @@ def _read(path: Path, what: str, hint: str, limit: int) -> bytes:
         raise UserError(f"{path}: cannot read {what} ({e.strerror or e}); {hint}") from None
 
 
+# A checkpoint's pickle takes about 5,400 opcodes and 1,200 memo entries, and 30 opcodes more for
+# each epoch of its history: 305,000 at the largest run a recipe allows (10,000 epochs). The caps
+# bound the objects torch.load builds from a file (200 million empty sets fit in 252 MB, and took
+# 46 GB to unpickle) to about a million, and the scan takes about a second at most.
+MAX_CHECKPOINT_OPCODES = 1_000_000
+
+
 def _check_stored(raw: bytes, path: Path) -> None:
     """torch.save stores its zip members uncompressed; a compressed member could unpack to any size
-    inside torch.load, so one is refused, as is a total above the checkpoint ceiling."""
+    inside torch.load, so one is refused, as is a total above the checkpoint ceiling. The pickle
+    itself is walked by ``scan_pickle`` before torch.load builds anything from it."""
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
             members = archive.infolist()
+            if any(m.compress_type != zipfile.ZIP_STORED for m in members) or \
+                    sum(m.file_size for m in members) > MAX_CHECKPOINT_BYTES:
+                raise UserError(f"{path}: not a checkpoint this program wrote (compressed or oversized members); "
+                                f"refused")
+            pickles = [archive.read(m) for m in members if m.filename.endswith(".pkl")]
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
         raise UserError(f"{path}: not a loadable checkpoint, refused (not a zip archive: {e})") from None
-    if any(m.compress_type != zipfile.ZIP_STORED for m in members) or \
-            sum(m.file_size for m in members) > MAX_CHECKPOINT_BYTES:
-        raise UserError(f"{path}: not a checkpoint this program wrote (compressed or oversized members); refused")
+    for stream in pickles:
+        try:
+            scan_pickle(stream, MAX_CHECKPOINT_OPCODES, MAX_CHECKPOINT_OPCODES)
+        except Refused as e:
+            raise UserError(f"{path}: not a checkpoint this program wrote ({e}); refused") from None
+        except Exception as e:  # a broken stream: pickletools raises errors of several kinds
+            raise UserError(f"{path}: not a loadable checkpoint, refused (its pickle is damaged: "
+                            f"{type(e).__name__})") from None
 
 
 def _check_fits(model: ResNet9, tensors: Any, path: Path) -> None:

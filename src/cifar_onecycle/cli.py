@@ -357,8 +357,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     run = RunFolder(args.run_dir)
     saved, recipe = load_weights(run.path)
     summary, history = run.read_summary(), run.read_metrics()
-    if not isinstance(summary.get("steps_per_epoch"), int):
-        raise UserError(f"{run.path / 'summary.json'}: not a finished run's summary (no steps_per_epoch)")
     data = _load_data(args, recorded=(summary.get("data_dir"), run.path / "summary.json"))
     model, device, precision = _placed(args, saved, recipe)
     run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),

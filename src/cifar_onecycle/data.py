@@ -7,11 +7,13 @@ downloaded (with a progress bar and an md5 check) unless downloads are off.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 
 from .errors import DatasetError, as_setting
 from .files import open_regular, read_capped
+from .recipe import short_number
 from .safe_pickle import CheckedArray, Damaged, Refused, safe_loads
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -94,11 +97,13 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(labels, (list, np.ndarray)) or not all(type(y) in (int, np.int64) or isinstance(y, np.integer)
                                                               for y in labels):
         raise DatasetError(f"{path}: labels must be a list of integers")
-    labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(data) or len(data) == 0:
         raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
-    if labels.min() < 0 or labels.max() > 9:
-        raise DatasetError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    low, high = min(labels), max(labels)  # before the conversion: 2**70 does not fit an int64
+    if low < 0 or high > 9:
+        raise DatasetError(f"{path}: labels must lie in 0..9, found "
+                           f"{short_number(int(low))}..{short_number(int(high))}")
+    labels = np.asarray(labels, dtype=np.int64)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -236,6 +241,29 @@ def download_bar(desc: str = "download CIFAR-10") -> Callable[[int, int], None]:
     return update
 
 
+# A GNU long-name or a PAX header is read whole, into memory, before the member it describes; a
+# name is at most 4 KB on Linux, and the official archive has neither.
+MAX_TAR_HEADER_BYTES = 64 * 2**10
+_TAR_NAME_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+
+
+class _OversizedHeader(Exception):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's member header, refusing a long-name or PAX header over ``MAX_TAR_HEADER_BYTES``
+    before tarfile reads it (it reads the size the header declares in one piece: 8 GB declared in a
+    1 KB archive was a MemoryError). ``_proc_member`` is where every header kind is dispatched, in
+    every Python this package supports."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_NAME_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise _OversizedHeader(f"a name or PAX header of {self.size:,} bytes (at most {MAX_TAR_HEADER_BYTES:,})")
+        return super()._proc_member(archive)  # type: ignore[misc]
+
+
 def extract_archive(archive: Path, data_dir: Path) -> None:
     """Extract into a temporary folder beside the target, then rename: no half-extracted data set.
 
@@ -245,7 +273,7 @@ def extract_archive(archive: Path, data_dir: Path) -> None:
     """
     tmp = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=data_dir))
     try:
-        with open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:*") as tf:
+        with open_regular(archive) as raw, tarfile.open(fileobj=raw, mode="r:*", tarinfo=_BoundedTarInfo) as tf:
             members: list[tarfile.TarInfo] = []
             unpacked = 0
             for m in tf:  # headers one by one: an archive of a million members is refused at the 17th
@@ -268,7 +296,10 @@ def extract_archive(archive: Path, data_dir: Path) -> None:
         if not (tmp / FOLDER).is_dir():
             raise DatasetError(f"{archive}: no '{FOLDER}/' inside; not CIFAR-10 (python version)")
         os.replace(tmp / FOLDER, data_dir / FOLDER)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DatasetError(f"{archive}: cannot extract ({e}); delete it and download again") from None
+    except _OversizedHeader as e:
+        raise DatasetError(f"{archive}: {e}; refusing to extract") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        why = " ".join(str(e).split())  # tarfile lists each compression it tried on a line of its own
+        raise DatasetError(f"{archive}: cannot extract ({why}); delete it and download again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

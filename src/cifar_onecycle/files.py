@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import stat
@@ -123,13 +124,32 @@ def parse_json(text: str | bytes) -> Any:
     return json.loads(text, parse_int=integer)
 
 
+def check_plain(value: Any, what: str, depth: int = 0) -> None:
+    """A ``ValueError`` unless ``value`` is what JSON holds (None, booleans, strings, finite numbers,
+    lists, and dicts with string keys), nested at most ``MAX_JSON_DEPTH`` deep: for values read
+    from a checkpoint that go on into summary.json."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{what} nests more than {MAX_JSON_DEPTH} deep")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{what} has a key of type {type(key).__name__}")
+            check_plain(item, what, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_plain(item, what, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value) or \
+            not isinstance(value, (type(None), bool, str, int, float)):
+        raise ValueError(f"{what} holds {type(value).__name__} {str(value)[:40]}, which is not a plain finite value")
+
+
 def writable_folder(path: str | Path, setting: str = "out") -> Path:
     """Create the folder ``path`` if needed and prove a file can be written there, before any work
     whose results would go there; a UserError naming ``setting`` otherwise."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{as_setting(setting)} {path}: exists and is not a folder; choose another")
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{as_setting(setting)} {path}: exists and is not a folder; choose another")
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / ".write-test", b"")
         (path / ".write-test").unlink()

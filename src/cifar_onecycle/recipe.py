@@ -243,13 +243,15 @@ class Recipe:
 
 def short_number(value: Any) -> str:
     """A value for a message: a long integer by its number of digits (counted where Python will
-    write it out, estimated beyond 4,300 digits, where str() raises)."""
+    write it out, estimated beyond 4,300 digits, where str() raises), anything else cut at 40
+    characters."""
     if isinstance(value, int) and abs(value) >= 10**30:
         try:
             return f"an integer of {len(str(abs(value)))} digits"
         except ValueError:
             return f"an integer of about {int((abs(value).bit_length() - 1) * math.log10(2)) + 1} digits"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 _PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
@@ -284,7 +286,7 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found; give a TOML file or one of: {', '.join(NAMED)}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: cannot read recipe file ({e})") from None
+        raise RecipeError(f"{path}: cannot read recipe file ({getattr(e, 'strerror', None) or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
     return _over(base, values, str(path))

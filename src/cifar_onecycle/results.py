@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import os
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -14,8 +15,9 @@ import torch
 
 from . import __version__
 from .device import device_name
+from .files import check_plain
 from .model import count_parameters
-from .recipe import Recipe
+from .recipe import MAX_EPOCHS, Recipe, short_number
 
 if TYPE_CHECKING:
     from .run_setup import RunSetup
@@ -94,26 +96,89 @@ def metrics_csv(history: list[EpochMetrics]) -> str:
 
 
 def parse_metrics_csv(text: str) -> list[EpochMetrics]:
-    """The rows of ``metrics_csv``, read by column name (a missing optional column reads as None)."""
-    types = {f.name: f.type for f in dataclasses.fields(EpochMetrics)}
+    """The rows of ``metrics_csv``, read by column name (a missing optional column reads as None),
+    each checked by ``history_from_rows``. A field over csv's limit (128 KB) is a ``ValueError``."""
+    rows: list[dict[str, Any]] = []
+    try:
+        for row in csv.DictReader(io.StringIO(text)):
+            if len(rows) == MAX_EPOCHS:
+                raise ValueError(f"more than {MAX_EPOCHS:,} rows; a run has at most {MAX_EPOCHS:,} epochs")
+            rows.append({name: None if raw in (None, "") else int(raw) if name == "epoch" else float(raw)
+                         for name, raw in row.items() if name in _KINDS})
+    except csv.Error as e:
+        raise ValueError(f"row {len(rows) + 1}: {e}") from None
+    return history_from_rows(rows)
+
+
+_KINDS = {f.name: str(f.type) for f in dataclasses.fields(EpochMetrics)}
+# Where each number of a row lies: accuracies are fractions; losses, LRs, times and rates are not negative.
+_FRACTIONS = {"train_acc", "test_acc", "test_acc_tta", "val_acc", "val_acc_tta"}
+
+
+def history_from_rows(rows: list[Any]) -> list[EpochMetrics]:
+    """Rows of a run's history (from metrics.csv, or a checkpoint's ``asdict`` rows, which may be
+    someone else's) as ``EpochMetrics``: epochs 1, 2, ... in order; every number of its column's
+    type, finite and in its range; a test or a validation loss and accuracy in each row. Anything
+    else is a ``ValueError`` naming the row: a report, or a resumed run, must not meet it later."""
     history: list[EpochMetrics] = []
-    for row in csv.DictReader(io.StringIO(text)):
+    if len(rows) > MAX_EPOCHS:
+        raise ValueError(f"{len(rows):,} rows; a run has at most {MAX_EPOCHS:,} epochs")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or set(row) - set(_KINDS):
+            raise ValueError(f"row {number} is not a row of epoch metrics")
         values: dict[str, Any] = {}
-        for name, kind in types.items():
-            raw = row.get(name)
-            if raw in (None, ""):
-                if "None" not in str(kind):
-                    raise ValueError(f"no {name} in row {len(history) + 1}")
-                values[name] = None
-            else:
-                values[name] = int(raw) if name == "epoch" else float(raw)
+        for name, kind in _KINDS.items():
+            value = row.get(name)
+            if value is None:
+                if "None" not in kind:
+                    raise ValueError(f"no {name} in row {number}")
+            elif name == "epoch":
+                if type(value) is not int or value != number:
+                    raise ValueError(f"row {number} is epoch {short_number(value)}, not {number}")
+            elif type(value) not in (int, float) or not math.isfinite(value) or value < 0 or \
+                    name in _FRACTIONS and value > 1:
+                raise ValueError(f"{name} {short_number(value)} in row {number} is not a "
+                                 f"{'fraction' if name in _FRACTIONS else 'finite number >= 0'}")
+            values[name] = None if value is None else value if name == "epoch" else float(value)
         if values["test_acc"] is None and values["val_acc"] is None:
-            raise ValueError(f"no test_acc or val_acc in row {len(history) + 1}")
+            raise ValueError(f"no test_acc or val_acc in row {number}")
         for split in ("test", "val"):
             if (values[f"{split}_loss"] is None) != (values[f"{split}_acc"] is None):
-                raise ValueError(f"row {len(history) + 1} has one of {split}_loss and {split}_acc without the other")
+                raise ValueError(f"row {number} has one of {split}_loss and {split}_acc without the other")
         history.append(EpochMetrics(**values))
     return history
+
+
+# What a run's summary.json holds, by kind, for ``check_run_summary``; keys with "_acc" in their
+# name are accuracies (fractions), other keys may hold any plain JSON value.
+_SUMMARY_COUNTS = ("steps_per_epoch", "epochs", "best_epoch", "train_images", "test_images", "val_images", "parameters")
+_SUMMARY_REALS = ("total_seconds", "lr_min", "lr_max", "final_test_loss", "final_val_loss")
+_SUMMARY_TEXTS = ("device", "precision", "torch", "cifar_onecycle", "git_commit", "data_dir")
+_SUMMARY_REQUIRED = ("final_test_acc", "total_seconds", "steps_per_epoch")
+
+
+def check_run_summary(summary: dict[str, Any]) -> None:
+    """A ``ValueError`` unless ``summary`` (a run's summary.json, which may be someone else's)
+    holds what ``run_summary`` writes wherever a reader will use it: the test accuracy, the time and
+    the steps an epoch; every accuracy a fraction, every count an integer, every real finite."""
+    for key in _SUMMARY_REQUIRED:
+        if summary.get(key) is None:
+            raise ValueError(f"no {key}")
+    for key, value in summary.items():
+        if value is None:
+            continue
+        if key in _SUMMARY_COUNTS:
+            ok = type(value) is int and value >= (1 if key == "steps_per_epoch" else 0)
+        elif key in _SUMMARY_REALS or "_acc" in key and key != "per_class_accuracy":
+            ok = type(value) in (int, float) and math.isfinite(value) and value >= 0 and (
+                "_acc" not in key or value <= 1)
+        elif key in _SUMMARY_TEXTS:
+            ok = isinstance(value, str)
+        else:
+            check_plain(value, key)
+            ok = key != "lr_found" or isinstance(value, dict)
+        if not ok:
+            raise ValueError(f"{key} {short_number(value)} is not what a run writes there")
 
 
 def format_epoch(m: EpochMetrics, epochs: int) -> str:

@@ -23,7 +23,7 @@ from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, s
 from .errors import UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import SEEDS_END, Recipe, load_recipe
-from .results import EpochMetrics, metrics_csv, parse_metrics_csv
+from .results import EpochMetrics, check_run_summary, metrics_csv, parse_metrics_csv
 
 RECIPE, METRICS, SUMMARY, SEEDS, FAILED = "recipe.toml", "metrics.csv", "summary.json", "seeds.json", "failed.json"
 RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT, FAILED)
@@ -44,21 +44,31 @@ class RunFolder:
         """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
         the old run's files: a stale one must not pass for the new run's); check it is writable."""
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{as_setting('out')} {path}: exists and is not a folder; choose another")
-        taken = [name for name in RUN_FILES if (path / name).exists()]
+        try:
+            if path.exists() and not path.is_dir():
+                raise UserError(f"{as_setting('out')} {path}: exists and is not a folder; choose another")
+            taken = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
+            folders = [name for name in taken if (path / name).is_dir() and not (path / name).is_symlink()]
+        except OSError as e:  # a name too long, a folder that cannot be searched
+            raise UserError(f"{as_setting('out')} {path}: cannot use it ({e.strerror or e}); choose another "
+                            f"folder") from None
         if taken and not overwrite:
             raise UserError(f"{as_setting('out')} {path}: already holds a run ({taken[0]}); choose another folder "
                             f"or pass {as_setting('overwrite')}")
+        if folders:  # not a file any run writes: someone else's, never removed for them
+            raise UserError(f"{as_setting('out')} {path}: {folders[0]} there is a folder, not a run's file; "
+                            f"remove it yourself or choose another folder")
         writable_folder(path)
         for name in taken:
             (path / name).unlink()
         return cls(path)
 
     def remove_interrupted_writes(self) -> None:
-        """Temporary files of writes killed before their rename (never a file of the run)."""
+        """Temporary files of writes killed before their rename (never a file of the run; a folder
+        of such a name is not one of them, and is left alone)."""
         for stale in self.path.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink(missing_ok=True)
 
     def _read_text(self, name: str) -> str:
         return read_capped(self.path / name, MAX_TEXT_BYTES, f"{name} of a run", "is this a run folder?").decode()
@@ -88,12 +98,14 @@ class RunFolder:
         atomic_write(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     def read_summary(self) -> dict[str, Any]:
+        """A finished run's summary, checked (``check_run_summary``) before anyone reads it."""
         try:
             summary = parse_json(self._read_text(SUMMARY))
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+            check_run_summary(summary)
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{self.path / SUMMARY}: not a finished run's summary ({e})") from None
-        if not isinstance(summary, dict):
-            raise UserError(f"{self.path / SUMMARY}: not a finished run's summary (not a JSON object)")
         return summary
 
     def write_failed(self, reason: str, message: str) -> None:

@@ -154,26 +154,26 @@ _MARK = -1  # a MARK on the scan's stack
 _MODIFIES_BELOW = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
 
 
-def scan_pickle(data: bytes) -> None:
+def scan_pickle(data: bytes, max_opcodes: int = MAX_OPCODES, max_memo_index: int = MAX_MEMO_INDEX) -> None:
     """Walk the pickle stream's opcodes without building anything (``pickletools.genops``) and
-    refuse, before the real unpickler runs, a stream of more than ``MAX_OPCODES`` opcodes, objects
+    refuse, before the real unpickler runs, a stream of more than ``max_opcodes`` opcodes, objects
     nested deeper than ``MAX_NESTING`` (counted through every opcode that nests, MARK or not: a
     tuple a million levels deep needs no MARK, and would overflow the C stack when it is freed),
-    memo indices above ``MAX_MEMO_INDEX`` (the unpickler sizes its memo by the largest index), a
+    memo indices above ``max_memo_index`` (the unpickler sizes its memo by the largest index), a
     memo read of an index never written, or a stack that does not add up."""
     stack: list[int] = []  # the nesting depth of each object on the unpickler's stack
     memo: dict[int, int] = {}
     for count, (opcode, arg, _) in enumerate(pickletools.genops(data), 1):
-        if count > MAX_OPCODES:
-            raise RefusedStructure(f"more than {MAX_OPCODES} pickle opcodes")
+        if count > max_opcodes:
+            raise RefusedStructure(f"more than {max_opcodes:,} pickle opcodes")
         name, before = opcode.name, opcode.stack_before
         if name == "MARK":
             stack.append(_MARK)
             continue
         if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
             index = len(memo) if name == "MEMOIZE" else int(arg)  # type: ignore[arg-type]  # PUT opcodes carry an int
-            if index > MAX_MEMO_INDEX:
-                raise RefusedStructure(f"memo index {index} (at most {MAX_MEMO_INDEX})")
+            if index > max_memo_index:
+                raise RefusedStructure(f"memo index {index} (at most {max_memo_index:,})")
             if not stack or stack[-1] == _MARK:
                 raise RefusedStructure("memo write with nothing to remember")
             memo[index] = stack[-1]

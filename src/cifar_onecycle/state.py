@@ -2,6 +2,7 @@
 ``to_checkpoint`` and comes back from it through ``from_checkpoint``, nowhere else."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -10,7 +11,9 @@ import torch
 
 from .augment import draws_problem
 from .errors import UserError, as_setting
-from .results import EpochMetrics
+from .files import check_plain
+from .recipe import short_number
+from .results import EpochMetrics, history_from_rows
 from .run_setup import RunSetup
 
 
@@ -68,7 +71,8 @@ class TrainState:
     @staticmethod
     def check_checkpoint(checkpoint: dict[str, Any], epochs: int) -> None:
         """Refuse a checkpoint whose position and bookkeeping are not what ``to_checkpoint`` writes
-        for a run of ``epochs`` epochs (a damaged or edited file): a ``ValueError`` saying what."""
+        for a run of ``epochs`` epochs (a damaged or edited file): a ``ValueError`` saying what.
+        Everything a resume reads without the run's setup is checked here, by type and range."""
         number, optional = (int, float), type(None)
         kinds: dict[str, type | tuple[type, ...]] = {
             "epoch": int, "batch": int, "loss_sum": number, "correct": int, "epoch_seconds": number, "elapsed": number,
@@ -80,6 +84,13 @@ class TrainState:
                 raise ValueError(f"{key} is {type(checkpoint.get(key)).__name__}")
         if not 0 <= checkpoint["epoch"] <= epochs or checkpoint["batch"] < 0:
             raise ValueError(f"epoch {checkpoint['epoch']}, batch {checkpoint['batch']} lie outside the run")
+        for key in ("loss_sum", "epoch_seconds", "elapsed"):  # a NaN loss sum would pass for a divergence
+            if not math.isfinite(checkpoint[key]) or checkpoint[key] < 0:
+                raise ValueError(f"{key} {checkpoint[key]} is not a finite number >= 0")
+        if len(checkpoint["history"]) != checkpoint["epoch"]:
+            raise ValueError(f"{len(checkpoint['history'])} history rows for {checkpoint['epoch']} epochs")
+        history_from_rows(checkpoint["history"])
+        check_plain(checkpoint["lr_found"], "lr_found")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup,
@@ -90,17 +101,28 @@ class TrainState:
         or edited file) raises ``ValueError``, before anything is loaded where it can."""
         checkpoint = from_before_draws(checkpoint)
         cls.check_checkpoint(checkpoint, setup.recipe.epochs)
-        order, batch = checkpoint["order"], checkpoint["batch"]
-        if batch > setup.steps_per_epoch or order is not None and (order.dtype != torch.int64 or not torch.equal(
-                order.sort().values, torch.arange(len(setup.train_images)))):  # torch.equal ignores the dtype
+        order, batch, images = checkpoint["order"], checkpoint["batch"], len(setup.train_images)
+        if not 0 <= checkpoint["correct"] <= images:
+            raise ValueError(f"correct {short_number(checkpoint['correct'])} is not a count of {images} images")
+        # The shape before anything reads the values: a stride-0 tensor can claim 10**12 elements.
+        if batch > setup.steps_per_epoch or order is not None and (
+                order.dtype != torch.int64 or tuple(order.shape) != (images,)
+                or not torch.equal(order.sort().values, torch.arange(images))):
             raise ValueError(f"batch {batch} or the epoch's order does not fit {setup.steps_per_epoch} steps of "
-                             f"{len(setup.train_images)} images")
+                             f"{images} images")
         draws = checkpoint["draws"]  # None at an epoch's start, with the order
         if draws is not None:
             problem = ("augmentation draws without an order" if order is None
                        else draws_problem(draws, len(order), **setup.augmentation_shape))
             if problem:
                 raise ValueError(problem)
+        check_optimizer_state(checkpoint["optimizer"], setup.optimizer)
+        for key in ("model", "ema"):
+            weights = checkpoint.get(key)
+            if isinstance(weights, dict) and not all(
+                    not isinstance(t, torch.Tensor) or not t.is_floating_point() or bool(t.isfinite().all())
+                    for t in weights.values()):
+                raise ValueError(f"the {'weight average' if key == 'ema' else 'weights'} hold NaN or infinite values")
         try:
             setup.model.load_state_dict(checkpoint["model"])
             setup.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -109,7 +131,6 @@ class TrainState:
             if setup.ema:
                 setup.ema.model.load_state_dict(checkpoint["ema"])
             _set_rng_state(setup, checkpoint["rng"])
-            history = [EpochMetrics(**h) for h in checkpoint["history"]]
         except (KeyError, TypeError, RuntimeError) as e:  # RuntimeError: torch's word for a tensor that does not fit
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             raise ValueError(f"{type(e).__name__}: {first_line}") from None
@@ -117,9 +138,40 @@ class TrainState:
         return cls(epoch=checkpoint["epoch"], batch=batch, order=order.to(setup.device) if order is not None else None,
                    draws=draws.to(setup.device) if draws is not None else None,
                    loss_sum=checkpoint["loss_sum"] if main else 0.0, correct=checkpoint["correct"] if main else 0,
-                   epoch_seconds=checkpoint["epoch_seconds"], history=history, elapsed=checkpoint["elapsed"],
-                   lr_found=checkpoint["lr_found"], data_dir=checkpoint["data_dir"],
+                   epoch_seconds=checkpoint["epoch_seconds"], history=history_from_rows(checkpoint["history"]),
+                   elapsed=checkpoint["elapsed"], lr_found=checkpoint["lr_found"], data_dir=checkpoint["data_dir"],
                    started=time.perf_counter() if started is None else started)
+
+
+# The settings of an SGD parameter group that the recipe decides (the LR is set every step).
+_GROUP_SETTINGS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize", "lr_mult")
+
+
+def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """A ``ValueError`` unless ``saved`` is what ``optimizer.state_dict()`` gives for this run: its
+    groups' settings the recipe's, and a finite momentum buffer of each parameter's shape and dtype
+    (torch's ``load_state_dict`` checks neither, and a wrong one fails in the middle of a step)."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the optimizer state does not have the run's {len(optimizer.param_groups)} parameter groups")
+    params: dict[Any, torch.Tensor] = {}
+    for group, current in zip(groups, optimizer.param_groups, strict=True):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or \
+                len(group["params"]) != len(current["params"]):
+            raise ValueError("an optimizer parameter group does not hold the run's parameters")
+        for name in _GROUP_SETTINGS:
+            if type(group.get(name)) is not type(current.get(name)) or group.get(name) != current.get(name):
+                raise ValueError(f"optimizer setting {name} {short_number(group.get(name))} is not the recipe's "
+                                 f"{current.get(name)}")
+        params.update(zip(group["params"], current["params"], strict=True))
+    for key, entry in state.items():
+        param = params.get(key)
+        buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+        if param is None or not isinstance(entry, dict) or set(entry) != {"momentum_buffer"} or \
+                not isinstance(buffer, torch.Tensor) or \
+                buffer.shape != param.shape or buffer.dtype != param.dtype or not bool(buffer.isfinite().all()):
+            raise ValueError(f"optimizer state {short_number(key)} is not a finite momentum buffer of its parameter's "
+                             f"shape")
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
