@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save as st_save
 
 from cifar_onecycle import Recipe, ResNet9, train
@@ -234,6 +235,25 @@ class Cases:
         self.add(kind, name, ["train", "--data-dir", str(data), "--no-download", "--out", str(here / "run"),
                               "--quiet", "--device", "cpu"], expect)
 
+    # an image in a folder data set, and the folder's cache
+    def folder_case(self, name: str, expect: str, image: bytes | None = None, cache: bytes | None = None,
+                    code: int = 2) -> None:
+        here = self.folder(f"folder-{name}")
+        data = here / "data"
+        for split in ("train", "test"):
+            for label in ("a", "b"):
+                (data / split / label).mkdir(parents=True)
+                Image.new("RGB", (32, 32), (9, 99, 199)).save(data / split / label / "0.png")
+        if image is None and cache is None:
+            os.mkfifo(data / "train" / "a" / "x.png")
+        elif image is not None:
+            (data / "train" / "a" / "x.png").write_bytes(image)
+        if cache is not None:
+            (data / ".cifar-onecycle-cache.safetensors").write_bytes(cache)
+        self.add("folder", name, ["train", "--dataset", "folder", "--data-dir", str(data), "--out", str(here / "run"),
+                                  "--quiet", "--batch-size", "2", "--eval-batch-size", "2", "--epochs", "1",
+                                  "--peak-epoch", "1", "--device", "cpu"], expect, code)
+
     # an image given to predict
     def image(self, name: str, raw: bytes | None, expect: str, folder: bool = False) -> None:
         here = self.folder(f"image-{name}")
@@ -262,6 +282,8 @@ def build_cases(root: Path, data: Path, stopped: Path, checkpoint: dict) -> list
     c.recipe("17MB", b"# " + b"x" * (17 << 20) + b"\n", "larger than any")
     c.recipe("long-integer", b"epochs = " + b"9" * 900 + b"\n", "epochs")
     c.recipe("nan", b"lr_max = nan\n", "lr_max")
+    c.recipe("array-of-a-5000-digit-number", b"mean = [" + b"9" * 5000 + b", 0, 0]\n", "not valid TOML for a recipe")
+    c.recipe("array-of-20000-classes", b"classes = [" + b", ".join([b'"c"'] * 20_000) + b"]\n", "classes must be")
     c.recipe("huge-eval-batch", b"eval_batch_size = 1000000000\n", "eval_batch_size")
     c.recipe("not-utf8", b"epochs = 3 # \xff\xfe\n", "cannot read recipe file")
     c.recipe("many-lines", b"# \n" * 5000, "a recipe holds one setting a line")
@@ -360,6 +382,13 @@ def build_cases(root: Path, data: Path, stopped: Path, checkpoint: dict) -> list
     c.image("bomb", png_declaring(100_000, 100_000), "photo.png")
     c.image("truncated", png_declaring(32, 32)[:60], "photo.png")
     c.image("a-folder", None, "photo.png", folder=True)
+
+    c.folder_case("fifo-image", "x.png: cannot read the image (not a regular file but a FIFO)")
+    c.folder_case("bomb-image", "x.png: not an image Pillow can read (DecompressionBombError)",
+                  image=png_declaring(100_000, 100_000))
+    c.folder_case("cache-header-of-2**62", "", cache=(2**62).to_bytes(8, "little") + b"{}", code=0)
+    c.folder_case("cache-nested", "", cache=(200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000,
+                  code=0)
 
     long_name = c.folder("out-long-name") / ("x" * 300)
     small = ["--batch-size", "25", "--eval-batch-size", "16"]

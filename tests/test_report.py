@@ -161,9 +161,9 @@ def test_the_report_counts_mistakes_in_the_runs_own_precision(tmp_path, monkeypa
     asked = []
     real = report.predict_probabilities
 
-    def spy(model, images, batch_size=500, precision="fp32", channels_last=True):
+    def spy(model, images, batch_size=500, precision="fp32", channels_last=True, *rest):
         asked.append(precision)
-        return real(model, images, batch_size, precision, channels_last)
+        return real(model, images, batch_size, precision, channels_last, *rest)
 
     monkeypatch.setattr(report, "predict_probabilities", spy)
     data = write_cifar(tmp_path / "data").parent

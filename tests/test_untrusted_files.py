@@ -165,10 +165,13 @@ def test_a_recipe_file_is_flat_lines_checked_before_the_toml_parser(tmp_path):
     path.write_text(".".join(["a"] * 1000) + " = 1\n")
     with pytest.raises(RecipeError, match="line 1 is not 'setting = value'"):
         load_recipe(path)
-    for text in ("[table]\nlr_max = 0.1\n", "lr_max = [0.1]\n", "x = {a = 1}\n", "lr_max = 0.1\n" * 1001):
+    for text in ("[table]\nlr_max = 0.1\n", "classes = [[0.1]]\n", "x = {a = 1}\n", "lr_max = 0.1\n" * 1001):
         path.write_text(text)
         with pytest.raises(RecipeError, match="not 'setting = value'|lines; a recipe holds"):
             load_recipe(path)
+    path.write_text("lr_max = [0.1]\n")  # a flat array passes the structure check, then the setting's own
+    with pytest.raises(RecipeError, match="lr_max must be float"):
+        load_recipe(path)
     path.write_text("# a comment\n\nlr_max = 0.3  # the peak\ndevice = \"cpu\"\n")
     assert load_recipe(path).lr_max == 0.3  # what recipe.toml and the shipped recipes look like
 

@@ -14,11 +14,14 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-# Per-channel mean and std of the 50,000 original CIFAR-10 training images (0-1 scale). Fixed
-# constants rather than statistics of whatever data is loaded, so a weights file evaluates the same
-# on any copy of the data set, and the CutOut fill (the mean) is exactly 0 after normalisation.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from .recipe import CIFAR10_MEAN, CIFAR10_STD
+
+# Per-channel mean and std of the 50,000 original CIFAR-10 training images (0-1 scale; the
+# recipe's constants). Fixed rather than statistics of whatever copy is loaded, so a weights file
+# evaluates the same on any copy of the data set; other sources' are computed once and recorded in
+# the recipe. The CutOut fill (the mean) is exactly 0 after normalisation.
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, 0..1
+CIFAR10_NORMALIZATION: Normalization = (CIFAR10_MEAN, CIFAR10_STD)
 # The columns of an augmentation draw: the crop's offset (dy, dx), the flip (0 or 1), the hole's
 # corner (y, x).
 DRAW_COLUMNS = ("crop_dy", "crop_dx", "flip", "hole_y", "hole_x")
@@ -89,38 +92,42 @@ def cutout_at(images: torch.Tensor, size: int, corners: torch.Tensor) -> torch.T
     return images.masked_fill(hole[:, None], 0.0)
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NCHW (0-255) to float, standardised per channel with the CIFAR-10 statistics."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR10_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32,
+              normalization: Normalization = CIFAR10_NORMALIZATION) -> torch.Tensor:
+    """uint8 NCHW (0-255) to float, standardised per channel by ``normalization`` ((mean, std) on
+    0..1: a recipe's ``normalization``; default CIFAR-10's, the seed's)."""
+    mean = torch.tensor(normalization[0], device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(normalization[1], device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
     return (images.to(dtype) - mean) / std
 
 
 def apply_augmentation(padded: torch.Tensor, draws: torch.Tensor, *, crop: bool, padding: int, flip: bool,
-                       cutout_size: int) -> torch.Tensor:
+                       cutout_size: int, normalization: Normalization = CIFAR10_NORMALIZATION) -> torch.Tensor:
     """Crop (from images pre-padded by ``padding``), flip, normalise, CutOut (0 = off), each image
     by its row of ``draws`` (``draw_augmentation``): a float batch."""
     x = crop_at(padded, padded.shape[-1] - 2 * padding, draws[:, 0:2]) if crop else padded
     if flip:
         x = flip_where(x, draws[:, 2])
-    x = normalize(x)
+    x = normalize(x, normalization=normalization)
     if cutout_size:
         x = cutout_at(x, cutout_size, draws[:, 3:5])
     return x
 
 
 def augment_batch(padded: torch.Tensor, *, crop: bool, padding: int, flip: bool, cutout_size: int,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, normalization: Normalization = CIFAR10_NORMALIZATION) -> torch.Tensor:
     """``padded`` augmented with fresh draws from ``generator``: a float batch."""
     draws = draw_augmentation(len(padded), size=padded.shape[-1] - 2 * padding, padding=padding,
                               cutout_size=cutout_size, generator=generator)
-    return apply_augmentation(padded, draws, crop=crop, padding=padding, flip=flip, cutout_size=cutout_size)
+    return apply_augmentation(padded, draws, crop=crop, padding=padding, flip=flip, cutout_size=cutout_size,
+                              normalization=normalization)
 
 
 def epoch_batches(padded: torch.Tensor, labels: torch.Tensor, batch_size: int, *, crop: bool, padding: int,
                   flip: bool, cutout_size: int, order: torch.Tensor, draws: torch.Tensor, start: int = 0,
                   rank: int = 0, world: int = 1, memory_format: torch.memory_format = torch.channels_last,
-                  batches_at_once: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  batches_at_once: int = 1, normalization: Normalization = CIFAR10_NORMALIZATION,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Augmented (images, labels) batches of device-resident data, in ``order``, from batch ``start``;
     the image at position ``p`` of the order is augmented by ``draws[p]``.
 
@@ -138,7 +145,8 @@ def epoch_batches(padded: torch.Tensor, labels: torch.Tensor, batch_size: int, *
         positions = (torch.arange(batches.start, batches.stop, device=order.device)[:, None] * batch_size
                      + rank * per + torch.arange(per, device=order.device)).flatten()
         images = apply_augmentation(padded[order[positions]], draws[positions], crop=crop, padding=padding,
-                                    flip=flip, cutout_size=cutout_size).contiguous(memory_format=memory_format)
+                                    flip=flip, cutout_size=cutout_size, normalization=normalization,
+                                    ).contiguous(memory_format=memory_format)
         group_labels = labels[order[positions]]
         for k in range(len(batches)):  # views along N: no copy, and a channels_last slice stays channels_last
             yield images[k * per:(k + 1) * per], group_labels[k * per:(k + 1) * per]

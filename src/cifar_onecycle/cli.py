@@ -25,7 +25,7 @@ from .recipe import Recipe, load_recipe
 if TYPE_CHECKING:
     import torch
 
-    from .data import Cifar10
+    from .data import LabelledImages
 
 PROG = "cifar-onecycle"
 
@@ -59,6 +59,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None
                    help="recipe to start from: seed (the default), dawnbench, best, quick (a few minutes on a CPU), "
                         "or a TOML file")
     for f in dataclasses.fields(Recipe):
+        if not f.metadata["flag"]:  # recorded from the data, not set by hand
+            continue
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                               "help": f"{f.metadata['help']} (default: {f.default})"}
@@ -76,8 +78,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR",
-                   help="folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (default: ./data; "
-                        "with --resume, the run's own)")
+                   help="folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (cifar-100-python/ or "
+                        "cifar-100-python.tar.gz; with --dataset folder, train/<class>/ and test/<class>/) "
+                        "(default: ./data; with --resume, the run's own)")
     p.add_argument("--no-download", action="store_true", help="never use the network for the data set")
 
 
@@ -92,7 +95,8 @@ def _add_device_flags(p: argparse.ArgumentParser, precision_reproduces: str = ""
 def build_parser() -> argparse.ArgumentParser:
     from .lr_finder import METHODS, MODES
 
-    parser = Parser(prog=PROG, description="Train the EVA6 Session 9 ResNet on CIFAR-10 with the One Cycle policy.")
+    parser = Parser(prog=PROG, description="Train the EVA6 Session 9 ResNet on CIFAR-10 (or CIFAR-100, or a folder "
+                                           "of your images) with the One Cycle policy.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -121,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate_cmd = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
     evaluate_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
+    evaluate_cmd.add_argument("--dataset", choices=Recipe.choices("dataset"),
+                              help="score the model on the test images of this source, whose classes must be the "
+                                   "model's (default: the one it was trained on)")
     _add_data_flags(evaluate_cmd)
     _add_device_flags(evaluate_cmd, "the run's own test accuracy is reproduced")
     evaluate_cmd.add_argument("--json", action="store_true", help="print one JSON object")
@@ -272,16 +279,19 @@ def _spread(values: dict[str, Any]) -> str:
             f"max {values['max']:.2%})")
 
 
-def _load_data(args: argparse.Namespace, split: str = "both", recorded: tuple[Any, Path] | None = None) -> Cifar10:
-    """The data set of ``--data-dir``, else of the folder a run's file recorded (``recorded``: the
-    value and the file; read only, never created or downloaded into), else ./data."""
-    from .data import download_bar, load_cifar10, recorded_data_dir
+def _load_data(args: argparse.Namespace, recipe: Recipe, split: str = "both",
+               recorded: tuple[Any, Path] | None = None) -> LabelledImages:
+    """The recipe's data set from ``--data-dir``, else from the folder a run's file recorded
+    (``recorded``: the value and the file; read only, never created or downloaded into), else
+    ./data."""
+    from .data import recorded_data_dir
+    from .datasets import load_dataset
 
     if args.data_dir is None and recorded is not None and recorded[0] is not None:
         if not isinstance(recorded[0], str):
             raise UserError(f"{recorded[1]}: data_dir {recorded[0]!r} is not a folder's name; give --data-dir")
-        return load_cifar10(recorded_data_dir(recorded[0], recorded[1]), download=False, split=split)
-    return load_cifar10(args.data_dir or "data", download=not args.no_download, split=split, progress=download_bar())
+        return load_dataset(recipe, recorded_data_dir(recorded[0], recorded[1]), download=False, split=split)
+    return load_dataset(recipe, args.data_dir or "data", download=not args.no_download, split=split, progress=True)
 
 
 def _placed(args: argparse.Namespace, model: torch.nn.Module,
@@ -298,14 +308,22 @@ def _placed(args: argparse.Namespace, model: torch.nn.Module,
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
+    from .datasets import check_classes
     from .evaluation import evaluate
+    from .run_folder import SUMMARY, RunFolder
 
     saved, recipe = load_weights(args.weights)
     model, device, precision = _placed(args, saved, recipe)
-    data = _load_data(args, split="test")
+    source = recipe.replace(dataset=args.dataset) if args.dataset else recipe
+    run = RunFolder(args.weights)  # a run folder's own data, unless another source or folder is given
+    recorded = (run.read_summary().get("data_dir"), run.path / SUMMARY) if (
+        not args.dataset and run.path.is_dir() and run.has(SUMMARY)) else None
+    data = _load_data(args, source, split="test", recorded=recorded)
+    check_classes(recipe, data, f"--dataset {source.dataset} in {args.data_dir or (recorded or ['data'])[0]}")
     loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
-                         channels_last=recipe.channels_last, tta=args.tta, tta_translate=recipe.tta_translate)
+                         channels_last=recipe.channels_last, tta=args.tta, tta_translate=recipe.tta_translate,
+                         normalization=recipe.normalization)
     n = len(data.test_images)
     if args.json:
         print(json.dumps({"accuracy": acc, "loss": loss, "images": n, "tta": args.tta}))
@@ -330,7 +348,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         check_sweep(mode, lo if args.start_lr is None else args.start_lr, hi if args.end_lr is None else args.end_lr,
                     10 if args.num_iter is None else args.num_iter, args.smooth, args.diverge, args.patience)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
-    data = _load_data(args)
+    data = _load_data(args, recipe)
     if _is_main():
         writable_folder(out)  # after the data's checks (a bad input leaves no folder), before the sweep
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
@@ -357,7 +375,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     run = RunFolder(args.run_dir)
     saved, recipe = load_weights(run.path)
     summary, history = run.read_summary(), run.read_metrics()
-    data = _load_data(args, recorded=(summary.get("data_dir"), run.path / "summary.json"))
+    data = _load_data(args, recipe, recorded=(summary.get("data_dir"), run.path / "summary.json"))
     model, device, precision = _placed(args, saved, recipe)
     run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
                                    data.test_labels, data.train_images[:20], summary["steps_per_epoch"], precision))
@@ -370,10 +388,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .predict import predict_files
 
-    model, _ = load_weights(args.weights)
+    model, recipe = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
     failed = 0
-    for p in predict_files(model, args.images):
+    for p in predict_files(model, args.images, recipe.class_names, recipe.normalization):
         if p.error or p.top is None:
             failed += 1
             print(f"{PROG}: error: {p.error}", file=sys.stderr)

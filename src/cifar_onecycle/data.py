@@ -1,8 +1,10 @@
-"""CIFAR-10 ("python version"): find, download, verify and load it without trusting pickle.
+"""CIFAR-10 and CIFAR-100 ("python version"): find, download, verify and load them without
+trusting pickle.
 
-Lookup order in ``data_dir``: ``cifar-10-batches-py/`` as extracted; else ``cifar-10-python.tar.gz``
-(md5-checked unless it is not the official file, then extracted); else the official archive is
-downloaded (with a progress bar and an md5 check) unless downloads are off.
+Lookup order in ``data_dir``, for a ``Source``: its folder (``cifar-10-batches-py/``,
+``cifar-100-python/``) as extracted; else its archive (md5-checked unless it is not the official
+file, then extracted); else the official archive is downloaded (with a progress bar and an md5
+check) unless downloads are off.
 """
 from __future__ import annotations
 
@@ -24,38 +26,67 @@ import torch
 
 from .errors import DatasetError, as_setting
 from .files import open_regular, read_capped
-from .recipe import short_number
+from .recipe import CIFAR10_CLASSES, CIFAR100_CLASSES, short_number
 from .safe_pickle import CheckedArray, Damaged, Refused, safe_loads
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-MD5 = "c58f30108f718f92721af3b95e74349a"
-FOLDER = "cifar-10-batches-py"
-ARCHIVE = "cifar-10-python.tar.gz"
-TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_FILE = "test_batch"
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASSES = CIFAR10_CLASSES
 
-# Caps, each checked before the work it guards. The official batch files are about 31 MB and hold
-# 10,000 images each (their pickle stream's caps are safe_pickle's); the official archive has 8
-# members and unpacks to about 178 MB.
-MAX_BATCH_BYTES = 64 * 2**20
-MAX_IMAGES_PER_FILE = 10_000
+
+@dataclass(frozen=True)
+class Source:
+    """One of the official "python version" data sets: where it comes from, what its files are
+    called, and the caps each file is checked against before the work they guard."""
+
+    name: str
+    url: str
+    md5: str
+    folder: str
+    archive: str
+    train_files: tuple[str, ...]
+    test_file: str
+    label_key: str
+    classes: tuple[str, ...]
+    max_rows: int        # images a file may hold
+    max_file_bytes: int  # a file's size
+    archive_bytes: str   # what the official archive unpacks to, for messages
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train_files, self.test_file)
+
+
+# The official batch files are about 31 MB and hold 10,000 images each; the archive has 8 members
+# and unpacks to about 178 MB. CIFAR-100's train file holds 50,000 images (154 MB of pixels alone),
+# its test file 10,000.
+CIFAR10 = Source("CIFAR-10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                 "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                 tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "labels", CIFAR10_CLASSES,
+                 10_000, 64 * 2**20, "about 178 MB")
+CIFAR100 = Source("CIFAR-100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                  "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python", "cifar-100-python.tar.gz",
+                  ("train",), "test", "fine_labels", CIFAR100_CLASSES, 50_000, 192 * 2**20, "about 187 MB")
+SOURCES = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+# CIFAR-10's names, kept for callers of the first versions
+URL, MD5, FOLDER, ARCHIVE = CIFAR10.url, CIFAR10.md5, CIFAR10.folder, CIFAR10.archive
+TRAIN_FILES, TEST_FILE = CIFAR10.train_files, CIFAR10.test_file
+MAX_BATCH_BYTES = CIFAR10.max_file_bytes
+MAX_IMAGES_PER_FILE = CIFAR10.max_rows
 MAX_ARCHIVE_MEMBERS = 16
 MAX_ARCHIVE_BYTES = 256 * 2**20
 
 
-def safe_load(path: Path) -> Any:
-    """Unpickle a CIFAR-10 file: size cap, then ``safe_pickle.safe_loads`` (Python 2 strings come
+def safe_load(path: Path, source: Source = CIFAR10) -> Any:
+    """Unpickle a data set's file: size cap, then ``safe_pickle.safe_loads`` (Python 2 strings come
     back as bytes). Every refusal is a one-line ``DatasetError``."""
     try:
-        data = read_capped(path, MAX_BATCH_BYTES, "CIFAR-10 batch file", "replace it with the official file",
-                           DatasetError)
+        data = read_capped(path, source.max_file_bytes, f"{source.name} batch file",
+                           "replace it with the official file", DatasetError)
     except OSError as e:
         raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
     if not data:
-        raise DatasetError(f"{path}: file is empty; delete it and extract or download CIFAR-10 again")
+        raise DatasetError(f"{path}: file is empty; delete it and extract or download {source.name} again")
     try:
-        return safe_loads(data, max_rows=MAX_IMAGES_PER_FILE)
+        return safe_loads(data, max_rows=source.max_rows)
     except Refused as e:
         raise DatasetError(f"{path}: refused ({e}); replace it with the official file") from None
     except Damaged as e:
@@ -78,15 +109,15 @@ def _key(d: dict, name: str) -> Any:
     raise KeyError(name)
 
 
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file as (images uint8 [N, 3, 32, 32], labels int64 [N]), with every check."""
-    d = safe_load(path)
+def read_batch(path: Path, source: Source = CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+    """One data file as (images uint8 [N, 3, 32, 32], labels int64 [N]), with every check."""
+    d = safe_load(path, source)
     if not isinstance(d, dict):
         raise DatasetError(f"{path}: expected a dict, found {type(d).__name__}")
     try:
-        data, labels = _array(_key(d, "data")), _array(_key(d, "labels"))
+        data, labels = _array(_key(d, "data")), _array(_key(d, source.label_key))
     except KeyError as e:
-        raise DatasetError(f"{path}: missing key {e.args[0]!r}; not a CIFAR-10 batch file") from None
+        raise DatasetError(f"{path}: missing key {e.args[0]!r}; not a {source.name} data file") from None
     except DatasetError as e:
         raise DatasetError(f"{path}: {e}; replace it with the official file") from None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
@@ -99,27 +130,32 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{path}: labels must be a list of integers")
     if len(labels) != len(data) or len(data) == 0:
         raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
-    low, high = min(labels), max(labels)  # before the conversion: 2**70 does not fit an int64
-    if low < 0 or high > 9:
-        raise DatasetError(f"{path}: labels must lie in 0..9, found "
+    low, high, top = min(labels), max(labels), len(source.classes) - 1  # before the int64 conversion (2**70)
+    if low < 0 or high > top:
+        raise DatasetError(f"{path}: labels must lie in 0..{top}, found "
                            f"{short_number(int(low))}..{short_number(int(high))}")
     labels = np.asarray(labels, dtype=np.int64)
     return data.reshape(-1, 3, 32, 32), labels
 
 
 @dataclass
-class Cifar10:
-    """The data set as uint8 NCHW tensors plus int64 labels (CPU until ``to`` moves them)."""
+class LabelledImages:
+    """A data set as uint8 NCHW tensors plus int64 labels (CPU until ``to`` moves them), with its
+    classes' names in label order."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    classes: tuple[str, ...] = CLASSES
+    classes: tuple[str, ...] = CIFAR10_CLASSES
+    skipped: tuple[str, ...] = ()  # a folder's images left out as unreadable (``skip_bad_images``)
 
-    def to(self, device: torch.device | str) -> Cifar10:
-        return Cifar10(self.train_images.to(device), self.train_labels.to(device), self.test_images.to(device),
-                       self.test_labels.to(device), self.classes)
+    def to(self, device: torch.device | str) -> LabelledImages:
+        return LabelledImages(self.train_images.to(device), self.train_labels.to(device),
+                              self.test_images.to(device), self.test_labels.to(device), self.classes, self.skipped)
+
+
+Cifar10 = LabelledImages  # the name of the first versions, when CIFAR-10 was the only source
 
 
 def recorded_data_dir(recorded: str, source: str | Path) -> str:
@@ -132,62 +168,74 @@ def recorded_data_dir(recorded: str, source: str | Path) -> str:
 
 
 def load_cifar10(data_dir: str | Path = "data", download: bool = True,
-                 progress: Callable[[int, int], None] | None = None, split: str = "both") -> Cifar10:
+                 progress: Callable[[int, int], None] | None = None, split: str = "both") -> LabelledImages:
     """Load CIFAR-10 from ``data_dir`` (extracting or downloading it first when needed).
 
     ``split``: "both", or "test" to skip reading the 50,000 training images (for evaluation).
     """
-    root = ensure_cifar10(Path(data_dir), download=download, progress=progress)
+    return load_source(CIFAR10, data_dir, download, progress, split)
+
+
+def load_source(source: Source, data_dir: str | Path = "data", download: bool = True,
+                progress: Callable[[int, int], None] | None = None, split: str = "both") -> LabelledImages:
+    """Load ``source`` (CIFAR-10 or CIFAR-100) from ``data_dir``, as ``load_cifar10`` does."""
+    root = ensure_source(Path(data_dir), source, download=download, progress=progress)
     empty = (torch.empty(0, 3, 32, 32, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
     if split == "test":
         train = empty
     else:
-        parts = [read_batch(root / f) for f in TRAIN_FILES]
+        parts = [read_batch(root / f, source) for f in source.train_files]
         train = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
                  torch.from_numpy(np.concatenate([p[1] for p in parts])))
-    test = read_batch(root / TEST_FILE)
-    return Cifar10(train[0], train[1], torch.from_numpy(test[0]), torch.from_numpy(test[1]))
+    test = read_batch(root / source.test_file, source)
+    return LabelledImages(train[0], train[1], torch.from_numpy(test[0]), torch.from_numpy(test[1]), source.classes)
 
 
-def _missing(folder: Path) -> list[str]:
-    return [f for f in (*TRAIN_FILES, TEST_FILE) if not (folder / f).is_file()]
+def _missing(folder: Path, source: Source) -> list[str]:
+    return [f for f in source.files if not (folder / f).is_file()]
 
 
 def ensure_cifar10(data_dir: Path, download: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> Path:
-    """Return the folder with the batch files, extracting or downloading the archive if needed."""
+    """Return the folder with CIFAR-10's batch files, extracting or downloading the archive if needed."""
+    return ensure_source(data_dir, CIFAR10, download, progress)
+
+
+def ensure_source(data_dir: Path, source: Source, download: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Return the folder with ``source``'s files, extracting or downloading its archive if needed."""
     try:
-        return _ensure_cifar10(data_dir, download, progress)
+        return _ensure(data_dir, source, download, progress)
     except OSError as e:  # a folder that cannot be listed or created: the cause is the path given
         raise DatasetError(f"{as_setting('data_dir')} {data_dir}: cannot use it ({e.strerror or e}); give a folder "
                            f"you can read "
                            f"and write") from None
 
 
-def _ensure_cifar10(data_dir: Path, download: bool, progress: Callable[[int, int], None] | None) -> Path:
+def _ensure(data_dir: Path, source: Source, download: bool, progress: Callable[[int, int], None] | None) -> Path:
     if data_dir.exists() and not data_dir.is_dir():
         raise DatasetError(f"{as_setting('data_dir')} {data_dir}: is a file, not a folder; give the folder that holds "
-                           f"'{FOLDER}/' or '{ARCHIVE}', or where the download should go")
-    folder = data_dir / FOLDER
+                           f"'{source.folder}/' or '{source.archive}', or where the download should go")
+    folder = data_dir / source.folder
     if folder.is_dir():
-        missing = _missing(folder)
+        missing = _missing(folder, source)
         if missing:
             raise DatasetError(f"{folder}: missing {', '.join(missing)}; put the complete official "
-                               f"'{FOLDER}' folder there or delete it to extract/download again")
+                               f"'{source.folder}' folder there or delete it to extract/download again")
         return folder
-    archive = data_dir / ARCHIVE
+    archive = data_dir / source.archive
     if archive.exists() and not archive.is_file():  # a FIFO or device would block or never end
         raise DatasetError(f"{archive}: not a regular file but a {'FIFO' if archive.is_fifo() else 'folder or device'}"
                            f"; put the official archive there or remove it")
     if not archive.is_file():
         if not download:
-            raise DatasetError(f"CIFAR-10 not found in {data_dir}: put '{FOLDER}/' or '{ARCHIVE}' "
-                               f"there (from {URL}), or allow the download")
-        download_archive(archive, progress=progress)
-    extract_archive(archive, data_dir)
-    missing = _missing(folder)
+            raise DatasetError(f"{source.name} not found in {data_dir}: put '{source.folder}/' or '{source.archive}' "
+                               f"there (from {source.url}), or allow the download")
+        download_archive(archive, url=source.url, md5=source.md5, progress=progress, source=source)
+    extract_archive(archive, data_dir, source)
+    missing = _missing(folder, source)
     if missing:
-        raise DatasetError(f"{archive}: archive lacks {', '.join(missing)}; it is not CIFAR-10 (python version)")
+        raise DatasetError(f"{archive}: archive lacks {', '.join(missing)}; it is not {source.name} (python version)")
     return folder
 
 
@@ -200,7 +248,8 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def download_archive(dest: Path, url: str = URL, md5: str | None = MD5,
-                     progress: Callable[[int, int], None] | None = None, timeout: float = 30) -> None:
+                     progress: Callable[[int, int], None] | None = None, timeout: float = 30,
+                     source: Source = CIFAR10) -> None:
     """Download to ``dest.part``, check the md5, then rename: a broken download never looks whole."""
     part = dest.with_name(dest.name + ".part")
     try:
@@ -214,11 +263,11 @@ def download_archive(dest: Path, url: str = URL, md5: str | None = MD5,
                     progress(done, total)
         if md5 and md5sum(part) != md5:
             raise DatasetError(f"{url}: downloaded file fails its md5 check; try again, or put "
-                               f"'{ARCHIVE}' in {dest.parent} by hand")
+                               f"'{source.archive}' in {dest.parent} by hand")
         os.replace(part, dest)
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
-        raise DatasetError(f"cannot download CIFAR-10 from {url} ({getattr(e, 'reason', e)}); "
-                           f"put '{FOLDER}/' or '{ARCHIVE}' in {dest.parent} by hand") from None
+        raise DatasetError(f"cannot download {source.name} from {url} ({getattr(e, 'reason', e)}); "
+                           f"put '{source.folder}/' or '{source.archive}' in {dest.parent} by hand") from None
     finally:
         part.unlink(missing_ok=True)
 
@@ -264,12 +313,12 @@ class _BoundedTarInfo(tarfile.TarInfo):
         return super()._proc_member(archive)  # type: ignore[misc]
 
 
-def extract_archive(archive: Path, data_dir: Path) -> None:
+def extract_archive(archive: Path, data_dir: Path, source: Source = CIFAR10) -> None:
     """Extract into a temporary folder beside the target, then rename: no half-extracted data set.
 
     The archive's md5 is not required to match the official one (a re-packed copy or the offline
-    proxy is fine): only its 'cifar-10-batches-py' folder is used, and every batch file in it is
-    checked when it is read.
+    proxy is fine): only its data folder ('cifar-10-batches-py', 'cifar-100-python') is used, and
+    every file in it is checked when it is read.
     """
     tmp = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=data_dir))
     try:
@@ -278,14 +327,15 @@ def extract_archive(archive: Path, data_dir: Path) -> None:
             unpacked = 0
             for m in tf:  # headers one by one: an archive of a million members is refused at the 17th
                 if len(members) == MAX_ARCHIVE_MEMBERS:
-                    raise DatasetError(f"{archive}: more than {MAX_ARCHIVE_MEMBERS} members (CIFAR-10 has 8); "
+                    raise DatasetError(f"{archive}: more than {MAX_ARCHIVE_MEMBERS} members (the official archives "
+                                       f"have at most 8); "
                                        f"refusing to extract")
                 unpacked += m.size
                 if unpacked > MAX_ARCHIVE_BYTES:
-                    raise DatasetError(f"{archive}: unpacks to more than {MAX_ARCHIVE_BYTES:,} bytes (CIFAR-10: "
-                                       f"about 178 MB); refusing to extract")
+                    raise DatasetError(f"{archive}: unpacks to more than {MAX_ARCHIVE_BYTES:,} bytes ({source.name}: "
+                                       f"{source.archive_bytes}); refusing to extract")
                 members.append(m)
-            members = [m for m in members if m.name.split("/")[0] == FOLDER]
+            members = [m for m in members if m.name.split("/")[0] == source.folder]
             for m in members:
                 if not (m.isfile() or m.isdir()) or ".." in Path(m.name).parts or m.name.startswith("/"):
                     raise DatasetError(f"{archive}: unsafe member {m.name!r}; refusing to extract")
@@ -293,9 +343,9 @@ def extract_archive(archive: Path, data_dir: Path) -> None:
                 tf.extractall(tmp, members=members, filter="data")
             else:  # pragma: no cover - older Pythons; members were checked above
                 tf.extractall(tmp, members=members)
-        if not (tmp / FOLDER).is_dir():
-            raise DatasetError(f"{archive}: no '{FOLDER}/' inside; not CIFAR-10 (python version)")
-        os.replace(tmp / FOLDER, data_dir / FOLDER)
+        if not (tmp / source.folder).is_dir():
+            raise DatasetError(f"{archive}: no '{source.folder}/' inside; not {source.name} (python version)")
+        os.replace(tmp / source.folder, data_dir / source.folder)
     except _OversizedHeader as e:
         raise DatasetError(f"{archive}: {e}; refusing to extract") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:

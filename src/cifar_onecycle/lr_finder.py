@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Cifar10
+from .data import LabelledImages
 from .distributed import all_reduce_sum, init_distributed
 from .errors import NoLRFound, RecipeError, UserError, as_setting
 from .recipe import Recipe, short_number
@@ -352,7 +352,7 @@ def sweep_iterations(mode: str, steps_per_epoch: int, epochs: float | None = Non
     return max(1, round((DEFAULT_EPOCHS[mode] if epochs is None else epochs) * steps_per_epoch))
 
 
-def lr_range_test(recipe: Recipe, data: Cifar10, modes: Sequence[str] = ("exp",), progress: bool = True, *,
+def lr_range_test(recipe: Recipe, data: LabelledImages, modes: Sequence[str] = ("exp",), progress: bool = True, *,
                   epochs: float | None = None, num_iter: int | None = None, **sweep: Any) -> dict[str, LRFinderResult]:
     """The LR range test on the recipe's model, augmented batches, optimizer, loss scaling and precision.
 

@@ -44,6 +44,30 @@ MAX_TTA_TRANSLATE = 4
 # generator takes the seed itself (a torch.Generator would take up to 2**64 - 1); 32 bits keep a
 # seed a plain number in every file and tool that reads one.
 SEEDS_END = 2**32
+DATASETS = ("cifar10", "cifar100", "folder")
+# CIFAR-10's per-channel statistics, the seed's normalisation; other data sets' are computed from
+# their training images when a run starts, and recorded in the recipe.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# CIFAR-100's fine labels in label order (its meta file's fine_label_names, alphabetical).
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+)
+_DATA_FIELDS = ("classes", "mean", "std")
+# A classifier's head grows with its classes (513 parameters each); 10,000 is far beyond CIFAR-100
+# and ImageNet's 1,000, and keeps a recipe file from deciding the model's size.
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME = 255  # a folder name's limit on Linux
 
 
 def _opt(default: Any, help: str, flag: bool = True, choices: tuple[str, ...] | None = None) -> Any:
@@ -88,6 +112,17 @@ class Recipe:
                                        "instead of by a new coin each epoch")
     cutout: bool = _opt(True, "CutOut: one square hole filled with the dataset mean")
     cutout_size: int = _opt(8, "side of the CutOut hole, in pixels")
+    # Data: the source, and what the run learns of it (filled in from the data when a run starts,
+    # and recorded: evaluate, report and predict then need no data to name the classes).
+    dataset: str = _opt("cifar10", "the images: CIFAR-10, CIFAR-100 (its 100 fine classes) or a folder of "
+                                   "train/<class>/ and test/<class>/ images", choices=DATASETS)
+    skip_bad_images: bool = _opt(False, "with dataset folder: leave out an image that cannot be read (counted in "
+                                        "summary.json) instead of stopping at it")
+    classes: tuple[str, ...] | None = _opt(None, "the classes' names, in label order (none: the data's)", flag=False)
+    mean: tuple[float, float, float] | None = _opt(None, "per-channel mean of the training images, RGB, 0..1 (none: "
+                                                         "CIFAR-10's constants, or computed from the data)", flag=False)
+    std: tuple[float, float, float] | None = _opt(None, "per-channel standard deviation of the training images, "
+                                                        "RGB, 0..1 (none: as mean)", flag=False)
     # Run
     seed: int = _opt(0, "seed of the weights, the data order and the augmentation")
     train_subset: int = _opt(0, "train on the first N training images only (0: all; after the holdout is taken out)")
@@ -114,6 +149,9 @@ class Recipe:
         """Refuse impossible values with a one-line message that names the setting."""
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name in _DATA_FIELDS:
+                self._validate_data_field(f.name, v)
+                continue
             want = _PYTHON_TYPES[_type_name(f)]
             if isinstance(v, bool) and want is not bool or not isinstance(v, want):
                 raise RecipeError(f"recipe: {f.name} must be {_type_name(f)}, got {v!r}")
@@ -180,6 +218,53 @@ class Recipe:
             raise RecipeError(f"recipe: batch_size {self.batch_size} is larger than train_subset "
                               f"{self.train_subset}; use a smaller batch_size")
 
+    @staticmethod
+    def _validate_data_field(name: str, value: Any) -> None:
+        """classes: None or 2..MAX_CLASSES distinct non-empty names; mean, std: None or 3 finite
+        numbers (std's above 0)."""
+        if value is None:
+            return
+        if name == "classes":
+            if not isinstance(value, tuple) or not 2 <= len(value) <= MAX_CLASSES or len(set(value)) != len(value) \
+                    or not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in value):
+                raise RecipeError(f"recipe: classes must be 2 to {MAX_CLASSES:,} different names of 1 to "
+                                  f"{MAX_CLASS_NAME} characters, got {short_number(value)}")
+        elif not isinstance(value, tuple) or len(value) != 3 or not all(
+                type(x) in (int, float) and math.isfinite(x) and (x > 0 if name == "std" else True) for x in value):
+            positive = ", each > 0" if name == "std" else ""
+            raise RecipeError(f"recipe: {name} must be 3 finite numbers (R, G, B){positive}, got {short_number(value)}")
+
+    @property
+    def num_classes(self) -> int:
+        """The model's outputs: the recorded classes', else the source's (a folder has no fixed number)."""
+        if self.classes is not None:
+            return len(self.classes)
+        if self.dataset == "folder":
+            raise RecipeError("recipe: a folder's classes are not recorded in this recipe; train on the folder first")
+        return 100 if self.dataset == "cifar100" else 10
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes' names in label order: the recorded ones, else the source's."""
+        if self.classes is not None:
+            return self.classes
+        if self.dataset == "cifar10":
+            return CIFAR10_CLASSES
+        if self.dataset == "cifar100":
+            return CIFAR100_CLASSES
+        raise RecipeError("recipe: a folder's classes are not recorded in this recipe; train on the folder first")
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel, 0..1, that inputs are standardised with: the recorded ones, else
+        CIFAR-10's constants for CIFAR-10."""
+        if self.mean is not None and self.std is not None:
+            return self.mean, self.std
+        if self.dataset == "cifar10":
+            return CIFAR10_MEAN, CIFAR10_STD
+        raise RecipeError(f"recipe: the {self.dataset} data's mean and std are not recorded in this recipe; they are "
+                          f"computed when a run starts")
+
     @property
     def padding(self) -> int:
         """Pixels of reflect padding around each training image: the crop's, none without a crop."""
@@ -201,7 +286,8 @@ class Recipe:
         batches (weights from torch's global generator)."""
         from .model import ResNet9
 
-        return ResNet9(logit_scale=self.logit_scale, bn_momentum=self.bn_momentum, ghost_batch=self.bn_ghost_batch)
+        return ResNet9(num_classes=self.num_classes, logit_scale=self.logit_scale, bn_momentum=self.bn_momentum,
+                       ghost_batch=self.bn_ghost_batch)
 
     def with_epochs(self, epochs: int) -> Recipe:
         """The same One Cycle shape over ``epochs``: the peak moves to the same fraction of the run."""
@@ -231,14 +317,18 @@ class Recipe:
         coerced: dict[str, Any] = {}
         for k, v in values.items():
             try:
+                if k in _DATA_FIELDS and isinstance(v, list):  # TOML and JSON arrays
+                    coerced[k] = tuple(float(x) if k != "classes" and type(x) is int else x for x in v)
+                    continue
                 coerced[k] = float(v) if _type_name(known[k]) == "float" and type(v) is int else v
             except OverflowError:  # TOML integers have no size limit; a float has
                 raise RecipeError(f"{source}: {k} must be a finite number, got {short_number(v)}") from None
         return cls(**coerced)
 
     def to_toml(self) -> str:
-        """The recipe as TOML, one key a line, readable by ``load_recipe``."""
-        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items())
+        """The recipe as TOML, one key a line, readable by ``load_recipe`` (a setting left to the
+        data, None, is left out: TOML has no null)."""
+        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items() if v is not None)
 
 
 def short_number(value: Any) -> str:
@@ -264,8 +354,12 @@ def _type_name(f: dataclasses.Field) -> str:
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a TOML basic string: quote, backslash and control characters escaped
+        return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F or c in '"\\' else c
+                             for c in v) + '"'
+
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -287,15 +381,22 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found; give a TOML file or one of: {', '.join(NAMED)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read recipe file ({getattr(e, 'strerror', None) or e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    except RecipeError:
+        raise
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: a number Python will not convert
+        raise RecipeError(f"{path}: not valid TOML ({str(e)[:200]})") from None
     return _over(base, values, str(path))
 
 
-# A recipe is flat: one bare key and one scalar value a line, and comments. Checked before the TOML
-# parser sees the text, whose work grows with the square of a dotted key's length (a 200 KB key of
-# 100,000 parts took over 8 GB) and with nesting; a recipe has 50 settings, a line of it 100 bytes.
-_RECIPE_LINE = re.compile(r"[ \t]*(#.*)?|[ \t]*[A-Za-z_][A-Za-z0-9_]{0,63}[ \t]*=[ \t]*[^\s\[{].*")
+# A recipe is flat: one bare key and one value a line, and comments. Checked before the TOML parser
+# sees the text, whose work grows with the square of a dotted key's length (a 200 KB key of 100,000
+# parts took over 8 GB) and with nesting; a recipe has 50 settings, a line of it 100 bytes. The one
+# structure allowed is a flat array of strings or numbers (the classes' names, a mean), matched
+# without backtracking; its line may be as long as the file.
+_KEY = r"[ \t]*[A-Za-z_][A-Za-z0-9_]{0,63}[ \t]*=[ \t]*"
+_ITEM = r'(?:"(?:[^"\\\n]|\\.)*+"|[-+]?[0-9][0-9_.eE+-]{0,39}+)'
+_ARRAY_LINE = re.compile(rf"{_KEY}\[[ \t]*+(?:{_ITEM}[ \t]*+,[ \t]*+)*+(?:{_ITEM}[ \t]*+)?\][ \t]*(#.*)?")
+_RECIPE_LINE = re.compile(rf"[ \t]*(#.*)?|{_KEY}[^\s\[{{].*")
 MAX_RECIPE_LINES, MAX_RECIPE_LINE = 1_000, 1_000
 
 
@@ -306,9 +407,10 @@ def check_flat(text: str, source: str) -> None:
         raise RecipeError(f"{source}: {len(lines):,} lines; a recipe holds one setting a line (at most "
                           f"{MAX_RECIPE_LINES:,})")
     for number, line in enumerate(lines, 1):
-        if len(line) > MAX_RECIPE_LINE or not _RECIPE_LINE.fullmatch(line):
+        if not (len(line) <= MAX_RECIPE_LINE and _RECIPE_LINE.fullmatch(line) or _ARRAY_LINE.fullmatch(line)):
             raise RecipeError(f"{source}: not valid TOML for a recipe: line {number} is not 'setting = value' (a "
-                              f"recipe has no tables, dotted keys, arrays or lines over {MAX_RECIPE_LINE} characters)")
+                              f"recipe has no tables, dotted keys, nested arrays or other lines over "
+                              f"{MAX_RECIPE_LINE} characters)")
 
 
 def _over(base: Recipe | None, values: dict[str, Any], source: str) -> Recipe:

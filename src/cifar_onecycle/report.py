@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .augment import CIFAR10_MEAN, CIFAR10_STD, augment_batch, normalize, pad_reflect
+from .augment import CIFAR10_NORMALIZATION, Normalization, augment_batch, normalize, pad_reflect
 from .data import CLASSES
 from .files import atomic_write
 from .recipe import Recipe
@@ -127,16 +127,25 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classe
     return torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
+DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "folder": "A folder of images"}
+# Beyond this many classes the cells are too small to hold their counts; the colours still show them.
+CONFUSION_COUNTS_UP_TO = 20
+
+
 def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any = None) -> Any:
-    """The confusion matrix with counts in the cells and per-class accuracy in the row labels."""
-    ax = ax if ax is not None else new_axes((7.5, 6.5))
+    """The confusion matrix with per-class accuracy in the row labels, and counts in the cells up to
+    ``CONFUSION_COUNTS_UP_TO`` classes (the figure and its labels scale with the classes)."""
+    n = len(classes)
+    side = 6.5 if n <= CONFUSION_COUNTS_UP_TO else min(6.5 + 0.12 * n, 30.0)
+    ax = ax if ax is not None else new_axes((side + 1, side))
     ax.imshow(cm.numpy(), cmap="Blues")
     acc = (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), [f"{c} ({100 * a:.1f}%)" for c, a in zip(classes, acc, strict=False)])
+    font = 8 if n <= CONFUSION_COUNTS_UP_TO else max(3, min(8, 600 / n))
+    ax.set_xticks(range(n), classes, rotation=45 if n <= CONFUSION_COUNTS_UP_TO else 90, ha="right", fontsize=font)
+    ax.set_yticks(range(n), [f"{c} ({100 * a:.1f}%)" for c, a in zip(classes, acc, strict=False)], fontsize=font)
     high = cm.max().item() / 2
-    for i in range(len(classes)):
-        for j in range(len(classes)):
+    for i in range(n if n <= CONFUSION_COUNTS_UP_TO else 0):
+        for j in range(n):
             ax.text(j, i, str(cm[i, j].item()), ha="center", va="center", fontsize=8,
                     color="white" if cm[i, j] > high else "black")
     ax.set(title="Confusion matrix (test set)", xlabel="predicted class", ylabel="true class (accuracy)")
@@ -145,14 +154,16 @@ def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any =
 
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500,
-                          precision: str = "fp32", channels_last: bool = True) -> torch.Tensor:
+                          precision: str = "fp32", channels_last: bool = True,
+                          normalization: Normalization = CIFAR10_NORMALIZATION) -> torch.Tensor:
     """Softmax probabilities [N, classes] (fp32, on the CPU) for uint8 NCHW images, computed in
     ``precision`` as evaluation computes them (``evaluation.logits_of``)."""
     from .evaluation import logits_of
 
     model.eval()
     device = next(model.parameters()).device
-    out = [F.softmax(logits_of(model, images[i:i + batch_size].to(device), precision, channels_last), 1).cpu()
+    out = [F.softmax(logits_of(model, images[i:i + batch_size].to(device), precision, channels_last,
+                               normalization), 1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
@@ -186,10 +197,10 @@ def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor,
     return (cam / peak).clamp(0, 1).detach()
 
 
-def to_display(x: torch.Tensor) -> torch.Tensor:
+def to_display(x: torch.Tensor, normalization: Normalization = CIFAR10_NORMALIZATION) -> torch.Tensor:
     """Normalised float NCHW back to real colours, [N, H, W, 3] in [0, 1]."""
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization[0], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization[1], device=x.device).view(1, 3, 1, 1)
     return (x.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
@@ -222,16 +233,17 @@ def most_confident_mistakes(probabilities: torch.Tensor, labels: torch.Tensor) -
 
 def plot_misclassified(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, count: int = MISCLASSIFIED,
                        classes: Sequence[str] = CLASSES, probabilities: torch.Tensor | None = None,
-                       fig: Any = None) -> Any:
+                       fig: Any = None, normalization: Normalization = CIFAR10_NORMALIZATION) -> Any:
     """The ``count`` most confident mistakes of ``model`` on uint8 ``images``, in real colours, with
     true class, predicted class and confidence; returns the figure (``probabilities``: the model's,
     when already computed)."""
-    probs = probabilities if probabilities is not None else predict_probabilities(model, images)
+    probs = probabilities if probabilities is not None else predict_probabilities(
+        model, images, normalization=normalization)
     confidence, predicted = probs.max(1)
     labels = labels.cpu()
     wrong = most_confident_mistakes(probs, labels)
     shown = wrong[:count]
-    real = to_display(normalize(images[shown.to(images.device)]))
+    real = images[shown.to(images.device)].float().div(255).permute(0, 2, 3, 1).cpu()
     return image_grid(real, [f"true: {classes[int(labels[i])]}\npred: {classes[int(predicted[i])]} "
                              f"({100 * confidence[i]:.0f}%)"
                              for i in shown.tolist()],
@@ -239,21 +251,23 @@ def plot_misclassified(model: torch.nn.Module, images: torch.Tensor, labels: tor
 
 
 def plot_gradcam(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, count: int = GRADCAM,
-                 classes: Sequence[str] = CLASSES, probabilities: torch.Tensor | None = None, fig: Any = None) -> Any:
+                 classes: Sequence[str] = CLASSES, probabilities: torch.Tensor | None = None, fig: Any = None,
+                 normalization: Normalization = CIFAR10_NORMALIZATION) -> Any:
     """Grad-CAM at the last residual block (layer 3) for the ``count`` most confident mistakes, over
     the images; returns the figure."""
     from .model import ResNet9
 
-    probs = probabilities if probabilities is not None else predict_probabilities(model, images)
+    probs = probabilities if probabilities is not None else predict_probabilities(
+        model, images, normalization=normalization)
     predicted = probs.argmax(1)
     labels = labels.cpu()
     shown = most_confident_mistakes(probs, labels)[:count]
     device = next(model.parameters()).device
-    x = normalize(images[shown.to(images.device)].to(device))
+    x = normalize(images[shown.to(images.device)].to(device), normalization=normalization)
     layer = model.layer3 if isinstance(model, ResNet9) else list(model.children())[-1]
     cams = grad_cam(model, layer, x).cpu()
-    return image_grid(to_display(x), [f"pred: {classes[int(predicted[i])]}\ntrue: {classes[int(labels[i])]}"
-                                      for i in shown.tolist()],
+    return image_grid(to_display(x, normalization),
+                      [f"pred: {classes[int(predicted[i])]}\ntrue: {classes[int(labels[i])]}" for i in shown.tolist()],
                       ncols=4, title="Grad-CAM at the last residual block (layer 3), for the predicted class",
                       overlays=cams, fig=fig)
 
@@ -271,8 +285,8 @@ def plot_augmentation(recipe: Recipe, train_images: torch.Tensor, count: int = 2
     g = torch.Generator(device=train_images.device).manual_seed(recipe.seed)
     sample = pad_reflect(train_images[:count], recipe.padding)
     aug = augment_batch(sample, crop=recipe.crop, padding=recipe.padding, flip=recipe.flip,
-                        cutout_size=recipe.hole_size, generator=g)
-    return image_grid(to_display(aug), [""] * len(aug),
+                        cutout_size=recipe.hole_size, generator=g, normalization=recipe.normalization)
+    return image_grid(to_display(aug, recipe.normalization), [""] * len(aug),
                       title="Training images after " + ", ".join(augmentation_steps(recipe) or ["nothing"]), fig=fig)
 
 
@@ -447,8 +461,7 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
 
 def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, history: Sequence[Any],
                  summary: dict[str, Any], test_images: torch.Tensor, test_labels: torch.Tensor,
-                 train_images: torch.Tensor, steps_per_epoch: int, precision: str = "fp32",
-                 classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+                 train_images: torch.Tensor, steps_per_epoch: int, precision: str = "fp32") -> dict[str, Any]:
     """Write every picture and report.md into ``run_dir``; return summary.json's contents with the
     per-class accuracy added (the caller writes summary.json: ``RunFolder.write_summary``).
     ``precision``: the run's evaluation's, so that the mistakes and the confusion matrix count what
@@ -460,13 +473,15 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     save_png(plot_curves(history), run_dir / "curves.png")
     save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
 
-    probs = predict_probabilities(model, test_images, recipe.eval_batch_size, precision, recipe.channels_last)
+    classes, normalization = recipe.class_names, recipe.normalization
+    probs = predict_probabilities(model, test_images, recipe.eval_batch_size, precision, recipe.channels_last,
+                                  normalization)
     cm = confusion_matrix(test_labels.cpu(), probs.argmax(1), len(classes))
     save_png(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
     save_png(plot_misclassified(model, test_images, test_labels, classes=classes, probabilities=probs),
              run_dir / "misclassified.png")
-    save_png(plot_gradcam(model, test_images, test_labels, classes=classes, probabilities=probs),
-             run_dir / "gradcam.png")
+    save_png(plot_gradcam(model, test_images, test_labels, classes=classes, probabilities=probs,
+                          normalization=normalization), run_dir / "gradcam.png")
     save_png(plot_augmentation(recipe, train_images), run_dir / "augment.png")
     steps = augmentation_steps(recipe)
 
@@ -506,7 +521,7 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         return f" (found by the {sweep} LR range test, {found[name + '_rule']} rule)"
 
     lines = [
-        "# CIFAR-10 with the One Cycle policy", "",
+        f"# {DATASET_TITLES.get(recipe.dataset, recipe.dataset)} with the One Cycle policy", "",
         "## Model", "", "```", table, "```", "",
         f"{summary.get('parameters', 6573130):,} parameters.", "",
         "## One Cycle policy", "",

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .augment import DRAW_COLUMNS, draw_augmentation, epoch_batches, pad_reflect
-from .data import Cifar10
+from .data import LabelledImages
+from .datasets import fit_recipe
 from .device import augment_at_once, autocast, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA, refresh_batchnorm
@@ -30,7 +31,7 @@ class RunSetup:
     """Everything a run trains with, on its device."""
 
     recipe: Recipe
-    data: Cifar10                # as given, on the CPU
+    data: LabelledImages                # as given, on the CPU
     device: torch.device
     precision: str
     train_images: torch.Tensor   # uint8, already padded for the crop
@@ -120,7 +121,8 @@ class RunSetup:
                              padding=recipe.padding, flip=recipe.flip, cutout_size=recipe.hole_size, order=order,
                              draws=draws, start=start, rank=self.dist.rank, world=self.dist.world,
                              memory_format=recipe.memory_format,
-                             batches_at_once=augment_at_once(self.device, recipe.batch_size, self.augment_images))
+                             batches_at_once=augment_at_once(self.device, recipe.batch_size, self.augment_images),
+                             normalization=recipe.normalization)
 
     def autocast(self) -> torch.autocast:
         return autocast(self.device, self.precision)
@@ -149,10 +151,11 @@ class RunSetup:
             model = self.step_model if self.dist.world == 1 else self.model
         return evaluate_sharded(model, images, labels, batch_size=self.recipe.eval_batch_size,
                                  precision=self.precision, channels_last=self.recipe.channels_last, dist=self.dist,
-                                 tta=tta, tta_translate=self.recipe.tta_translate, stop=stop)
+                                 tta=tta, tta_translate=self.recipe.tta_translate, stop=stop,
+                                 normalization=self.recipe.normalization)
 
 
-def training_split(recipe: Recipe, data: Cifar10) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+def training_split(recipe: Recipe, data: LabelledImages) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
     """(the training images the recipe trains on, the held-out ones or None) as indices into the
     data's training set; refuse a holdout, subset or batch the data cannot give."""
     held: torch.Tensor | None = None
@@ -173,7 +176,8 @@ def training_split(recipe: Recipe, data: Cifar10) -> tuple[torch.Tensor | slice,
     return kept[:n_train] if isinstance(kept, torch.Tensor) else slice(n_train), held
 
 
-def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None, augment_images: int | None = None) -> RunSetup:
+def setup_run(recipe: Recipe, data: LabelledImages, dist: Dist | None = None,
+              augment_images: int | None = None) -> RunSetup:
     """Check that the recipe can run here on this data, move the data to the device and build the
     model, optimizer and generators, seeded from the recipe. ``augment_images``: how many images a
     GPU augments at once (``device.augment_at_once``; the batches are the same whatever it is).
@@ -184,6 +188,7 @@ def setup_run(recipe: Recipe, data: Cifar10, dist: Dist | None = None, augment_i
     dist = dist or Dist()
     device, precision = resolve_placement(recipe)
     kept, held = training_split(recipe, data)
+    recipe = fit_recipe(recipe, data, data.train_images[kept])  # the data's classes and statistics, recorded
     check_batch(recipe.batch_size, dist)
     if recipe.sync_bn and dist.world > 1 and device.type != "cuda":
         raise UserError(f"{as_setting('sync_bn')} needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); leave it "

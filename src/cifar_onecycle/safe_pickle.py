@@ -43,11 +43,18 @@ class Damaged(Exception):
     """The stream is truncated or corrupt (pickle's own error, in one line)."""
 
 
+# A CIFAR file takes about 3 opcodes and 2 memo entries a row (a label, a file name); the caps allow
+# 20 and 10, and never less than for 10,000 rows.
+OPCODES_PER_ROW, MEMO_PER_ROW = 20, 10
+
+
 def safe_loads(data: bytes, max_rows: int) -> Any:
-    """Unpickle ``data``: ``scan_pickle``, then ``RestrictedUnpickler`` with arrays of at most
-    ``max_rows`` rows (Python 2 strings come back as bytes)."""
+    """Unpickle ``data``: ``scan_pickle`` (its caps scaled to ``max_rows``), then
+    ``RestrictedUnpickler`` with arrays of at most ``max_rows`` rows (Python 2 strings come back as
+    bytes)."""
+    rows = max(max_rows, 10_000)
     try:
-        scan_pickle(data)
+        scan_pickle(data, OPCODES_PER_ROW * rows, MEMO_PER_ROW * rows)
         return RestrictedUnpickler(io.BytesIO(data), max_rows=max_rows, encoding="bytes").load()
     except Refused:
         raise

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import Cifar10, recorded_data_dir
+from .data import LabelledImages, recorded_data_dir
 from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted, UserError, as_setting
@@ -83,7 +83,7 @@ def check_seed_range(first: int, count: int) -> None:
 
 def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path | None = None,
                 overwrite: bool = False, resume: str | Path | None = None, data_dir: str | Path | None = None,
-                download: bool = True, data: Cifar10 | None = None, progress: bool = True,
+                download: bool = True, data: LabelledImages | None = None, progress: bool = True,
                 **train_args: Any) -> SeedsResult:
     """Train ``recipe`` with seeds ``recipe.seed`` .. ``recipe.seed + seeds - 1``, one after another.
 
@@ -110,7 +110,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     # Read once for all the runs, and before any folder is made: a missing data set leaves nothing.
     if data is None:
         data_dir = data_folder(data_dir, None)
-        data = load_data(data_dir, download, progress, signals_for_tests())
+        data = load_data(recipe, data_dir, download, progress, signals_for_tests())
     training_split(recipe, data)
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
     if out is not None and resume is None and main:

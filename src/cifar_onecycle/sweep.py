@@ -41,7 +41,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT
-from .data import Cifar10
+from .data import LabelledImages
 from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
@@ -57,6 +57,8 @@ AUTO = "auto"
 AUTO_SETTINGS = ("lr_max", "lr_min")   # the settings the LR range test can find
 LOG_SETTINGS = ("lr_max", "lr_min", "weight_decay")  # drawn on a log axis
 NOT_VARIED = ("seed",)                 # the seeds are the sweep's other dimension
+# The data is read once for the whole sweep: what decides it is the same at every point.
+DATA_SETTINGS = ("dataset", "skip_bad_images", "classes", "mean", "std")
 # A plan may come from someone else's folder: it must not decide how much work or memory a sweep takes.
 MAX_RUNS = 10_000
 ACCURACIES = ("final_val_acc", "final_val_acc_tta", "final_test_acc", "final_test_acc_tta")
@@ -190,6 +192,9 @@ class Plan:
         for setting, values in self.vary.items():
             if setting not in KINDS:
                 raise UserError(f"{as_setting('vary')}: unknown setting {setting!r}")
+            if setting in DATA_SETTINGS:
+                raise UserError(f"{as_setting('vary')}: {setting} is not varied: a sweep reads its data once; run a "
+                                f"sweep for each data set")
             if setting in NOT_VARIED:
                 raise UserError(f"{as_setting('vary')}: seed is not varied: every point trains the same seeds, from "
                                 f"the recipe's "
@@ -421,7 +426,7 @@ def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOpti
 
 def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
           out: str | Path, baseline: Mapping[str, Any] | None = None, data_dir: str | Path | None = None,
-          download: bool = True, data: Cifar10 | None = None, progress: bool = True, workers: int = 1,
+          download: bool = True, data: LabelledImages | None = None, progress: bool = True, workers: int = 1,
           report: bool = False, checkpoints: bool = True, tensorboard: bool = False,
           print_commands: bool = False) -> SweepResult:
     """Train ``recipe`` at every point of the grid ``vary`` ({setting: values}; ``"auto"`` for
@@ -449,7 +454,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     data_dir = data_folder(data_dir, data)
     if not print_commands:  # with workers the data is read here too, once, to check the grid against it
         if data is None:
-            data = load_data(data_dir, download, progress, signals_for_tests())
+            data = load_data(base, data_dir, download, progress, signals_for_tests())
         for point in plan.points:  # a holdout or subset the data cannot give: refused before any folder
             training_split(point.recipe(base, plan.first_seed), data)
     folder = SweepFolder(out)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import Cifar10, download_bar, load_cifar10, recorded_data_dir
+from .data import LabelledImages, recorded_data_dir
+from .datasets import load_dataset
 from .device import resolve_placement, sync_every, synchronize
 from .distributed import Dist, all_reduce_sum, init_distributed
 from .errors import DivergenceError, NoLRFound, UserError, as_setting
@@ -51,7 +52,7 @@ class RunOptions:
     augment_images: int | None = None
 
 
-def train(recipe: Recipe | None = None, *, data: Cifar10 | None = None, data_dir: str | Path | None = None,
+def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, data_dir: str | Path | None = None,
           download: bool = True, out: str | Path | None = None, overwrite: bool = False,
           resume: str | Path | None = None, progress: bool = True, report: bool = True, tensorboard: bool = False,
           checkpoints: bool = True, find_lr_max: bool = False, find_lr_min: bool = False,
@@ -115,7 +116,8 @@ def train(recipe: Recipe | None = None, *, data: Cifar10 | None = None, data_dir
     return TrainResult(recipe, state.history, summary, setup.delivered_model, folder.path if folder else None)
 
 
-def train_folder(run_dir: str | Path | None, recipe: Recipe, data: Cifar10 | None, options: RunOptions) -> TrainResult:
+def train_folder(run_dir: str | Path | None, recipe: Recipe, data: LabelledImages | None,
+                 options: RunOptions) -> TrainResult:
     """Take the run folder ``run_dir`` to its end, for callers that train many (several seeds, a
     sweep): resumed from its checkpoint when it has one, else ``recipe`` started there afresh (a
     folder that a run killed before its first checkpoint left is started again). None: a run
@@ -125,8 +127,8 @@ def train_folder(run_dir: str | Path | None, recipe: Recipe, data: Cifar10 | Non
     return train(recipe, data=data, **asdict(replace(options, out=run_dir, overwrite=True, resume=None)))
 
 
-def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, dist: Dist, test_signals: TestSignals,
-              started: float) -> tuple[RunSetup, TrainState, RunFolder | None]:
+def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages | None, dist: Dist,
+              test_signals: TestSignals, started: float) -> tuple[RunSetup, TrainState, RunFolder | None]:
     """The run's setup, its state (restored from the checkpoint when resuming) and its folder (rank
     0's only). Nothing is written before the data and the recipe pass every check: a bad input leaves
     no half-made run folder."""
@@ -150,7 +152,7 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, 
         if data_dir is None and data is None and checkpoint.get("data_dir") is not None:
             data_dir, download = recorded_data_dir(checkpoint["data_dir"], folder.path / CHECKPOINT), False
         data_dir = data_folder(data_dir, data)
-        data = data if data is not None else load_data(data_dir, download, progress, test_signals)
+        data = data if data is not None else load_data(saved, data_dir, download, progress, test_signals)
         setup = setup_run(saved, data, dist, options.augment_images)
         with damaged_checkpoint(folder):
             state = TrainState.from_checkpoint(checkpoint, setup, started)
@@ -159,7 +161,7 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, 
     recipe = recipe or Recipe()
     resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     data_dir = data_folder(options.data_dir, data)
-    data = data if data is not None else load_data(data_dir, options.download, progress, test_signals)
+    data = data if data is not None else load_data(recipe, data_dir, options.download, progress, test_signals)
     setup = setup_run(recipe, data, dist, options.augment_images)
     folder = RunFolder.create(options.out, options.overwrite) if options.out is not None and dist.main else None
     lr_found = None
@@ -175,7 +177,7 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: Cifar10 | None, 
         # as a run started with the found values written out.
         setup = setup_run(recipe, setup.data, dist, options.augment_images)
     if folder:
-        folder.write_recipe(recipe)
+        folder.write_recipe(setup.recipe)
     return setup, TrainState(lr_found=lr_found, data_dir=data_dir, started=started), folder
 
 
@@ -327,10 +329,15 @@ def run_device(recipe: Recipe | None, resume: str | Path | None) -> str:
     return recipe.device if recipe else "auto"
 
 
-def load_data(data_dir: str | None, download: bool, progress: bool, test_signals: TestSignals) -> Cifar10:
-    """The data set from ``data_dir`` (default ./data), with a download bar when ``progress``."""
+def load_data(recipe: Recipe, data_dir: str | None, download: bool, progress: bool,
+              test_signals: TestSignals) -> LabelledImages:
+    """The recipe's data set from ``data_dir`` (default ./data), with a download bar when
+    ``progress``, and a line saying how many images ``skip_bad_images`` left out."""
     send_test_signals(test_signals, "load")
-    return load_cifar10(data_dir or "data", download=download, progress=download_bar() if progress else None)
+    data = load_dataset(recipe, data_dir or "data", download=download, progress=progress)
+    if data.skipped and progress:
+        tqdm.write(f"skipped {len(data.skipped)} image(s) that cannot be read (the first: {data.skipped[0]})")
+    return data
 
 
 @contextlib.contextmanager
@@ -346,13 +353,14 @@ def damaged_checkpoint(folder: RunFolder) -> Iterator[None]:
 
 def check_same_recipe(recipe: Recipe, saved: Recipe, run_dir: Path) -> None:
     """A resumed run keeps its own recipe: refuse a ``recipe`` that differs, naming the first change."""
-    changed = [k for k, v in recipe.to_dict().items() if getattr(saved, k) != v]
+    changed = [k for k, v in recipe.to_dict().items()  # a data setting left to the data is the saved one
+               if getattr(saved, k) != v and not (k in ("classes", "mean", "std") and v is None)]
     if changed:
         raise UserError(f"{as_setting('resume')} {run_dir}: the run's own recipe is used; {changed[0]} would change "
                         f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}")
 
 
-def data_folder(given: str | Path | None, data: Cifar10 | None) -> str | None:
+def data_folder(given: str | Path | None, data: LabelledImages | None) -> str | None:
     """The data folder a run records, as an absolute path: the one given, else ./data; None for data
     given in memory only. ``abspath``, not ``resolve``: it touches no file, so a folder that cannot be
     read fails in the data loader, which says so, rather than here with a traceback."""
