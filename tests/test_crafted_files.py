@@ -387,6 +387,8 @@ def build_cases(root: Path, data: Path, stopped: Path, checkpoint: dict) -> list
     c.folder_case("bomb-image", "x.png: not an image Pillow can read (DecompressionBombError)",
                   image=png_declaring(100_000, 100_000))
     c.folder_case("cache-header-of-2**62", "", cache=(2**62).to_bytes(8, "little") + b"{}", code=0)
+    header = b'{"__metadata__": [1]}'
+    c.folder_case("cache-metadata-a-list", "", cache=len(header).to_bytes(8, "little") + header, code=0)
     c.folder_case("cache-nested", "", cache=(200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000,
                   code=0)
 

@@ -199,7 +199,7 @@ def _read_cache(root: Path, fingerprint: str, listings: dict[str, Listing],
                 return None
         if sum(len(tensors[f"{s}_labels"]) for s in SPLITS) + len(skipped) != sum(counts.values()):
             return None
-    except (OSError, UserError, ValueError, KeyError, TypeError, SafetensorError, UnicodeDecodeError):
-        return None
+    except (OSError, UserError, ValueError, KeyError, TypeError, AttributeError, SafetensorError, UnicodeDecodeError):
+        return None  # whatever is wrong with it, the folder itself is the truth
     return LabelledImages(tensors["train_images"], tensors["train_labels"], tensors["test_images"],
                           tensors["test_labels"], classes, tuple(str(s) for s in skipped))

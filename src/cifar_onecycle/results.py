@@ -152,7 +152,7 @@ def history_from_rows(rows: list[Any]) -> list[EpochMetrics]:
 # What a run's summary.json holds, by kind, for ``check_run_summary``; keys with "_acc" in their
 # name are accuracies (fractions), other keys may hold any plain JSON value.
 _SUMMARY_COUNTS = ("steps_per_epoch", "epochs", "best_epoch", "train_images", "test_images", "val_images", "parameters",
-                   "classes", "skipped_images")
+                   "num_classes", "skipped_images")
 _SUMMARY_REALS = ("total_seconds", "lr_min", "lr_max", "final_test_loss", "final_val_loss")
 _SUMMARY_TEXTS = ("device", "precision", "torch", "cifar_onecycle", "git_commit", "data_dir", "dataset")
 _SUMMARY_REQUIRED = ("final_test_acc", "total_seconds", "steps_per_epoch")
@@ -237,6 +237,6 @@ def run_summary(setup: RunSetup, history: list[EpochMetrics], lr_found: dict | N
         "git_commit": commit,
         "data_dir": data_dir,
         "dataset": recipe.dataset,
-        "classes": len(recipe.class_names),
+        "num_classes": len(recipe.class_names),
         "skipped_images": len(setup.data.skipped),
     }
