@@ -152,6 +152,7 @@ def test_a_folder_of_mixed_sizes_modes_and_formats_reads_as_a_viewer_shows_it(tm
     ("bad-file", "0.png: not an image Pillow can read"),
     ("one-class", "1 class folders; give 2"),
     ("no-test", "no test/ folder"),
+    ("name-not-utf8", "has a name that is not UTF-8"),
 ])
 def test_a_folder_that_cannot_be_a_data_set_is_one_line(tmp_path, capsys, case, message):
     root = folder(tmp_path / "d", classes=("cat", "dog", "owl"), test_classes=("cat", "dog"))
@@ -166,12 +167,15 @@ def test_a_folder_that_cannot_be_a_data_set_is_one_line(tmp_path, capsys, case, 
         (root / "train" / "owl" / "0.png").write_bytes(b"not a png at all")
     elif case == "one-class":
         root = folder(tmp_path / "e", classes=("cat",))
+    elif case == "name-not-utf8":  # a Linux file name may be any bytes; recipe.toml is UTF-8
+        root = folder(tmp_path / "g", classes=("cat", "dog", "owl\udcff"))
     else:
         root = tmp_path / "f"
         image(root / "train" / "a" / "0.png")
         image(root / "train" / "b" / "0.png")
     assert main(["train", "--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run"),
-                 "--quiet"]) == 2
+                 "--quiet", "--batch-size", "2", "--eval-batch-size", "8", "--epochs", "1", "--peak-epoch", "1",
+                 "--device", "cpu", "--no-report"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()

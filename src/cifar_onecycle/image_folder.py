@@ -69,6 +69,12 @@ def list_split(root: Path, split: str) -> Listing:
         raise DatasetError(f"{base}: {len(classes)} class folders; give 2 to {MAX_CLASSES:,}")
     if any(len(c) > MAX_CLASS_NAME for c in classes):
         raise DatasetError(f"{base}: a class folder's name is over {MAX_CLASS_NAME} characters")
+    for c in classes:  # the names go into recipe.toml and the weights' metadata, which are UTF-8
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DatasetError(f"{base}: the class folder {c.encode('utf-8', 'surrogateescape')!r} has a name that "
+                               f"is not UTF-8; rename it") from None
     files: list[tuple[Path, int, int, int]] = []
     for label, name in enumerate(classes):
         found = []
