@@ -250,6 +250,25 @@ def test_a_folder_run_is_named_by_its_recipe_in_evaluate_report_and_predict(tmp_
     assert "its 3 classes are not the model's 3 (label 0: bat here, cat in the model)" in err
 
 
+def test_a_folder_run_resumes_bit_for_bit_and_sweeps_with_its_holdout(tmp_path, monkeypatch):
+    from cifar_onecycle import sweep
+    from cifar_onecycle.errors import Interrupted
+
+    root = folder(tmp_path / "d", classes=("cat", "dog", "owl"), per_class=12)
+    recipe = TINY.replace(dataset="folder", epochs=2, batch_size=6, eval_batch_size=30)
+    whole = train(recipe, data_dir=root, out=tmp_path / "whole", progress=False, report=False)
+    monkeypatch.setenv("CIFAR_ONECYCLE_TEST_SIGNALS", "SIGTERM@7")
+    with pytest.raises(Interrupted):
+        train(recipe, data_dir=root, out=tmp_path / "cut", progress=False, report=False)
+    monkeypatch.delenv("CIFAR_ONECYCLE_TEST_SIGNALS")
+    resumed = train(resume=tmp_path / "cut", progress=False, report=False)  # the folder recorded in the checkpoint
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in whole.history]
+    assert resumed.recipe == whole.recipe and resumed.recipe.classes == ("cat", "dog", "owl")
+    result = sweep(recipe.replace(epochs=1, holdout=6), {"lr_max": [0.01, 0.02]}, out=tmp_path / "sweep",
+                   data_dir=root, progress=False)
+    assert len(result.rows) == 2 and all(row["final_val_acc"] is not None for row in result.rows)
+
+
 def test_the_confusion_matrix_drops_its_counts_beyond_20_classes():
     for n, texts in ((10, 100), (100, 0)):
         cm = torch.randint(0, 5, (n, n))
