@@ -14,13 +14,12 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .recipe import CIFAR10_MEAN, CIFAR10_STD
+from .recipe import CIFAR10_MEAN, CIFAR10_STD, Normalization
 
 # Per-channel mean and std of the 50,000 original CIFAR-10 training images (0-1 scale; the
 # recipe's constants). Fixed rather than statistics of whatever copy is loaded, so a weights file
 # evaluates the same on any copy of the data set; other sources' are computed once and recorded in
 # the recipe. The CutOut fill (the mean) is exactly 0 after normalisation.
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, 0..1
 CIFAR10_NORMALIZATION: Normalization = (CIFAR10_MEAN, CIFAR10_STD)
 # The columns of an augmentation draw: the crop's offset (dy, dx), the flip (0 or 1), the hole's
 # corner (y, x).

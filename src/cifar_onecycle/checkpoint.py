@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import UserError
-from .files import MAX_CHECKPOINT_BYTES, MAX_WEIGHTS_BYTES, atomic_write, parse_json, read_capped
+from .files import MAX_CHECKPOINT_BYTES, MAX_WEIGHTS_BYTES, atomic_write, parse_json, read_capped, safetensors_metadata
 from .model import ResNet9
 from .recipe import Recipe, RecipeError
 from .safe_pickle import Refused, scan_pickle
@@ -43,7 +43,7 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
     raw = _read(path, "weights", f"give a run folder or its {WEIGHTS}", MAX_WEIGHTS_BYTES)
     try:
         tensors = st_load(raw)
-        meta = _metadata(raw)
+        meta = safetensors_metadata(raw)
     except (SafetensorError, ValueError, OSError) as e:
         raise UserError(f"{path}: not a safetensors weights file ({e})") from None
     try:
@@ -55,12 +55,6 @@ def load_weights(path: str | Path) -> tuple[ResNet9, Recipe]:
     _check_fits(model, tensors, path)
     model.load_state_dict(tensors)
     return model, recipe
-
-
-def _metadata(raw: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file: its header is 8 bytes of length, then JSON."""
-    n = int.from_bytes(raw[:8], "little")
-    return parse_json(raw[8:8 + n]).get("__metadata__") or {}
 
 
 CHECKPOINT = "checkpoint.pt"

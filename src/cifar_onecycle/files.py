@@ -124,6 +124,13 @@ def parse_json(text: str | bytes) -> Any:
     return json.loads(text, parse_int=integer)
 
 
+def safetensors_metadata(raw: bytes) -> Any:
+    """The ``__metadata__`` of a safetensors file's bytes ({} when there is none): the header is 8
+    bytes of length, then JSON, read by ``parse_json``."""
+    n = int.from_bytes(raw[:8], "little")
+    return parse_json(raw[8:8 + n]).get("__metadata__") or {}
+
+
 def check_plain(value: Any, what: str, depth: int = 0) -> None:
     """A ``ValueError`` unless ``value`` is what JSON holds (None, booleans, strings, finite numbers,
     lists, and dicts with string keys), nested at most ``MAX_JSON_DEPTH`` deep: for values read

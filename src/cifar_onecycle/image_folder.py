@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 
 from .data import LabelledImages
 from .errors import DatasetError, UserError, WriteError, as_setting
-from .files import atomic_write, parse_json, read_capped
+from .files import atomic_write, parse_json, read_capped, safetensors_metadata
 from .images import SIZE, load_image
 from .recipe import MAX_CLASS_NAME, MAX_CLASSES
 
@@ -188,7 +188,7 @@ def _read_cache(root: Path, fingerprint: str, listings: dict[str, Listing],
     limit = sum(counts.values()) * (3 * SIZE * SIZE + 8) + 16 * 2**20  # the tensors, and a header of names
     try:
         raw = read_capped(root / CACHE, limit, "cache of this folder", "rebuilding it")
-        header = parse_json(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+        header = safetensors_metadata(raw)
         if header.get("format") != CACHE_FORMAT or header.get("fingerprint") != fingerprint:
             return None
         skipped = parse_json(header["skipped"])

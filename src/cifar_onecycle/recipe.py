@@ -49,6 +49,7 @@ DATASETS = ("cifar10", "cifar100", "folder")
 # their training images when a run starts, and recorded in the recipe.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, 0..1
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # CIFAR-100's fine labels in label order (its meta file's fine_label_names, alphabetical).
 CIFAR100_CLASSES = (
@@ -255,7 +256,7 @@ class Recipe:
         raise RecipeError("recipe: a folder's classes are not recorded in this recipe; train on the folder first")
 
     @property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def normalization(self) -> Normalization:
         """(mean, std) per channel, 0..1, that inputs are standardised with: the recorded ones, else
         CIFAR-10's constants for CIFAR-10."""
         if self.mean is not None and self.std is not None:

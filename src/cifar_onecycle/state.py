@@ -69,10 +69,11 @@ class TrainState:
             "data_dir": self.data_dir}
 
     @staticmethod
-    def check_checkpoint(checkpoint: dict[str, Any], epochs: int) -> None:
+    def check_checkpoint(checkpoint: dict[str, Any], epochs: int) -> list[EpochMetrics]:
         """Refuse a checkpoint whose position and bookkeeping are not what ``to_checkpoint`` writes
         for a run of ``epochs`` epochs (a damaged or edited file): a ``ValueError`` saying what.
-        Everything a resume reads without the run's setup is checked here, by type and range."""
+        Everything a resume reads without the run's setup is checked here, by type and range.
+        Returns the checked history."""
         number, optional = (int, float), type(None)
         kinds: dict[str, type | tuple[type, ...]] = {
             "epoch": int, "batch": int, "loss_sum": number, "correct": int, "epoch_seconds": number, "elapsed": number,
@@ -89,8 +90,8 @@ class TrainState:
                 raise ValueError(f"{key} {checkpoint[key]} is not a finite number >= 0")
         if len(checkpoint["history"]) != checkpoint["epoch"]:
             raise ValueError(f"{len(checkpoint['history'])} history rows for {checkpoint['epoch']} epochs")
-        history_from_rows(checkpoint["history"])
         check_plain(checkpoint["lr_found"], "lr_found")
+        return history_from_rows(checkpoint["history"])
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], setup: RunSetup,
@@ -100,7 +101,7 @@ class TrainState:
         by ``time.perf_counter``; default now). A checkpoint that does not fit the run (a damaged
         or edited file) raises ``ValueError``, before anything is loaded where it can."""
         checkpoint = from_before_draws(checkpoint)
-        cls.check_checkpoint(checkpoint, setup.recipe.epochs)
+        history = cls.check_checkpoint(checkpoint, setup.recipe.epochs)
         order, batch, images = checkpoint["order"], checkpoint["batch"], len(setup.train_images)
         if not 0 <= checkpoint["correct"] <= images:
             raise ValueError(f"correct {short_number(checkpoint['correct'])} is not a count of {images} images")
@@ -138,7 +139,7 @@ class TrainState:
         return cls(epoch=checkpoint["epoch"], batch=batch, order=order.to(setup.device) if order is not None else None,
                    draws=draws.to(setup.device) if draws is not None else None,
                    loss_sum=checkpoint["loss_sum"] if main else 0.0, correct=checkpoint["correct"] if main else 0,
-                   epoch_seconds=checkpoint["epoch_seconds"], history=history_from_rows(checkpoint["history"]),
+                   epoch_seconds=checkpoint["epoch_seconds"], history=history,
                    elapsed=checkpoint["elapsed"], lr_found=checkpoint["lr_found"], data_dir=checkpoint["data_dir"],
                    started=time.perf_counter() if started is None else started)
 
