@@ -22,7 +22,7 @@ from .distributed import init_distributed
 from .errors import Interrupted, UserError, as_setting
 from .recipe import SEEDS_END, Recipe
 from .run_folder import SEEDS, SUMMARY, RunFolder
-from .run_setup import training_split
+from .run_setup import fit_to_data
 from .signals import signals_for_tests
 from .training import RunOptions, check_same_recipe, data_folder, load_data, train_folder
 
@@ -111,7 +111,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     if data is None:
         data_dir = data_folder(data_dir, None)
         data = load_data(recipe, data_dir, download, progress, signals_for_tests())
-    training_split(recipe, data)
+    fitted = fit_to_data(recipe, data)  # the data's statistics, once for all the seeds
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
     if out is not None and resume is None and main:
         folder = RunFolder.create(out, overwrite)
@@ -128,7 +128,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         if progress and main:
             tqdm.write(f"seed {seed} ({i} of {count})")
         try:
-            result = train_folder(run.path if run else None, recipe.replace(seed=seed), data, options)
+            result = train_folder(run.path if run else None, fitted.replace(seed=seed), data, options)
         except Interrupted as e:
             if folder is None:
                 raise

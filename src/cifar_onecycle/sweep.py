@@ -47,7 +47,7 @@ from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserEr
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import Recipe, load_recipe
 from .run_folder import FAILED, SUMMARY, RunFolder
-from .run_setup import training_split
+from .run_setup import fit_to_data
 from .seeds import check_seed_range
 from .signals import StopSignals, signals_for_tests
 from .training import RunOptions, data_folder, load_data, train_folder
@@ -452,11 +452,18 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
         raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
     resolve_placement(base)  # a device this machine lacks: refused before loading anything
     data_dir = data_folder(data_dir, data)
+    # A point's data settings (classes, mean, std), fitted once for each split the grid holds.
+    data_settings: dict[Point, dict[str, Any]] = {}
     if not print_commands:  # with workers the data is read here too, once, to check the grid against it
         if data is None:
             data = load_data(base, data_dir, download, progress, signals_for_tests())
+        by_split: dict[tuple[int, int], Recipe] = {}
         for point in plan.points:  # a holdout or subset the data cannot give: refused before any folder
-            training_split(point.recipe(base, plan.first_seed), data)
+            recipe_0 = point.recipe(base, plan.first_seed)
+            split = (recipe_0.holdout, recipe_0.train_subset)
+            if split not in by_split:
+                by_split[split] = fit_to_data(recipe_0, data)
+            data_settings[point] = {k: getattr(by_split[split], k) for k in ("classes", "mean", "std")}
     folder = SweepFolder(out)
     folder.open(plan, base)
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,
@@ -474,7 +481,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
             if progress:
                 tqdm.write(f"sweep: {point.name} seed {seed} ({i} of {len(todo)} left to train)")
             try:
-                train_folder(run.path, point.recipe(base, seed), data, replace(
+                train_folder(run.path, point.recipe(base, seed).replace(**data_settings[point]), data, replace(
                     options, find_lr_max="lr_max" in point.found, find_lr_min="lr_min" in point.found))
             except (DivergenceError, NoLRFound) as e:  # train recorded it in the run folder; the sweep goes on
                 if progress:
