@@ -172,3 +172,67 @@ def test_resume_and_lr_find_under_torchrun(tmp_path):
     assert lrf.returncode == 0, lrf.stderr[-2000:]
     assert lrf.stdout.count("exp: LRMAX") == 1  # rank 0 alone prints
     assert sorted(p.name for p in (tmp_path / "lrf").iterdir()) == ["lr_find.json", "lr_find_exp.png"]
+
+
+def noisy_folder(root):
+    """A folder data set of 10 classes, each a colour plus noise (every image its own): 10 training
+    and 3 test images a class."""
+    from PIL import Image
+
+    from conftest import synthetic_batch
+
+    for split, n, seed in (("train", 100, 1), ("test", 30, 2)):
+        batch = synthetic_batch(n, seed)
+        for i, (label, pixels) in enumerate(zip(batch[b"labels"], batch[b"data"], strict=True)):
+            path = root / split / f"c{label}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.reshape(3, 32, 32).transpose(1, 2, 0)).save(path)
+    return root
+
+
+@pytest.mark.slow
+def test_two_processes_hold_out_the_same_images_on_a_folder_and_validate_each_once(tmp_path):
+    import csv
+    import json
+
+    from cifar_onecycle.checkpoint import load_weights
+    from cifar_onecycle.datasets import load_dataset
+    from cifar_onecycle.evaluation import evaluate
+    from cifar_onecycle.holdout import holdout_split
+
+    root = noisy_folder(tmp_path / "photos")
+    common = ["--dataset", "folder", "--data-dir", str(root), "--holdout", "20", *ARGS, "--no-channels-last",
+              "--quiet", "--no-report"]
+    # The two ranks start with no cache: both decode the folder, and both write the cache (atomically).
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "two"), *common])
+    assert two.returncode == 0, two.stderr[-3000:]
+    # One process whose BatchNorm sees the same halves of each batch trains as the two do (see
+    # test_two_processes_train_like_one): only if every rank trains on the same 80 images.
+    ghost = run([sys.executable, "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "ghost"),
+                 "--bn-ghost-batch", "10", *common])
+    assert ghost.returncode == 0, ghost.stderr
+
+    def rows(name):
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    # Measured: the first epoch's loss the same to 6 digits, the third 2e-4 apart (the order of the
+    # gradient sums); with a holdout drawn on each rank by its own generator, 0.7% apart at once.
+    first_two, first_ghost = float(rows("two")[0]["train_loss"]), float(rows("ghost")[0]["train_loss"])
+    assert first_two == pytest.approx(first_ghost, rel=1e-4)
+    for a, b in zip(rows("two"), rows("ghost"), strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=5e-3)
+        assert abs(float(a["train_acc"]) - float(b["train_acc"])) <= 0.02
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["train_images"] == 80 and summary["val_images"] == 20 and summary["test_images"] == 30
+    # The ranks' validation shards sum to the held-out images, each once: the last epoch's numbers
+    # are those of the saved model on those 20 images, evaluated here in one process.
+    model, recipe = load_weights(tmp_path / "two")
+    data = load_dataset(recipe, root, download=False)
+    _, held = holdout_split(data.train_labels, 20, 10)
+    loss, acc = evaluate(model, data.train_images[held], data.train_labels[held], batch_size=16,
+                         channels_last=False, normalization=recipe.normalization)
+    last = rows("two")[-1]
+    assert float(last["val_loss"]) == pytest.approx(loss, rel=1e-5) and float(last["val_acc"]) == acc
+    assert summary["final_val_acc"] == acc
