@@ -29,6 +29,14 @@ and ``dawnbench`` recipes (both sweeps; graphs and lr_find.json packed as
 ``lr_find/<recipe>/seed0/``), then the ``seed`` recipe trained at the linear sweep's LRMAX, and at
 its LRMAX and LRMIN, two seeds each.
 
+``sweeps``, ``workers`` and ``torchrun`` (not in the default list): the product's own commands, each
+in its own process, its output in a ``.log`` beside its folder. ``sweeps`` runs the
+``cifar-onecycle sweep`` commands of a plan file (``--sweeps``, default ``benchmarks/sweeps/lr.txt``),
+packs each run as it ends, stops a sweep with SIGINT (its clean stop) when its next run would end
+after the budget, and goes on where an earlier call stopped (on the same machine, or from
+``--sweeps-from``). ``workers``: one small sweep with 1 worker and with 2 sharing the GPU, timed.
+``torchrun``: two epochs under ``torchrun --nproc-per-node 1`` with ``--sync-bn`` and a holdout.
+
 ``speed`` (not in the default list): the speed levers on the bare step (fused SGD, cuDNN's
 benchmark mode, torch.compile's modes; ``--bare-variants`` picks them), the augmentation alone (one
 batch at a time, and as the library does it), and the whole loop eager and with CUDA graphs, with
@@ -51,13 +59,16 @@ Dry run on a CPU, tiny settings (minutes)::
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import io
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,7 +83,9 @@ from typing import Any
 RECIPES = ("seed", "dawnbench", "best")
 # What comes back of a run folder (a diverged run has diverged.json instead of summary.json; a
 # range test has lr_find.json and its graphs).
-PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "failed.json", "lr_find.json")
+PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "failed.json", "lr_find.json",
+          # a sweep's own files, and the output of a command this script ran (``run_cli``)
+          "sweep.csv", "sweep.json", "sweep.png", "sweep_plan.json", "seeds.json")
 
 
 class Tee(io.TextIOBase):
@@ -110,6 +123,8 @@ def ensure_packages(wheels: Path | None) -> str:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--upgrade", "--target", str(target), *map(str, found)], check=True)
     sys.path.insert(0, str(target))
+    # the commands this script starts (run_cli) need it too
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
     importlib.invalidate_caches()
     importlib.import_module("torchinfo")
     return f"installed {', '.join(w.name for w in found)}"
@@ -171,8 +186,9 @@ class Results:
     def pack(self) -> None:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for path in sorted(self.runs.glob("*/*/seed*/*")):
-                if path.name in PACKED or path.name.startswith("lr_find_") and path.suffix == ".png":
+            for path in sorted(p for p in self.runs.rglob("*") if p.is_file()):
+                if (path.name in PACKED or path.name.startswith("lr_find_") and path.suffix == ".png"
+                        or path.suffix == ".log"):
                     tar.add(path, arcname=f"{self.name}/{path.relative_to(self.runs)}")
         self.write("runs.tar.gz", buffer.getvalue())
 
@@ -527,6 +543,133 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
         results.write("profile.json", json.dumps(reports, indent=2) + "\n")
 
 
+def read_sweep_plan(path: Path) -> list[tuple[str, list[str]]]:
+    """The sweeps of a plan file (``benchmarks/sweeps/*.txt``): one a line, its name and then its
+    ``cifar-onecycle sweep`` flags; ``#`` starts a comment."""
+    plan = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            plan.append((words[0], words[1:]))
+    return plan
+
+
+def set_flags(texts: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` as the command line's flags, for the commands this script starts."""
+    from recipes import setting
+
+    flags: list[str] = []
+    for key, value in (setting(text) for text in texts):
+        flag = "--" + key.replace("_", "-")
+        flags += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
+def sweep_rows(folder: Path) -> list[dict[str, str]]:
+    try:
+        with open(folder / "sweep.csv", newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clock) -> dict[str, Any]:
+    """``python -m cifar_onecycle ARGS`` (a sweep, or a command such as torchrun's given whole in
+    ``args`` from ``-m``) with its output in ``runs/STAGE/NAME.log``. A sweep's folder is
+    ``runs/STAGE/NAME``; each run it finishes is recorded and packed at once, and it is stopped with
+    SIGINT (its clean stop) when the next run would end after the budget, or at the budget's end.
+    Returns the record: exit code, wall seconds, runs finished."""
+    folder = results.runs / stage / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, *(args if args[0] == "-m" else ["-m", "cifar_onecycle", *args])]
+    is_sweep = args[0] == "sweep"
+    if is_sweep:
+        command += ["--out", str(folder)]
+    say(f"{stage}: {name}: {shlex.join(command[1:])} ({clock.left():.0f} s left in the budget)")
+    started = last = time.perf_counter()
+    # rows of an earlier call on this machine are not news: a sweep goes on where it stopped
+    seen = {tuple(row.items()) for row in sweep_rows(folder)}
+    stopped_by = None
+    with open(folder.parent / f"{name}.log", "a", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            time.sleep(1)
+            rows = sweep_rows(folder) if is_sweep else []
+            ended = [r for r in rows if tuple(r.items()) not in seen]  # with workers, not in row order
+            for row in ended:
+                seen.add(tuple(row.items()))
+                now = time.perf_counter()
+                # the next run as long as the last (the first: with the data loading, an overestimate)
+                clock.estimates[f"sweep:{name}"] = clock.estimates["sweep run"] = 1.05 * (now - last)
+                last = now
+                results.add_run({"stage": stage, "sweep": name, **row})
+                say(f"  {name}: {len(rows)} runs ended; the last {row.get('outcome')} "
+                    f"{row.get('final_val_acc') or row.get('final_test_acc')}")
+            at_end, next_too_long = clock.left() <= 0, bool(ended) and not clock.fits(f"sweep:{name}")
+            if stopped_by is None and (at_end or next_too_long):
+                stopped_by = "budget"
+                say(f"  {name}: stopped (SIGINT) " + ("at the end of the budget" if at_end else
+                                                      "as its next run began: it would end after the budget"))
+                process.send_signal(signal.SIGINT)
+            if stopped_by == "budget" and time.perf_counter() - last > 120:
+                process.kill()  # a stop that does not come within two minutes
+    record = {"stage": stage, "name": name, "exit_code": process.returncode, "stopped_by": stopped_by,
+              "wall_seconds": round(time.perf_counter() - started, 2), "command": shlex.join(command[1:])}
+    if is_sweep:
+        record["runs_ended"] = len(sweep_rows(folder))
+    results.set_timing(f"{stage}:{name}", record)
+    results.pack()
+    say(f"  {name}: exit code {process.returncode} in {record['wall_seconds']:.0f} s")
+    return record
+
+
+def stage_sweeps(plan: list[tuple[str, list[str]]], extra: list[str], data_dir: Path, results: Results,
+                 clock: Clock, earlier: Path | None) -> None:
+    """Every sweep of ``plan``, in order, as the product's own ``cifar-onecycle sweep`` command with
+    ``extra`` flags. A later call of this script on the same machine goes on where it stopped; on
+    another machine, ``earlier`` (``--sweeps-from``: the ``sweeps`` folder of an unpacked
+    runs.tar.gz) gives the runs that ended before, which a sweep does not train again."""
+    for name, args in plan:
+        if earlier is not None and (earlier / name).is_dir() and not (results.runs / "sweeps" / name).exists():
+            shutil.copytree(earlier / name, results.runs / "sweeps" / name)
+            say(f"sweeps: {name}: {len(sweep_rows(results.runs / 'sweeps' / name))} runs ended before, from {earlier}")
+        if not clock.fits("sweep run"):  # as long as the last sweep's last run
+            say(f"sweeps: {name} not started: {clock.left():.0f} s are left in the budget")
+            continue
+        run_cli("sweeps", name, ["sweep", *args, *extra, "--data-dir", str(data_dir), "--no-download",
+                                 "--no-checkpoint", "--quiet"], results, clock)
+
+
+def stage_workers(args: list[str], extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
+    """The same small sweep with one worker (runs in the sweep's process) and with two (two
+    ``train`` processes sharing the GPU): does a sweep end sooner with two?"""
+    walls = {}
+    for workers in (1, 2):
+        record = run_cli("workers", f"workers{workers}", ["sweep", *args, *extra, "--workers", str(workers),
+                                                          "--data-dir", str(data_dir), "--no-download",
+                                                          "--no-checkpoint", "--quiet"], results, clock)
+        if record["exit_code"] != 0:
+            say(f"workers: {workers} worker(s) ended with exit code {record['exit_code']}; no comparison")
+            return
+        walls[workers] = record["wall_seconds"]
+    results.set_timing("workers", {"wall_seconds": walls, "two_over_one": round(walls[2] / walls[1], 3)})
+    say(f"workers: 1 worker {walls[1]:.0f} s, 2 workers {walls[2]:.0f} s")
+
+
+def stage_torchrun(extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
+    """A short run under ``torchrun --nproc-per-node 1`` (NCCL on a GPU: the process group and the
+    rank-0 writer; DDP and SyncBatchNorm need two GPUs, NCCL refusing two ranks on one), with a holdout."""
+    import torch
+
+    out = results.runs / "torchrun" / "seed" / "seed0"
+    run_cli("torchrun", "seed", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                                 "-m", "cifar_onecycle", "train", "--recipe", "seed", "--epochs", "2",
+                                 "--peak-epoch", "1", "--holdout", "5000",
+                                 *(["--sync-bn"] if torch.cuda.is_available() else []), *extra,
+                                 "--data-dir", str(data_dir), "--no-download", "--quiet", "--no-report",
+                                 "--no-checkpoint", "--overwrite", "--out", str(out)], results, clock)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the folder that comes back ($OUT)")
@@ -542,13 +685,21 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--wheels", type=Path, help="a folder of wheels to install for missing packages")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points",
-                    help="in order; also 'speed' (the speed levers, one by one)")
+                    help="in order; also 'speed' (the speed levers, one by one), 'sweeps', 'workers', 'torchrun'")
     ap.add_argument("--results-name", help="the top folder in runs.tar.gz (default: gpu-<card>)")
     ap.add_argument("--lr-point-seeds", type=int, default=1, help="seeds of the LRMAX points (from 0)")
     ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
     ap.add_argument("--bare-steps", type=int, default=50, help="steps in each timed block of the bare step")
     ap.add_argument("--bare-variants", default=",".join(map(str, range(len(BARE_VARIANTS)))),
                     help="the speed stage's bare-step variants, as indices into BARE_VARIANTS (default: all)")
+    ap.add_argument("--sweeps", type=Path, default=Path(__file__).parent / "sweeps" / "lr.txt",
+                    help="the sweeps stage's plan: a sweep a line, its name then its 'cifar-onecycle sweep' flags")
+    ap.add_argument("--sweeps-from", type=Path,
+                    help="a folder of sweeps brought back before (runs.tar.gz's gpu-<card>/sweeps): go on with them")
+    ap.add_argument("--workers-sweep", default="--recipe seed --holdout 5000 --vary lr_max=0.2 --seeds 4 --epochs 8",
+                    help="the workers stage's sweep, run with 1 worker and with 2")
+    ap.add_argument("--sweep-extra", default="",
+                    help="dry runs: flags added to every sweep of the sweeps stage (e.g. --seeds 1)")
     ap.add_argument("--test-subset", type=int, default=0, help="dry runs: evaluate on the first N test images")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="dry runs: change a setting in every recipe (e.g. epochs=1)")
@@ -598,13 +749,18 @@ def main() -> None:
     data, data_dir = load_data(args)
     changes = dict(setting(text) for text in args.set)
     # the run folders of an earlier call of this command on the same machine would be packed too
-    shutil.rmtree(args.work / "runs", ignore_errors=True)
+    # (but a sweep's: a second call on a warm machine goes on with it)
+    for earlier in (args.work / "runs").glob("*"):
+        if earlier.name != "sweeps":
+            shutil.rmtree(earlier, ignore_errors=True)
     results = Results(args.out, args.work / "runs", args.results_name or f"gpu-{card}")
 
     def recipe_for(name: str) -> Any:
         return load_recipe(name).replace(**changes)
 
     found_lrs: dict[str, Any] = {}
+    extra = set_flags(args.set)  # --set as flags, for the commands the sweeps, workers and torchrun stages start
+    sweep_extra = extra + shlex.split(args.sweep_extra)
     stage_runs: dict[str, Callable[[], None]] = {
         "lr_find": lambda: stage_lr_find(recipe_for, data, results, found_lrs),
         "lr_auto": lambda: stage_lr_auto(recipe_for, data, data_dir, results, clock, found_lrs),
@@ -616,6 +772,10 @@ def main() -> None:
         "profile": lambda: stage_profile(recipe_for, results),
         "lr_points": lambda: stage_lr_points(recipe_for, data, data_dir, results, clock,
                                              [float(lr) for lr in args.lr_points.split(",")], args.lr_point_seeds),
+        "sweeps": lambda: stage_sweeps(read_sweep_plan(args.sweeps), sweep_extra, data_dir, results, clock,
+                                       args.sweeps_from),
+        "workers": lambda: stage_workers(shlex.split(args.workers_sweep), extra, data_dir, results, clock),
+        "torchrun": lambda: stage_torchrun(extra, data_dir, results, clock),
         "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,
                                      15.0 if "profile" in stages else 0.0,
                                      [int(i) for i in args.bare_variants.split(",")]),
