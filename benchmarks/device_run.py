@@ -21,8 +21,8 @@ Stages, in order:
 4. ``profile``: the top CUDA kernels of 10 bare steps by time, eager and compiled, and the
    achieved TFLOP/s.
 5. ``lr_points``: the ``seed`` recipe at fixed LRMAX values (``--lr-points``) over
-   ``--lr-point-seeds`` seeds, as one ``cifar_onecycle.sweep``; a diverging run is recorded as such
-   and the sweep goes on.
+   ``--lr-point-seeds`` seeds, as one ``cifar-onecycle sweep`` run as the ``sweeps`` stage runs its
+   (below); a diverging run is recorded as such and the sweep goes on.
 
 ``lr_find`` and ``lr_auto`` (not in the default list): the default LR range test of the ``seed``
 and ``dawnbench`` recipes (both sweeps; graphs and lr_find.json packed as
@@ -443,22 +443,12 @@ def stage_lr_auto(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, r
                     estimate="seed")
 
 
-def stage_lr_points(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
-                    lrs: list[float], seeds: int) -> None:
-    """The ``seed`` recipe at fixed LRMAX values over ``seeds`` seeds: one ``cifar_onecycle.sweep``
-    (diverged runs recorded as such), its sweep.csv, sweep.json and sweep.png into ``--out``."""
-    from cifar_onecycle import sweep
-
-    if not clock.fits("seed"):
-        say("lr_points: skipped, the budget is spent")
-        return
-    out = results.runs / "lr_points"
-    result = sweep(recipe_for("seed"), {"lr_max": lrs}, seeds, out=out, data=data, data_dir=data_dir,
-                   download=False, progress=False, checkpoints=False)
-    for row in result.rows:
-        results.add_run({"stage": "lr_points", **{k: v for k, v in row.items() if k != "values"}})
-    for name in ("sweep.csv", "sweep.json", "sweep.png"):
-        results.write(f"lr_points-{name}", (out / name).read_bytes())
+def stage_lr_points(extra: list[str], data_dir: Path, results: Results, clock: Clock, lrs: str, seeds: int) -> None:
+    """The ``seed`` recipe at fixed LRMAX values over ``seeds`` seeds: one ``cifar-onecycle sweep``
+    in ``runs/lr_points`` (diverged runs recorded as such), as the sweeps stage runs one."""
+    run_cli("lr_points", "seed", ["sweep", "--recipe", "seed", "--vary", f"lr_max={lrs}", "--seeds", str(seeds),
+                                  *extra, "--data-dir", str(data_dir), "--no-download", "--no-checkpoint", "--quiet"],
+            results, clock, folder=results.runs / "lr_points")
 
 
 def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
@@ -573,13 +563,14 @@ def sweep_rows(folder: Path) -> list[dict[str, str]]:
         return []
 
 
-def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clock) -> dict[str, Any]:
+def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clock,
+            folder: Path | None = None) -> dict[str, Any]:
     """``python -m cifar_onecycle ARGS`` (a sweep, or a command such as torchrun's given whole in
-    ``args`` from ``-m``) with its output in ``runs/STAGE/NAME.log``. A sweep's folder is
-    ``runs/STAGE/NAME``; each run it finishes is recorded and packed at once, and it is stopped with
+    ``args`` from ``-m``) with its output in ``FOLDER.log``. A sweep's folder is ``folder`` (default
+    ``runs/STAGE/NAME``); each run it finishes is recorded and packed at once, and it is stopped with
     SIGINT (its clean stop) when the next run would end after the budget, or at the budget's end.
     Returns the record: exit code, wall seconds, runs finished."""
-    folder = results.runs / stage / name
+    folder = folder or results.runs / stage / name
     folder.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, *(args if args[0] == "-m" else ["-m", "cifar_onecycle", *args])]
     is_sweep = args[0] == "sweep"
@@ -590,7 +581,7 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
     # rows of an earlier call on this machine are not news: a sweep goes on where it stopped
     seen = {tuple(row.items()) for row in sweep_rows(folder)}
     stopped_by = None
-    with open(folder.parent / f"{name}.log", "a", encoding="utf-8") as log:
+    with open(folder.parent / f"{folder.name}.log", "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         while process.poll() is None:
             time.sleep(1)
@@ -770,8 +761,7 @@ def main() -> None:
         "compiled": lambda: stage_compiled(recipe_for, data, data_dir, results, clock, args.bare_steps,
                                            15.0 if "profile" in stages else 0.0),
         "profile": lambda: stage_profile(recipe_for, results),
-        "lr_points": lambda: stage_lr_points(recipe_for, data, data_dir, results, clock,
-                                             [float(lr) for lr in args.lr_points.split(",")], args.lr_point_seeds),
+        "lr_points": lambda: stage_lr_points(extra, data_dir, results, clock, args.lr_points, args.lr_point_seeds),
         "sweeps": lambda: stage_sweeps(read_sweep_plan(args.sweeps), sweep_extra, data_dir, results, clock,
                                        args.sweeps_from),
         "workers": lambda: stage_workers(shlex.split(args.workers_sweep), extra, data_dir, results, clock),
