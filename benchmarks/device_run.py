@@ -446,9 +446,8 @@ def stage_lr_auto(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, r
 def stage_lr_points(extra: list[str], data_dir: Path, results: Results, clock: Clock, lrs: str, seeds: int) -> None:
     """The ``seed`` recipe at fixed LRMAX values over ``seeds`` seeds: one ``cifar-onecycle sweep``
     in ``runs/lr_points`` (diverged runs recorded as such), as the sweeps stage runs one."""
-    run_cli("lr_points", "seed", ["sweep", "--recipe", "seed", "--vary", f"lr_max={lrs}", "--seeds", str(seeds),
-                                  *extra, "--data-dir", str(data_dir), "--no-download", "--no-checkpoint", "--quiet"],
-            results, clock, folder=results.runs / "lr_points")
+    run_cli("lr_points", "seed", sweep_args(["--recipe", "seed", "--vary", f"lr_max={lrs}", "--seeds", str(seeds),
+                                             *extra], data_dir), results, clock, folder=results.runs / "lr_points")
 
 
 def stage_compiled(recipe_for: Callable[[str], Any], data: Any, data_dir: Path, results: Results, clock: Clock,
@@ -563,6 +562,12 @@ def sweep_rows(folder: Path) -> list[dict[str, str]]:
         return []
 
 
+def sweep_args(args: list[str], data_dir: Path) -> list[str]:
+    """``cifar-onecycle sweep ARGS`` as this script runs every sweep: on the built data, no
+    checkpoints (a run cut short starts again), no progress bars."""
+    return ["sweep", *args, "--data-dir", str(data_dir), "--no-download", "--no-checkpoint", "--quiet"]
+
+
 def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clock,
             folder: Path | None = None) -> dict[str, Any]:
     """``python -m cifar_onecycle ARGS`` (a sweep, or a command such as torchrun's given whole in
@@ -580,7 +585,7 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
     started = last = time.perf_counter()
     # rows of an earlier call on this machine are not news: a sweep goes on where it stopped
     seen = {tuple(row.items()) for row in sweep_rows(folder)}
-    stopped_by = None
+    stopped_at = None
     with open(folder.parent / f"{folder.name}.log", "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         while process.poll() is None:
@@ -597,14 +602,15 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
                 say(f"  {name}: {len(rows)} runs ended; the last {row.get('outcome')} "
                     f"{row.get('final_val_acc') or row.get('final_test_acc')}")
             at_end, next_too_long = clock.left() <= 0, bool(ended) and not clock.fits(f"sweep:{name}")
-            if stopped_by is None and (at_end or next_too_long):
-                stopped_by = "budget"
+            if stopped_at is None and (at_end or next_too_long):
+                stopped_at = time.perf_counter()
                 say(f"  {name}: stopped (SIGINT) " + ("at the end of the budget" if at_end else
                                                       "as its next run began: it would end after the budget"))
                 process.send_signal(signal.SIGINT)
-            if stopped_by == "budget" and time.perf_counter() - last > 120:
+            if stopped_at is not None and time.perf_counter() - stopped_at > 120:
                 process.kill()  # a stop that does not come within two minutes
-    record = {"stage": stage, "name": name, "exit_code": process.returncode, "stopped_by": stopped_by,
+    record = {"stage": stage, "name": name, "exit_code": process.returncode,
+              "stopped_by": None if stopped_at is None else "budget",
               "wall_seconds": round(time.perf_counter() - started, 2), "command": shlex.join(command[1:])}
     if is_sweep:
         record["runs_ended"] = len(sweep_rows(folder))
@@ -627,8 +633,7 @@ def stage_sweeps(plan: list[tuple[str, list[str]]], extra: list[str], data_dir: 
         if not clock.fits("sweep run"):  # as long as the last sweep's last run
             say(f"sweeps: {name} not started: {clock.left():.0f} s are left in the budget")
             continue
-        run_cli("sweeps", name, ["sweep", *args, *extra, "--data-dir", str(data_dir), "--no-download",
-                                 "--no-checkpoint", "--quiet"], results, clock)
+        run_cli("sweeps", name, sweep_args([*args, *extra], data_dir), results, clock)
 
 
 def stage_workers(args: list[str], extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
@@ -636,9 +641,8 @@ def stage_workers(args: list[str], extra: list[str], data_dir: Path, results: Re
     ``train`` processes sharing the GPU): does a sweep end sooner with two?"""
     walls = {}
     for workers in (1, 2):
-        record = run_cli("workers", f"workers{workers}", ["sweep", *args, *extra, "--workers", str(workers),
-                                                          "--data-dir", str(data_dir), "--no-download",
-                                                          "--no-checkpoint", "--quiet"], results, clock)
+        record = run_cli("workers", f"workers{workers}",
+                         sweep_args([*args, *extra, "--workers", str(workers)], data_dir), results, clock)
         if record["exit_code"] != 0:
             say(f"workers: {workers} worker(s) ended with exit code {record['exit_code']}; no comparison")
             return
