@@ -391,6 +391,8 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
     """The selection accuracy against the first varied setting: a dot per seed, the mean with its
     standard error, a line per value of the other settings; a log axis for LRs and weight decay;
     the baseline's mean a dashed line; ``auto`` points at the LRs the range test found."""
+    from matplotlib.ticker import NullFormatter
+
     from .sweep import AUTO, LOG_SETTINGS, format_point, format_value
 
     selection = stats["selection"]
@@ -433,6 +435,9 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
                 error = entry["sem"] or 0.0
                 ax.errorbar(x, 100 * entry["mean"], yerr=100 * error, fmt="D" if auto else "o", color=color,
                             capsize=3, label=("range test's suggestion (auto)" if auto and i == 0 else None))
+                if auto:  # the LR it stands at, which no tick names
+                    ax.annotate(f"{x:.3g}", (x, 100 * entry["mean"]), textcoords="offset points", xytext=(6, 4),
+                                fontsize="small", color=color)
                 if not auto:
                     xs.append(x)
                     means.append(100 * entry["mean"])
@@ -447,12 +452,16 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
     if numeric:
         if x_name in LOG_SETTINGS:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # no "3x10^-2" between the values swept
+        fixed = sorted({float(v) for v in x_values if v != AUTO})
+        ax.set_xticks(fixed, [format_value(v) for v in fixed])
     else:
         ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values])
     words = "validation" if selection == "final_val_acc" else "test"
     ax.set(xlabel=x_name, ylabel=f"final {words} accuracy (%)",
-           title=f"{words} accuracy over seeds {plan.first_seed}..{plan.first_seed + plan.seeds - 1}: dots are "
-                 f"runs, bars the standard error")
+           title=(f"{words} accuracy, seed {plan.first_seed}" if plan.seeds == 1 else
+                  f"{words} accuracy over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}: dots are "
+                  f"runs, bars the standard error"))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
