@@ -5,7 +5,9 @@
 Reads the run folders (``<stage>/<recipe>/seed<k>/summary.json``), ``timing.json``, ``env.json``,
 ``profile.json`` and ``progress.jsonl`` there and writes ``README.md`` beside them: the recipes'
 last-epoch test accuracy over seeds against the proxy targets, the compiled timing, the bare step,
-the top kernels and the LRMAX points. Nothing is typed in by hand: rerun it after adding runs.
+the top kernels, the LRMAX points, each sweep's table (from its sweep.json and sweep.csv) and
+picture, the workers' timing and the torchrun run. Nothing is typed in by hand: rerun it after
+adding runs (a second call's files unpacked into the same folder).
 It reads the files of the current ``device_run.py``; the READMEs of older folders (gpu-h200,
 gpu-h200-levers, gpu-h100) are kept as their own code generated them, not regenerated.
 """
@@ -249,6 +251,71 @@ def lr_section(folder: Path) -> list[str]:
     return lines
 
 
+def pct_sem(entry: dict[str, Any] | None) -> str:
+    """A mean over seeds in percent, with its standard error when there are two seeds or more."""
+    if not entry or entry.get("mean") is None:
+        return ""
+    sem = f" ({100 * entry['sem']:.2f})" if entry.get("sem") is not None else ""
+    return f"{100 * entry['mean']:.2f}{sem}"
+
+
+def sweeps_section(folder: Path) -> list[str]:
+    """Each sweep of the sweeps stage: its table from sweep.json (the selection accuracy with its
+    paired difference from the baseline, and the test accuracy) and its picture."""
+    lines: list[str] = []
+    for path in sorted((folder / "sweeps").glob("*/sweep.json")):
+        stats, name = json.loads(path.read_text()), path.parent.name
+        selection = stats["selection"]
+        with open(path.parent / "sweep.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        seeds = stats["seeds"]
+        lines += [f"### `{name}`: {', '.join(stats['vary'])}, seeds {seeds[0]} to {seeds[-1]}, "
+                  f"baseline {stats['baseline'] or 'none'}", "",
+                  f"Choose on {selection}; mean % over the runs that finished (standard error); the paired "
+                  "difference is by seed, in points.", "",
+                  f"| point | finished / runs | {selection} % | paired difference | {selection}_tta % | "
+                  "test % | test with flip TTA % | LRMAX used |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for point in stats["points"]:
+            chosen = point.get(selection) or {}
+            difference = chosen.get("paired_difference")
+            used = sorted({float(r["lr_max_used"]) for r in rows if r["lr_max_used"]
+                           and ",".join(f"{k}={r[k]}" for k in stats["vary"]) == point["point"]})
+            lines.append(f"| {point['point']} | {point['outcomes'].get('finished', 0)} / {point['runs']} | "
+                         f"{pct_sem(chosen)} | {pct_sem(difference)} | {pct_sem(point.get(selection + '_tta'))} | "
+                         f"{pct_sem(point.get('final_test_acc'))} | {pct_sem(point.get('final_test_acc_tta'))} | "
+                         f"{', '.join(f'{lr:.3g}' for lr in used)} |")
+        if stats["remaining_runs"]:
+            lines.append(f"\n{stats['remaining_runs']} runs of this sweep were not trained (the budget).")
+        lines += ["", f"![{name}](sweeps/{name}/sweep.png)", ""]
+    return lines
+
+
+def workers_section(folder: Path) -> list[str]:
+    timing_path = folder / "timing.json"
+    timing = json.loads(timing_path.read_text()).get("workers") if timing_path.is_file() else None
+    if not timing:
+        return []
+    walls = timing["wall_seconds"]
+    return [f"The same sweep (`--workers-sweep`, in `workers/`) with 1 worker (in the sweep's process): "
+            f"{walls['1']:.1f} s; with 2 `train` processes sharing the GPU: {walls['2']:.1f} s "
+            f"(ratio {timing['two_over_one']:.3f})."]
+
+
+def torchrun_section(folder: Path) -> list[str]:
+    summary_path = folder / "torchrun" / "seed" / "seed0" / "summary.json"
+    if not (folder / "torchrun").is_dir():
+        return []
+    if not summary_path.is_file():
+        return ["The run did not finish; its output is `torchrun/seed.log`."]
+    summary = json.loads(summary_path.read_text())
+    sync_bn = " --sync-bn" if str(summary.get("device")).startswith("cuda") else ""  # refused on a CPU
+    return [f"`torchrun --standalone --nproc-per-node 1 -m cifar_onecycle train{sync_bn} --holdout 5000`, "
+            f"epochs: {summary['epochs']}; finished on {summary.get('device')}, validation accuracy "
+            f"{100 * summary['final_val_acc']:.2f}%, test {100 * summary['final_test_acc']:.2f}%. Its output: "
+            "`torchrun/seed.log`."]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
@@ -275,7 +342,10 @@ def main() -> None:
                 ("A first run from the command line, compilation included", cold_run_section),
                 ("Where the time goes", profile_section),
                 ("LR range test", lr_find_section),
-                ("LRMAX points (`seed` recipe; an accuracy stage's runs count at their LRMAX, 0.2)", lr_section))
+                ("LRMAX points (`seed` recipe; an accuracy stage's runs count at their LRMAX, 0.2)", lr_section),
+                ("Sweeps (`cifar-onecycle sweep`, on the validation split)", sweeps_section),
+                ("Two workers on one GPU", workers_section),
+                ("torchrun (NCCL)", torchrun_section))
     for title, section in sections:
         lines = section(folder)
         if lines:  # a call that did not run the stage has no section
