@@ -64,7 +64,8 @@ CIFAR100_CLASSES = (
     "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
     "willow_tree", "wolf", "woman", "worm",
 )
-_DATA_FIELDS = ("classes", "mean", "std")
+# The settings a run fills in from its data when the recipe leaves them None (datasets.fit_recipe).
+DATA_FIELDS = ("classes", "mean", "std")
 # A classifier's head grows with its classes (513 parameters each); 10,000 is far beyond CIFAR-100
 # and ImageNet's 1,000, and keeps a recipe file from deciding the model's size.
 MAX_CLASSES = 10_000
@@ -150,7 +151,7 @@ class Recipe:
         """Refuse impossible values with a one-line message that names the setting."""
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in _DATA_FIELDS:
+            if f.name in DATA_FIELDS:
                 self._validate_data_field(f.name, v)
                 continue
             want = _PYTHON_TYPES[_type_name(f)]
@@ -237,12 +238,8 @@ class Recipe:
 
     @property
     def num_classes(self) -> int:
-        """The model's outputs: the recorded classes', else the source's (a folder has no fixed number)."""
-        if self.classes is not None:
-            return len(self.classes)
-        if self.dataset == "folder":
-            raise RecipeError("recipe: a folder's classes are not recorded in this recipe; train on the folder first")
-        return 100 if self.dataset == "cifar100" else 10
+        """The model's outputs: one a class (``class_names``)."""
+        return len(self.class_names)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -318,7 +315,7 @@ class Recipe:
         coerced: dict[str, Any] = {}
         for k, v in values.items():
             try:
-                if k in _DATA_FIELDS and isinstance(v, list):  # TOML and JSON arrays
+                if k in DATA_FIELDS and isinstance(v, list):  # TOML and JSON arrays
                     coerced[k] = tuple(float(x) if k != "classes" and type(x) is int else x for x in v)
                     continue
                 coerced[k] = float(v) if _type_name(known[k]) == "float" and type(v) is int else v
@@ -358,7 +355,6 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):  # a TOML basic string: quote, backslash and control characters escaped
         return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F or c in '"\\' else c
                              for c in v) + '"'
-
     if isinstance(v, (tuple, list)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)

@@ -237,6 +237,6 @@ def run_summary(setup: RunSetup, history: list[EpochMetrics], lr_found: dict | N
         "git_commit": commit,
         "data_dir": data_dir,
         "dataset": recipe.dataset,
-        "num_classes": len(recipe.class_names),
+        "num_classes": recipe.num_classes,
         "skipped_images": len(setup.data.skipped),
     }

@@ -45,7 +45,7 @@ from .data import LabelledImages
 from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
-from .recipe import Recipe, load_recipe
+from .recipe import DATA_FIELDS, Recipe, load_recipe
 from .run_folder import FAILED, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .seeds import check_seed_range
@@ -58,7 +58,7 @@ AUTO_SETTINGS = ("lr_max", "lr_min")   # the settings the LR range test can find
 LOG_SETTINGS = ("lr_max", "lr_min", "weight_decay")  # drawn on a log axis
 NOT_VARIED = ("seed",)                 # the seeds are the sweep's other dimension
 # The data is read once for the whole sweep: what decides it is the same at every point.
-DATA_SETTINGS = ("dataset", "skip_bad_images", "classes", "mean", "std")
+DATA_SETTINGS = ("dataset", "skip_bad_images", *DATA_FIELDS)
 # A plan may come from someone else's folder: it must not decide how much work or memory a sweep takes.
 MAX_RUNS = 10_000
 ACCURACIES = ("final_val_acc", "final_val_acc_tta", "final_test_acc", "final_test_acc_tta")
@@ -463,7 +463,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
             split = (recipe_0.holdout, recipe_0.train_subset)
             if split not in by_split:
                 by_split[split] = fit_to_data(recipe_0, data)
-            data_settings[point] = {k: getattr(by_split[split], k) for k in ("classes", "mean", "std")}
+            data_settings[point] = {k: getattr(by_split[split], k) for k in DATA_FIELDS}
     folder = SweepFolder(out)
     folder.open(plan, base)
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,

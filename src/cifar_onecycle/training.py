@@ -23,7 +23,7 @@ from .distributed import Dist, all_reduce_sum, init_distributed
 from .errors import DivergenceError, NoLRFound, UserError, as_setting
 from .evaluation import EvaluationStopped
 from .lr_finder import find_lr_bounds
-from .recipe import Recipe
+from .recipe import DATA_FIELDS, Recipe
 from .report import write_report
 from .results import EpochMetrics, TrainResult, format_epoch, git_commit, run_summary
 from .run_folder import CHECKPOINT, SUMMARY, RunFolder
@@ -354,7 +354,7 @@ def damaged_checkpoint(folder: RunFolder) -> Iterator[None]:
 def check_same_recipe(recipe: Recipe, saved: Recipe, run_dir: Path) -> None:
     """A resumed run keeps its own recipe: refuse a ``recipe`` that differs, naming the first change."""
     changed = [k for k, v in recipe.to_dict().items()  # a data setting left to the data is the saved one
-               if getattr(saved, k) != v and not (k in ("classes", "mean", "std") and v is None)]
+               if getattr(saved, k) != v and not (k in DATA_FIELDS and v is None)]
     if changed:
         raise UserError(f"{as_setting('resume')} {run_dir}: the run's own recipe is used; {changed[0]} would change "
                         f"from {getattr(saved, changed[0])!r} to {getattr(recipe, changed[0])!r}")
