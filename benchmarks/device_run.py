@@ -34,7 +34,8 @@ in its own process, its output in a ``.log`` beside its folder. ``sweeps`` runs 
 ``cifar-onecycle sweep`` commands of a plan file (``--sweeps``, default ``benchmarks/sweeps/lr.txt``),
 packs each run as it ends, stops a sweep with SIGINT (its clean stop) when its next run would end
 after the budget, and goes on where an earlier call stopped (on the same machine, or from
-``--sweeps-from``). ``workers``: one small sweep with 1 worker and with 2 sharing the GPU, timed.
+``--sweeps-from``); its sweeps take ``--sweep-workers``. ``workers``: one small sweep with 1 worker and
+with 2 sharing the GPU, timed; the faster count is kept on the machine for the sweeps stage (run it first).
 ``torchrun``: two epochs under ``torchrun --nproc-per-node 1`` with ``--sync-bn`` and a holdout.
 
 ``speed`` (not in the default list): the speed levers on the bare step (fused SGD, cuDNN's
@@ -86,6 +87,12 @@ RECIPES = ("seed", "dawnbench", "best")
 PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "failed.json", "lr_find.json",
           # a sweep's own files, and the output of a command this script ran (``run_cli``)
           "sweep.csv", "sweep.json", "sweep.png", "sweep_plan.json", "seeds.json")
+
+
+# The workers stage's choice, in --work (kept by later calls): two workers on one GPU when they end its sweep in at
+# most 0.9 of one worker's time (one timing each, so a smaller gain is not told from noise).
+WORKERS_CHOICE = "workers_chosen.json"
+TWO_WORKERS_AT_MOST = 0.9
 
 
 class Tee(io.TextIOBase):
@@ -569,12 +576,13 @@ def sweep_args(args: list[str], data_dir: Path) -> list[str]:
 
 
 def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clock,
-            folder: Path | None = None) -> dict[str, Any]:
+            folder: Path | None = None, workers: int = 1) -> dict[str, Any]:
     """``python -m cifar_onecycle ARGS`` (a sweep, or a command such as torchrun's given whole in
     ``args`` from ``-m``) with its output in ``FOLDER.log``. A sweep's folder is ``folder`` (default
     ``runs/STAGE/NAME``); each run it finishes is recorded and packed at once, and it is stopped with
     SIGINT (its clean stop) when the next run would end after the budget, or at the budget's end.
-    Returns the record: exit code, wall seconds, runs finished."""
+    ``workers``: the sweep's ``--workers``, runs that end in turn. Returns the record: exit code,
+    wall seconds, runs finished."""
     folder = folder or results.runs / stage / name
     folder.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, *(args if args[0] == "-m" else ["-m", "cifar_onecycle", *args])]
@@ -582,7 +590,8 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
     if is_sweep:
         command += ["--out", str(folder)]
     say(f"{stage}: {name}: {shlex.join(command[1:])} ({clock.left():.0f} s left in the budget)")
-    started = last = time.perf_counter()
+    started = time.perf_counter()
+    ends = [started]  # when each run ended (the first entry: the sweep's start)
     # rows of an earlier call on this machine are not news: a sweep goes on where it stopped
     seen = {tuple(row.items()) for row in sweep_rows(folder)}
     stopped_at = None
@@ -594,10 +603,11 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
             ended = [r for r in rows if tuple(r.items()) not in seen]  # with workers, not in row order
             for row in ended:
                 seen.add(tuple(row.items()))
-                now = time.perf_counter()
-                # the next run as long as the last (the first: with the data loading, an overestimate)
-                clock.estimates[f"sweep:{name}"] = clock.estimates["sweep run"] = 1.05 * (now - last)
-                last = now
+                ends.append(time.perf_counter())
+                # A run lasts the time ``workers`` runs take to end in turn (the first ones: since the
+                # sweep began, with its data loading, an overestimate); the next is as long.
+                run_seconds = ends[-1] - ends[max(0, len(ends) - 1 - workers)]
+                clock.estimates[f"sweep:{name}"] = clock.estimates["sweep run"] = 1.05 * run_seconds
                 results.add_run({"stage": stage, "sweep": name, **row})
                 say(f"  {name}: {len(rows)} runs ended; the last {row.get('outcome')} "
                     f"{row.get('final_val_acc') or row.get('final_test_acc')}")
@@ -621,11 +631,19 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
 
 
 def stage_sweeps(plan: list[tuple[str, list[str]]], extra: list[str], data_dir: Path, results: Results,
-                 clock: Clock, earlier: Path | None) -> None:
+                 clock: Clock, earlier: Path | None, workers: str) -> None:
     """Every sweep of ``plan``, in order, as the product's own ``cifar-onecycle sweep`` command with
-    ``extra`` flags. A later call of this script on the same machine goes on where it stopped; on
-    another machine, ``earlier`` (``--sweeps-from``: the ``sweeps`` folder of an unpacked
-    runs.tar.gz) gives the runs that ended before, which a sweep does not train again."""
+    ``extra`` flags and ``--workers`` (``auto``: the workers stage's choice on this machine, else 1).
+    A later call of this script on the same machine goes on where it stopped; on another machine,
+    ``earlier`` (``--sweeps-from``: the ``sweeps`` folder of an unpacked runs.tar.gz) gives the runs
+    that ended before, which a sweep does not train again."""
+    if workers == "auto":
+        choice = results.runs.parent / WORKERS_CHOICE
+        n_workers = json.loads(choice.read_text())["workers"] if choice.exists() else 1
+        say(f"sweeps: {n_workers} worker(s), " + (f"as {choice} chose" if choice.exists() else
+                                                  "the workers stage not having run on this machine"))
+    else:
+        n_workers = int(workers)
     for name, args in plan:
         if earlier is not None and (earlier / name).is_dir() and not (results.runs / "sweeps" / name).exists():
             shutil.copytree(earlier / name, results.runs / "sweeps" / name)
@@ -633,22 +651,28 @@ def stage_sweeps(plan: list[tuple[str, list[str]]], extra: list[str], data_dir: 
         if not clock.fits("sweep run"):  # as long as the last sweep's last run
             say(f"sweeps: {name} not started: {clock.left():.0f} s are left in the budget")
             continue
-        run_cli("sweeps", name, sweep_args([*args, *extra], data_dir), results, clock)
+        run_cli("sweeps", name, sweep_args([*args, *extra, "--workers", str(n_workers)], data_dir), results, clock,
+                workers=n_workers)
 
 
 def stage_workers(args: list[str], extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
     """The same small sweep with one worker (runs in the sweep's process) and with two (two
-    ``train`` processes sharing the GPU): does a sweep end sooner with two?"""
+    ``train`` processes sharing the GPU): does a sweep end sooner with two? The answer is kept on
+    the machine (``WORKERS_CHOICE``) for the sweeps stage of this call and of later ones."""
     walls = {}
     for workers in (1, 2):
         record = run_cli("workers", f"workers{workers}",
-                         sweep_args([*args, *extra, "--workers", str(workers)], data_dir), results, clock)
+                         sweep_args([*args, *extra, "--workers", str(workers)], data_dir), results, clock,
+                         workers=workers)
         if record["exit_code"] != 0:
             say(f"workers: {workers} worker(s) ended with exit code {record['exit_code']}; no comparison")
             return
         walls[workers] = record["wall_seconds"]
-    results.set_timing("workers", {"wall_seconds": walls, "two_over_one": round(walls[2] / walls[1], 3)})
-    say(f"workers: 1 worker {walls[1]:.0f} s, 2 workers {walls[2]:.0f} s")
+    ratio = walls[2] / walls[1]
+    chosen = 2 if ratio <= TWO_WORKERS_AT_MOST else 1
+    results.set_timing("workers", {"wall_seconds": walls, "two_over_one": round(ratio, 3), "chosen": chosen})
+    (results.runs.parent / WORKERS_CHOICE).write_text(json.dumps({"workers": chosen, "two_over_one": ratio}))
+    say(f"workers: 1 worker {walls[1]:.0f} s, 2 workers {walls[2]:.0f} s: the sweeps take {chosen}")
 
 
 def stage_torchrun(extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
@@ -693,6 +717,8 @@ def parse_args() -> argparse.Namespace:
                     help="a folder of sweeps brought back before (runs.tar.gz's gpu-<card>/sweeps): go on with them")
     ap.add_argument("--workers-sweep", default="--recipe seed --holdout 5000 --vary lr_max=0.2 --seeds 4 --epochs 8",
                     help="the workers stage's sweep, run with 1 worker and with 2")
+    ap.add_argument("--sweep-workers", default="auto",
+                    help="the sweeps stage's --workers (auto: the workers stage's choice on this machine, else 1)")
     ap.add_argument("--sweep-extra", default="",
                     help="dry runs: flags added to every sweep of the sweeps stage (e.g. --seeds 1)")
     ap.add_argument("--test-subset", type=int, default=0, help="dry runs: evaluate on the first N test images")
@@ -767,7 +793,7 @@ def main() -> None:
         "profile": lambda: stage_profile(recipe_for, results),
         "lr_points": lambda: stage_lr_points(extra, data_dir, results, clock, args.lr_points, args.lr_point_seeds),
         "sweeps": lambda: stage_sweeps(read_sweep_plan(args.sweeps), sweep_extra, data_dir, results, clock,
-                                       args.sweeps_from),
+                                       args.sweeps_from, args.sweep_workers),
         "workers": lambda: stage_workers(shlex.split(args.workers_sweep), extra, data_dir, results, clock),
         "torchrun": lambda: stage_torchrun(extra, data_dir, results, clock),
         "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,

@@ -5,8 +5,10 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -200,3 +202,36 @@ def test_two_workers_train_the_same_runs(cifar_dir, tmp_path):
     two = sweep(SMALL, vary, 1, out=tmp_path / "two", data_dir=cifar_dir, download=False, progress=False, workers=2)
 
     assert numbers(two) == numbers(one) and two.remaining == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_a_stop_signal_stops_every_worker_and_the_same_sweep_goes_on(cifar_dir, tmp_path, checkpoints):
+    # 6 epochs of 3 steps: the signal comes once both runs have ended an epoch, 15 steps before their end
+    recipe = SMALL.replace(epochs=6)
+    vary = {"lr_max": [0.01, 0.02]}
+    out = tmp_path / "cut"
+    command = [sys.executable, "-m", "cifar_onecycle", "sweep", "--vary", "lr_max=0.01,0.02",
+               *recipe_flags(recipe.replace(lr_max=Recipe().lr_max)), "--data-dir", str(cifar_dir),
+               "--no-download", "--out", str(out), "--workers", "2", "--quiet",
+               *([] if checkpoints else ["--no-checkpoint"])]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    runs = [out / f"lr_max={lr}" / "seed0" for lr in (0.01, 0.02)]
+    while not all((run / "metrics.csv").exists() for run in runs) and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert f"sweep {out} stopped by SIGINT" in err.splitlines()[-1], err
+    assert all(not (run / "summary.json").exists() and not (run / "failed.json").exists() for run in runs)
+    if not checkpoints:
+        assert "will start again" in err and not any((run / "checkpoint.pt").exists() for run in runs), err
+        return
+    assert "saved its checkpoint" in err and all((run / "checkpoint.pt").exists() for run in runs), err
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # the same command
+    resumed = collect(out)
+    whole = sweep(recipe.replace(lr_max=Recipe().lr_max), vary, 1, out=tmp_path / "whole", data_dir=cifar_dir,
+                  download=False, progress=False)
+    assert resumed.remaining == 0 and numbers(resumed) == numbers(whole)

@@ -572,8 +572,9 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
                 process.send_signal(stop_signal("SIGINT"))
             raise
     if stop():
-        raise Interrupted(f"sweep {folder.path} stopped by {stop.received}; each run that had started saved its "
-                          f"checkpoint; run the same sweep again to go on")
+        saved = ("each run that had started saved its checkpoint" if options.checkpoints else
+                 "checkpoints are off: each run that had started will start again")
+        raise Interrupted(f"sweep {folder.path} stopped by {stop.received}; {saved}; run the same sweep again to go on")
     if failure is not None:
         raise UserError(f"sweep {folder.path}: {failure}")
 
