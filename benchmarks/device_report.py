@@ -269,7 +269,7 @@ def sweeps_section(folder: Path) -> list[str]:
         with open(path.parent / "sweep.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         seeds = stats["seeds"]
-        lines += [f"### `{name}`: {', '.join(stats['vary'])}, seeds {seeds[0]} to {seeds[-1]}, "
+        lines += [f"### `{name}`: {', '.join(stats.get('settings', stats['vary']))}, seeds {seeds[0]} to {seeds[-1]}, "
                   f"baseline {stats['baseline'] or 'none'}", "",
                   f"Choose on {selection}; mean % over the runs that finished (standard error); the paired "
                   "difference is by seed, in points.", "",
@@ -279,8 +279,7 @@ def sweeps_section(folder: Path) -> list[str]:
         for point in stats["points"]:
             chosen = point.get(selection) or {}
             difference = chosen.get("paired_difference")
-            used = sorted({float(r["lr_max_used"]) for r in rows if r["lr_max_used"]
-                           and ",".join(f"{k}={r[k]}" for k in stats["vary"]) == point["point"]})
+            used = sorted({float(r["lr_max_used"]) for r in rows if r["lr_max_used"] and r["point"] == point["point"]})
             lines.append(f"| {point['point']} | {point['outcomes'].get('finished', 0)} / {point['runs']} | "
                          f"{pct_sem(chosen)} | {pct_sem(difference)} | {pct_sem(point.get(selection + '_tta'))} | "
                          f"{pct_sem(point.get('final_test_acc'))} | {pct_sem(point.get('final_test_acc_tta'))} | "

@@ -541,10 +541,13 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
 
 def read_sweep_plan(path: Path) -> list[tuple[str, list[str]]]:
     """The sweeps of a plan file (``benchmarks/sweeps/*.txt``): one a line, its name and then its
-    ``cifar-onecycle sweep`` flags; ``#`` starts a comment."""
+    ``cifar-onecycle sweep`` flags; ``#`` starts a comment; a line ending in a backslash goes on on
+    the next."""
     plan = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
+        if words and words[0].startswith("-"):  # a continued line cut short
+            raise SystemExit(f"{path}: {line.strip()[:60]!r}...: a sweep's line starts with its name")
         if words:
             plan.append((words[0], words[1:]))
     return plan

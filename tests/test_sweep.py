@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from cifar_onecycle import Interrupted, Recipe, collect, sweep
+from cifar_onecycle import Interrupted, Recipe, collect, load_recipe, sweep
 from cifar_onecycle.cli import main
+from cifar_onecycle.recipe import DATA_FIELDS
 from cifar_onecycle.run_folder import RunFolder
 from cifar_onecycle.run_setup import RunSetup
-from cifar_onecycle.sweep import Plan, SweepFolder, parse_vary
+from cifar_onecycle.sweep import Plan, SweepFolder, parse_point, parse_vary
 from conftest import ROOT, recipe_flags
 from test_train import TINY
 
@@ -39,6 +40,22 @@ def test_the_grid_runs_seed_by_seed_in_folders_named_for_their_values():
     assert point.flags() == ["--lr-max", "0.01", "--no-flip"]
     folder = SweepFolder("sw")
     assert str(folder.run(point, 4).path) == os.path.join("sw", "lr_max=0.01,flip=false", "seed4")
+
+
+def test_a_list_trains_the_recipe_then_each_change_alone_seed_by_seed():
+    changes = [parse_point("flip=false", "point"), parse_point("bn_momentum=0.3,lr_max=0.04", "point")]
+    plan = Plan({}, first_seed=3, seeds=2, listed=changes)
+    plan.check(SMALL)
+    assert [(seed, point.name) for seed, point in plan.runs()] == [
+        (3, "recipe"), (3, "flip=false"), (3, "bn_momentum=0.3,lr_max=0.04"),
+        (4, "recipe"), (4, "flip=false"), (4, "bn_momentum=0.3,lr_max=0.04")]
+    assert plan.baseline_point == plan.points[0] and plan.settings == ["flip", "bn_momentum", "lr_max"]
+    assert plan.points[0].recipe(SMALL, 4) == SMALL.replace(seed=4) and plan.points[0].flags() == []
+    recipe = plan.points[2].recipe(SMALL, 3)
+    assert (recipe.bn_momentum, recipe.lr_max, recipe.flip, recipe.seed) == (0.3, 0.04, True, 3)
+    assert plan.points[2].flags() == ["--bn-momentum", "0.3", "--lr-max", "0.04"]
+    assert Plan.from_json(plan.to_json(), "plan") == plan
+    assert str(SweepFolder("sw").run(plan.points[0], 3).path) == os.path.join("sw", "recipe", "seed3")
 
 
 def test_a_varied_setting_acts_as_its_flag_would():
@@ -66,6 +83,56 @@ def test_an_impossible_grid_is_one_line_before_anything(cifar_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--point", "flip=true"], "--point flip=true: changes nothing in the recipe"),
+    (["--point", "lr_max=0.04", "--point", "lr_max=0.04"], "--point lr_max=0.04: given twice"),
+    (["--point", "lr_max=0.04,lr_max=0.08"], "each setting once"),
+    (["--point", "lr_max=0.04", "--vary", "flip=true,false"], "a sweep is a grid (--vary) or a list of points"),
+    (["--point", "lr_max=0.04", "--baseline", "lr_max=0.04"], "no --baseline with a list"),
+    (["--point", "seed=2"], "--point: seed is not varied"),
+    (["--point", "dataset=cifar100"], "--point: dataset is not varied: a sweep reads its data once"),
+    (["--point", "lr_min=0.1,lr_min_div=10"], "both set LRMIN"),
+    (["--point", "lr_maxx=0.1"], "unknown setting 'lr_maxx'"),
+])
+def test_an_impossible_list_is_one_line_before_anything(cifar_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "sw"
+    code = main(["sweep", *args, *FIXED, "--lr-max", "0.02", "--data-dir", str(cifar_dir), "--no-download",
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+GOOD_PLAN = {"vary": {}, "first_seed": 0, "seeds": 1, "baseline": None, "points": [{"lr_max": 0.04}]}
+
+
+@pytest.mark.parametrize("plan, message", [
+    ("{", "sweep_plan.json: not a sweep plan (JSONDecodeError"),
+    ("[" * 100_000 + "]" * 100_000, "not a sweep plan"),
+    ({**GOOD_PLAN, "points": {"lr_max": 0.04}}, "points must be a list"),
+    ({**GOOD_PLAN, "points": ["lr_max=0.04"]}, "points must be a list"),
+    ({**GOOD_PLAN, "points": [{"lr_max": "fast"}]}, "lr_max: 'fast' is not a float"),
+    ({**GOOD_PLAN, "points": [{"rm -rf": 1}]}, "unknown setting 'rm -rf'"),
+    ({**GOOD_PLAN, "points": [{"lr_max": 0.04}, {"lr_max": 0.04}]}, "sweep_plan.json: point lr_max=0.04: given twice"),
+    ({**GOOD_PLAN, "points": [{"lr_max": 0.02}]}, "changes nothing in the recipe"),
+    ({**GOOD_PLAN, "points": [{"lr_max": 0.001 * (i + 1)} for i in range(10_001)]}, "points must be a list"),
+    ({**GOOD_PLAN, "points": [{"lr_max": 0.001 * (i + 1)} for i in range(5_000)], "seeds": 2},
+     "sweep_plan.json: point: 5001 points x 2 seeds is more than 10000 runs"),
+    ({**GOOD_PLAN, "vary": {"flip": [True, False]}}, "a sweep is a grid"),
+])
+def test_a_crafted_sweep_plan_is_one_line(tmp_path, capsys, plan, message):
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    (folder / "recipe.toml").write_text(SMALL.to_toml())
+    (folder / "sweep_plan.json").write_text(plan if isinstance(plan, str) else json.dumps(plan))
+    started = time.perf_counter()
+    code = main(["sweep", "--collect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - started < 30  # a guard against a hang, not a speed test
+    assert sorted(p.name for p in folder.iterdir()) == ["recipe.toml", "sweep_plan.json"]  # nothing written
 
 
 def numbers(result):
@@ -116,6 +183,32 @@ def test_the_table_and_statistics_are_those_computed_by_hand(tmp_path):
         "diverged": 1, "finished": 1}
     assert high_stats["final_val_acc"]["n"] == 1 and high_stats["final_val_acc"]["sem"] is None
     assert high_stats["final_val_acc"]["paired_difference"]["mean"] == pytest.approx(0.70 - 0.85)
+    assert (folder.path / "sweep.png").stat().st_size > 10_000
+
+
+def test_a_lists_table_fills_in_the_recipes_values_and_compares_each_change_with_it(tmp_path):
+    plan = Plan({}, first_seed=0, seeds=2, listed=[{"lr_max": 0.04}, {"flip": False, "bn_momentum": 0.3}])
+    folder = SweepFolder(tmp_path / "sw")
+    folder.open(plan, SMALL)
+    recipe, faster, flipless = plan.points
+    for seed, (r, a, b) in enumerate([(0.80, 0.83, 0.78), (0.84, 0.85, 0.80)]):
+        write_run(folder, recipe, seed, r, r - 0.05)
+        write_run(folder, faster, seed, a, a - 0.05)
+        write_run(folder, flipless, seed, b, b - 0.05)
+    folder.write_results(plan, SMALL)
+    rows = list(csv.DictReader((folder.path / "sweep.csv").open()))
+    assert [(r["point"], r["lr_max"], r["flip"], r["bn_momentum"], r["seed"], r["final_val_acc"]) for r in rows] == [
+        ("recipe", "0.02", "true", "0.5", "0", "0.8"), ("recipe", "0.02", "true", "0.5", "1", "0.84"),
+        ("lr_max=0.04", "0.04", "true", "0.5", "0", "0.83"), ("lr_max=0.04", "0.04", "true", "0.5", "1", "0.85"),
+        ("flip=false,bn_momentum=0.3", "0.02", "false", "0.3", "0", "0.78"),
+        ("flip=false,bn_momentum=0.3", "0.02", "false", "0.3", "1", "0.8")]
+    stats = json.loads((folder.path / "sweep.json").read_text())
+    assert stats["baseline"] == "recipe" and stats["settings"] == ["lr_max", "flip", "bn_momentum"]
+    by_point = {p["point"]: p["final_val_acc"] for p in stats["points"]}
+    # paired by seed: 0.83-0.80, 0.85-0.84 = +0.02 on average; 0.78-0.80, 0.80-0.84 = -0.03
+    assert by_point["lr_max=0.04"]["paired_difference"]["mean"] == pytest.approx(0.02)
+    assert by_point["flip=false,bn_momentum=0.3"]["paired_difference"]["mean"] == pytest.approx(-0.03)
+    assert "paired_difference" not in by_point["recipe"]
     assert (folder.path / "sweep.png").stat().st_size > 10_000
 
 
@@ -235,3 +328,20 @@ def test_a_stop_signal_stops_every_worker_and_the_same_sweep_goes_on(cifar_dir, 
     whole = sweep(recipe.replace(lr_max=Recipe().lr_max), vary, 1, out=tmp_path / "whole", data_dir=cifar_dir,
                   download=False, progress=False)
     assert resumed.remaining == 0 and numbers(resumed) == numbers(whole)
+
+
+@pytest.mark.slow
+def test_a_list_sweep_trains_each_change_as_its_flags_would(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "sw"
+    code = main(["sweep", "--point", "lr_max=0.04", "--point", "flip=false,bn_momentum=0.3", *FIXED, "--lr-max",
+                 "0.02", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out), "--quiet"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "recipe                      1     " in table and "baseline" in table
+    assert "flip=false,bn_momentum=0.3  1     " in table
+    expected = {"recipe": SMALL, "lr_max=0.04": SMALL.replace(lr_max=0.04),
+                "flip=false,bn_momentum=0.3": SMALL.replace(flip=False, bn_momentum=0.3)}
+    for name, recipe in expected.items():
+        trained = load_recipe(out / name / "seed0" / "recipe.toml")
+        assert trained == recipe.replace(**{k: getattr(trained, k) for k in DATA_FIELDS}), name
+    assert [r["point"] for r in csv.DictReader((out / "sweep.csv").open())] == list(expected)

@@ -161,10 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(lr_find_cmd)
 
     sweep_cmd = sub.add_parser("sweep", parents=[common],
-                               help="train a grid of settings over seeds; a table, statistics and a picture")
+                               help="train a grid of settings, or a list of changes to a recipe, over seeds; a "
+                                    "table, statistics and a picture")
     sweep_cmd.add_argument("--vary", action="append", metavar="SETTING=V1,V2,...", default=[],
                            help="a recipe setting and its values (auto for lr_max or lr_min: the LR range test's "
                                 "value, found in each run); several --vary make a grid")
+    sweep_cmd.add_argument("--point", action="append", metavar="SETTING=V,...", default=[],
+                           help="instead of --vary: one change to the recipe (one setting or several); the sweep "
+                                "trains the recipe itself and each --point, and compares each with the recipe "
+                                "(an ablation: each change alone)")
     sweep_cmd.add_argument("--seeds", type=int, default=1, metavar="N",
                            help="seeds --seed .. --seed+N-1 at every point, trained seed by seed (default: 1)")
     sweep_cmd.add_argument("--baseline", metavar="SETTING=V,...",
@@ -409,15 +414,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import collect, parse_point, parse_vary, sweep
 
     if args.collect:
-        if args.vary or args.print_commands:
-            raise UserError("--collect reads a sweep folder as it is; leave out --vary and --print-commands")
+        if args.vary or args.point or args.print_commands:
+            raise UserError("--collect reads a sweep folder as it is; leave out --vary, --point and --print-commands")
         result = collect(args.collect)
     else:
-        if not args.vary:
-            raise UserError("sweep: give at least one --vary SETTING=VALUE,VALUE,... (or --collect SWEEP_DIR)")
+        if not (args.vary or args.point):
+            raise UserError("sweep: give at least one --vary SETTING=VALUE,VALUE,... or --point SETTING=VALUE,... "
+                            "(or --collect SWEEP_DIR)")
         vary = parse_vary(args.vary)
+        points = [parse_point(spec, "point") for spec in args.point] or None
         given = {f.name for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
-        both = sorted(given & set(vary))
+        both = sorted(given & set(vary))  # a --point changes the recipe the flags make: no conflict
         if both:
             raise UserError(f"{_flag(both[0])} is both fixed and varied; give it in one place")
         workers = args.workers
@@ -430,7 +437,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        baseline=parse_point(args.baseline) if args.baseline else None, data_dir=args.data_dir,
                        download=not args.no_download, progress=not args.quiet, workers=workers,
                        report=args.report, checkpoints=not args.no_checkpoint, tensorboard=args.tensorboard,
-                       print_commands=args.print_commands)
+                       print_commands=args.print_commands, points=points)
         if args.print_commands:
             for command in result.commands:
                 print(command)

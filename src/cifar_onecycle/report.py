@@ -395,6 +395,8 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
 
     from .sweep import AUTO, LOG_SETTINGS, format_point, format_value
 
+    if plan.listed is not None:
+        return plot_point_list(plan, rows, stats)
     selection = stats["selection"]
     x_name = next(iter(plan.vary))
     x_values = plan.vary[x_name]
@@ -457,14 +459,48 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
         ax.set_xticks(fixed, [format_value(v) for v in fixed])
     else:
         ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values])
-    words = "validation" if selection == "final_val_acc" else "test"
-    ax.set(xlabel=x_name, ylabel=f"final {words} accuracy (%)",
-           title=(f"{words} accuracy, seed {plan.first_seed}" if plan.seeds == 1 else
-                  f"{words} accuracy over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}: dots are "
-                  f"runs, bars the standard error"))
+    words, title = sweep_words(plan, selection)
+    ax.set(xlabel=x_name, ylabel=f"final {words} accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+    return fig
+
+
+def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
+    """The accuracy a sweep's picture shows, in words, and the picture's title."""
+    words = "validation" if selection == "final_val_acc" else "test"
+    return words, (f"{words} accuracy, seed {plan.first_seed}" if plan.seeds == 1 else
+                   f"{words} accuracy over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}\n"
+                   f"dots are runs, bars the standard error")
+
+
+def plot_point_list(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) -> Any:
+    """A list sweep's picture: a line per point (the recipe itself on top), its selection accuracy
+    a dot per seed and the mean with its standard error; the recipe's mean a dashed line."""
+    selection = stats["selection"]
+    by_name = {p["point"]: p for p in stats["points"]}
+    points = plan.points
+    fig = new_figure((7.5, 1.5 + 0.32 * len(points)))
+    ax = fig.subplots()
+    labels = []
+    for y, point in enumerate(points):
+        point_rows = [r for r in rows if r["point"] == point.name and r.get(selection) is not None]
+        ax.plot([100 * r[selection] for r in point_rows], [y] * len(point_rows), ".", color="C0", alpha=0.5)
+        entry = by_name.get(point.name, {}).get(selection)
+        if entry:
+            ax.errorbar(100 * entry["mean"], y, xerr=100 * (entry["sem"] or 0.0), fmt="o", color="C0", capsize=3)
+        found = [f"{k} {statistics.fmean(lrs):.3g}" for k, lrs in by_name.get(point.name, {}).get("found", {}).items()
+                 if lrs]  # the LRs an auto point trained at, which its name does not say
+        labels.append(point.name + (f" (found {', '.join(found)})" if found else ""))
+    baseline = by_name.get(stats["baseline"] or "", {}).get(selection)
+    if baseline:
+        ax.axvline(100 * baseline["mean"], color="0.4", ls="--", lw=1)
+    ax.set_yticks(range(len(points)), labels, fontsize="small")
+    ax.invert_yaxis()
+    words, title = sweep_words(plan, selection)
+    ax.set(xlabel=f"final {words} accuracy (%)" + ("; dashed: the recipe's mean" if baseline else ""), title=title)
+    ax.grid(alpha=0.3, axis="x")
     return fig
 
 

@@ -1,11 +1,14 @@
-"""Sweeps: a recipe trained at every point of a grid of settings, each point over the same seeds,
+"""Sweeps: a recipe trained at every point of a grid of settings, or at the points of a list (the
+recipe itself first: an ablation, each change alone on top of it), each point over the same seeds,
 and the table, statistics and picture that say which value is better and by how much.
 
 A sweep folder holds sweep_plan.json (the settings varied and their values, the seeds, the
 baseline), recipe.toml (the recipe every point starts from), one ordinary run folder per point and
-seed (``lr_max=0.1/seed2/``) and the results, rewritten after every run:
+seed (``lr_max=0.1/seed2/``; a list's recipe itself in ``recipe/``) and the results, rewritten
+after every run:
 
-    sweep.csv   a row per run that ended: the point's values, seed, final validation and test
+    sweep.csv   a row per run that ended: the point, its values (in a list, the recipe's where the
+                point keeps them), seed, final validation and test
                 accuracy (flip TTA too), the LRs it trained with, seconds, and its outcome: finished,
                 diverged (its loss was not finite) or no LR found (``auto`` found nothing)
     sweep.json  per point and accuracy: n, mean, standard deviation, standard error; and against the
@@ -108,28 +111,32 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
     return vary
 
 
-def parse_point(spec: str) -> dict[str, Any]:
-    """``"lr_max=0.2,flip=true"``: one value for each named setting (a baseline)."""
+def parse_point(spec: str, what: str = "baseline") -> dict[str, Any]:
+    """``"lr_max=0.2,flip=true"``: one value for each named setting (a baseline, or a ``point``)."""
     point: dict[str, Any] = {}
     for item in spec.split(","):
         setting, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"{as_setting('baseline')}: {spec!r} is not SETTING=VALUE,SETTING=VALUE")
         setting = setting.strip().replace("-", "_")
+        if not sep or setting in point:
+            raise UserError(f"{as_setting(what)}: {spec!r} is not SETTING=VALUE,SETTING=VALUE (each setting once)")
         point[setting] = parse_value(setting, value.strip())
     return point
 
 
+RECIPE_POINT = "recipe"  # the name of a list's first point, the recipe itself
+
+
 @dataclass(frozen=True)
 class Point:
-    """One point of the grid: a value for each varied setting, in the order they were given."""
+    """One point of the sweep: a value for each setting it changes, in the order they were given
+    (every varied setting in a grid; none for the recipe itself, a list's first point)."""
 
     values: tuple[tuple[str, Any], ...]
 
     @property
     def name(self) -> str:
-        """Its folder's name: ``lr_max=0.1`` or ``lr_max=0.1,flip=false``."""
-        return ",".join(f"{k}={format_value(v)}" for k, v in self.values)
+        """Its folder's name: ``lr_max=0.1`` or ``lr_max=0.1,flip=false``; ``recipe`` for no change."""
+        return ",".join(f"{k}={format_value(v)}" for k, v in self.values) or RECIPE_POINT
 
     @property
     def found(self) -> tuple[str, ...]:
@@ -158,17 +165,29 @@ class Point:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a sweep is: the settings varied with their values, the seeds, the baseline point."""
+    """What a sweep is: the settings varied with their values (a grid), or a list of points (the
+    recipe itself first: ``listed``, each point the settings it changes); the seeds; the baseline
+    point (a list's is the recipe itself)."""
 
     vary: dict[str, list[Any]]
     first_seed: int
     seeds: int
     baseline: dict[str, Any] | None = None
+    listed: list[dict[str, Any]] | None = None
 
     @property
     def points(self) -> list[Point]:
+        if self.listed is not None:
+            return [Point(()), *(Point(tuple(values.items())) for values in self.listed)]
         names = list(self.vary)
         return [Point(tuple(zip(names, values, strict=True))) for values in itertools.product(*self.vary.values())]
+
+    @property
+    def settings(self) -> list[str]:
+        """The settings the points change, in the order first given: sweep.csv's columns."""
+        if self.listed is None:
+            return list(self.vary)
+        return list(dict.fromkeys(k for values in self.listed for k in values))
 
     @property
     def seed_range(self) -> range:
@@ -180,67 +199,89 @@ class Plan:
 
     @property
     def baseline_point(self) -> Point | None:
+        if self.listed is not None:
+            return Point(())
         if self.baseline is None:
             return None
         return Point(tuple((k, self.baseline[k]) for k in self.vary))
 
     def check(self, base: Recipe) -> None:
         """Refuse a plan that cannot run: an unknown or repeated setting, a value the recipe refuses,
-        too many runs, a baseline that is not a point of the grid."""
-        if not self.vary:
+        a listed point that is another's or the recipe's own, too many runs, a baseline that is not a
+        point of the grid."""
+        what = "vary" if self.listed is None else "point"
+        if self.listed is not None and (self.vary or self.baseline is not None):
+            raise UserError(f"{as_setting('point')}: a sweep is a grid ({as_setting('vary')}) or a list of points "
+                            f"compared with the recipe itself; give one, and no {as_setting('baseline')} with a list")
+        if not (self.listed or self.vary):
             raise UserError(f"{as_setting('vary')}: give at least one setting to vary (SETTING=VALUE,VALUE,...)")
-        for setting, values in self.vary.items():
+        for setting in self.settings:
             if setting not in KINDS:
-                raise UserError(f"{as_setting('vary')}: unknown setting {setting!r}")
+                raise UserError(f"{as_setting(what)}: unknown setting {setting!r}")
             if setting in DATA_SETTINGS:
-                raise UserError(f"{as_setting('vary')}: {setting} is not varied: a sweep reads its data once; run a "
+                raise UserError(f"{as_setting(what)}: {setting} is not varied: a sweep reads its data once; run a "
                                 f"sweep for each data set")
             if setting in NOT_VARIED:
-                raise UserError(f"{as_setting('vary')}: seed is not varied: every point trains the same seeds, from "
-                                f"the recipe's "
-                                "seed on")
+                raise UserError(f"{as_setting(what)}: seed is not varied: every point trains the same seeds, from "
+                                f"the recipe's seed on")
+        for setting, values in self.vary.items():
             if not values or len({format_value(v) for v in values}) != len(values):
                 raise UserError(f"{as_setting('vary')}: {setting} needs distinct values, got "
                                 f"{[format_value(v) for v in values]}")
-        if "lr_min" in self.vary and "lr_min_div" in self.vary:
-            raise UserError(f"{as_setting('vary')}: lr_min and lr_min_div both set LRMIN; vary one")
         check_seed_range(self.first_seed, self.seeds)
-        count = math.prod(len(v) for v in self.vary.values())
+        count = math.prod(len(v) for v in self.vary.values()) if self.listed is None else 1 + len(self.listed)
         if count * self.seeds > MAX_RUNS:
-            raise UserError(f"{as_setting('vary')}: {count} points x {self.seeds} {as_setting('seeds')} is more "
+            raise UserError(f"{as_setting(what)}: {count} points x {self.seeds} {as_setting('seeds')} is more "
                             f"than {MAX_RUNS} runs")
+        listed = self.listed or []
+        if any("lr_min" in keys and "lr_min_div" in keys for keys in [*listed, self.vary]):
+            raise UserError(f"{as_setting(what)}: lr_min and lr_min_div both set LRMIN; set one")
+        seen: set[frozenset[tuple[str, Any]]] = set()
+        for change in listed:
+            if not change or all(v != AUTO and getattr(base, k) == v for k, v in change.items()):
+                raise UserError(f"{as_setting('point')} {format_point(change)}: changes nothing in the recipe, whose "
+                                f"own point every list trains first; leave it out")
+            if frozenset(change.items()) in seen:
+                raise UserError(f"{as_setting('point')} {format_point(change)}: given twice")
+            seen.add(frozenset(change.items()))
         for point in self.points:
             try:
                 point.recipe(base, self.first_seed)
             except RecipeError as e:
-                raise UserError(f"{as_setting('vary')}: {e}") from None
-        if self.baseline is not None and (set(self.baseline) != set(self.vary) or self.baseline_point not in set(
-                self.points)):
+                raise UserError(f"{as_setting(what)}: {e}") from None
+        if self.listed is None and self.baseline is not None and (
+                set(self.baseline) != set(self.vary) or self.baseline_point not in set(self.points)):
             raise UserError(f"{as_setting('baseline')} {format_point(self.baseline)} is not a point of the sweep: "
                             f"give one value of "
                             f"each varied setting ({', '.join(self.vary)}) from its values")
 
     def to_json(self) -> str:
         return json.dumps({"vary": self.vary, "first_seed": self.first_seed, "seeds": self.seeds,
-                           "baseline": self.baseline}, indent=1) + "\n"
+                           "baseline": self.baseline, **({"points": self.listed} if self.listed is not None else {})},
+                          indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str) -> Plan:
         """A plan as ``to_json`` wrote it; anything else is refused (``Plan.check`` then bounds it)."""
         try:
             raw = parse_json(text)
-            vary, baseline = raw["vary"], raw["baseline"]
+            vary, baseline, listed = raw["vary"], raw["baseline"], raw.get("points")
             if not (isinstance(vary, dict) and all(isinstance(v, list) and len(v) <= MAX_RUNS for v in vary.values())
                     and (baseline is None or isinstance(baseline, dict))):
                 raise TypeError("vary must map settings to lists of values")
+            if listed is not None and not (isinstance(listed, list) and len(listed) <= MAX_RUNS
+                                           and all(isinstance(p, dict) for p in listed)):
+                raise TypeError("points must be a list of settings and their values")
             first, seeds = raw["first_seed"], raw["seeds"]
             if not (type(first) is int and type(seeds) is int):
                 raise TypeError("first_seed and seeds must be integers")
             vary = {k: [_from_json_value(k, v) for v in values] for k, values in vary.items()}
             baseline = None if baseline is None else {k: _from_json_value(k, v) for k, v in baseline.items()}
+            if listed is not None:
+                listed = [{k: _from_json_value(k, v) for k, v in p.items()} for p in listed]
         except (ValueError, KeyError, TypeError) as e:  # parse_json bounds the nesting
             raise UserError(f"{source}: not a sweep plan ({type(e).__name__}: {e})") from None
-        return cls(vary, first, seeds, baseline)
+        return cls(vary, first, seeds, baseline, listed)
 
 
 def _from_json_value(setting: str, value: Any) -> Any:
@@ -298,7 +339,10 @@ class SweepFolder:
         except UnicodeDecodeError:
             raise UserError(f"{self.path / PLAN}: not a sweep plan (not UTF-8)") from None
         base = load_recipe(self.path / "recipe.toml")
-        plan.check(base)
+        try:
+            plan.check(base)
+        except UserError as e:  # a plan file someone else wrote: the error names it
+            raise UserError(f"{self.path / PLAN}: {e}") from None
         return plan, base
 
     def open(self, plan: Plan, base: Recipe) -> None:
@@ -317,8 +361,9 @@ class SweepFolder:
         atomic_write(self.path / "recipe.toml", base.to_toml())
         atomic_write(self.path / PLAN, plan.to_json())
 
-    def rows(self, plan: Plan) -> tuple[list[dict[str, Any]], int]:
-        """(a row per run that ended, in grid order, seed within point; the runs still to do)."""
+    def rows(self, plan: Plan, base: Recipe) -> tuple[list[dict[str, Any]], int]:
+        """(a row per run that ended, in the points' order, seed within point, its values those of
+        every setting the sweep changes, the recipe's where the point keeps them; the runs still to do)."""
         rows, remaining = [], 0
         for point in plan.points:
             for seed in plan.seed_range:
@@ -327,7 +372,8 @@ class SweepFolder:
                     remaining += 1
                     continue
                 run = self.run(point, seed)
-                row: dict[str, Any] = {"point": point.name, "values": dict(point.values), "seed": seed,
+                values = {k: dict(point.values).get(k, getattr(base, k)) for k in plan.settings}
+                row: dict[str, Any] = {"point": point.name, "values": values, "seed": seed,
                                        "outcome": "finished" if status == "finished" else run.read_failed()[0]}
                 summary = run.read_summary() if status == "finished" else {}
                 for name, key in RESULTS.items():
@@ -338,7 +384,7 @@ class SweepFolder:
 
     def write_results(self, plan: Plan, base: Recipe) -> SweepResult:
         """sweep.csv, sweep.json and sweep.png from the run folders as they are now."""
-        rows, remaining = self.rows(plan)
+        rows, remaining = self.rows(plan, base)
         stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
         atomic_write(self.path / TABLE, sweep_csv(plan, rows))
         atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
@@ -354,13 +400,13 @@ def selection_accuracy(recipe: Recipe) -> str:
 
 
 def sweep_csv(plan: Plan, rows: list[dict[str, Any]]) -> str:
-    names = [*plan.vary, "seed", *RESULTS, "outcome"]
+    names = ["point", *plan.settings, "seed", *RESULTS, "outcome"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         out = {k: format_value(v) for k, v in row["values"].items()}
-        out.update(seed=row["seed"], outcome=row["outcome"])
+        out.update(point=row["point"], seed=row["seed"], outcome=row["outcome"])
         out.update({name: "" if row[name] is None else f"{row[name]:.6g}" for name in RESULTS})
         writer.writerow(out)
     return buf.getvalue()
@@ -403,7 +449,7 @@ def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remainin
         if point.found:  # the LRs the range test found, seed by seed
             entry["found"] = {k: [r[k + "_used"] for r in finished.values()] for k in point.found}
         points.append(entry)
-    return {"selection": selection, "vary": plan.vary, "seeds": list(plan.seed_range),
+    return {"selection": selection, "vary": plan.vary, "settings": plan.settings, "seeds": list(plan.seed_range),
             "baseline": baseline.name if baseline else None, "remaining_runs": remaining, "points": points}
 
 
@@ -428,13 +474,16 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
           out: str | Path, baseline: Mapping[str, Any] | None = None, data_dir: str | Path | None = None,
           download: bool = True, data: LabelledImages | None = None, progress: bool = True, workers: int = 1,
           report: bool = False, checkpoints: bool = True, tensorboard: bool = False,
-          print_commands: bool = False) -> SweepResult:
+          print_commands: bool = False, points: Sequence[Mapping[str, Any]] | None = None) -> SweepResult:
     """Train ``recipe`` at every point of the grid ``vary`` ({setting: values}; ``"auto"`` for
-    lr_max or lr_min: the range test's value, found in each run) with seeds ``recipe.seed`` ..
-    ``recipe.seed + seeds - 1``, each run an ordinary run folder under ``out``; returns the table.
+    lr_max or lr_min: the range test's value, found in each run), or instead at the recipe itself
+    and each of ``points`` (a list of {setting: value}, the changes each makes to the recipe), with
+    seeds ``recipe.seed`` .. ``recipe.seed + seeds - 1``, each run an ordinary run folder under
+    ``out``; returns the table.
 
     ``baseline``: the point the others are compared with, paired by seed (default: the recipe's
-    own values of the varied settings, when they are a point of the grid). ``workers``: runs at
+    own values of the varied settings, when they are a point of the grid; with ``points``, the
+    recipe itself). ``workers``: runs at
     once, each a ``cifar-onecycle train`` process (on a machine with GPUs, worker k uses GPU k modulo
     their number); 1 trains in this process. ``print_commands``: make the folder and return, in
     ``commands``, one ``cifar-onecycle train`` command per remaining run instead of training them
@@ -444,9 +493,10 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     base = recipe or Recipe()
     vary_lists = {k: list(v) for k, v in (vary or {}).items()}
     own = {k: getattr(base, k) for k in vary_lists if k in KINDS}
-    if baseline is None and all(own[k] in vary_lists[k] for k in own) and own:
+    if baseline is None and all(own[k] in vary_lists[k] for k in own) and own and points is None:
         baseline = own
-    plan = Plan(vary_lists, base.seed, seeds, dict(baseline) if baseline is not None else None)
+    plan = Plan(vary_lists, base.seed, seeds, dict(baseline) if baseline is not None else None,
+                None if points is None else [dict(p) for p in points])
     plan.check(base)
     if workers < 1:
         raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
