@@ -37,6 +37,8 @@ after the budget, and goes on where an earlier call stopped (on the same machine
 ``--sweeps-from``); its sweeps take ``--sweep-workers``. ``workers``: one small sweep with 1 worker and
 with 2 sharing the GPU, timed; the faster count is kept on the machine for the sweeps stage (run it first).
 ``torchrun``: two epochs under ``torchrun --nproc-per-node 1`` with ``--sync-bn`` and a holdout.
+``best2`` (after ``sweeps`` with ``best-stage1.txt``): stage 2 of `best`'s selection, derived from
+the ended ``stage1`` sweep by ``best_selection.py``'s rules, run as a sweep named ``stage2``.
 
 ``speed`` (not in the default list): the speed levers on the bare step (fused SGD, cuDNN's
 benchmark mode, torch.compile's modes; ``--bare-variants`` picks them), the augmentation alone (one
@@ -572,6 +574,13 @@ def sweep_rows(folder: Path) -> list[dict[str, str]]:
         return []
 
 
+def sweep_size(folder: Path) -> int:
+    """How many runs the sweep in ``folder`` has, ended or not."""
+    from cifar_onecycle.sweep import SweepFolder
+
+    return len(SweepFolder(folder).read()[0].runs())
+
+
 def sweep_args(args: list[str], data_dir: Path) -> list[str]:
     """``cifar-onecycle sweep ARGS`` as this script runs every sweep: on the built data, no
     checkpoints (a run cut short starts again), no progress bars."""
@@ -614,7 +623,10 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
                 results.add_run({"stage": stage, "sweep": name, **row})
                 say(f"  {name}: {len(rows)} runs ended; the last {row.get('outcome')} "
                     f"{row.get('final_val_acc') or row.get('final_test_acc')}")
-            at_end, next_too_long = clock.left() <= 0, bool(ended) and not clock.fits(f"sweep:{name}")
+            # no next run once every run of the sweep has ended (it is writing its results)
+            last_ended = bool(rows) and len(rows) >= sweep_size(folder)
+            at_end = clock.left() <= 0 and not last_ended
+            next_too_long = bool(ended) and not clock.fits(f"sweep:{name}") and not last_ended
             if stopped_at is None and (at_end or next_too_long):
                 stopped_at = time.perf_counter()
                 say(f"  {name}: stopped (SIGINT) " + ("at the end of the budget" if at_end else
@@ -656,6 +668,29 @@ def stage_sweeps(plan: list[tuple[str, list[str]]], extra: list[str], data_dir: 
             continue
         run_cli("sweeps", name, sweep_args([*args, *extra, "--workers", str(n_workers)], data_dir), results, clock,
                 workers=n_workers)
+
+
+def stage_best2(extra: list[str], data_dir: Path, results: Results, clock: Clock, earlier: Path | None,
+                workers: str) -> None:
+    """Stage 2 of `best`'s selection, derived by ``best_selection``'s rules from the ``stage1`` sweep
+    on this machine once it has ended, then run as the sweeps stage runs its sweeps (a later call
+    goes on with it)."""
+    from best_selection import SelectionError, describe, stage2, stage2_args
+
+    stage1 = results.runs / "sweeps" / "stage1"
+    if not (stage1 / "sweep.json").is_file() or json.loads((stage1 / "sweep.json").read_text())["remaining_runs"]:
+        say("best2: stage 1 has not ended here; no stage 2 yet")
+        return
+    try:
+        recipe, leave_out, chosen = stage2(stage1)
+    except SelectionError as e:
+        say(f"best2: {e}")
+        return
+    for j in chosen:
+        say(f"best2: goes on: {describe(j)}")
+    recipe_file = results.runs.parent / "stage2.toml"  # the sweep keeps it as its recipe.toml
+    recipe_file.write_text(recipe.to_toml())
+    stage_sweeps([("stage2", stage2_args(recipe_file, leave_out))], extra, data_dir, results, clock, earlier, workers)
 
 
 def stage_workers(args: list[str], extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
@@ -707,7 +742,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--wheels", type=Path, help="a folder of wheels to install for missing packages")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points",
-                    help="in order; also 'speed' (the speed levers, one by one), 'sweeps', 'workers', 'torchrun'")
+                    help="in order; also 'speed' (the speed levers, one by one), 'sweeps', 'best2', 'workers', "
+                         "'torchrun'")
     ap.add_argument("--results-name", help="the top folder in runs.tar.gz (default: gpu-<card>)")
     ap.add_argument("--lr-point-seeds", type=int, default=1, help="seeds of the LRMAX points (from 0)")
     ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
@@ -797,6 +833,7 @@ def main() -> None:
         "lr_points": lambda: stage_lr_points(extra, data_dir, results, clock, args.lr_points, args.lr_point_seeds),
         "sweeps": lambda: stage_sweeps(read_sweep_plan(args.sweeps), sweep_extra, data_dir, results, clock,
                                        args.sweeps_from, args.sweep_workers),
+        "best2": lambda: stage_best2(sweep_extra, data_dir, results, clock, args.sweeps_from, args.sweep_workers),
         "workers": lambda: stage_workers(shlex.split(args.workers_sweep), extra, data_dir, results, clock),
         "torchrun": lambda: stage_torchrun(extra, data_dir, results, clock),
         "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,

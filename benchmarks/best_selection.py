@@ -1,0 +1,145 @@
+"""The selection rules for `best` (benchmarks/results/README.md, "Selection plan for `best`") as code,
+written before any run, so that no stage's choice is made by eye.
+
+A candidate is the points of stage 1's list sweep that begin with the same setting (``bn_scale_frozen=true``
+and ``bn_scale_frozen=true,bn_bias_lr_mult=16`` are one candidate). Each is judged on the sweep's
+selection accuracy (``final_val_acc``), or on ``final_val_acc_tta`` where it changes only the
+evaluation (``tta_translate``), by its difference from the baseline paired by seed (sweep.json).
+
+- Stage 1 to stage 2: a candidate helped if one of its points is above the recipe (``dawnbench``);
+  the point with the largest difference goes on. Stage 2's recipe is ``dawnbench`` with every
+  candidate that helped, and its list sweep leaves each out in turn (its settings back to
+  ``dawnbench``'s values), seeds 0 to 3.
+- Stage 2 to ``best``: a candidate stays if leaving it out lowers the accuracy (a difference below 0).
+
+    python benchmarks/best_selection.py stage2 STAGE1_SWEEP_DIR --out DIR  # DIR/stage2.toml, DIR/stage2.txt
+    python benchmarks/best_selection.py best STAGE2_SWEEP_DIR --out best.toml
+
+A sweep with runs left to train, or a point whose runs all failed, is judged on what finished; a
+sweep with no finished baseline run is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifar_onecycle.recipe import Recipe
+from cifar_onecycle.sweep import STATS, Point, SweepFolder, format_point
+
+EVALUATION_ONLY = ("tta_translate",)  # judged with the TTA the setting changes
+STAGE2_SEEDS = 4
+
+
+class SelectionError(Exception):
+    """A sweep the rules cannot judge."""
+
+
+@dataclass
+class Judged:
+    """One point of a sweep, judged: its candidate (the first setting it changes), the accuracy it is
+    judged on, and its mean difference from the baseline paired by seed (None: nothing to pair)."""
+
+    point: Point
+    candidate: str
+    accuracy: str
+    difference: float | None
+    sem: float | None
+    n: int
+
+
+def judge(folder: Path) -> tuple[Recipe, list[Judged]]:
+    """The sweep's base recipe and every point but the baseline, judged; the sweep must be a list."""
+    plan, base = SweepFolder(folder).read()
+    if plan.listed is None:
+        raise SelectionError(f"{folder}: a grid sweep; the stages are list sweeps (--point)")
+    stats = json.loads((folder / STATS).read_text())
+    by_name = {p["point"]: p for p in stats["points"]}
+    baseline = by_name.get(stats["baseline"], {})
+    if not baseline.get(stats["selection"], {}).get("n"):
+        raise SelectionError(f"{folder}: no finished run of the baseline ({stats['baseline']}) to compare with")
+    judged = []
+    for point in plan.points[1:]:
+        candidate = point.values[0][0]
+        accuracy = stats["selection"] + ("_tta" if candidate in EVALUATION_ONLY else "")
+        paired = (by_name.get(point.name, {}).get(accuracy) or {}).get("paired_difference") or {}
+        judged.append(Judged(point, candidate, accuracy, paired.get("mean"), paired.get("sem"), paired.get("n", 0)))
+    return base, judged
+
+
+def stage2(stage1: Path) -> tuple[Recipe, list[dict[str, Any]], list[Judged]]:
+    """Stage 2 from stage 1: the recipe with every candidate that helped (at its best point), the
+    points that leave each out, and the stage-1 points chosen."""
+    base, judged = judge(stage1)
+    best: dict[str, Judged] = {}
+    for j in judged:
+        if j.difference is not None and j.difference > 0 and (
+                j.candidate not in best or j.difference > (best[j.candidate].difference or 0.0)):
+            best[j.candidate] = j
+    if not best:
+        raise SelectionError(f"{stage1}: no candidate is above the recipe; there is no stage 2")
+    changes: dict[str, Any] = {}
+    for j in best.values():
+        changes.update(j.point.values)
+    recipe = Point(tuple(changes.items())).recipe(base, base.seed)
+    leave_out = [{k: getattr(base, k) for k, _ in j.point.values} for j in best.values()]
+    return recipe, leave_out, list(best.values())
+
+
+def stage2_args(recipe_file: Path, leave_out: list[dict[str, Any]]) -> list[str]:
+    """Stage 2's ``cifar-onecycle sweep`` flags: its recipe and the points that leave each candidate out."""
+    return ["--recipe", str(recipe_file), "--seeds", str(STAGE2_SEEDS),
+            *(w for values in leave_out for w in ("--point", format_point(values)))]
+
+
+def best_recipe(stage2_folder: Path) -> tuple[Recipe, list[Judged], list[Judged]]:
+    """``best`` from stage 2: its recipe less every candidate whose leaving out did not lower the
+    accuracy; the candidates kept and those dropped (judged on their leave-out points)."""
+    combined, judged = judge(stage2_folder)
+    kept = [j for j in judged if j.difference is not None and j.difference < 0]
+    dropped = [j for j in judged if j not in kept]
+    reverted: dict[str, Any] = {}
+    for j in dropped:
+        reverted.update(j.point.values)
+    recipe = Point(tuple(reverted.items())).recipe(combined, combined.seed) if reverted else combined
+    return recipe, kept, dropped
+
+
+def describe(j: Judged) -> str:
+    difference = "no finished pair" if j.difference is None else (
+        f"{100 * j.difference:+.2f} points" + (f" (sem {100 * j.sem:.2f})" if j.sem is not None else ""))
+    return f"{j.point.name}: {difference} on {j.accuracy}, {j.n} seeds"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=("stage2", "best"))
+    ap.add_argument("sweep", type=Path, help="the sweep folder of the stage before")
+    ap.add_argument("--out", type=Path, required=True, help="stage2: a folder; best: the recipe file to write")
+    args = ap.parse_args()
+    try:
+        if args.step == "stage2":
+            recipe, leave_out, chosen = stage2(args.sweep)
+            args.out.mkdir(parents=True, exist_ok=True)
+            toml = args.out / "stage2.toml"
+            toml.write_text("# stage 2 of best's selection: dawnbench with every stage-1 candidate that helped\n"
+                            + "".join(f"# {describe(j)}\n" for j in chosen) + recipe.to_toml())
+            line = shlex.join(["stage2", *stage2_args(toml, leave_out)])
+            (args.out / "stage2.txt").write_text(f"# from {args.sweep}\n{line}\n")
+            print(f"{toml}\n{args.out / 'stage2.txt'}: {line}")
+        else:
+            recipe, kept, dropped = best_recipe(args.sweep)
+            args.out.write_text("# best: dawnbench with the candidates that stage 2 kept; leaving each out cost\n"
+                                + "".join(f"# {describe(j)}\n" for j in kept)
+                                + "# dropped (leaving it out cost nothing):\n"
+                                + "".join(f"# {describe(j)}\n" for j in dropped) + recipe.to_toml())
+            print(args.out)
+    except SelectionError as e:
+        raise SystemExit(f"best_selection: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
