@@ -623,10 +623,11 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
                 results.add_run({"stage": stage, "sweep": name, **row})
                 say(f"  {name}: {len(rows)} runs ended; the last {row.get('outcome')} "
                     f"{row.get('final_val_acc') or row.get('final_test_acc')}")
-            # no next run once every run of the sweep has ended (it is writing its results)
-            last_ended = bool(rows) and len(rows) >= sweep_size(folder)
-            at_end = clock.left() <= 0 and not last_ended
-            next_too_long = bool(ended) and not clock.fits(f"sweep:{name}") and not last_ended
+            # No run starts once the sweep's last ones are in flight (its other workers' runs), and
+            # none is left once every run has ended (the sweep is writing its results).
+            left_to_end = sweep_size(folder) - len(rows) if rows else workers
+            at_end = clock.left() <= 0 and left_to_end > 0
+            next_too_long = bool(ended) and not clock.fits(f"sweep:{name}") and left_to_end >= workers
             if stopped_at is None and (at_end or next_too_long):
                 stopped_at = time.perf_counter()
                 say(f"  {name}: stopped (SIGINT) " + ("at the end of the budget" if at_end else

@@ -2,8 +2,8 @@
 recipe itself first: an ablation, each change alone on top of it), each point over the same seeds,
 and the table, statistics and picture that say which value is better and by how much.
 
-A sweep folder holds sweep_plan.json (the settings varied and their values, the seeds, the
-baseline), recipe.toml (the recipe every point starts from), one ordinary run folder per point and
+A sweep folder holds sweep_plan.json (the settings varied and their values, or the listed
+points; the seeds, the baseline), recipe.toml (the recipe every point starts from), one ordinary run folder per point and
 seed (``lr_max=0.1/seed2/``; a list's recipe itself in ``recipe/``) and the results, rewritten
 after every run:
 
@@ -214,7 +214,8 @@ class Plan:
             raise UserError(f"{as_setting('point')}: a sweep is a grid ({as_setting('vary')}) or a list of points "
                             f"compared with the recipe itself; give one, and no {as_setting('baseline')} with a list")
         if not (self.listed or self.vary):
-            raise UserError(f"{as_setting('vary')}: give at least one setting to vary (SETTING=VALUE,VALUE,...)")
+            raise UserError(f"{as_setting(what)}: give at least one setting to vary (SETTING=VALUE,VALUE,...) or "
+                            f"point (SETTING=VALUE,...)")
         for setting in self.settings:
             if setting not in KINDS:
                 raise UserError(f"{as_setting(what)}: unknown setting {setting!r}")
@@ -483,9 +484,8 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
 
     ``baseline``: the point the others are compared with, paired by seed (default: the recipe's
     own values of the varied settings, when they are a point of the grid; with ``points``, the
-    recipe itself). ``workers``: runs at
-    once, each a ``cifar-onecycle train`` process (on a machine with GPUs, worker k uses GPU k modulo
-    their number); 1 trains in this process. ``print_commands``: make the folder and return, in
+    recipe itself). ``workers``: runs at once, each a ``cifar-onecycle train`` process (on a
+    machine with GPUs, worker k uses GPU k modulo their number); 1 trains in this process. ``print_commands``: make the folder and return, in
     ``commands``, one ``cifar-onecycle train`` command per remaining run instead of training them
     (for a scheduler); ``collect`` gathers their results. ``report``, ``checkpoints``,
     ``tensorboard``: as for ``train``. The same call again goes on where a sweep stopped.
