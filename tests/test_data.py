@@ -4,12 +4,14 @@ import os
 import pickle
 import pickletools
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cifar_onecycle.data import (
+    CIFAR10,
     DatasetError,
     download_archive,
     download_bar,
@@ -122,8 +124,8 @@ def test_unsafe_archive_member_refused(tmp_path):
 def test_the_download_shows_a_progress_bar(tmp_path, capsys):
     write_cifar(tmp_path / "src")
     archive = make_archive(tmp_path / "src", tmp_path / "served.tar.gz")
-    download_archive(tmp_path / "data" / "cifar-10-python.tar.gz", url=archive.as_uri(), md5=None,
-                     progress=download_bar())
+    download_archive(tmp_path / "data" / "cifar-10-python.tar.gz", replace(CIFAR10, url=archive.as_uri(), md5=""),
+                     download_bar())
     err = capsys.readouterr().err
     assert "download CIFAR-10" in err and "B/s" in err, err  # tqdm's bar of bytes, with its rate
 
@@ -134,13 +136,14 @@ def test_download_checks_md5_and_leaves_nothing_half_written(tmp_path):
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     dest = tmp_path / "data" / "cifar-10-python.tar.gz"
     seen = []
-    download_archive(dest, url=archive.as_uri(), md5=md5, progress=lambda d, t: seen.append(d))
+    served = replace(CIFAR10, url=archive.as_uri(), md5=md5)
+    download_archive(dest, served, lambda d, t: seen.append(d))
     assert dest.read_bytes() == archive.read_bytes() and seen[-1] == archive.stat().st_size
     dest.unlink()
     with pytest.raises(DatasetError, match="md5"):
-        download_archive(dest, url=archive.as_uri(), md5="0" * 32)
+        download_archive(dest, replace(served, md5="0" * 32))
     with pytest.raises(DatasetError, match="cannot download"):
-        download_archive(dest, url=(tmp_path / "nope.tar.gz").as_uri())
+        download_archive(dest, replace(served, url=(tmp_path / "nope.tar.gz").as_uri()))
     assert os.listdir(tmp_path / "data") == []
 
 

@@ -231,7 +231,7 @@ def _ensure(data_dir: Path, source: Source, download: bool, progress: Callable[[
         if not download:
             raise DatasetError(f"{source.name} not found in {data_dir}: put '{source.folder}/' or '{source.archive}' "
                                f"there (from {source.url}), or allow the download")
-        download_archive(archive, url=source.url, md5=source.md5, progress=progress, source=source)
+        download_archive(archive, source, progress)
     extract_archive(archive, data_dir, source)
     missing = _missing(folder, source)
     if missing:
@@ -247,10 +247,11 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def download_archive(dest: Path, url: str = URL, md5: str | None = MD5,
-                     progress: Callable[[int, int], None] | None = None, timeout: float = 30,
-                     source: Source = CIFAR10) -> None:
-    """Download to ``dest.part``, check the md5, then rename: a broken download never looks whole."""
+def download_archive(dest: Path, source: Source = CIFAR10,
+                     progress: Callable[[int, int], None] | None = None, timeout: float = 30) -> None:
+    """Download ``source``'s archive to ``dest.part``, check its md5 (unless ``source.md5`` is
+    empty), then rename: a broken download never looks whole."""
+    url, md5 = source.url, source.md5
     part = dest.with_name(dest.name + ".part")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

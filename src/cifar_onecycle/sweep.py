@@ -3,9 +3,9 @@ recipe itself first: an ablation, each change alone on top of it), each point ov
 and the table, statistics and picture that say which value is better and by how much.
 
 A sweep folder holds sweep_plan.json (the settings varied and their values, or the listed
-points; the seeds, the baseline), recipe.toml (the recipe every point starts from), one ordinary run folder per point and
-seed (``lr_max=0.1/seed2/``; a list's recipe itself in ``recipe/``) and the results, rewritten
-after every run:
+points; the seeds, the baseline), recipe.toml (the recipe every point starts from), one ordinary
+run folder per point and seed (``lr_max=0.1/seed2/``; a list's recipe itself in ``recipe/``) and
+the results, rewritten after every run:
 
     sweep.csv   a row per run that ended: the point, its values (in a list, the recipe's where the
                 point keeps them), seed, final validation and test
@@ -485,9 +485,10 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     ``baseline``: the point the others are compared with, paired by seed (default: the recipe's
     own values of the varied settings, when they are a point of the grid; with ``points``, the
     recipe itself). ``workers``: runs at once, each a ``cifar-onecycle train`` process (on a
-    machine with GPUs, worker k uses GPU k modulo their number); 1 trains in this process. ``print_commands``: make the folder and return, in
-    ``commands``, one ``cifar-onecycle train`` command per remaining run instead of training them
-    (for a scheduler); ``collect`` gathers their results. ``report``, ``checkpoints``,
+    machine with GPUs, worker k uses GPU k modulo their number); 1 trains in this process.
+    ``print_commands``: make the folder and return, in ``commands``, one ``cifar-onecycle train``
+    command per remaining run instead of training them (for a scheduler); ``collect`` gathers their
+    results. ``report``, ``checkpoints``,
     ``tensorboard``: as for ``train``. The same call again goes on where a sweep stopped.
     """
     base = recipe or Recipe()
