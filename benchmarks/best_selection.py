@@ -11,9 +11,12 @@ evaluation (``tta_translate``), by its difference from the baseline paired by se
   candidate that helped, and its list sweep leaves each out in turn (its settings back to
   ``dawnbench``'s values), seeds 0 to 3.
 - Stage 2 to ``best``: a candidate stays if leaving it out lowers the accuracy (a difference below 0).
+- The final: ``dawnbench`` itself against ``best`` (one point: every candidate kept) on the full
+  training set and the test set, seeds 0 to 7; sweep.json's paired difference, without and with
+  TTA, is the result.
 
     python benchmarks/best_selection.py stage2 STAGE1_SWEEP_DIR --out DIR  # DIR/stage2.toml, DIR/stage2.txt
-    python benchmarks/best_selection.py best STAGE2_SWEEP_DIR --out best.toml
+    python benchmarks/best_selection.py best STAGE2_SWEEP_DIR --out best.toml  # and the final's sweep
 
 A sweep with runs left to train, or a point whose runs all failed, is judged on what finished; a
 sweep with no finished baseline run is refused.
@@ -31,7 +34,7 @@ from cifar_onecycle.recipe import Recipe
 from cifar_onecycle.sweep import STATS, Point, SweepFolder, format_point
 
 EVALUATION_ONLY = ("tta_translate",)  # judged with the TTA the setting changes
-STAGE2_SEEDS = 4
+STAGE2_SEEDS, FINAL_SEEDS = 4, 8
 
 
 class SelectionError(Exception):
@@ -108,6 +111,16 @@ def best_recipe(stage2_folder: Path) -> tuple[Recipe, list[Judged], list[Judged]
     return recipe, kept, dropped
 
 
+def final_args(stage2_folder: Path) -> list[str]:
+    """The final's ``cifar-onecycle sweep`` flags: ``dawnbench`` and, as its one point, ``best``'s
+    changes to it (the candidates stage 2 kept), no holdout, ``FINAL_SEEDS`` seeds."""
+    best, kept, _ = best_recipe(stage2_folder)
+    if not kept:
+        raise SelectionError(f"{stage2_folder}: stage 2 kept no candidate, so best is dawnbench; no final to run")
+    changes = {k: getattr(best, k) for j in kept for k, _ in j.point.values}
+    return ["--recipe", "dawnbench", "--holdout", "0", "--seeds", str(FINAL_SEEDS), "--point", format_point(changes)]
+
+
 def describe(j: Judged) -> str:
     difference = "no finished pair" if j.difference is None else (
         f"{100 * j.difference:+.2f} points" + (f" (sem {100 * j.sem:.2f})" if j.sem is not None else ""))
@@ -136,7 +149,7 @@ def main() -> None:
                                 + "".join(f"# {describe(j)}\n" for j in kept)
                                 + "# dropped (leaving it out cost nothing):\n"
                                 + "".join(f"# {describe(j)}\n" for j in dropped) + recipe.to_toml())
-            print(args.out)
+            print(f"{args.out}\nthe final: cifar-onecycle sweep {shlex.join(final_args(args.sweep))}")
     except SelectionError as e:
         raise SystemExit(f"best_selection: {e}") from None
 

@@ -37,8 +37,9 @@ after the budget, and goes on where an earlier call stopped (on the same machine
 ``--sweeps-from``); its sweeps take ``--sweep-workers``. ``workers``: one small sweep with 1 worker and
 with 2 sharing the GPU, timed; the faster count is kept on the machine for the sweeps stage (run it first).
 ``torchrun``: two epochs under ``torchrun --nproc-per-node 1`` with ``--sync-bn`` and a holdout.
-``best2`` (after ``sweeps`` with ``best-stage1.txt``): stage 2 of `best`'s selection, derived from
-the ended ``stage1`` sweep by ``best_selection.py``'s rules, run as a sweep named ``stage2``.
+``best2`` (after ``sweeps`` with ``best-stage1.txt``) and ``final``: stage 2 of `best`'s selection
+and its final comparison, each derived from the ended sweep before it (``stage1``, ``stage2``) by
+``best_selection.py``'s rules and run as the sweep ``stage2`` or ``final``.
 
 ``speed`` (not in the default list): the speed levers on the bare step (fused SGD, cuDNN's
 benchmark mode, torch.compile's modes; ``--bare-variants`` picks them), the augmentation alone (one
@@ -671,27 +672,35 @@ def stage_sweeps(plan: list[tuple[str, list[str]]], extra: list[str], data_dir: 
                 workers=n_workers)
 
 
-def stage_best2(extra: list[str], data_dir: Path, results: Results, clock: Clock, earlier: Path | None,
-                workers: str) -> None:
-    """Stage 2 of `best`'s selection, derived by ``best_selection``'s rules from the ``stage1`` sweep
-    on this machine once it has ended, then run as the sweeps stage runs its sweeps (a later call
-    goes on with it)."""
-    from best_selection import SelectionError, describe, stage2, stage2_args
+def stage_derived(name: str, source: str, derive: Callable[[Path], list[str]], extra: list[str], data_dir: Path,
+                  results: Results, clock: Clock, earlier: Path | None, workers: str) -> None:
+    """The sweep ``name`` whose flags ``derive`` gives from the sweep ``source`` on this machine, once
+    that has ended (a stage of `best`'s selection, by ``best_selection``'s rules), run as the sweeps
+    stage runs its sweeps (a later call goes on with it)."""
+    from best_selection import SelectionError
 
-    stage1 = results.runs / "sweeps" / "stage1"
-    if not (stage1 / "sweep.json").is_file() or json.loads((stage1 / "sweep.json").read_text())["remaining_runs"]:
-        say("best2: stage 1 has not ended here; no stage 2 yet")
+    folder = results.runs / "sweeps" / source
+    if not (folder / "sweep.json").is_file() or json.loads((folder / "sweep.json").read_text())["remaining_runs"]:
+        say(f"{name}: the sweep {source} has not ended here; no {name} yet")
         return
     try:
-        recipe, leave_out, chosen = stage2(stage1)
+        args = derive(folder)
     except SelectionError as e:
-        say(f"best2: {e}")
+        say(f"{name}: {e}")
         return
+    stage_sweeps([(name, args)], extra, data_dir, results, clock, earlier, workers)
+
+
+def best_stage2_args(stage1: Path, recipe_file: Path) -> list[str]:
+    """Stage 2's flags from stage 1, its recipe written to ``recipe_file`` (the sweep keeps a copy as
+    its recipe.toml)."""
+    from best_selection import describe, stage2, stage2_args
+
+    recipe, leave_out, chosen = stage2(stage1)
     for j in chosen:
         say(f"best2: goes on: {describe(j)}")
-    recipe_file = results.runs.parent / "stage2.toml"  # the sweep keeps it as its recipe.toml
     recipe_file.write_text(recipe.to_toml())
-    stage_sweeps([("stage2", stage2_args(recipe_file, leave_out))], extra, data_dir, results, clock, earlier, workers)
+    return stage2_args(recipe_file, leave_out)
 
 
 def stage_workers(args: list[str], extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
@@ -743,8 +752,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--wheels", type=Path, help="a folder of wheels to install for missing packages")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points",
-                    help="in order; also 'speed' (the speed levers, one by one), 'sweeps', 'best2', 'workers', "
-                         "'torchrun'")
+                    help="in order; also 'speed' (the speed levers, one by one), 'sweeps', 'best2', 'final', "
+                         "'workers', 'torchrun'")
     ap.add_argument("--results-name", help="the top folder in runs.tar.gz (default: gpu-<card>)")
     ap.add_argument("--lr-point-seeds", type=int, default=1, help="seeds of the LRMAX points (from 0)")
     ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
@@ -798,6 +807,7 @@ def main() -> None:
     say(ensure_packages(args.wheels))
     if args.commit:  # summary.json's git_commit on a copy that is not a checkout
         os.environ["CIFAR_ONECYCLE_COMMIT"] = args.commit
+    from best_selection import final_args
     from cifar_onecycle import load_recipe
     from recipes import setting
 
@@ -834,7 +844,10 @@ def main() -> None:
         "lr_points": lambda: stage_lr_points(extra, data_dir, results, clock, args.lr_points, args.lr_point_seeds),
         "sweeps": lambda: stage_sweeps(read_sweep_plan(args.sweeps), sweep_extra, data_dir, results, clock,
                                        args.sweeps_from, args.sweep_workers),
-        "best2": lambda: stage_best2(sweep_extra, data_dir, results, clock, args.sweeps_from, args.sweep_workers),
+        "best2": lambda: stage_derived("stage2", "stage1", lambda s1: best_stage2_args(s1, args.work / "stage2.toml"),
+                                       sweep_extra, data_dir, results, clock, args.sweeps_from, args.sweep_workers),
+        "final": lambda: stage_derived("final", "stage2", final_args, sweep_extra, data_dir, results, clock,
+                                       args.sweeps_from, args.sweep_workers),
         "workers": lambda: stage_workers(shlex.split(args.workers_sweep), extra, data_dir, results, clock),
         "torchrun": lambda: stage_torchrun(extra, data_dir, results, clock),
         "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,

@@ -10,7 +10,7 @@ from conftest import ROOT
 from test_train import TINY
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from best_selection import SelectionError, best_recipe, stage2  # noqa: E402
+from best_selection import SelectionError, best_recipe, final_args, stage2  # noqa: E402
 
 BASE = Recipe(**{**TINY, "batch_size": 32}, holdout=20)
 
@@ -67,10 +67,21 @@ def test_best_keeps_a_candidate_only_if_leaving_it_out_costs(tmp_path):
         "tta_translate=0": [(0.85, 0.86), (0.85, 0.86)],      # 0 with TTA: it goes
         "label_smoothing=0.0": [(0.86, 0.8), (0.85, 0.8)],    # +0.005: it goes
     }
-    recipe, kept, dropped = best_recipe(list_sweep(tmp_path / "s2", leave_out, results, combined))
+    stage2_folder = list_sweep(tmp_path / "s2", leave_out, results, combined)
+    recipe, kept, dropped = best_recipe(stage2_folder)
     assert [j.candidate for j in kept] == ["flip_alternate"]
     assert [j.candidate for j in dropped] == ["tta_translate", "label_smoothing"]
     assert recipe == BASE.replace(flip_alternate=True)
+    # the final: dawnbench against best's changes to it, on the test set, 8 seeds
+    assert final_args(stage2_folder) == ["--recipe", "dawnbench", "--holdout", "0", "--seeds", "8",
+                                         "--point", "flip_alternate=true"]
+
+
+def test_no_final_when_stage2_keeps_nothing(tmp_path):
+    combined = BASE.replace(flip_alternate=True)
+    results = {"recipe": [(0.85, 0.86), (0.85, 0.86)], "flip_alternate=false": [(0.86, 0.9), (0.85, 0.9)]}
+    with pytest.raises(SelectionError, match="kept no candidate"):
+        final_args(list_sweep(tmp_path / "s2", [{"flip_alternate": False}], results, combined))
 
 
 def test_no_stage2_without_a_candidate_above_the_recipe(tmp_path):
