@@ -13,7 +13,8 @@ evaluation (``tta_translate``), by its difference from the baseline paired by se
 - Stage 2 to ``best``: a candidate stays if leaving it out lowers the accuracy (a difference below 0).
 - The final: ``dawnbench`` itself against ``best`` (one point: every candidate kept) on the full
   training set and the test set, seeds 0 to 7; sweep.json's paired difference, without and with
-  TTA, is the result.
+  TTA, is the result. The ``seed`` recipe, as the changes it makes to ``dawnbench``, is a point
+  too: the README's recipes table, every recipe over the same 8 seeds, comes from one sweep.
 
     python benchmarks/best_selection.py stage2 STAGE1_SWEEP_DIR --out DIR  # DIR/stage2.toml, DIR/stage2.txt
     python benchmarks/best_selection.py best STAGE2_SWEEP_DIR --out best.toml  # and the final's sweep
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_onecycle.recipe import Recipe
+from cifar_onecycle.recipe import Recipe, load_recipe
 from cifar_onecycle.sweep import STATS, Point, SweepFolder, format_point
 
 EVALUATION_ONLY = ("tta_translate",)  # judged with the TTA the setting changes
@@ -111,14 +112,26 @@ def best_recipe(stage2_folder: Path) -> tuple[Recipe, list[Judged], list[Judged]
     return recipe, kept, dropped
 
 
+def as_changes(recipe: Recipe, base: Recipe) -> dict[str, Any]:
+    """``recipe`` as the settings it changes in ``base`` (a given LRMIN stands for its divisor)."""
+    changes = {k: v for k, v in recipe.to_dict().items() if v != getattr(base, k) and k != "seed"}
+    if "lr_min" in changes:
+        changes.pop("lr_min_div", None)
+    if Point(tuple(changes.items())).recipe(base, recipe.seed) != recipe:
+        raise SelectionError(f"the recipe is not a change of its base: {format_point(changes)}")
+    return changes
+
+
 def final_args(stage2_folder: Path) -> list[str]:
-    """The final's ``cifar-onecycle sweep`` flags: ``dawnbench`` and, as its one point, ``best``'s
-    changes to it (the candidates stage 2 kept), no holdout, ``FINAL_SEEDS`` seeds."""
+    """The final's ``cifar-onecycle sweep`` flags: ``dawnbench`` and, as its points, ``best``'s
+    changes to it (the candidates stage 2 kept) and ``seed``'s; no holdout, ``FINAL_SEEDS`` seeds."""
     best, kept, _ = best_recipe(stage2_folder)
     if not kept:
         raise SelectionError(f"{stage2_folder}: stage 2 kept no candidate, so best is dawnbench; no final to run")
     changes = {k: getattr(best, k) for j in kept for k, _ in j.point.values}
-    return ["--recipe", "dawnbench", "--holdout", "0", "--seeds", str(FINAL_SEEDS), "--point", format_point(changes)]
+    seed = as_changes(load_recipe("seed"), load_recipe("dawnbench"))
+    return ["--recipe", "dawnbench", "--holdout", "0", "--seeds", str(FINAL_SEEDS), "--point", format_point(changes),
+            "--point", format_point(seed)]
 
 
 def describe(j: Judged) -> str:

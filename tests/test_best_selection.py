@@ -73,8 +73,10 @@ def test_best_keeps_a_candidate_only_if_leaving_it_out_costs(tmp_path):
     assert [j.candidate for j in dropped] == ["tta_translate", "label_smoothing"]
     assert recipe == BASE.replace(flip_alternate=True)
     # the final: dawnbench against best's changes to it, on the test set, 8 seeds
+    # and seed's, which is dawnbench with the seed's LRs and logit scale
     assert final_args(stage2_folder) == ["--recipe", "dawnbench", "--holdout", "0", "--seeds", "8",
-                                         "--point", "flip_alternate=true"]
+                                         "--point", "flip_alternate=true",
+                                         "--point", "lr_min=0.0001,lr_max=0.2,logit_scale=1.0"]
 
 
 def test_no_final_when_stage2_keeps_nothing(tmp_path):
