@@ -19,8 +19,8 @@ evaluation (``tta_translate``), by its difference from the baseline paired by se
     python benchmarks/best_selection.py stage2 STAGE1_SWEEP_DIR --out DIR  # DIR/stage2.toml, DIR/stage2.txt
     python benchmarks/best_selection.py best STAGE2_SWEEP_DIR --out best.toml  # and the final's sweep
 
-A sweep with runs left to train, or a point whose runs all failed, is judged on what finished; a
-sweep with no finished baseline run is refused.
+A sweep with runs left to train is refused (a choice on part of the seeds is not the plan's); a
+point whose runs all failed (diverged) did not help.
 """
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ def judge(folder: Path) -> tuple[Recipe, list[Judged]]:
     if plan.listed is None:
         raise SelectionError(f"{folder}: a grid sweep; the stages are list sweeps (--point)")
     stats = json.loads((folder / STATS).read_text())
+    if stats["remaining_runs"]:
+        raise SelectionError(f"{folder}: {stats['remaining_runs']} runs left to train; the rules judge a whole sweep")
     by_name = {p["point"]: p for p in stats["points"]}
     baseline = by_name.get(stats["baseline"], {})
     if not baseline.get(stats["selection"], {}).get("n"):

@@ -86,6 +86,12 @@ def test_no_final_when_stage2_keeps_nothing(tmp_path):
         final_args(list_sweep(tmp_path / "s2", [{"flip_alternate": False}], results, combined))
 
 
+def test_a_sweep_with_runs_left_is_not_judged(tmp_path):
+    results = {"recipe": [(0.8, 0.8), (0.8, 0.8)], "flip_alternate=true": [(0.9, 0.9)]}  # its seed 1 not run
+    with pytest.raises(SelectionError, match="1 runs left to train"):
+        stage2(list_sweep(tmp_path / "s1", [{"flip_alternate": True}], results))
+
+
 def test_no_stage2_without_a_candidate_above_the_recipe(tmp_path):
     results = {"recipe": [(0.8, 0.8), (0.8, 0.8)], "flip_alternate=true": [(0.8, 0.8), (0.79, 0.8)]}
     with pytest.raises(SelectionError, match="no candidate is above the recipe"):
