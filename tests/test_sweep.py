@@ -297,6 +297,32 @@ def test_two_workers_train_the_same_runs(cifar_dir, tmp_path):
     assert numbers(two) == numbers(one) and two.remaining == 0
 
 
+def test_a_stop_reaches_each_worker_once(cifar_dir, tmp_path, monkeypatch):
+    """A run stopping takes a while (its checkpoint); a second signal in that time would stop it at
+    once, without one. Workers here are stand-ins that take a second to stop."""
+    signals: dict[int, list[int]] = {}
+
+    class SlowToStop:
+        def __init__(self, command, **kwargs):
+            self.pid, self.stopped_at = len(signals), None
+            signals[self.pid] = []
+            if self.pid == 1:  # both workers have started: the user presses Ctrl-C
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def send_signal(self, sig):
+            signals[self.pid].append(sig)
+            self.stopped_at = self.stopped_at or time.monotonic()
+
+        def poll(self):
+            return 130 if self.stopped_at and time.monotonic() - self.stopped_at > 1.0 else None
+
+    monkeypatch.setattr(subprocess, "Popen", SlowToStop)
+    with pytest.raises(Interrupted, match="stopped by SIGINT"):
+        sweep(SMALL, {"lr_max": [0.01, 0.02]}, 1, out=tmp_path / "sw", data_dir=cifar_dir, download=False,
+              progress=False, workers=2)
+    assert signals == {0: [signal.SIGINT], 1: [signal.SIGINT]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoints", [True, False])
 def test_a_stop_signal_stops_every_worker_and_the_same_sweep_goes_on(cifar_dir, tmp_path, checkpoints):

@@ -577,6 +577,7 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
     fails for another reason stops the launching of new ones and is reported."""
     queue = list(todo)
     running: dict[int, tuple[subprocess.Popen, Any, int, Point]] = {}  # slot: (process, its stderr, seed, point)
+    stopping: set[subprocess.Popen] = set()  # passed the stop signal once: a second would skip the checkpoint
     failure: str | None = None
     with StopSignals() as stop:
         try:
@@ -597,8 +598,9 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
                 if not queue or len(running) >= workers or stop() or failure is not None:
                     if stop():
                         for process, *_ in running.values():
-                            if process.poll() is None:
+                            if process.poll() is None and process not in stopping:
                                 process.send_signal(stop_signal(stop.received))
+                                stopping.add(process)
                     time.sleep(0.2)
                 for slot, (process, err, seed, point) in list(running.items()):
                     code = process.poll()
