@@ -135,6 +135,23 @@ def test_a_crafted_sweep_plan_is_one_line(tmp_path, capsys, plan, message):
     assert sorted(p.name for p in folder.iterdir()) == ["recipe.toml", "sweep_plan.json"]  # nothing written
 
 
+def test_a_plan_of_thousands_of_points_draws_a_bounded_picture(tmp_path):
+    from PIL import Image
+
+    from cifar_onecycle.report import plot_sweep
+
+    lrs = [0.001 * (i + 1) for i in range(3000)]
+    listed = Plan({}, 0, 1, listed=[{"lr_max": lr} for lr in lrs if lr != SMALL.lr_max])
+    folder = SweepFolder(tmp_path / "list")
+    folder.open(listed, SMALL)
+    folder.write_results(listed, SMALL)
+    with Image.open(folder.path / "sweep.png") as picture:  # its first 100 points: 3,000 were 105,000 pixels tall
+        assert picture.height < 5000, picture.size
+    grid = Plan({"lr_max": lrs}, 0, 1)
+    axes = plot_sweep(grid, [], {"selection": "final_val_acc", "points": [], "baseline": None}).axes[0]
+    assert len(axes.get_xticklabels()) <= 30  # matplotlib's own ticks, not 3,000 labels to lay out
+
+
 def numbers(result):
     """A sweep's rows without their times: what two sweeps of the same runs share."""
     return [{k: v for k, v in r.items() if k != "seconds"} for r in result.rows]

@@ -387,6 +387,14 @@ def lr_find_figure(result: LRFinderResult) -> Any:
 # A sweep's picture (``sweep.SweepFolder.write_results``).
 
 
+# A grid's picture names each value swept up to this many; beyond, its axis has matplotlib's own
+# ticks (3,000 named ticks took 11 s to draw).
+MAX_TICKS = 30
+# A list's picture draws its first points only: a plan (someone else's file, say) of thousands
+# would make a figure hundreds of inches tall (3,000 points took 720 MB and 19 s).
+MAX_LIST_POINTS_DRAWN = 100
+
+
 def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) -> Any:
     """The selection accuracy against the first varied setting: a dot per seed, the mean with its
     standard error, a line per value of the other settings; a log axis for LRs and weight decay;
@@ -395,9 +403,10 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
 
     from .sweep import AUTO, LOG_SETTINGS, format_point, format_value
 
-    if plan.listed is not None:
-        return plot_point_list(plan, rows, stats)
     selection = stats["selection"]
+    rows_of = selection_rows(rows, selection)
+    if plan.listed is not None:
+        return plot_point_list(plan, rows_of, stats)
     x_name = next(iter(plan.vary))
     x_values = plan.vary[x_name]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values if v != AUTO)
@@ -424,7 +433,7 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
         label = format_point(dict(rest)) if others else None
         xs, means, errors = [], [], []
         for point in points:
-            point_rows = [r for r in rows if r["point"] == point.name and r.get(selection) is not None]
+            point_rows = rows_of.get(point.name, [])
             auto = x_name in point.found  # its runs trained at the LR the range test found
             used = x_name + "_used"
             for r in point_rows:
@@ -456,8 +465,9 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # no "3x10^-2" between the values swept
         fixed = sorted({float(v) for v in x_values if v != AUTO})
-        ax.set_xticks(fixed, [format_value(v) for v in fixed])
-    else:
+        if len(fixed) <= MAX_TICKS:  # more: matplotlib's own ticks
+            ax.set_xticks(fixed, [format_value(v) for v in fixed])
+    elif len(x_values) <= MAX_TICKS:
         ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values])
     words, title = sweep_words(plan, selection)
     ax.set(xlabel=x_name, ylabel=f"final {words} accuracy (%)", title=title)
@@ -475,17 +485,28 @@ def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
                    f"dots are runs, bars the standard error")
 
 
-def plot_point_list(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) -> Any:
-    """A list sweep's picture: a line per point (the recipe itself on top), its selection accuracy
-    a dot per seed and the mean with its standard error; the recipe's mean a dashed line."""
+
+def selection_rows(rows: list[dict[str, Any]], selection: str) -> dict[str, list[dict[str, Any]]]:
+    """A sweep's rows that have the selection accuracy, by point (one pass: a plan may hold thousands)."""
+    rows_of: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get(selection) is not None:
+            rows_of.setdefault(r["point"], []).append(r)
+    return rows_of
+
+
+def plot_point_list(plan: Plan, rows_of: dict[str, list[dict[str, Any]]], stats: dict[str, Any]) -> Any:
+    """A list sweep's picture: a line per point (the recipe itself on top; the first
+    ``MAX_LIST_POINTS_DRAWN``), its selection accuracy a dot per seed and the mean with its
+    standard error; the recipe's mean a dashed line."""
     selection = stats["selection"]
     by_name = {p["point"]: p for p in stats["points"]}
-    points = plan.points
+    points = plan.points[:MAX_LIST_POINTS_DRAWN]
     fig = new_figure((7.5, 1.5 + 0.32 * len(points)))
     ax = fig.subplots()
     labels = []
     for y, point in enumerate(points):
-        point_rows = [r for r in rows if r["point"] == point.name and r.get(selection) is not None]
+        point_rows = rows_of.get(point.name, [])
         ax.plot([100 * r[selection] for r in point_rows], [y] * len(point_rows), ".", color="C0", alpha=0.5)
         entry = by_name.get(point.name, {}).get(selection)
         if entry:
@@ -499,6 +520,8 @@ def plot_point_list(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any
     ax.set_yticks(range(len(points)), labels, fontsize="small")
     ax.invert_yaxis()
     words, title = sweep_words(plan, selection)
+    if len(plan.points) > len(points):
+        title += f"\nthe first {len(points)} of {len(plan.points)} points (all in sweep.csv and sweep.json)"
     ax.set(xlabel=f"final {words} accuracy (%)" + ("; dashed: the recipe's mean" if baseline else ""), title=title)
     ax.grid(alpha=0.3, axis="x")
     return fig
