@@ -607,6 +607,7 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
     ends = [started]  # when each run ended (the first entry: the sweep's start)
     # rows of an earlier call on this machine are not news: a sweep goes on where it stopped
     seen = {tuple(row.items()) for row in sweep_rows(folder)}
+    size: int | None = None  # the sweep's runs, read from its plan once it has written one
     stopped_at = None
     with open(folder.parent / f"{folder.name}.log", "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -626,7 +627,9 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
                     f"{row.get('final_val_acc') or row.get('final_test_acc')}")
             # No run starts once the sweep's last ones are in flight (its other workers' runs), and
             # none is left once every run has ended (the sweep is writing its results).
-            left_to_end = sweep_size(folder) - len(rows) if rows else workers
+            if rows and size is None:
+                size = sweep_size(folder)
+            left_to_end = size - len(rows) if size is not None else workers
             at_end = clock.left() <= 0 and left_to_end > 0
             next_too_long = bool(ended) and not clock.fits(f"sweep:{name}") and left_to_end >= workers
             if stopped_at is None and (at_end or next_too_long):
