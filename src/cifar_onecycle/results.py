@@ -182,15 +182,15 @@ def check_run_summary(summary: dict[str, Any]) -> None:
             raise ValueError(f"{key} {short_number(value)} is not what a run writes there")
 
 
-def format_epoch(m: EpochMetrics, epochs: int) -> str:
-    """The one line per epoch that a run shows."""
+def format_epoch(m: EpochMetrics, epochs: int, left: str = "") -> str:
+    """The one line per epoch that a run shows; ``left``, the run's time left (``clock.about_left``)."""
     tta = m.eval_acc_tta
     return (f"epoch {m.epoch:>{len(str(epochs))}}/{epochs}  lr {m.lr:.5f}  "
             f"train loss {m.train_loss:.4f} acc {m.train_acc:6.2%}  "
             f"{m.split} loss {m.eval_loss:.4f} acc {m.eval_acc:6.2%}"
             + (f" tta {tta:6.2%}  " if tta is not None else "  ") +
             f"{m.train_seconds:6.1f}s  {m.images_per_second:7.1f} img/s"
-            + (f"  {m.tflops:.0f} TFLOP/s" if m.tflops is not None else ""))
+            + (f"  {m.tflops:.0f} TFLOP/s" if m.tflops is not None else "") + (f"  {left}" if left else ""))
 
 
 def git_commit() -> str | None:

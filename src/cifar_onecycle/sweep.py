@@ -44,6 +44,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT
+from .clock import Laps, about_left
 from .data import LabelledImages
 from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
@@ -527,10 +528,13 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
         return result
     if workers == 1:
         assert data is not None
+        run_laps = Laps()
         for i, (seed, point) in enumerate(todo, 1):
             run = folder.run(point, seed)
             if progress:
-                tqdm.write(f"sweep: {point.name} seed {seed} ({i} of {len(todo)} left to train)")
+                left = about_left(run_laps.seconds, len(todo) - i + 1)
+                tqdm.write(f"sweep: {point.name} seed {seed} ({i} of {len(todo)} left to train"
+                           + (f"; {left})" if left else ")"))
             try:
                 train_folder(run.path, point.recipe(base, seed).replace(**data_settings[point]), data, replace(
                     options, find_lr_max="lr_max" in point.found, find_lr_min="lr_min" in point.found))
@@ -541,6 +545,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
                 folder.write_results(plan, base)
                 raise Interrupted(f"{e}; or, to go on with the whole sweep, run the same sweep again") from None
             folder.write_results(plan, base)
+            run_laps.lap()
     else:
         run_workers(folder, todo, workers, options, progress, lambda: folder.write_results(plan, base))
     return folder.write_results(plan, base)
@@ -576,7 +581,9 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
     passed on to every running process (each saves its checkpoint), then the sweep stops; a run that
     fails for another reason stops the launching of new ones and is reported."""
     queue = list(todo)
-    running: dict[int, tuple[subprocess.Popen, Any, int, Point]] = {}  # slot: (process, its stderr, seed, point)
+    # slot: (process, its stderr, seed, point, when it started)
+    running: dict[int, tuple[subprocess.Popen, Any, int, Point, float]] = {}
+    run_seconds: list[float] = []  # of the runs that finished here: the time left shown
     stopping: set[subprocess.Popen] = set()  # passed the stop signal once: a second would skip the checkpoint
     failure: str | None = None
     with StopSignals() as stop:
@@ -592,9 +599,11 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
                     # one SIGINT on (two would stop a run before its checkpoint).
                     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err,
                                                env=worker_environment(slot, workers), start_new_session=True)
-                    running[slot] = (process, err, seed, point)
+                    running[slot] = (process, err, seed, point, time.perf_counter())
                     if progress:
-                        tqdm.write(f"sweep: {point.name} seed {seed} started (worker {slot})")
+                        left = about_left(run_seconds, len(queue) + len(running), workers)
+                        tqdm.write(f"sweep: {point.name} seed {seed} started (worker {slot})"
+                                   + (f"; {left}" if left else ""))
                 if not queue or len(running) >= workers or stop() or failure is not None:
                     if stop():
                         for process, *_ in running.values():
@@ -602,7 +611,7 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
                                 process.send_signal(stop_signal(stop.received))
                                 stopping.add(process)
                     time.sleep(0.2)
-                for slot, (process, err, seed, point) in list(running.items()):
+                for slot, (process, err, seed, point, started) in list(running.items()):
                     code = process.poll()
                     if code is None:
                         continue
@@ -612,6 +621,8 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
                     err.close()
                     last = lines[-1] if lines else f"exit code {code}"
                     status = folder.status(point, seed)  # a run that failed (diverged, no LR found) says so
+                    if code == 0:
+                        run_seconds.append(time.perf_counter() - started)
                     if status in ("finished", "failed") or code == Interrupted.exit_code and stop():
                         if progress:
                             tqdm.write(f"sweep: {point.name} seed {seed}: " + ("finished" if code == 0 else last))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .clock import Laps, about_left
 from .data import LabelledImages, recorded_data_dir
 from .datasets import load_dataset
 from .device import resolve_placement, sync_every, synchronize
@@ -87,6 +88,7 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
     given_folder = out or resume
     resume_from = Path(given_folder) if checkpoints and given_folder else None  # for the stop message
     knots = one_cycle_knots(recipe.epochs, setup.steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
+    epoch_laps = Laps()  # this process's epochs on the wall clock, evaluation included: the time left shown
     with StopSignals(active=folder is not None or dist.world > 1) as stop:
         for epoch in range(state.epoch + 1, recipe.epochs + 1):
             try:
@@ -106,7 +108,8 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
                 save_checkpoint(checkpoint_folder, state, setup)
                 raise interrupted(stop.received, f"during the evaluation of epoch {epoch}", resume_from) from None
             state.end_epoch(metrics)
-            record_epoch(state.history, folder, board, progress, recipe.epochs)
+            record_epoch(state.history, folder, board, progress, recipe.epochs,
+                         about_left(epoch_laps.lap(), recipe.epochs - epoch))
             save_checkpoint(checkpoint_folder, state, setup)
             if stopping and epoch < recipe.epochs:
                 raise interrupted(stop.received, f"after epoch {epoch}", resume_from)
@@ -272,11 +275,12 @@ def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, fl
 
 
 def record_epoch(history: list[EpochMetrics], folder: RunFolder | None, board: Any, progress: bool,
-                 epochs: int) -> None:
-    """Show the finished epoch's line, rewrite metrics.csv and log the epoch's scalars to TensorBoard."""
+                 epochs: int, left: str) -> None:
+    """Show the finished epoch's line (``left``: the run's time left), rewrite metrics.csv and log
+    the epoch's scalars to TensorBoard."""
     metrics = history[-1]
     if progress:
-        tqdm.write(format_epoch(metrics, epochs))
+        tqdm.write(format_epoch(metrics, epochs, left))
     if folder:
         folder.write_metrics(history)
     if board:
