@@ -3,11 +3,12 @@ the sweep's two ways of training (in this process, and as worker processes) on a
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 import cifar_onecycle.clock as clock
-from cifar_onecycle import Recipe, sweep, train
+from cifar_onecycle import Interrupted, Recipe, sweep, train, train_seeds
 from cifar_onecycle.clock import Laps, about_left, format_seconds, time_left
 from cifar_onecycle.sweep import Plan, SweepFolder, run_workers
 from cifar_onecycle.training import RunOptions
@@ -68,6 +69,26 @@ def test_a_sweep_in_this_process_says_how_long_its_runs_left_take(cifar_dir, tmp
     assert lines == ["sweep: lr_max=0.01 seed 0 (1 of 3 left to train)",
                      "sweep: lr_max=0.02 seed 0 (2 of 3 left to train; about 3 min left)",  # 2 x 100 s
                      "sweep: lr_max=0.04 seed 0 (3 of 3 left to train; about 1 min left)"]  # 1 x 60 s
+
+
+def test_a_set_of_seeds_says_how_long_its_seeds_left_take(cifar_dir, monkeypatch, capsys):
+    fake = FakeTime()
+    monkeypatch.setattr(clock, "time", fake)
+    took = iter([100.0, 60.0])
+
+    def stand_in_train(run_dir, recipe, data, options):
+        if recipe.seed == 2:  # its line is out: enough
+            raise Interrupted("stopped")
+        fake.now += next(took)
+        return SimpleNamespace(summary={"final_test_acc": 0.5, "final_test_acc_tta": 0.5})
+
+    monkeypatch.setattr(sys.modules["cifar_onecycle.seeds"], "train_folder", stand_in_train)
+    with pytest.raises(Interrupted):
+        train_seeds(SMALL, 3, data_dir=cifar_dir, download=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seed ") and "(" in line]
+    assert lines == ["seed 0 (1 of 3)", "seed 0: final test accuracy 50.00% (flip TTA 50.00%)",
+                     "seed 1 (2 of 3; about 3 min left)", "seed 1: final test accuracy 50.00% (flip TTA 50.00%)",
+                     "seed 2 (3 of 3; about 1 min left)"]
 
 
 def test_a_sweeps_workers_say_how_long_the_runs_left_take(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .clock import Laps, about_left
 from .data import LabelledImages, recorded_data_dir
 from .device import resolve_placement
 from .distributed import init_distributed
@@ -120,13 +121,15 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     started = time.perf_counter()
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, **train_args)
     runs: list[dict[str, Any]] = []
+    run_laps = Laps()  # the seeds trained in this call: the time left shown
     for i, seed in enumerate(range(first, first + count), 1):
         run = RunFolder(folder.path / f"seed{seed}") if folder else None
         if run and run.has(SUMMARY):  # finished before a resume
             runs.append(run.read_summary())
             continue
         if progress and main:
-            tqdm.write(f"seed {seed} ({i} of {count})")
+            left = about_left(run_laps.seconds, count - i + 1)
+            tqdm.write(f"seed {seed} ({i} of {count}" + (f"; {left})" if left else ")"))
         try:
             result = train_folder(run.path if run else None, fitted.replace(seed=seed), data, options)
         except Interrupted as e:
@@ -135,6 +138,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
             raise Interrupted(f"{e}; or, to go on with all {count} seeds: cifar-onecycle train --resume "
                               f"{folder.path}") from None
         runs.append(result.summary)
+        run_laps.lap()
         if progress and main:
             tqdm.write(f"seed {seed}: {final_accuracies(result.summary)}")
     summary = seeds_summary(recipe, list(range(first, first + count)), runs)
