@@ -134,3 +134,43 @@ def _tensors(cifar_dir):
 
     d = load_cifar10(cifar_dir, download=False)
     return d.train_images, d.train_labels, d.test_images, d.test_labels
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_validation_split_gives_the_runs_own_numbers(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(Recipe(**TINY, holdout=20), data_dir=cifar_dir, download=False, out=out, progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+
+    def evaluated(*flags):
+        assert main(["evaluate", str(out), "--json", *flags]) == 0  # the data folder the run recorded
+        return json.loads(capsys.readouterr().out)
+
+    val, val_tta, test = evaluated("--split", "val"), evaluated("--split", "val", "--tta"), evaluated()
+    assert (val["split"], val["images"], test["split"], test["images"]) == ("val", 20, "test", 30)
+    assert val["accuracy"] == pytest.approx(summary["final_val_acc"], abs=1e-9)
+    assert val["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)  # the same 20 images, not others
+    assert val_tta["accuracy"] == pytest.approx(summary["final_val_acc_tta"], abs=1e-9)
+    assert test["loss"] == pytest.approx(summary["final_test_loss"], rel=1e-6)
+    shifted = evaluated("--split", "val", "--tta", "--tta-translate", "2")
+    assert shifted["tta_translate"] == 2 and shifted["loss"] != val_tta["loss"]  # six passes, not two
+    assert main(["evaluate", str(out), "--split", "val"]) == 0
+    assert capsys.readouterr().out.startswith("validation accuracy ")
+
+
+@pytest.mark.parametrize("holdout, flags, message", [
+    (0, ["--split", "val"], "its run held out no training images (holdout 0); --split val needs a run trained "
+                            "with --holdout N"),
+    (20, ["--split", "val", "--dataset", "cifar10"], "--split val scores the images the run held out of its own "
+                                                      "training set; leave out --dataset"),
+    (20, ["--tta-translate", "1"], "--tta-translate goes with --tta"),
+])
+def test_an_evaluation_the_run_cannot_give_is_one_line(cifar_dir, tmp_path, capsys, holdout, flags, message):
+    from cifar_onecycle.checkpoint import save_weights
+    from cifar_onecycle.model import ResNet9
+
+    save_weights(ResNet9(), tmp_path / "model.safetensors", Recipe(**TINY, holdout=holdout))
+    code = main(["evaluate", str(tmp_path / "model.safetensors"), "--data-dir", str(cifar_dir), "--no-download",
+                 *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -123,17 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also log each epoch's scalars to RUN_DIR/tensorboard "
                                 "(pip install 'cifar-onecycle[tensorboard]')")
 
-    evaluate_cmd = sub.add_parser("evaluate", parents=[common], help="test accuracy and loss of a trained model")
+    evaluate_cmd = sub.add_parser("evaluate", parents=[common],
+                                  help="accuracy and loss of a trained model on the test set or its validation split")
     evaluate_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     evaluate_cmd.add_argument("--dataset", choices=Recipe.choices("dataset"),
                               help="score the model on the test images of this source, whose classes must be the "
                                    "model's (default: the one it was trained on)")
     _add_data_flags(evaluate_cmd)
     _add_device_flags(evaluate_cmd, "the run's own test accuracy is reproduced")
+    evaluate_cmd.add_argument("--split", choices=("test", "val"), default="test",
+                              help="the test images (default), or val: the training images the run held out "
+                                   "(its recipe's holdout), read from the same training set, to choose an "
+                                   "evaluation setting such as --tta-translate without the test set")
     evaluate_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate_cmd.add_argument("--tta", action="store_true",
                               help="test-time augmentation: average each image's logits with its mirror's (and, "
                                    "when the run's recipe sets tta_translate, with shifted copies')")
+    evaluate_cmd.add_argument("--tta-translate", type=int, metavar="N",
+                              help="with --tta: also average the image shifted N pixels up-left and down-right, "
+                                   "each with its mirror (default: the run's own tta_translate)")
 
     lr_find_cmd = sub.add_parser("lr-find", parents=[common],
                                  help="LR range test: loss against a growing LR, with graphs")
@@ -315,25 +323,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
     from .datasets import check_classes
     from .evaluation import evaluate
+    from .results import SPLIT_NAMES
     from .run_folder import SUMMARY, RunFolder
+    from .run_setup import training_split
 
     saved, recipe = load_weights(args.weights)
+    val = args.split == "val"
+    if val and args.dataset:
+        raise UserError("--split val scores the images the run held out of its own training set; leave out "
+                        "--dataset")
+    if val and not recipe.holdout:
+        raise UserError(f"{args.weights}: its run held out no training images (holdout 0); --split val needs a "
+                        f"run trained with --holdout N")
+    if args.tta_translate is not None:
+        if not args.tta:
+            raise UserError("--tta-translate goes with --tta (it adds shifted copies to the mirror); add --tta")
+        recipe = recipe.replace(tta_translate=args.tta_translate)
     model, device, precision = _placed(args, saved, recipe)
     source = recipe.replace(dataset=args.dataset) if args.dataset else recipe
     run = RunFolder(args.weights)  # a run folder's own data, unless another source or folder is given
     recorded = (run.read_summary().get("data_dir"), run.path / SUMMARY) if (
         not args.dataset and run.path.is_dir() and run.has(SUMMARY)) else None
-    data = _load_data(args, source, split="test", recorded=recorded)
+    data = _load_data(args, source, split="both" if val else "test", recorded=recorded)
     check_classes(recipe, data, f"--dataset {source.dataset} in {args.data_dir or (recorded or ['data'])[0]}")
-    loss, acc = evaluate(model, data.test_images.to(device), data.test_labels.to(device),
+    if val:  # the same images the run validated on: the split depends on the training labels alone
+        _, held = training_split(recipe, data)
+        assert held is not None
+        images, labels = data.train_images[held], data.train_labels[held]
+    else:
+        images, labels = data.test_images, data.test_labels
+    loss, acc = evaluate(model, images.to(device), labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
                          channels_last=recipe.channels_last, tta=args.tta, tta_translate=recipe.tta_translate,
                          normalization=recipe.normalization)
-    n = len(data.test_images)
+    n = len(images)
     if args.json:
-        print(json.dumps({"accuracy": acc, "loss": loss, "images": n, "tta": args.tta}))
+        print(json.dumps({"split": args.split, "accuracy": acc, "loss": loss, "images": n, "tta": args.tta,
+                          "tta_translate": recipe.tta_translate if args.tta else 0}))
     else:
-        print(f"test accuracy {acc:.2%}  loss {loss:.4f}  on {n} images ({device.type}, {precision}"
+        print(f"{SPLIT_NAMES[args.split]} accuracy {acc:.2%}  loss {loss:.4f}  on {n} images "
+              f"({device.type}, {precision}"
               + (f", TTA: mirror and {recipe.tta_translate}-pixel shifts" if args.tta and recipe.tta_translate
                  else ", flip TTA" if args.tta else "") + ")")
     return 0
