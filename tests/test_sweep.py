@@ -11,13 +11,14 @@ import sys
 import time
 
 import pytest
+import torch
 
 from cifar_onecycle import Interrupted, Recipe, collect, load_recipe, sweep
 from cifar_onecycle.cli import main
 from cifar_onecycle.recipe import DATA_FIELDS
 from cifar_onecycle.run_folder import RunFolder
 from cifar_onecycle.run_setup import RunSetup
-from cifar_onecycle.sweep import Plan, SweepFolder, parse_point, parse_vary
+from cifar_onecycle.sweep import Plan, SweepFolder, parse_point, parse_vary, worker_environment
 from conftest import ROOT, recipe_flags
 from test_train import TINY
 
@@ -308,7 +309,16 @@ def test_printed_commands_run_as_printed_and_collect_reads_their_folders(cifar_d
 @pytest.mark.slow
 def test_two_workers_train_the_same_runs(cifar_dir, tmp_path):
     vary = {"lr_max": [0.01, 0.02]}
-    one = sweep(SMALL, vary, 1, out=tmp_path / "one", data_dir=cifar_dir, download=False, progress=False)
+    # Each of two workers on this machine's cores gets its share of them (worker_environment): on 2
+    # cores one thread. The runs in this process get as many, since another thread count may sum a
+    # convolution in another order (on an Intel Xeon with AMX one TTA prediction of 30 differed).
+    threads = int(worker_environment(0, 2).get("OMP_NUM_THREADS", torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one = sweep(SMALL, vary, 1, out=tmp_path / "one", data_dir=cifar_dir, download=False, progress=False)
+    finally:
+        torch.set_num_threads(before)
     two = sweep(SMALL, vary, 1, out=tmp_path / "two", data_dir=cifar_dir, download=False, progress=False, workers=2)
 
     assert numbers(two) == numbers(one) and two.remaining == 0
