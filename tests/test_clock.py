@@ -1,5 +1,6 @@
-"""The time left that a run's epoch lines and a sweep's lines show: the estimate, its wording, and
-the sweep's two ways of training (in this process, and as worker processes) on a clock of our own."""
+"""The time left that a run's epoch lines, a set of seeds' lines and a sweep's lines show: the
+estimate, its wording, the seeds' loop and the sweep's two ways of training (in this process, and as
+worker processes) on a clock of our own, and the epoch lines of a real tiny run."""
 import re
 import subprocess
 import sys
