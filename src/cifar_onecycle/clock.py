@@ -1,5 +1,6 @@
-"""The time left of repeated work (a run's epochs, a sweep's runs), shown in the lines a run and a
-sweep print: on a CPU the seed's 24 epochs take over an hour, and tqdm's bar knows only its own epoch.
+"""The time left of repeated work (a run's epochs, the runs of a set of seeds or a sweep), shown in
+the lines they print: on a CPU the seed's 24 epochs take over an hour, and tqdm's bar knows only its
+own epoch.
 """
 from __future__ import annotations
 
