@@ -153,18 +153,18 @@ def main() -> None:
             recipe, leave_out, chosen = stage2(args.sweep)
             args.out.mkdir(parents=True, exist_ok=True)
             toml = args.out / "stage2.toml"
-            toml.write_text("# stage 2 of best's selection: dawnbench with every stage-1 candidate that helped\n"
+            toml.write_text(f"# stage 2: the recipe of {args.sweep} with every stage-1 candidate that helped\n"
                             + "".join(f"# {describe(j)}\n" for j in chosen) + recipe.to_toml())
             line = shlex.join(["stage2", *stage2_args(toml, leave_out)])
             (args.out / "stage2.txt").write_text(f"# from {args.sweep}\n{line}\n")
             print(f"{toml}\n{args.out / 'stage2.txt'}: {line}")
         else:
             recipe, kept, dropped = best_recipe(args.sweep)
-            args.out.write_text("# best: dawnbench with the candidates that stage 2 kept; leaving each out cost\n"
+            args.out.write_text(f"# the recipe of {args.sweep} less what did not help; leaving each kept candidate out cost\n"
                                 + "".join(f"# {describe(j)}\n" for j in kept)
                                 + "# dropped (leaving it out cost nothing):\n"
                                 + "".join(f"# {describe(j)}\n" for j in dropped) + recipe.to_toml())
-            print(f"{args.out}\nthe final: cifar-onecycle sweep {shlex.join(final_args(args.sweep))}")
+            print(f"{args.out}\nbest's final (dawnbench against it): cifar-onecycle sweep {shlex.join(final_args(args.sweep))}")
     except SelectionError as e:
         raise SystemExit(f"best_selection: {e}") from None
 
