@@ -160,11 +160,12 @@ def main() -> None:
             print(f"{toml}\n{args.out / 'stage2.txt'}: {line}")
         else:
             recipe, kept, dropped = best_recipe(args.sweep)
-            args.out.write_text(f"# the recipe of {args.sweep} less what did not help; leaving each kept candidate out cost\n"
+            args.out.write_text(f"# the recipe of {args.sweep} less what did not help; leaving each kept one out cost\n"
                                 + "".join(f"# {describe(j)}\n" for j in kept)
                                 + "# dropped (leaving it out cost nothing):\n"
                                 + "".join(f"# {describe(j)}\n" for j in dropped) + recipe.to_toml())
-            print(f"{args.out}\nbest's final (dawnbench against it): cifar-onecycle sweep {shlex.join(final_args(args.sweep))}")
+            final = shlex.join(final_args(args.sweep))
+            print(f"{args.out}\nbest's final (dawnbench against it): cifar-onecycle sweep {final}")
     except SelectionError as e:
         raise SystemExit(f"best_selection: {e}") from None
 
