@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_onecycle.recipe import Recipe, load_recipe
-from cifar_onecycle.sweep import STATS, Point, SweepFolder, format_point
+from cifar_onecycle.sweep import EVALUATION_ONLY, STATS, Point, SweepFolder, format_point
 
-EVALUATION_ONLY = ("tta_translate",)  # judged with the TTA the setting changes
 STAGE2_SEEDS, FINAL_SEEDS = 4, 8
 
 

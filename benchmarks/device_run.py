@@ -617,11 +617,12 @@ def run_cli(stage: str, name: str, args: list[str], results: Results, clock: Clo
             ended = [r for r in rows if tuple(r.items()) not in seen]  # with workers, not in row order
             for row in ended:
                 seen.add(tuple(row.items()))
-                ends.append(time.perf_counter())
-                # A run lasts the time ``workers`` runs take to end in turn (the first ones: since the
-                # sweep began, with its data loading, an overestimate); the next is as long.
-                run_seconds = ends[-1] - ends[max(0, len(ends) - 1 - workers)]
-                clock.estimates[f"sweep:{name}"] = clock.estimates["sweep run"] = 1.05 * run_seconds
+                if not row.get("weights_from"):  # not a run evaluated with another's weights: seconds, not a training
+                    ends.append(time.perf_counter())
+                    # A run lasts the time ``workers`` runs take to end in turn (the first ones: since the
+                    # sweep began, with its data loading, an overestimate); the next is as long.
+                    run_seconds = ends[-1] - ends[max(0, len(ends) - 1 - workers)]
+                    clock.estimates[f"sweep:{name}"] = clock.estimates["sweep run"] = 1.05 * run_seconds
                 results.add_run({"stage": stage, "sweep": name, **row})
                 say(f"  {name}: {len(rows)} runs ended; the last {row.get('outcome')} "
                     f"{row.get('final_val_acc') or row.get('final_test_acc')}")

@@ -12,13 +12,14 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from cifar_onecycle import Interrupted, Recipe, collect, load_recipe, sweep
+from cifar_onecycle import Interrupted, Recipe, collect, evaluation, load_recipe, sweep, train
 from cifar_onecycle.cli import main
 from cifar_onecycle.recipe import DATA_FIELDS
 from cifar_onecycle.run_folder import RunFolder
 from cifar_onecycle.run_setup import RunSetup
-from cifar_onecycle.sweep import Plan, SweepFolder, parse_point, parse_vary, worker_environment
+from cifar_onecycle.sweep import ACCURACIES, Plan, SweepFolder, parse_point, parse_vary, worker_environment
 from conftest import ROOT, recipe_flags
 from test_train import TINY
 
@@ -57,6 +58,21 @@ def test_a_list_trains_the_recipe_then_each_change_alone_seed_by_seed():
     assert plan.points[2].flags() == ["--bn-momentum", "0.3", "--lr-max", "0.04"]
     assert Plan.from_json(plan.to_json(), "plan") == plan
     assert str(SweepFolder("sw").run(plan.points[0], 3).path) == os.path.join("sw", "recipe", "seed3")
+
+
+def test_a_point_that_changes_only_the_evaluation_trains_as_the_first_that_trains_the_same():
+    grid = Plan(parse_vary(["flip=true,false", "tta_translate=0,1,2"]), first_seed=0, seeds=2)
+    twins = {p.name: t.name for p, t in grid.trained_as(SMALL).items()}
+    assert twins == {"flip=true,tta_translate=1": "flip=true,tta_translate=0",
+                     "flip=true,tta_translate=2": "flip=true,tta_translate=0",
+                     "flip=false,tta_translate=1": "flip=false,tta_translate=0",
+                     "flip=false,tta_translate=2": "flip=false,tta_translate=0"}
+    listed = Plan({}, 0, 1, listed=[parse_point(s, "point") for s in (
+        "tta_translate=1", "lr_max=0.04", "lr_max=0.04,tta_translate=2", "lr_max=auto,tta_translate=1")])
+    assert {p.name: t.name for p, t in listed.trained_as(SMALL).items()} == {
+        "tta_translate=1": "recipe", "lr_max=0.04,tta_translate=2": "lr_max=0.04"}  # auto: found in each run
+    # With TTA after every epoch, tta_translate changes metrics.csv: each point trains.
+    assert listed.trained_as(SMALL.replace(tta=True)) == {}
 
 
 def test_a_varied_setting_acts_as_its_flag_would():
@@ -308,18 +324,20 @@ def test_printed_commands_run_as_printed_and_collect_reads_their_folders(cifar_d
 
 @pytest.mark.slow
 def test_two_workers_train_the_same_runs(cifar_dir, tmp_path):
-    vary = {"lr_max": [0.01, 0.02]}
+    vary = {"lr_max": [0.01, 0.02], "tta_translate": [0, 1]}  # the tta_translate=1 points evaluated, not trained
     # Each of two workers on this machine's cores gets its share of them (worker_environment): on 2
-    # cores one thread. The runs in this process get as many, since another thread count may sum a
-    # convolution in another order (on an Intel Xeon with AMX one TTA prediction of 30 differed).
+    # cores one thread. This process, which trains the runs of one worker and evaluates again those of
+    # two, gets as many, since another thread count may sum a convolution in another order (on an
+    # Intel Xeon with AMX one TTA prediction of 30 differed).
     threads = int(worker_environment(0, 2).get("OMP_NUM_THREADS", torch.get_num_threads()))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         one = sweep(SMALL, vary, 1, out=tmp_path / "one", data_dir=cifar_dir, download=False, progress=False)
+        two = sweep(SMALL, vary, 1, out=tmp_path / "two", data_dir=cifar_dir, download=False, progress=False,
+                    workers=2)
     finally:
         torch.set_num_threads(before)
-    two = sweep(SMALL, vary, 1, out=tmp_path / "two", data_dir=cifar_dir, download=False, progress=False, workers=2)
 
     assert numbers(two) == numbers(one) and two.remaining == 0
 
@@ -398,3 +416,39 @@ def test_a_list_sweep_trains_each_change_as_its_flags_would(cifar_dir, tmp_path,
         trained = load_recipe(out / name / "seed0" / "recipe.toml")
         assert trained == recipe.replace(**{k: getattr(trained, k) for k in DATA_FIELDS}), name
     assert [r["point"] for r in csv.DictReader((out / "sweep.csv").open())] == list(expected)
+
+
+@pytest.mark.slow
+def test_a_point_that_changes_only_the_evaluation_is_evaluated_not_trained(cifar_dir, tmp_path, monkeypatch):
+    steps, translations = [], []
+    step, evaluate = RunSetup.step, evaluation.evaluate
+    monkeypatch.setattr(RunSetup, "step", lambda self, *args: steps.append(1) or step(self, *args))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: translations.append(k["tta_translate"]) or evaluate(
+        *a, **k))
+    recipe = SMALL.replace(seed=1)  # on this data its TTA scores 1.0 with shifts, 0.967 without (test set)
+    sweep(recipe, points=[{"lr_max": 1e6}], out=tmp_path / "trained", data_dir=cifar_dir, download=False,
+          progress=False)
+    trainings = len(steps)
+    out = tmp_path / "sw"
+    result = sweep(recipe, points=[{"tta_translate": 2}, {"lr_max": 1e6}, {"lr_max": 1e6, "tta_translate": 2}],
+                   out=out, data_dir=cifar_dir, download=False, progress=False)
+    assert len(steps) == 2 * trainings  # the two points that differ in tta_translate alone trained nothing
+    assert translations == [2, 2]  # the validation split and the test set, with the point's own shifts
+    assert [(r["point"], r["outcome"], r["weights_from"]) for r in result.rows] == [
+        ("recipe", "finished", None), ("tta_translate=2", "finished", "recipe/seed1"),
+        ("lr_max=1000000.0", "diverged", None), ("lr_max=1000000.0,tta_translate=2", "diverged", None)]
+    assert "it trains as lr_max=1000000.0" in RunFolder(out / "lr_max=1000000.0,tta_translate=2" /
+                                                         "seed1").read_failed()[1]
+
+    alone = tmp_path / "alone"  # the same point trained
+    train(recipe.replace(tta_translate=2), data_dir=cifar_dir, download=False, out=alone, progress=False)
+    evaluated = RunFolder(out / "tta_translate=2" / "seed1")
+    summary, expected = evaluated.read_summary(), RunFolder(alone).read_summary()
+    assert {k: summary[k] for k in ACCURACIES} == {k: expected[k] for k in ACCURACIES}
+    assert summary["weights_from"] == "recipe/seed1"
+    assert evaluated.read_recipe() == RunFolder(alone).read_recipe()
+    assert [(m.epoch, m.train_loss, m.eval_acc) for m in evaluated.read_metrics()] == [
+        (m.epoch, m.train_loss, m.eval_acc) for m in RunFolder(alone).read_metrics()]
+    weights = load_file(evaluated.path / "model.safetensors")
+    assert all(torch.equal(t, load_file(alone / "model.safetensors")[k]) for k, t in weights.items())
+    assert "weights_from" in (out / "sweep.csv").read_text().splitlines()[0]

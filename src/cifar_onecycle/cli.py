@@ -325,7 +325,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .results import SPLIT_NAMES
     from .run_folder import SUMMARY, RunFolder
-    from .run_setup import training_split
+    from .run_setup import split_images
 
     saved, recipe = load_weights(args.weights)
     val = args.split == "val"
@@ -346,12 +346,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         not args.dataset and run.path.is_dir() and run.has(SUMMARY)) else None
     data = _load_data(args, source, split="both" if val else "test", recorded=recorded)
     check_classes(recipe, data, f"--dataset {source.dataset} in {args.data_dir or (recorded or ['data'])[0]}")
-    if val:  # the same images the run validated on: the split depends on the training labels alone
-        _, held = training_split(recipe, data)
-        assert held is not None
-        images, labels = data.train_images[held], data.train_labels[held]
-    else:
-        images, labels = data.test_images, data.test_labels
+    images, labels = split_images(recipe, data, args.split)  # with val, the images the run validated on
     loss, acc = evaluate(model, images.to(device), labels.to(device),
                          batch_size=recipe.eval_batch_size, precision=precision,
                          channels_last=recipe.channels_last, tta=args.tta, tta_translate=recipe.tta_translate,

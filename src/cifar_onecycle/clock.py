@@ -24,6 +24,10 @@ class Laps:
         self._last = now
         return self.seconds
 
+    def restart(self) -> None:
+        """Start the next lap now, recording none: work of another kind took the time since the last."""
+        self._last = time.perf_counter()
+
 
 def time_left(seconds: Sequence[float], left: int, at_once: int = 1) -> float | None:
     """Seconds until ``left`` more pieces of work are done, ``at_once`` at a time, each taking the

@@ -154,7 +154,8 @@ def history_from_rows(rows: list[Any]) -> list[EpochMetrics]:
 _SUMMARY_COUNTS = ("steps_per_epoch", "epochs", "best_epoch", "train_images", "test_images", "val_images", "parameters",
                    "num_classes", "skipped_images")
 _SUMMARY_REALS = ("total_seconds", "lr_min", "lr_max", "final_test_loss", "final_val_loss")
-_SUMMARY_TEXTS = ("device", "precision", "torch", "cifar_onecycle", "git_commit", "data_dir", "dataset")
+_SUMMARY_TEXTS = ("device", "precision", "torch", "cifar_onecycle", "git_commit", "data_dir", "dataset",
+                  "weights_from")
 _SUMMARY_REQUIRED = ("final_test_acc", "total_seconds", "steps_per_epoch")
 
 

@@ -176,6 +176,16 @@ def training_split(recipe: Recipe, data: LabelledImages) -> tuple[torch.Tensor |
     return kept[:n_train] if isinstance(kept, torch.Tensor) else slice(n_train), held
 
 
+def split_images(recipe: Recipe, data: LabelledImages, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels a run of ``recipe`` on ``data`` evaluates as ``split``: "val", those it
+    holds out of training (they depend on the training labels alone), or "test"."""
+    if split == "test":
+        return data.test_images, data.test_labels
+    _, held = training_split(recipe, data)
+    if held is None:
+        raise ValueError("no validation split: the recipe's holdout is 0")
+    return data.train_images[held], data.train_labels[held]
+
 def fit_to_data(recipe: Recipe, data: LabelledImages) -> Recipe:
     """``recipe`` with the data settings a run of it on ``data`` records (``fit_recipe``), after
     checking that the data can give its split. Runs that share a split (the seeds of a set, the

@@ -10,7 +10,8 @@ the results, rewritten after every run:
     sweep.csv   a row per run that ended: the point, its values (in a list, the recipe's where the
                 point keeps them), seed, final validation and test
                 accuracy (flip TTA too), the LRs it trained with, seconds, and its outcome: finished,
-                diverged (its loss was not finite) or no LR found (``auto`` found nothing)
+                diverged (its loss was not finite) or no LR found (``auto`` found nothing); and,
+                for a run evaluated with another's weights (below), that run (``weights_from``)
     sweep.json  per point and accuracy: n, mean, standard deviation, standard error; and against the
                 baseline point, the difference paired by seed with its standard error
     sweep.png   the selection accuracy against the varied value: a dot per seed, mean and standard error
@@ -21,6 +22,11 @@ selection accuracy is the validation one whenever the recipe holds images out.
 Runs go seed by seed (the first seed of every point first), so a sweep cut short is balanced. The
 same sweep started again skips runs that ended (finished, diverged, no LR found) and resumes a
 started one from its checkpoint; another sweep on the same folder is refused.
+
+A point that differs from an earlier one only in what the end's evaluation does (``tta_translate``
+without per-epoch TTA) trains exactly as that point: its run is that point's weights evaluated
+again (seconds instead of a training run; on a GPU, where two trainings differ in the last digits,
+the comparison is then of the evaluation alone), its summary.json naming them (``weights_from``).
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import DATA_FIELDS, Recipe, load_recipe
-from .run_folder import FAILED, SUMMARY, RunFolder
+from .run_folder import FAILED, RECIPE, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .seeds import check_seed_range
 from .signals import StopSignals, signals_for_tests
@@ -70,6 +76,9 @@ ACCURACIES = ("final_val_acc", "final_val_acc_tta", "final_test_acc", "final_tes
 RESULTS = {**{name: name for name in ACCURACIES}, "lr_max_used": "lr_max", "lr_min_used": "lr_min",
            "seconds": "total_seconds"}
 KINDS = {f.name: str(f.type) for f in fields(Recipe)}
+# Settings that change only the evaluation at a run's end when the recipe has no per-epoch TTA
+# (which they would change too): a point that differs from another in these alone is not trained.
+EVALUATION_ONLY = ("tta_translate",)
 
 
 def format_value(value: Any) -> str:
@@ -197,6 +206,23 @@ class Plan:
     def runs(self) -> list[tuple[int, Point]]:
         """(seed, point) in the order they train: seed by seed, every point of a seed in grid order."""
         return [(seed, point) for seed in self.seed_range for point in self.points]
+
+    def trained_as(self, base: Recipe) -> dict[Point, Point]:
+        """Each point that trains exactly as an earlier one (it differs only in ``EVALUATION_ONLY``
+        settings, and neither has per-epoch TTA nor a setting the range test finds), with the first
+        such point: its runs are that point's weights evaluated again (``evaluate_as``)."""
+        first: dict[Recipe, Point] = {}
+        twins: dict[Point, Point] = {}
+        for point in self.points:
+            if point.found:
+                continue
+            recipe = point.recipe(base, self.first_seed)
+            training = recipe.replace(**{k: getattr(base, k) for k in EVALUATION_ONLY})
+            if not recipe.tta and training in first:
+                twins[point] = first[training]
+            else:
+                first.setdefault(training, point)
+        return twins
 
     @property
     def baseline_point(self) -> Point | None:
@@ -381,6 +407,7 @@ class SweepFolder:
                 for name, key in RESULTS.items():
                     value = summary.get(key)
                     row[name] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+                row["weights_from"] = summary.get("weights_from")
                 rows.append(row)
         return rows, remaining
 
@@ -402,13 +429,13 @@ def selection_accuracy(recipe: Recipe) -> str:
 
 
 def sweep_csv(plan: Plan, rows: list[dict[str, Any]]) -> str:
-    names = ["point", *plan.settings, "seed", *RESULTS, "outcome"]
+    names = ["point", *plan.settings, "seed", *RESULTS, "outcome", "weights_from"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         out = {k: format_value(v) for k, v in row["values"].items()}
-        out.update(point=row["point"], seed=row["seed"], outcome=row["outcome"])
+        out.update(point=row["point"], seed=row["seed"], outcome=row["outcome"], weights_from=row["weights_from"] or "")
         out.update({name: "" if row[name] is None else f"{row[name]:.6g}" for name in RESULTS})
         writer.writerow(out)
     return buf.getvalue()
@@ -521,22 +548,35 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,
                          checkpoints=checkpoints, tensorboard=tensorboard)
     todo = [(seed, point) for seed, point in plan.runs() if folder.status(point, seed) in ("started", "new")]
-    if print_commands:
+    twins = plan.trained_as(base)
+    if print_commands:  # every run as a training: a job array's runs need not wait for one another
         result = folder.write_results(plan, base)
         result.commands = ["cifar-onecycle " + shlex.join(train_command(folder, point, seed, options))
                            for seed, point in todo]
         return result
     if workers == 1:
         assert data is not None
-        run_laps = Laps()
-        for i, (seed, point) in enumerate(todo, 1):
+        run_laps = Laps()  # of the runs trained: the time left shown
+        trainings, trained = sum(point not in twins for _, point in todo), 0
+        for seed, point in todo:
             run = folder.run(point, seed)
+            recipe = point.recipe(base, seed).replace(**data_settings[point])
+            if point in twins:
+                evaluated = evaluate_as(folder, point, twins[point], seed, recipe, data, report)
+                if evaluated is not None:
+                    if progress:
+                        tqdm.write(f"sweep: {point.name} seed {seed}: {evaluated}")
+                    folder.write_results(plan, base)
+                    run_laps.restart()
+                    continue
+                trainings += 1
+            trained += 1
             if progress:
-                left = about_left(run_laps.seconds, len(todo) - i + 1)
-                tqdm.write(f"sweep: {point.name} seed {seed} ({i} of {len(todo)} left to train"
+                left = about_left(run_laps.seconds, trainings - trained + 1)
+                tqdm.write(f"sweep: {point.name} seed {seed} ({trained} of {trainings} left to train"
                            + (f"; {left})" if left else ")"))
             try:
-                train_folder(run.path, point.recipe(base, seed).replace(**data_settings[point]), data, replace(
+                train_folder(run.path, recipe, data, replace(
                     options, find_lr_max="lr_max" in point.found, find_lr_min="lr_min" in point.found))
             except (DivergenceError, NoLRFound) as e:  # train recorded it in the run folder; the sweep goes on
                 if progress:
@@ -546,9 +586,72 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
                 raise Interrupted(f"{e}; or, to go on with the whole sweep, run the same sweep again") from None
             folder.write_results(plan, base)
             run_laps.lap()
-    else:
-        run_workers(folder, todo, workers, options, progress, lambda: folder.write_results(plan, base))
+    else:  # the twins' runs first, by the workers; then their weights evaluated again, here
+        run_workers(folder, [(seed, point) for seed, point in todo if point not in twins], workers, options, progress,
+                    lambda: folder.write_results(plan, base))
+        assert data is not None
+        for seed, point in todo:
+            if point in twins:
+                recipe = point.recipe(base, seed).replace(**data_settings[point])
+                evaluated = evaluate_as(folder, point, twins[point], seed, recipe, data, report)
+                if evaluated is None:
+                    raise UserError(f"sweep {folder.path}: {point.name} seed {seed} trains as {twins[point].name}, "
+                                    f"whose run there did not end as this sweep's; run the sweep with "
+                                    f"{as_setting('workers')} 1")
+                if progress:
+                    tqdm.write(f"sweep: {point.name} seed {seed}: {evaluated}")
+                folder.write_results(plan, base)
     return folder.write_results(plan, base)
+
+
+def evaluate_as(folder: SweepFolder, point: Point, twin: Point, seed: int, recipe: Recipe, data: LabelledImages,
+                report: bool) -> str | None:
+    """Make ``point``'s run of ``seed`` (``recipe``) from ``twin``'s, which trained the same
+    (``Plan.trained_as``): the twin's metrics and weights, and its summary with the TTA accuracies
+    of ``recipe``'s evaluation, the seconds they took and where the weights come from (a twin that
+    failed fails the same way); returns what was done, in words. None, with nothing written, unless
+    the twin's run ended with this very recipe but for its ``EVALUATION_ONLY`` settings: then it
+    must be trained."""
+    from .checkpoint import load_weights
+    from .evaluation import evaluate
+    from .run_setup import split_images
+
+    started = time.perf_counter()
+    source, run = folder.run(twin, seed), folder.run(point, seed)
+    status = folder.status(twin, seed)
+    if status not in ("finished", "failed") or not source.has(RECIPE):
+        return None
+    trained = source.read_recipe()
+    if trained != recipe.replace(**{k: getattr(trained, k) for k in EVALUATION_ONLY}):
+        return None
+    if status == "failed":
+        reason, message = source.read_failed()
+        RunFolder.create(run.path, overwrite=True).write_failed(reason, f"it trains as {twin.name}: {message}")
+        return f"{reason}: it trains as {twin.name}, which did"
+    model, _ = load_weights(source.path)
+    device, precision = resolve_placement(recipe)
+    # torch's stubs leave out Module.to's memory_format, which it takes at run time
+    model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]
+    summary, history = source.read_summary(), source.read_metrics()
+    for split in ("val", "test") if recipe.holdout else ("test",):
+        images, labels = split_images(recipe, data, split)
+        summary[f"final_{split}_acc_tta"] = evaluate(
+            model, images.to(device), labels.to(device), batch_size=recipe.eval_batch_size, precision=precision,
+            channels_last=recipe.channels_last, tta=True, tta_translate=recipe.tta_translate,
+            normalization=recipe.normalization)[1]
+    run = RunFolder.create(run.path, overwrite=True)
+    run.write_recipe(recipe)
+    run.write_metrics(history)
+    run.save_weights(model, recipe)
+    summary |= {"total_seconds": round(time.perf_counter() - started, 2), "weights_from": f"{twin.name}/seed{seed}"}
+    if report:
+        from .report import write_report
+
+        summary = write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
+                               data.test_labels.to(device), data.train_images[:20], summary["steps_per_epoch"],
+                               precision)
+    run.write_summary(summary)  # last: until it is written the run has not ended
+    return f"trains as {twin.name}: its weights evaluated again"
 
 
 def collect(out: str | Path) -> SweepResult:
