@@ -186,6 +186,7 @@ def split_images(recipe: Recipe, data: LabelledImages, split: str) -> tuple[torc
         raise ValueError("no validation split: the recipe's holdout is 0")
     return data.train_images[held], data.train_labels[held]
 
+
 def fit_to_data(recipe: Recipe, data: LabelledImages) -> Recipe:
     """``recipe`` with the data settings a run of it on ``data`` records (``fit_recipe``), after
     checking that the data can give its split. Runs that share a split (the seeds of a set, the

@@ -548,28 +548,35 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,
                          checkpoints=checkpoints, tensorboard=tensorboard)
     todo = [(seed, point) for seed, point in plan.runs() if folder.status(point, seed) in ("started", "new")]
-    twins = plan.trained_as(base)
     if print_commands:  # every run as a training: a job array's runs need not wait for one another
         result = folder.write_results(plan, base)
         result.commands = ["cifar-onecycle " + shlex.join(train_command(folder, point, seed, options))
                            for seed, point in todo]
         return result
+    assert data is not None
+    twins = plan.trained_as(base)
+
+    def evaluated_again(seed: int, point: Point) -> bool:
+        """Whether ``point``'s run of ``seed`` was made from its twin's (``evaluate_as``), shown and tabled."""
+        recipe = point.recipe(base, seed).replace(**data_settings[point])
+        evaluated = evaluate_as(folder, point, twins[point], seed, recipe, data, report)
+        if evaluated is not None:
+            if progress:
+                tqdm.write(f"sweep: {point.name} seed {seed}: {evaluated}")
+            folder.write_results(plan, base)
+        return evaluated is not None
+
     if workers == 1:
-        assert data is not None
         run_laps = Laps()  # of the runs trained: the time left shown
         trainings, trained = sum(point not in twins for _, point in todo), 0
         for seed, point in todo:
             run = folder.run(point, seed)
             recipe = point.recipe(base, seed).replace(**data_settings[point])
             if point in twins:
-                evaluated = evaluate_as(folder, point, twins[point], seed, recipe, data, report)
-                if evaluated is not None:
-                    if progress:
-                        tqdm.write(f"sweep: {point.name} seed {seed}: {evaluated}")
-                    folder.write_results(plan, base)
+                if evaluated_again(seed, point):
                     run_laps.restart()
                     continue
-                trainings += 1
+                trainings += 1  # its twin's run is not this sweep's: it trains
             trained += 1
             if progress:
                 left = about_left(run_laps.seconds, trainings - trained + 1)
@@ -589,18 +596,11 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     else:  # the twins' runs first, by the workers; then their weights evaluated again, here
         run_workers(folder, [(seed, point) for seed, point in todo if point not in twins], workers, options, progress,
                     lambda: folder.write_results(plan, base))
-        assert data is not None
         for seed, point in todo:
-            if point in twins:
-                recipe = point.recipe(base, seed).replace(**data_settings[point])
-                evaluated = evaluate_as(folder, point, twins[point], seed, recipe, data, report)
-                if evaluated is None:
-                    raise UserError(f"sweep {folder.path}: {point.name} seed {seed} trains as {twins[point].name}, "
-                                    f"whose run there did not end as this sweep's; run the sweep with "
-                                    f"{as_setting('workers')} 1")
-                if progress:
-                    tqdm.write(f"sweep: {point.name} seed {seed}: {evaluated}")
-                folder.write_results(plan, base)
+            if point in twins and not evaluated_again(seed, point):
+                raise UserError(f"sweep {folder.path}: {point.name} seed {seed} trains as {twins[point].name}, "
+                                f"whose run there did not end as this sweep's; run the sweep with "
+                                f"{as_setting('workers')} 1")
     return folder.write_results(plan, base)
 
 
