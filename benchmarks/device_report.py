@@ -286,7 +286,8 @@ def sweeps_section(folder: Path) -> list[str]:
                          f"{', '.join(f'{lr:.3g}' for lr in used)} |")
         if stats["remaining_runs"]:
             lines.append(f"\n{stats['remaining_runs']} runs of this sweep were not trained (the budget).")
-        lines += ["", f"![{name}](sweeps/{name}/sweep.png)", ""]
+        lines += ["", f"![{name}](sweeps/{name}/sweep.png)", "",
+                  f"![{name}, curves](sweeps/{name}/sweep_curves.png)", ""]
     return lines
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from cifar_onecycle import Interrupted, Recipe, collect, evaluation, load_recipe, sweep, train
 from cifar_onecycle.cli import main
 from cifar_onecycle.recipe import DATA_FIELDS
+from cifar_onecycle.results import EpochMetrics
 from cifar_onecycle.run_folder import RunFolder
 from cifar_onecycle.run_setup import RunSetup
 from cifar_onecycle.sweep import ACCURACIES, Plan, SweepFolder, parse_point, parse_vary, worker_environment
@@ -218,6 +219,44 @@ def test_the_table_and_statistics_are_those_computed_by_hand(tmp_path):
     assert high_stats["final_val_acc"]["n"] == 1 and high_stats["final_val_acc"]["sem"] is None
     assert high_stats["final_val_acc"]["paired_difference"]["mean"] == pytest.approx(0.70 - 0.85)
     assert (folder.path / "sweep.png").stat().st_size > 10_000
+
+
+def write_metrics(folder, point, seed, rows):
+    """metrics.csv of a run with a holdout: (train_loss, val_acc) an epoch."""
+    RunFolder(folder.run(point, seed).path).write_metrics(
+        [EpochMetrics(i + 1, 0.01, loss, 0.5, None, None, 1.0, 100.0, val_loss=1.0, val_acc=acc)
+         for i, (loss, acc) in enumerate(rows)])
+
+
+def test_the_curves_are_each_points_mean_over_the_runs_it_trained(tmp_path):
+    from cifar_onecycle.report import plot_sweep_curves
+
+    plan = Plan({}, first_seed=0, seeds=2, listed=[{"lr_max": 0.04}, {"tta_translate": 1}, {"flip": False}])
+    folder = SweepFolder(tmp_path / "sw")
+    folder.open(plan, SMALL)
+    recipe, faster, translated, flipless = plan.points
+    for seed, (loss, acc) in enumerate([(2.0, 0.3), (1.0, 0.5)]):
+        write_run(folder, recipe, seed, acc, acc)
+        write_metrics(folder, recipe, seed, [(loss, acc), (loss / 2, acc + 0.2)])
+        write_run(folder, faster, seed, acc, acc)
+        write_metrics(folder, faster, seed, [(loss + 1, acc - 0.1), (loss, acc)])
+        write_run(folder, translated, seed, 0.9, 0.9)  # evaluated with the recipe's weights: its curve is theirs
+        write_metrics(folder, translated, seed, [(9.0, 0.9), (9.0, 0.9)])
+        summary = folder.run(translated, seed).read_summary()
+        folder.run(translated, seed).write_summary(summary | {"weights_from": f"recipe/seed{seed}"})
+    RunFolder(folder.run(flipless, 0).path).path.mkdir(parents=True)
+    RunFolder(folder.run(flipless, 0).path).write_failed("diverged", "training diverged: loss is nan")
+    write_metrics(folder, flipless, 0, [(5.0, 0.1)])  # the epochs before it diverged: not a curve
+    result = folder.write_results(plan, SMALL)
+    curves = folder.mean_curves(plan, result.rows)
+    # recipe: losses (2, 1) then (1, 0.5); accuracies (0.3, 0.5) then (0.5, 0.7)
+    assert curves == {"recipe": [(1, 1.5, pytest.approx(0.4)), (2, 0.75, pytest.approx(0.6))],
+                      "lr_max=0.04": [(1, 2.5, pytest.approx(0.3)), (2, 1.5, pytest.approx(0.4))]}
+    accuracy_axes = plot_sweep_curves(plan, curves, result.stats).axes[1]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in accuracy_axes.get_lines()}
+    assert drawn == {"recipe (baseline)": [pytest.approx(40), pytest.approx(60)],
+                     "lr_max=0.04": [pytest.approx(30), pytest.approx(40)]}
+    assert (folder.path / "sweep_curves.png").stat().st_size > 10_000
 
 
 def test_a_lists_table_fills_in_the_recipes_values_and_compares_each_change_with_it(tmp_path):

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="make the sweep folder and print one 'cifar-onecycle train' command per remaining "
                                 "run (for a job array), then --collect SWEEP_DIR")
     sweep_cmd.add_argument("--collect", metavar="SWEEP_DIR",
-                           help="write the table, statistics and picture of SWEEP_DIR from its finished runs")
+                           help="write the table, statistics and pictures of SWEEP_DIR from its finished runs")
     sweep_cmd.add_argument("--report", action="store_true", help="write each run's pictures and report.md")
     sweep_cmd.add_argument("--no-checkpoint", action="store_true",
                            help="no checkpoint.pt in the runs (an interrupted run then starts again)")
@@ -468,7 +468,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 0
     print(sweep_table(result.stats))
     left = f"; {result.remaining} runs not finished" if result.remaining else ""
-    print(f"sweep folder: {result.path} (sweep.csv, sweep.json, sweep.png){left}")
+    print(f"sweep folder: {result.path} (sweep.csv, sweep.json, sweep.png, sweep_curves.png){left}")
     return 0
 
 

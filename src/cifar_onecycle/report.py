@@ -486,6 +486,35 @@ def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
 
 
 
+def plot_sweep_curves(plan: Plan, curves: dict[str, list[tuple[int, float, float]]], stats: dict[str, Any]) -> Any:
+    """Each point's mean curves (``SweepFolder.mean_curves``) side by side: training loss and the
+    selection split's accuracy per epoch, a line per point, the baseline's black and dashed."""
+    from .sweep import MAX_CURVES
+
+    words, _ = sweep_words(plan, stats["selection"])
+    fig = new_figure((12, 4.5))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for i, (name, rows) in enumerate(curves.items()):
+        style = ({"color": "black", "ls": "--", "lw": 1.5} if name == stats["baseline"] else
+                 {"color": f"C{i % 10}", "ls": "-" if i < 10 else ":", "lw": 1.2})
+        epochs = [epoch for epoch, _, _ in rows]
+        loss_ax.plot(epochs, [loss for _, loss, _ in rows], marker=".", **style)
+        acc_ax.plot(epochs, [100 * acc for _, _, acc in rows], marker=".",
+                    label=f"{name} (baseline)" if name == stats["baseline"] else name, **style)
+    seeds = (f"seed {plan.first_seed}" if plan.seeds == 1 else
+             f"mean over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}")
+    loss_ax.set(title=f"Training loss, {seeds}", xlabel="epoch", ylabel="cross-entropy loss")
+    shown = (f" (the first {MAX_CURVES} points with runs, of {len(plan.points)})"
+             if len(curves) == MAX_CURVES < len(plan.points) else "")
+    acc_ax.set(title=f"{words.capitalize()} accuracy{shown}", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        _whole_epochs(ax)
+        ax.grid(alpha=0.3)
+    if curves:
+        acc_ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
+
+
 def selection_rows(rows: list[dict[str, Any]], selection: str) -> dict[str, list[dict[str, Any]]]:
     """A sweep's rows that have the selection accuracy, by point (one pass: a plan may hold thousands)."""
     rows_of: dict[str, list[dict[str, Any]]] = {}

@@ -15,6 +15,8 @@ the results, rewritten after every run:
     sweep.json  per point and accuracy: n, mean, standard deviation, standard error; and against the
                 baseline point, the difference paired by seed with its standard error
     sweep.png   the selection accuracy against the varied value: a dot per seed, mean and standard error
+    sweep_curves.png  each point's training loss and selection split's accuracy per epoch, the mean
+                over its finished runs (a line per point: what comparing settings draws by hand)
 
 Choose on the validation accuracy (``holdout``), report the test accuracy of what was chosen: the
 selection accuracy is the validation one whenever the recipe holds images out.
@@ -56,13 +58,16 @@ from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import DATA_FIELDS, Recipe, load_recipe
-from .run_folder import FAILED, RECIPE, SUMMARY, RunFolder
+from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .seeds import check_seed_range
 from .signals import StopSignals, signals_for_tests
 from .training import RunOptions, data_folder, load_data, train_folder
 
-PLAN, TABLE, STATS, PICTURE = "sweep_plan.json", "sweep.csv", "sweep.json", "sweep.png"
+PLAN, TABLE, STATS, PICTURE, CURVES = "sweep_plan.json", "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png"
+# The curves picture draws the first points only: past a couple of dozen lines no colour tells them
+# apart (and a plan from someone else's folder must not decide how many metrics files are read).
+MAX_CURVES = 20
 AUTO = "auto"
 AUTO_SETTINGS = ("lr_max", "lr_min")   # the settings the LR range test can find
 LOG_SETTINGS = ("lr_max", "lr_min", "weight_decay")  # drawn on a log axis
@@ -411,15 +416,40 @@ class SweepFolder:
                 rows.append(row)
         return rows, remaining
 
+    def mean_curves(self, plan: Plan, rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
+        """Per point (the first ``MAX_CURVES`` with a finished run it trained itself), each epoch's
+        training loss and evaluation accuracy (validation with a holdout, else test), the mean over
+        those runs: (epoch, loss, accuracy) rows. A run evaluated with another's weights has that
+        run's curve and is left out; so is one without metrics.csv."""
+        trained = {(r["point"], r["seed"]) for r in rows if r["outcome"] == "finished" and not r["weights_from"]}
+        curves: dict[str, list[tuple[int, float, float]]] = {}
+        for point in plan.points:
+            if len(curves) == MAX_CURVES:
+                break
+            sums: dict[int, list[float]] = {}  # epoch: [runs, loss sum, accuracy sum]
+            for seed in plan.seed_range:
+                run = self.run(point, seed)
+                if (point.name, seed) not in trained or not run.has(METRICS):
+                    continue
+                for m in run.read_metrics():
+                    entry = sums.setdefault(m.epoch, [0, 0.0, 0.0])
+                    entry[0] += 1
+                    entry[1] += m.train_loss
+                    entry[2] += m.eval_acc
+            if sums:
+                curves[point.name] = [(epoch, loss / n, acc / n) for epoch, (n, loss, acc) in sorted(sums.items())]
+        return curves
+
     def write_results(self, plan: Plan, base: Recipe) -> SweepResult:
-        """sweep.csv, sweep.json and sweep.png from the run folders as they are now."""
+        """sweep.csv, sweep.json, sweep.png and sweep_curves.png from the run folders as they are now."""
         rows, remaining = self.rows(plan, base)
         stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
         atomic_write(self.path / TABLE, sweep_csv(plan, rows))
         atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
-        from .report import plot_sweep, save_png
+        from .report import plot_sweep, plot_sweep_curves, save_png
 
         save_png(plot_sweep(plan, rows, stats), self.path / PICTURE)
+        save_png(plot_sweep_curves(plan, self.mean_curves(plan, rows), stats), self.path / CURVES)
         return SweepResult(plan, rows, stats, self.path, remaining)
 
 
@@ -655,7 +685,7 @@ def evaluate_as(folder: SweepFolder, point: Point, twin: Point, seed: int, recip
 
 
 def collect(out: str | Path) -> SweepResult:
-    """sweep.csv, sweep.json and sweep.png of the sweep folder ``out`` from its run folders as they
+    """sweep.csv, sweep.json and the pictures of the sweep folder ``out`` from its run folders as they
     are (runs trained elsewhere, from ``print_commands``)."""
     folder = SweepFolder(out)
     plan, base = folder.read()
