@@ -29,6 +29,7 @@ from cifar_onecycle.checkpoint import load_checkpoint, save_checkpoint, save_wei
 from cifar_onecycle.errors import Interrupted
 from cifar_onecycle.results import EpochMetrics
 from cifar_onecycle.run_folder import RunFolder
+from cifar_onecycle.sweep import Plan, SweepFolder
 from conftest import ROOT, write_cifar
 
 CHILD = r"""
@@ -208,6 +209,18 @@ class Cases:
             (run.path / "metrics.csv").write_bytes(metrics)
         self.add(kind, name, ["report", str(run.path), "--device", "cpu"], expect)
 
+    # a sweep's run's metrics.csv, read for sweep_curves.png by --collect
+    def sweep_case(self, name: str, expect: str, metrics: bytes) -> None:
+        here = self.folder(f"sweep-{name}")
+        plan = Plan({"lr_max": [0.01]}, 0, 1)
+        folder = SweepFolder(here / "sweep")
+        folder.open(plan, TINY)
+        run = RunFolder(folder.run(plan.points[0], 0).path)
+        run.path.mkdir(parents=True)
+        run.write_summary({"steps_per_epoch": 4, "final_test_acc": 0.5, "total_seconds": 1.0})
+        (run.path / "metrics.csv").write_bytes(metrics)
+        self.add("sweep", name, ["sweep", "--collect", str(folder.path)], expect)
+
     # seeds.json and the seeds' summaries, resumed
     def seeds_case(self, name: str, expect: str, seeds: bytes | None = None, seed_summary: bytes | None = None) -> None:
         here = self.folder(f"seeds-{name}")
@@ -345,6 +358,8 @@ def build_cases(root: Path, data: Path, stopped: Path, checkpoint: dict) -> list
     c.report_case("metrics", "loss-nan", "train_loss", metrics=header + b"1,0.01,nan,0.3,1.9,0.35,1,10\n")
     c.report_case("metrics", "a-million-rows", "metrics", metrics=header + b"1,0.01,2,0.3,1.9,0.35,1,10\n" * 1_000_000)
     c.report_case("metrics", "not-utf8", "metrics", metrics=header + b"1,0.01,2,0.3,1.9,0.35,1,\xff\n")
+    c.sweep_case("metrics-loss-nan", "metrics.csv", header + b"1,0.01,nan,0.3,1.9,0.35,1,10\n")
+    c.sweep_case("metrics-a-million-rows", "metrics.csv", header + b"1,0.01,2,0.3,1.9,0.35,1,10\n" * 1_000_000)
 
     c.seeds_case("seeds-10**12", "not a multi-seed run folder", seeds=b'{"first_seed": 0, "seeds": 1000000000000}')
     c.seeds_case("nested", "not a multi-seed run folder", seeds=b"[" * 100_000 + b"]" * 100_000)
@@ -438,5 +453,7 @@ def test_crafted_files_of_every_kind_end_in_one_line_within_bounds(stopped_run, 
     assert wrong == [], "\n".join(wrong)
     assert sorted(os.listdir(tmp_path)) == ["cases", "cases.json"]  # the child's working folder: no runs/ made
     assert sorted(os.listdir(stopped)) == before
+    for case in (tmp_path / "cases").glob("sweep-*"):  # a damaged run's metrics: no table written
+        assert sorted(p.name for p in (case / "sweep").iterdir()) == ["lr_max=0.01", "recipe.toml", "sweep_plan.json"]
     kept = tmp_path / "cases" / "out-tmp-folder" / "run" / ".checkpoint.pt.abc.tmp" / "keep"
     assert kept.read_bytes() == b"not ours"  # a folder named like a temporary file is not the run's to remove

@@ -443,13 +443,14 @@ class SweepFolder:
     def write_results(self, plan: Plan, base: Recipe) -> SweepResult:
         """sweep.csv, sweep.json, sweep.png and sweep_curves.png from the run folders as they are now."""
         rows, remaining = self.rows(plan, base)
+        curves = self.mean_curves(plan, rows)  # read before any write: a damaged metrics.csv leaves all as it was
         stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
         atomic_write(self.path / TABLE, sweep_csv(plan, rows))
         atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
         from .report import plot_sweep, plot_sweep_curves, save_png
 
         save_png(plot_sweep(plan, rows, stats), self.path / PICTURE)
-        save_png(plot_sweep_curves(plan, self.mean_curves(plan, rows), stats), self.path / CURVES)
+        save_png(plot_sweep_curves(plan, curves, stats), self.path / CURVES)
         return SweepResult(plan, rows, stats, self.path, remaining)
 
 
