@@ -296,6 +296,8 @@ def build_cases(root: Path, data: Path, stopped: Path, checkpoint: dict) -> list
     c.recipe("long-integer", b"epochs = " + b"9" * 900 + b"\n", "epochs")
     c.recipe("nan", b"lr_max = nan\n", "lr_max")
     c.recipe("array-of-a-5000-digit-number", b"mean = [" + b"9" * 5000 + b", 0, 0]\n", "not valid TOML for a recipe")
+    c.recipe("array-of-7-million-numbers", b"mean = [" + b"1," * 7_000_000 + b"x]\n", "not valid TOML for a recipe")
+    c.recipe("array-of-a-14MB-string", b'classes = ["' + b"a" * (14 << 20) + b'" "b"]\n', "not valid TOML for a recipe")
     c.recipe("array-of-20000-classes", b"classes = [" + b", ".join([b'"c"'] * 20_000) + b"]\n", "classes must be")
     c.recipe("huge-eval-batch", b"eval_batch_size = 1000000000\n", "eval_batch_size")
     c.recipe("not-utf8", b"epochs = 3 # \xff\xfe\n", "cannot read recipe file")

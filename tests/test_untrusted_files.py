@@ -176,6 +176,90 @@ def test_a_recipe_file_is_flat_lines_checked_before_the_toml_parser(tmp_path):
     assert load_recipe(path).lr_max == 0.3  # what recipe.toml and the shipped recipes look like
 
 
+ARRAY_LINES = {
+    'classes = ["cat", "a \\"quoted\\" dog", "back\\\\slash", "\\u00e9t\\u00e9"]': True,
+    "mean = [0.4914, -0.48, 4.465e-1, +1_000]": True,
+    "k = []": True,
+    "k = [ 1 , 2 , ]  # a note, with \"a string\", and ]": True,
+    "k = [[1]]": False,
+    "k = [1 2]": False,
+    'k = ["unterminated]': False,
+    'k = ["a" "b"]': False,
+    'k = ["a\\"]': False,
+    "k = [,]": False,
+    "k = [{a = 1}]": False,
+    "k = [x]": False,
+    "k = [1] extra": False,
+    "k.j = [1]": False,
+}
+
+
+@pytest.mark.parametrize("line", ARRAY_LINES)
+def test_a_recipe_line_may_be_a_flat_array_of_strings_and_numbers(line):
+    from cifar_onecycle.recipe import _flat_array, tomllib  # tomli on Python 3.10
+
+    assert _flat_array(line) is ARRAY_LINES[line]
+    if ARRAY_LINES[line]:
+        (value,) = tomllib.loads(line).values()  # what the check passes, TOML reads as one flat list
+        assert isinstance(value, list) and not any(isinstance(v, list | dict) for v in value)
+    # 150 items: more than one group of the items the check matches at a time
+    long = line.replace("[", "[" + "7, " * 150, 1)
+    assert _flat_array(long) is ARRAY_LINES[line]
+
+
+@pytest.mark.parametrize("line", [
+    "k = [" + "1," * 500_000 + "x",  # a million characters of items, then one bad one
+    'k = ["' + "a" * 1_000_000 + '"x',  # one long string, then something that is not a comma
+    "k = [" + ('"' + "\\a" * 255 + '",') * 2_000 + "x",  # strings of the most escapes allowed
+    "k = [" + '"ab", ' * 200_000 + '"a"]',  # good
+])
+def test_a_long_array_line_is_checked_in_constant_memory(line):
+    import tracemalloc
+
+    from cifar_onecycle.recipe import _flat_array
+
+    tracemalloc.start()
+    try:
+        _flat_array(line)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Measured: under 3.5 MB for any length; a repeat over the whole line holds 190 MB a million characters.
+    assert peak < 8e6, f"{peak / 1e6:.0f} MB"
+
+
+def test_the_package_patterns_run_on_python_3_10():
+    """Python 3.10, the oldest supported, has no possessive quantifiers or atomic groups: a pattern
+    that uses them fails there at import (as one did), while CI runs a newer Python."""
+    import importlib
+    import pkgutil
+    import re
+
+    import cifar_onecycle
+
+    parser = pytest.importorskip("re._parser")  # 3.11 on; on 3.10 the import itself is the check
+    new_in_3_11 = {parser.POSSESSIVE_REPEAT, parser.ATOMIC_GROUP}
+
+    def opcodes(tree):
+        for op, arguments in tree:
+            yield op
+            for argument in arguments if isinstance(arguments, tuple | list) else ():
+                if isinstance(argument, parser.SubPattern):
+                    yield from opcodes(argument)
+                elif isinstance(argument, list):  # a branch's alternatives
+                    for branch in argument:
+                        if isinstance(branch, parser.SubPattern):
+                            yield from opcodes(branch)
+
+    modules = [importlib.import_module(info.name) for info in pkgutil.walk_packages(cifar_onecycle.__path__,
+               "cifar_onecycle.") if info.name != "cifar_onecycle.__main__"]  # which would run the CLI
+    patterns = [value for module in modules for value in vars(module).values() if isinstance(value, re.Pattern)]
+    assert len(patterns) >= 4
+    for pattern in patterns:
+        used = new_in_3_11 & set(opcodes(parser.parse(pattern.pattern, pattern.flags)))
+        assert not used, f"{pattern.pattern[:80]!r} uses {used}"
+
+
 def test_json_from_a_file_is_bounded_in_depth_and_digits(tmp_path, capsys):
     from cifar_onecycle.files import parse_json
 
