@@ -147,6 +147,17 @@ def test_download_checks_md5_and_leaves_nothing_half_written(tmp_path):
     assert os.listdir(tmp_path / "data") == []
 
 
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
+    unreachable = replace(CIFAR10, url=(tmp_path / "nope.tar.gz").as_uri())
+    with pytest.raises(DatasetError, match="cannot download"):
+        download_archive(tmp_path / "new" / "data" / "cifar-10-python.tar.gz", unreachable)
+    assert os.listdir(tmp_path) == []  # a mistyped --data-dir or no network: nothing made
+    (tmp_path / "given").mkdir()  # a folder that was there stays
+    with pytest.raises(DatasetError, match="cannot download"):
+        download_archive(tmp_path / "given" / "cifar-10-python.tar.gz", unreachable)
+    assert os.listdir(tmp_path) == ["given"] and os.listdir(tmp_path / "given") == []
+
+
 @pytest.mark.slow
 def test_proxy_data_loads_with_the_restricted_unpickler(proxy_dir):
     d = load_cifar10(proxy_dir, download=False)

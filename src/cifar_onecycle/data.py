@@ -8,6 +8,7 @@ check) unless downloads are off.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import lzma
 import os
@@ -253,6 +254,9 @@ def download_archive(dest: Path, source: Source = CIFAR10,
     empty), then rename: a broken download never looks whole."""
     url, md5 = source.url, source.md5
     part = dest.with_name(dest.name + ".part")
+    # The folders this download makes, deepest first: a failed one removes them again (when still
+    # empty), so that a mistyped --data-dir or no network leaves no empty folder behind.
+    made = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
@@ -271,6 +275,9 @@ def download_archive(dest: Path, source: Source = CIFAR10,
                            f"put '{source.folder}/' or '{source.archive}' in {dest.parent} by hand") from None
     finally:
         part.unlink(missing_ok=True)
+        for folder in made if not dest.is_file() else []:
+            with contextlib.suppress(OSError):  # one that now holds something else stays
+                folder.rmdir()
 
 
 def download_bar(desc: str = "download CIFAR-10") -> Callable[[int, int], None]:
