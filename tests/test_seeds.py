@@ -5,7 +5,11 @@ import pytest
 
 from cifar_onecycle import Recipe
 from cifar_onecycle.cli import main
-from cifar_onecycle.seeds import spread, train_seeds
+from cifar_onecycle.errors import UserError
+from cifar_onecycle.report import plot_seed_curves
+from cifar_onecycle.results import EpochMetrics
+from cifar_onecycle.run_folder import RunFolder
+from cifar_onecycle.seeds import spread, train_seeds, write_seeds_results
 from test_train import TINY
 
 FLAGS = ["--epochs", "2", "--peak-epoch", "1", "--batch-size", "25", "--eval-batch-size", "16", "--device", "cpu",
@@ -19,6 +23,38 @@ def test_spread_is_sample_statistics():
     assert spread([0.5])["std"] == 0.0
 
 
+def held_out_history(rows):
+    """A run with a holdout: (train_loss, val_acc) an epoch."""
+    return [EpochMetrics(i + 1, 0.01, loss, 0.5, None, None, 1.0, 100.0, val_loss=1.0, val_acc=acc)
+            for i, (loss, acc) in enumerate(rows)]
+
+
+def test_the_seeds_picture_draws_each_seed_and_their_mean():
+    histories = {4: held_out_history([(2.0, 0.3), (1.0, 0.5)]), 3: held_out_history([(1.0, 0.5), (0.5, 0.9)])}
+    fig = plot_seed_curves(histories)
+    loss_axes, accuracy_axes = fig.axes[:2]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in accuracy_axes.get_lines()}
+    assert drawn == {"seed 3": [pytest.approx(50), pytest.approx(90)], "seed 4": [pytest.approx(30), pytest.approx(50)],
+                     "mean of 2": [pytest.approx(40), pytest.approx(70)]}
+    assert [list(line.get_ydata()) for line in loss_axes.get_lines()][-1] == [1.5, 0.75]
+    assert accuracy_axes.get_title() == "Validation accuracy" and "seeds 3 to 4" in loss_axes.get_title()
+
+
+def test_the_seeds_results_read_every_metrics_file_before_writing(tmp_path):
+    folder = RunFolder(tmp_path / "seeds")
+    for seed in (0, 1):
+        RunFolder(folder.path / f"seed{seed}").path.mkdir(parents=True)
+        RunFolder(folder.path / f"seed{seed}").write_metrics(held_out_history([(1.0, 0.5)]))
+    (folder.path / "seed1" / "metrics.csv").write_text("epoch,lr\nnot a number\n")
+    with pytest.raises(UserError, match="seed1/metrics.csv: not a run's metrics"):
+        write_seeds_results(folder, [0, 1], {"runs": 2})
+    assert sorted(p.name for p in folder.path.iterdir()) == ["seed0", "seed1"]  # nothing written
+    (folder.path / "seed1" / "metrics.csv").unlink()  # a run without metrics is left out of the picture
+    write_seeds_results(folder, [0, 1], {"runs": 2})
+    assert json.loads((folder.path / "summary.json").read_text()) == {"runs": 2}
+    assert (folder.path / "curves.png").stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_two_seeds_then_resume_reuses_the_finished_one(cifar_dir, tmp_path):
     out = tmp_path / "seeds"
@@ -26,6 +62,7 @@ def test_two_seeds_then_resume_reuses_the_finished_one(cifar_dir, tmp_path):
                         report=False)
     s = json.loads((out / "summary.json").read_text())
     assert s == first.summary and s["seeds"] == [3, 4] and s["runs"] == 2
+    assert (out / "curves.png").stat().st_size > 10_000  # without the runs' own reports
     runs = [json.loads((out / f"seed{k}" / "summary.json").read_text()) for k in (3, 4)]
     assert [r["final_test_acc"] for r in runs] == s["final_test_acc"]["values"]
     assert s["final_test_acc"]["mean"] == pytest.approx(sum(s["final_test_acc"]["values"]) / 2)
@@ -40,7 +77,9 @@ def test_two_seeds_then_resume_reuses_the_finished_one(cifar_dir, tmp_path):
     for f in (out / "seed4").iterdir():
         f.unlink()
     (out / "summary.json").unlink()
+    (out / "curves.png").unlink()
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert (out / "curves.png").is_file()
     again = json.loads((out / "summary.json").read_text())
     assert (out / "seed3" / "model.safetensors").stat().st_mtime_ns == finished
     assert again["final_test_acc"] == s["final_test_acc"] and again["final_train_acc"] == s["final_train_acc"]

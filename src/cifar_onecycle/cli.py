@@ -275,7 +275,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    if over_seeds.get("final_val_acc") else "")
             print(f"over {over_seeds['runs']} seeds {over_seeds['seeds'][0]}..{over_seeds['seeds'][-1]}: final "
                   f"{val}test accuracy {_spread(over_seeds['final_test_acc'])}, with flip TTA "
-                  f"{_spread(over_seeds['final_test_acc_tta'])}; run folder: {out}")
+                  f"{_spread(over_seeds['final_test_acc_tta'])}; run folder: {out} (summary.json, curves.png, "
+                  f"seed<k>/)")
         return 0
     summary = train(recipe, **options).summary
     if not _is_main():

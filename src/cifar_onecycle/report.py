@@ -12,7 +12,7 @@ import io
 import math
 import statistics
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -486,33 +486,73 @@ def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
 
 
 
+# A curve: its label (None: none in the legend), epochs, training losses, accuracies (0..1) and
+# matplotlib line style.
+Curve = tuple[str | None, list[int], list[float], list[float], dict[str, Any]]
+
+
+def plot_curve_pair(curves: list[Curve], loss_title: str, accuracy_title: str) -> Any:
+    """Training loss (left) and accuracy in % (right) per epoch, a line a curve, the legend beside
+    the accuracy; what a sweep's points and a set of seeds are both drawn with."""
+    fig = new_figure((12, 4.5))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for label, epochs, losses, accuracies, style in curves:
+        loss_ax.plot(epochs, losses, **style)
+        acc_ax.plot(epochs, [100 * acc for acc in accuracies], label=label, **style)
+    loss_ax.set(title=loss_title, xlabel="epoch", ylabel="cross-entropy loss")
+    acc_ax.set(title=accuracy_title, xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        _whole_epochs(ax)
+        ax.grid(alpha=0.3)
+    if any(label for label, *_ in curves):
+        acc_ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
+
+
 def plot_sweep_curves(plan: Plan, curves: dict[str, list[tuple[int, float, float]]], stats: dict[str, Any]) -> Any:
     """Each point's mean curves (``SweepFolder.mean_curves``) side by side: training loss and the
     selection split's accuracy per epoch, a line per point, the baseline's black and dashed."""
     from .sweep import MAX_CURVES
 
     words, _ = sweep_words(plan, stats["selection"])
-    fig = new_figure((12, 4.5))
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    lines: list[Curve] = []
     for i, (name, rows) in enumerate(curves.items()):
         style = ({"color": "black", "ls": "--", "lw": 1.5} if name == stats["baseline"] else
                  {"color": f"C{i % 10}", "ls": "-" if i < 10 else ":", "lw": 1.2})
-        epochs = [epoch for epoch, _, _ in rows]
-        loss_ax.plot(epochs, [loss for _, loss, _ in rows], marker=".", **style)
-        acc_ax.plot(epochs, [100 * acc for _, _, acc in rows], marker=".",
-                    label=f"{name} (baseline)" if name == stats["baseline"] else name, **style)
+        lines.append((f"{name} (baseline)" if name == stats["baseline"] else name, [epoch for epoch, _, _ in rows],
+                      [loss for _, loss, _ in rows], [acc for _, _, acc in rows], {"marker": ".", **style}))
     seeds = (f"seed {plan.first_seed}" if plan.seeds == 1 else
              f"mean over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}")
-    loss_ax.set(title=f"Training loss, {seeds}", xlabel="epoch", ylabel="cross-entropy loss")
     shown = (f" (the first {MAX_CURVES} points with runs, of {len(plan.points)})"
              if len(curves) == MAX_CURVES < len(plan.points) else "")
-    acc_ax.set(title=f"{words.capitalize()} accuracy{shown}", xlabel="epoch", ylabel="accuracy (%)")
-    for ax in (loss_ax, acc_ax):
-        _whole_epochs(ax)
-        ax.grid(alpha=0.3)
-    if curves:
-        acc_ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return fig
+    return plot_curve_pair(lines, f"Training loss, {seeds}", f"{words.capitalize()} accuracy{shown}")
+
+
+# A set of seeds' picture draws the first seeds' own lines only (their mean counts them all): past
+# a couple of dozen thin lines no colour tells them apart.
+MAX_SEED_LINES = 20
+
+
+def plot_seed_curves(histories: Mapping[int, Sequence[Any]]) -> Any:
+    """One recipe's seeds side by side: each seed's training loss and accuracy on the split its
+    epochs were evaluated on (test, or validation with a holdout), a thin line a seed (the first
+    ``MAX_SEED_LINES``), and their mean over the seeds in black, over the epochs every seed has."""
+    seeds = sorted(histories)
+    lines: list[Curve] = [(f"seed {seed}", [m.epoch for m in histories[seed]],
+                           [m.train_loss for m in histories[seed]], [m.eval_acc for m in histories[seed]],
+                           {"color": f"C{i % 10}", "lw": 0.8, "alpha": 0.7})
+                          for i, seed in enumerate(seeds[:MAX_SEED_LINES])]
+    common = set.intersection(*({m.epoch for m in histories[seed]} for seed in seeds))
+    rows = {seed: {m.epoch: m for m in histories[seed]} for seed in seeds}
+    epochs = sorted(common)
+    lines.append((f"mean of {len(seeds)}", epochs,
+                  [statistics.fmean(rows[seed][e].train_loss for seed in seeds) for e in epochs],
+                  [statistics.fmean(rows[seed][e].eval_acc for seed in seeds) for e in epochs],
+                  {"color": "black", "lw": 2, "marker": "."}))
+    split = SPLIT_NAMES[histories[seeds[0]][-1].split]
+    named = f"seeds {seeds[0]} to {seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    shown = f" (lines: the first {MAX_SEED_LINES})" if len(seeds) > MAX_SEED_LINES else ""
+    return plot_curve_pair(lines, f"Training loss, {named}", f"{split.capitalize()} accuracy{shown}")
 
 
 def selection_rows(rows: list[dict[str, Any]], selection: str) -> dict[str, list[dict[str, Any]]]:

@@ -3,7 +3,8 @@ their final test accuracies: one run's number says little when seeds differ by a
 
 The folder of a multi-seed run holds recipe.toml (the recipe with the first seed), seeds.json (which
 seeds), a sub-folder per seed (``seed<k>/``, an ordinary run folder) and, at the end, summary.json
-with the mean, standard deviation, min and max over the runs. Only the last epoch of each run counts:
+with the mean, standard deviation, min and max over the runs, and curves.png (each seed's curves and
+their mean). Only the last epoch of each run counts:
 no best epoch, no best seed.
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted, UserError, as_setting
 from .recipe import SEEDS_END, Recipe
-from .run_folder import SEEDS, SUMMARY, RunFolder
+from .run_folder import METRICS, SEEDS, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .signals import signals_for_tests
 from .training import RunOptions, check_same_recipe, data_folder, load_data, train_folder
 
+SEED_CURVES = "curves.png"  # in a set of seeds' folder: each seed's curves and their mean
 # The accuracies summarised over seeds; the validation ones are None in runs without a holdout, the
 # last of each split in runs without a weight average.
 ACCURACIES = ("final_test_acc", "final_test_acc_tta", "final_train_acc", "final_test_acc_without_ema",
@@ -144,5 +146,17 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     summary = seeds_summary(recipe, list(range(first, first + count)), runs)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this call's, resumed parts excluded
     if folder and main:
-        folder.write_summary(summary)
+        write_seeds_results(folder, list(range(first, first + count)), summary)
     return SeedsResult(recipe, summary, runs, folder.path if folder else None)
+
+
+def write_seeds_results(folder: RunFolder, seeds: list[int], summary: dict[str, Any]) -> None:
+    """summary.json over the seeds and curves.png, each seed's curves and their mean (the runs with a
+    metrics.csv). The metrics are read before anything is written: a damaged one leaves both as they were."""
+    from .report import plot_seed_curves, save_png
+
+    runs = {seed: RunFolder(folder.path / f"seed{seed}") for seed in seeds}
+    histories = {seed: run.read_metrics() for seed, run in runs.items() if run.has(METRICS)}
+    folder.write_summary(summary)
+    if histories:
+        save_png(plot_seed_curves(histories), folder.path / SEED_CURVES)
