@@ -485,7 +485,6 @@ def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
                    f"dots are runs, bars the standard error")
 
 
-
 # A curve: its label (None: none in the legend), epochs, training losses, accuracies (0..1) and
 # matplotlib line style.
 Curve = tuple[str | None, list[int], list[float], list[float], dict[str, Any]]

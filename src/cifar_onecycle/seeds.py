@@ -4,8 +4,7 @@ their final test accuracies: one run's number says little when seeds differ by a
 The folder of a multi-seed run holds recipe.toml (the recipe with the first seed), seeds.json (which
 seeds), a sub-folder per seed (``seed<k>/``, an ordinary run folder) and, at the end, summary.json
 with the mean, standard deviation, min and max over the runs, and curves.png (each seed's curves and
-their mean). Only the last epoch of each run counts:
-no best epoch, no best seed.
+their mean). Only the last epoch of each run counts: no best epoch, no best seed.
 """
 from __future__ import annotations
 
@@ -143,10 +142,11 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         run_laps.lap()
         if progress and main:
             tqdm.write(f"seed {seed}: {final_accuracies(result.summary)}")
-    summary = seeds_summary(recipe, list(range(first, first + count)), runs)
+    seed_list = list(range(first, first + count))
+    summary = seeds_summary(recipe, seed_list, runs)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this call's, resumed parts excluded
     if folder and main:
-        write_seeds_results(folder, list(range(first, first + count)), summary)
+        write_seeds_results(folder, seed_list, summary)
     return SeedsResult(recipe, summary, runs, folder.path if folder else None)
 
 
