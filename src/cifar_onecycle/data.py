@@ -275,9 +275,10 @@ def download_archive(dest: Path, source: Source = CIFAR10,
                            f"put '{source.folder}/' or '{source.archive}' in {dest.parent} by hand") from None
     finally:
         part.unlink(missing_ok=True)
-        for folder in made if not dest.is_file() else []:
-            with contextlib.suppress(OSError):  # one that now holds something else stays
-                folder.rmdir()
+        if not dest.is_file():
+            for folder in made:
+                with contextlib.suppress(OSError):  # one that now holds something else stays
+                    folder.rmdir()
 
 
 def download_bar(desc: str = "download CIFAR-10") -> Callable[[int, int], None]:

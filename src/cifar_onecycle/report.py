@@ -23,7 +23,7 @@ from .augment import CIFAR10_NORMALIZATION, Normalization, augment_batch, normal
 from .data import CLASSES
 from .files import atomic_write
 from .recipe import Recipe
-from .results import SPLIT_NAMES
+from .results import SPLIT_NAMES, mean_curve
 from .schedule import one_cycle_knots
 
 if TYPE_CHECKING:
@@ -535,19 +535,15 @@ MAX_SEED_LINES = 20
 def plot_seed_curves(histories: Mapping[int, Sequence[Any]]) -> Any:
     """One recipe's seeds side by side: each seed's training loss and accuracy on the split its
     epochs were evaluated on (test, or validation with a holdout), a thin line a seed (the first
-    ``MAX_SEED_LINES``), and their mean over the seeds in black, over the epochs every seed has."""
+    ``MAX_SEED_LINES``), and their mean in black (``mean_curve``, the sweep's too)."""
     seeds = sorted(histories)
     lines: list[Curve] = [(f"seed {seed}", [m.epoch for m in histories[seed]],
                            [m.train_loss for m in histories[seed]], [m.eval_acc for m in histories[seed]],
                            {"color": f"C{i % 10}", "lw": 0.8, "alpha": 0.7})
                           for i, seed in enumerate(seeds[:MAX_SEED_LINES])]
-    common = set.intersection(*({m.epoch for m in histories[seed]} for seed in seeds))
-    rows = {seed: {m.epoch: m for m in histories[seed]} for seed in seeds}
-    epochs = sorted(common)
-    lines.append((f"mean of {len(seeds)}", epochs,
-                  [statistics.fmean(rows[seed][e].train_loss for seed in seeds) for e in epochs],
-                  [statistics.fmean(rows[seed][e].eval_acc for seed in seeds) for e in epochs],
-                  {"color": "black", "lw": 2, "marker": "."}))
+    mean = mean_curve(histories.values())
+    lines.append((f"mean of {len(seeds)}", [epoch for epoch, _, _ in mean], [loss for _, loss, _ in mean],
+                  [acc for _, _, acc in mean], {"color": "black", "lw": 2, "marker": "."}))
     split = SPLIT_NAMES[histories[seeds[0]][-1].split]
     named = f"seeds {seeds[0]} to {seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
     shown = f" (lines: the first {MAX_SEED_LINES})" if len(seeds) > MAX_SEED_LINES else ""

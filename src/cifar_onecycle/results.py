@@ -7,6 +7,7 @@ import io
 import math
 import os
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,19 @@ _SUMMARY_REALS = ("total_seconds", "lr_min", "lr_max", "final_test_loss", "final
 _SUMMARY_TEXTS = ("device", "precision", "torch", "cifar_onecycle", "git_commit", "data_dir", "dataset",
                   "weights_from")
 _SUMMARY_REQUIRED = ("final_test_acc", "total_seconds", "steps_per_epoch")
+
+
+def mean_curve(histories: Iterable[Sequence[EpochMetrics]]) -> list[tuple[int, float, float]]:
+    """(epoch, training loss, evaluation accuracy) rows, each epoch's mean over the runs that reached
+    it: a sweep point's curve over its seeds, a set of seeds' mean curve."""
+    sums: dict[int, list[float]] = {}  # epoch: [runs, loss sum, accuracy sum]
+    for history in histories:
+        for m in history:
+            entry = sums.setdefault(m.epoch, [0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += m.train_loss
+            entry[2] += m.eval_acc
+    return [(epoch, loss / n, acc / n) for epoch, (n, loss, acc) in sorted(sums.items())]
 
 
 def check_run_summary(summary: dict[str, Any]) -> None:

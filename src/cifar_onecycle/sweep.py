@@ -58,6 +58,7 @@ from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import DATA_FIELDS, Recipe, load_recipe
+from .results import mean_curve
 from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .seeds import check_seed_range
@@ -426,18 +427,10 @@ class SweepFolder:
         for point in plan.points:
             if len(curves) == MAX_CURVES:
                 break
-            sums: dict[int, list[float]] = {}  # epoch: [runs, loss sum, accuracy sum]
-            for seed in plan.seed_range:
-                run = self.run(point, seed)
-                if (point.name, seed) not in trained or not run.has(METRICS):
-                    continue
-                for m in run.read_metrics():
-                    entry = sums.setdefault(m.epoch, [0, 0.0, 0.0])
-                    entry[0] += 1
-                    entry[1] += m.train_loss
-                    entry[2] += m.eval_acc
-            if sums:
-                curves[point.name] = [(epoch, loss / n, acc / n) for epoch, (n, loss, acc) in sorted(sums.items())]
+            runs = [self.run(point, seed) for seed in plan.seed_range if (point.name, seed) in trained]
+            histories = [run.read_metrics() for run in runs if run.has(METRICS)]
+            if histories:
+                curves[point.name] = mean_curve(histories)
         return curves
 
     def write_results(self, plan: Plan, base: Recipe) -> SweepResult:
