@@ -73,8 +73,8 @@ def test_two_processes_train_like_one(tmp_path):
     assert "test_acc_tta" in rows[0] and b["final_test_acc_tta"] is not None
     # The exact check: one process whose BatchNorm takes its statistics over the same halves of each
     # batch (ghost batches of 10) trains as the two processes do, step for step: the same training
-    # loss and accuracy every epoch, but for the order of the gradient sums. (Their evaluations
-    # differ: the two processes evaluate with rank 0's running statistics, of its halves alone.)
+    # loss every epoch, but for the order of the gradient sums. (Their evaluations differ: the two
+    # processes evaluate with rank 0's running statistics, of its halves alone.)
     ghost = run([sys.executable, "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "ghost"), "--quiet",
                  "--bn-ghost-batch", "10", *common])
     assert ghost.returncode == 0, ghost.stderr
@@ -82,15 +82,18 @@ def test_two_processes_train_like_one(tmp_path):
 
     def training(name):
         with open(tmp_path / name / "metrics.csv", newline="") as f:
-            return [(float(r["train_loss"]), float(r["train_acc"])) for r in csv.DictReader(f)]
+            return [float(r["train_loss"]) for r in csv.DictReader(f)]
 
     # Measured on torch 2.13: the first epoch's loss the same to 6 digits, the third 0.09% apart (the
-    # gradient sums' order, amplified by ten steps on 10-image BatchNorm); on torch 2.4, the oldest
-    # supported, 0.03%, 0.6% and 0.2% (the cause not traced). Without ghost batches 1.5%, 20% and 46%.
-    for (loss_two, acc_two), (loss_ghost, acc_ghost) in zip(training("two"), training("ghost"), strict=True):
-        assert loss_two == pytest.approx(loss_ghost, rel=1e-2) and abs(acc_two - acc_ghost) <= 0.02
+    # gradient sums' order, amplified by ten steps on 10-image BatchNorm; 0.13% with oneDNN held to
+    # AVX2, as on an AVX2-only CPU); on torch 2.4, the oldest supported, 0.03%, 0.6% and 0.2% (the
+    # cause not traced). Without ghost batches 1.5%, 20% and 46%. The training accuracy is no such
+    # check: a count over 100 images whose near ties flip with the last digits (3 images apart in the
+    # third epoch with AVX2; natively 1, in the second).
+    for loss_two, loss_ghost in zip(training("two"), training("ghost"), strict=True):
+        assert loss_two == pytest.approx(loss_ghost, rel=1e-2)
     assert any(loss_one != pytest.approx(loss_two, rel=1e-2)
-               for (loss_one, _), (loss_two, _) in zip(training("one"), training("two"), strict=True))
+               for loss_one, loss_two in zip(training("one"), training("two"), strict=True))
 
 
 @pytest.mark.slow
