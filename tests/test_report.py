@@ -165,14 +165,24 @@ def test_the_report_counts_mistakes_in_the_runs_own_precision(tmp_path, monkeypa
         asked.append(precision)
         return real(model, images, batch_size, precision, channels_last, *rest)
 
+    import cifar_onecycle.training as training
+    from cifar_onecycle import load_cifar10
+
+    handed = []
+    write_report = training.write_report
+    monkeypatch.setattr(training, "write_report", lambda *a: handed.append(a[-1]) or write_report(*a))
     monkeypatch.setattr(report, "predict_probabilities", spy)
     data = write_cifar(tmp_path / "data").parent
-    train(TINY.replace(precision="bf16", epochs=1, peak_epoch=1), data_dir=data, download=False,
-          out=tmp_path / "run", progress=False)
+    run = train(TINY.replace(precision="bf16", epochs=1, peak_epoch=1), data_dir=data, download=False,
+                out=tmp_path / "run", progress=False)
+    # The run's report took the predictions of the final evaluation's pass (no pass of its own), so
+    # its mistakes are those the accuracy counted.
+    labels = load_cifar10(data, download=False).test_labels
+    assert asked == [] and int((handed[0].argmax(1) == labels).sum()) / len(labels) == run.summary["final_test_acc"]
     assert main(["report", str(tmp_path / "run"), "--data-dir", str(data), "--device", "cpu"]) == 0
     assert main(["report", str(tmp_path / "run"), "--data-dir", str(data), "--device", "cpu",
                  "--precision", "fp32"]) == 0
-    assert asked == ["bf16", "bf16", "fp32"]  # the run's own; the report command's default; asked for
+    assert asked == ["bf16", "fp32"]  # the report command's default, the run's own; asked for
 
 
 def test_the_curves_tick_whole_epochs_only():

@@ -145,6 +145,31 @@ def test_evaluate_with_flip_tta():
     assert mirrored != plain  # the mirror really is another input for this model
 
 
+def test_one_pass_scores_plain_and_tta_and_keeps_the_plain_probabilities():
+    # A run's final evaluation gives the TTA accuracy, the plain one and the report's predictions
+    # in one pass, its unshifted forward shared: each must be what its own pass would give.
+    from cifar_onecycle.distributed import Dist
+    from cifar_onecycle.evaluation import evaluate, evaluate_sharded, logits_of, tta_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    for translate in (0, 1):
+        scores = evaluate_sharded(model, images, labels, batch_size=16, precision="fp32", channels_last=False,
+                                  dist=Dist(), tta=True, tta_translate=translate, keep_probabilities=True)
+        assert (scores.loss, scores.acc) == pytest.approx(evaluate(model, images, labels, batch_size=16,
+                                                                   channels_last=False))
+        alone = tta_logits(model, images, "fp32", False, translate)  # every forward pass its own
+        expected = torch.nn.functional.cross_entropy(alone, labels).item(), int((alone.argmax(1) == labels).sum()) / 40
+        assert (scores.tta_loss, scores.tta_acc) == pytest.approx(expected)
+        assert scores.tta_loss != pytest.approx(scores.loss)
+        assert scores.probabilities is not None
+        torch.testing.assert_close(scores.probabilities, torch.softmax(logits_of(model, images, "fp32", False), 1))
+    assert evaluate_sharded(model, images, labels, batch_size=16, precision="fp32", channels_last=False,
+                            dist=Dist()).probabilities is None
+
+
 @pytest.mark.slow
 def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path):
     out = tmp_path / "run"

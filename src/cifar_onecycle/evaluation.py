@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,18 @@ from .device import autocast
 from .distributed import Dist, all_reduce_sum, broadcast_buffers, test_shard
 
 
+@dataclass(frozen=True)
+class Scores:
+    """One pass over a split: the mean loss and accuracy; with TTA, those of the TTA logits too
+    (the same pass: its unshifted forward is the plain one); with ``keep_probabilities``, each
+    image's softmax of the plain logits, on the CPU, for a report's mistakes and confusion matrix."""
+    loss: float
+    acc: float
+    tta_loss: float | None = None
+    tta_acc: float | None = None
+    probabilities: torch.Tensor | None = None
+
+
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
              batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
              tta: bool = False, tta_translate: int = 0,
@@ -18,10 +31,12 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device),
     standardised by ``normalization`` (the model's recipe's ``normalization``).
     ``tta``: test-time augmentation (``tta_logits``: the mirror, and with ``tta_translate`` shifts)."""
-    loss_sum, correct, _ = evaluate_sums(model, images, labels, batch_size=batch_size, precision=precision,
-                                         channels_last=channels_last, tta=tta, tta_translate=tta_translate,
-                                         normalization=normalization)
-    return loss_sum.item() / len(images), correct.item() / len(images)
+    scores = evaluate_sharded(model, images, labels, batch_size=batch_size, precision=precision,
+                              channels_last=channels_last, dist=Dist(), tta=tta, tta_translate=tta_translate,
+                              normalization=normalization)
+    if scores.tta_loss is not None and scores.tta_acc is not None:
+        return scores.tta_loss, scores.tta_acc
+    return scores.loss, scores.acc
 
 
 def logits_of(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32",
@@ -36,46 +51,54 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp
 
 
 def tta_logits(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32", channels_last: bool = True,
-               translate: int = 0, normalization: Normalization = CIFAR10_NORMALIZATION) -> torch.Tensor:
+               translate: int = 0, normalization: Normalization = CIFAR10_NORMALIZATION,
+               plain: torch.Tensor | None = None) -> torch.Tensor:
     """Test-time augmentation: the mean of the logits of each image and its mirror (two forward
     passes); with ``translate``, half of that plus a quarter each of the same for the image shifted
-    ``translate`` pixels up-left and down-right (reflect-padded; six passes), as airbench weighs them."""
-    def mirrored(batch: torch.Tensor) -> torch.Tensor:
-        return (logits_of(model, batch, precision, channels_last, normalization)
-                + logits_of(model, batch.flip(-1), precision, channels_last, normalization)) / 2
+    ``translate`` pixels up-left and down-right (reflect-padded; six passes), as airbench weighs them.
+    ``plain``: the images' own logits (``logits_of``), when the caller has them: one pass fewer."""
+    def mirrored(batch: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+        own = logits_of(model, batch, precision, channels_last, normalization) if own is None else own
+        return (own + logits_of(model, batch.flip(-1), precision, channels_last, normalization)) / 2
 
     if not translate:
-        return mirrored(images)
+        return mirrored(images, plain)
     size, padded = images.shape[-1], pad_reflect(images, translate)
     shifted = (padded[..., :size, :size], padded[..., 2 * translate:, 2 * translate:])
-    return mirrored(images) / 2 + (mirrored(shifted[0]) + mirrored(shifted[1])) / 4
+    return mirrored(images, plain) / 2 + (mirrored(shifted[0]) + mirrored(shifted[1])) / 4
 
 
 @torch.no_grad()
 def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                   batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
                   tta: bool = False, tta_translate: int = 0, stop: Callable[[], bool] | None = None,
-                  normalization: Normalization = CIFAR10_NORMALIZATION) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Summed cross-entropy and number correct, as device tensors (no host sync), and whether
-    ``stop()`` (asked before each batch: a stop signal must not wait for the whole test set, over a
-    minute on a slow CPU) cut the pass short."""
+                  normalization: Normalization = CIFAR10_NORMALIZATION,
+                  keep_probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """The summed cross-entropy and number correct of the plain logits and (``tta``) of the TTA
+    logits, as one float64 device tensor (no host sync); the plain logits' softmax on the CPU with
+    ``keep_probabilities`` (a copy a batch); and whether ``stop()`` (asked before each batch: a stop
+    signal must not wait for the whole test set, over a minute on a slow CPU) cut the pass short."""
     was_training = model.training
     model.eval()
-    device = images.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    sums = torch.zeros(4, dtype=torch.float64, device=images.device)  # loss, correct; TTA loss, TTA correct
+    kept: list[torch.Tensor] = []
     stopped = False
     for start in range(0, len(images), batch_size):
         if stop is not None and stop():
             stopped = True
             break
         batch, targets = images[start:start + batch_size], labels[start:start + batch_size]
-        logits = (tta_logits(model, batch, precision, channels_last, tta_translate, normalization) if tta
-                  else logits_of(model, batch, precision, channels_last, normalization))
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum")
-        correct += (logits.argmax(1) == targets).sum()
+        plain = logits_of(model, batch, precision, channels_last, normalization)
+        outputs = [plain]
+        if tta:
+            outputs.append(tta_logits(model, batch, precision, channels_last, tta_translate, normalization, plain))
+        for i, logits in enumerate(outputs):
+            sums[2 * i] += F.cross_entropy(logits, targets, reduction="sum")
+            sums[2 * i + 1] += (logits.argmax(1) == targets).sum()
+        if keep_probabilities:
+            kept.append(F.softmax(plain, 1).cpu())
     model.train(was_training)
-    return loss_sum, correct, stopped
+    return sums, torch.cat(kept) if keep_probabilities and kept else None, stopped
 
 
 class EvaluationStopped(Exception):
@@ -83,21 +106,24 @@ class EvaluationStopped(Exception):
 
 
 def evaluate_sharded(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                      precision: str, channels_last: bool, dist: Dist, tta: bool = False, tta_translate: int = 0,
-                      stop: Callable[[], bool] | None = None,
-                      normalization: Normalization = CIFAR10_NORMALIZATION) -> tuple[float, float]:
-    """Loss and accuracy over all of ``images`` (the test set or the validation split); raises
+                     precision: str, channels_last: bool, dist: Dist, tta: bool = False, tta_translate: int = 0,
+                     stop: Callable[[], bool] | None = None, normalization: Normalization = CIFAR10_NORMALIZATION,
+                     keep_probabilities: bool = False) -> Scores:
+    """The scores of all of ``images`` (the test set or the validation split); raises
     ``EvaluationStopped`` when ``stop()`` said so on any rank (asked before each batch). Under
     torchrun each rank evaluates its own contiguous part with rank 0's BatchNorm statistics, and the
-    sums are added up across ranks."""
+    sums are added up across ranks; probabilities are kept for a single process only (a rank holds
+    those of its part alone)."""
     broadcast_buffers(model, dist)
     part = test_shard(len(images), dist.rank, dist.world)
-    loss_sum, correct, stopped = evaluate_sums(model, images[part], labels[part], batch_size=batch_size,
-                                               precision=precision, channels_last=channels_last, tta=tta,
-                                               tta_translate=tta_translate, stop=stop, normalization=normalization)
-    total_loss, total_correct, stops = all_reduce_sum(
-        torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(stopped), device=images.device,
-                                                                        dtype=torch.float64)]), dist).tolist()
+    sums, probabilities, stopped = evaluate_sums(
+        model, images[part], labels[part], batch_size=batch_size, precision=precision, channels_last=channels_last,
+        tta=tta, tta_translate=tta_translate, stop=stop, normalization=normalization,
+        keep_probabilities=keep_probabilities and dist.world == 1)
+    loss, correct, tta_loss, tta_correct, stops = all_reduce_sum(
+        torch.cat([sums, torch.tensor([float(stopped)], dtype=torch.float64, device=sums.device)]), dist).tolist()
     if stops:
         raise EvaluationStopped
-    return total_loss / len(images), total_correct / len(images)
+    n = len(images)
+    return Scores(loss / n, correct / n, tta_loss / n if tta else None, tta_correct / n if tta else None,
+                  probabilities)

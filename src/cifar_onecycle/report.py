@@ -593,11 +593,13 @@ def plot_point_list(plan: Plan, rows_of: dict[str, list[dict[str, Any]]], stats:
 
 def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, history: Sequence[Any],
                  summary: dict[str, Any], test_images: torch.Tensor, test_labels: torch.Tensor,
-                 train_images: torch.Tensor, steps_per_epoch: int, precision: str = "fp32") -> dict[str, Any]:
+                 train_images: torch.Tensor, steps_per_epoch: int, precision: str = "fp32",
+                 probabilities: torch.Tensor | None = None) -> dict[str, Any]:
     """Write every picture and report.md into ``run_dir``; return summary.json's contents with the
     per-class accuracy added (the caller writes summary.json: ``RunFolder.write_summary``).
     ``precision``: the run's evaluation's, so that the mistakes and the confusion matrix count what
-    the reported accuracy counted."""
+    the reported accuracy counted. ``probabilities``: the model's on the test images, when the
+    final evaluation kept them (``Scores.probabilities``; else one more pass computes them)."""
     from .model import ResNet9
     from .summary import summarize
 
@@ -606,8 +608,8 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
 
     classes, normalization = recipe.class_names, recipe.normalization
-    probs = predict_probabilities(model, test_images, recipe.eval_batch_size, precision, recipe.channels_last,
-                                  normalization)
+    probs = probabilities if probabilities is not None else predict_probabilities(
+        model, test_images, recipe.eval_batch_size, precision, recipe.channels_last, normalization)
     cm = confusion_matrix(test_labels.cpu(), probs.argmax(1), len(classes))
     save_png(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
     save_png(plot_misclassified(model, test_images, test_labels, classes=classes, probabilities=probs),

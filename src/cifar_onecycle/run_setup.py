@@ -19,7 +19,7 @@ from .device import augment_at_once, autocast, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA, refresh_batchnorm
 from .errors import UserError, as_setting
-from .evaluation import evaluate_sharded
+from .evaluation import Scores, evaluate_sharded
 from .holdout import holdout_split
 from .model import training_flops_per_image
 from .recipe import SEEDS_END, Recipe
@@ -137,10 +137,11 @@ class RunSetup:
                           autocast=self.autocast, loss_fn=self.loss_fn)
 
     def evaluate(self, average: bool = True, tta: bool = False, stop: Callable[[], bool] | None = None,
-                 split: str | None = None) -> tuple[float, float]:
-        """Loss and accuracy of the delivered model (of the trained weights alone with ``average``
-        false) on ``split``, "val" or "test" (default: ``epoch_split``); ``EvaluationStopped`` when
-        ``stop()`` cuts the pass short."""
+                 split: str | None = None, keep_probabilities: bool = False) -> Scores:
+        """Loss and accuracy (with ``tta``, also with TTA) of the delivered model (of the trained
+        weights alone with ``average`` false) on ``split``, "val" or "test" (default: ``epoch_split``),
+        and with ``keep_probabilities`` (a single process only) each image's probabilities;
+        ``EvaluationStopped`` when ``stop()`` cuts the pass short."""
         split = split or self.epoch_split
         images, labels = (self.val_images, self.val_labels) if split == "val" else (self.test_images, self.test_labels)
         if images is None or labels is None:
@@ -152,7 +153,7 @@ class RunSetup:
         return evaluate_sharded(model, images, labels, batch_size=self.recipe.eval_batch_size,
                                  precision=self.precision, channels_last=self.recipe.channels_last, dist=self.dist,
                                  tta=tta, tta_translate=self.recipe.tta_translate, stop=stop,
-                                 normalization=self.recipe.normalization)
+                                 normalization=self.recipe.normalization, keep_probabilities=keep_probabilities)
 
 
 def training_split(recipe: Recipe, data: LabelledImages) -> tuple[torch.Tensor | slice, torch.Tensor | None]:

@@ -261,8 +261,8 @@ def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, fl
                    stop: StopSignals | None) -> EpochMetrics:
     """The epoch's row: its training sums and time, and the loss and accuracy on the split each
     epoch is evaluated on (with flip TTA too when the recipe asks for it every epoch)."""
-    loss, acc = setup.evaluate(stop=stop)
-    tta = setup.evaluate(tta=True, stop=stop)[1] if setup.recipe.tta else None
+    scores = setup.evaluate(tta=setup.recipe.tta, stop=stop)
+    loss, acc, tta = scores.loss, scores.acc, scores.tta_acc
     seen = setup.steps_per_epoch * setup.recipe.batch_size
     held_out = {"val_loss": loss, "val_acc": acc, "val_acc_tta": tta} if setup.epoch_split == "val" else {}
     # Achieved TFLOP/s, nanoGPT's MFU numerator: on a GPU, where it says how busy the card was; a
@@ -301,17 +301,26 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
                report: bool) -> dict[str, Any]:
     """summary.json, the delivered weights and (with ``report``) the pictures and report.md."""
     recipe, history = setup.recipe, state.history
+    report = report and folder is not None
     final: dict[str, Any] = {}
-    if setup.epoch_split == "val":  # the test set's one evaluation in a run that chooses on the validation split
-        final["final_test_loss"], final["final_test_acc"] = setup.evaluate(split="test")
-    # Both ways, whatever the recipe says (one or two more passes a split): the TTA accuracy of the
-    # model delivered, and with a weight average, what the trained weights alone would have scored.
+    probabilities = None
+    # Whatever the recipe says: the TTA accuracy of the model delivered, and with a weight average,
+    # what the trained weights alone would have scored; with a holdout, the test set's one
+    # evaluation. One pass a split gives them all (2 forward passes with flip TTA), and the report's
+    # predictions on the test set (a single process: a rank holds its part alone).
     for split in ("val", "test") if setup.epoch_split == "val" else ("test",):
         measured = history[-1].eval_acc_tta if recipe.tta and split == setup.epoch_split else None
-        final[f"final_{split}_acc_tta"] = measured if measured is not None else setup.evaluate(
-            tta=True, split=split)[1]
-        final[f"final_{split}_acc_without_ema"] = setup.evaluate(average=False, split=split)[1] if setup.ema else None
-    # The run's time counts these passes: on a CPU, 26 s of a 95 s `quick` run with a holdout.
+        keep = report and split == "test" and setup.dist.world == 1
+        if measured is None or keep or split != setup.epoch_split:
+            scores = setup.evaluate(tta=measured is None, split=split, keep_probabilities=keep)
+            if split != setup.epoch_split:
+                final[f"final_{split}_loss"], final[f"final_{split}_acc"] = scores.loss, scores.acc
+            measured = scores.tta_acc if measured is None else measured
+            probabilities = scores.probabilities if keep else probabilities
+        final[f"final_{split}_acc_tta"] = measured
+        final[f"final_{split}_acc_without_ema"] = setup.evaluate(average=False, split=split).acc if setup.ema else None
+    # The run's time counts these passes: on a CPU, 26 s of a 95 s `quick` run with a holdout (when
+    # they took a pass more).
     summary = run_summary(setup, history, state.lr_found, state.seconds(), state.data_dir, commit) | final
     if folder:
         folder.save_weights(setup.delivered_model, recipe)
@@ -319,7 +328,7 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
         if report:  # adds per-class accuracy to the summary
             summary = write_report(folder.path, setup.delivered_model, recipe, history, summary, setup.test_images,
                                    setup.test_labels, setup.data.train_images[:20], setup.steps_per_epoch,
-                                   setup.precision)
+                                   setup.precision, probabilities)
             folder.write_summary(summary)
     return summary
 
