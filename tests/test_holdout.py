@@ -151,11 +151,14 @@ def test_evaluate_on_the_validation_split_gives_the_runs_own_numbers(cifar_dir, 
     assert val["accuracy"] == pytest.approx(summary["final_val_acc"], abs=1e-9)
     assert val["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)  # the same 20 images, not others
     assert val_tta["accuracy"] == pytest.approx(summary["final_val_acc_tta"], abs=1e-9)
+    assert (val_tta["accuracy_without_tta"], val_tta["loss_without_tta"]) == (val["accuracy"], val["loss"])
     assert test["loss"] == pytest.approx(summary["final_test_loss"], rel=1e-6)
     shifted = evaluated("--split", "val", "--tta", "--tta-translate", "2")
     assert shifted["tta_translate"] == 2 and shifted["loss"] != val_tta["loss"]  # six passes, not two
     assert main(["evaluate", str(out), "--split", "val"]) == 0
     assert capsys.readouterr().out.startswith("validation accuracy ")
+    assert main(["evaluate", str(out), "--split", "val", "--tta"]) == 0
+    assert f"flip TTA; without it {val['accuracy']:.2%}, loss {val['loss']:.4f})" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("holdout, flags, message", [

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate_cmd.add_argument("--tta", action="store_true",
                               help="test-time augmentation: average each image's logits with its mirror's (and, "
-                                   "when the run's recipe sets tta_translate, with shifted copies')")
+                                   "when the run's recipe sets tta_translate, with shifted copies'); the accuracy "
+                                   "without it comes from the same pass")
     evaluate_cmd.add_argument("--tta-translate", type=int, metavar="N",
                               help="with --tta: also average the image shifted N pixels up-left and down-right, "
                                    "each with its mirror (default: the run's own tta_translate)")
@@ -323,7 +324,8 @@ def _placed(args: argparse.Namespace, model: torch.nn.Module,
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
     from .datasets import check_classes
-    from .evaluation import evaluate
+    from .distributed import Dist
+    from .evaluation import evaluate_sharded
     from .results import SPLIT_NAMES
     from .run_folder import SUMMARY, RunFolder
     from .run_setup import split_images
@@ -348,19 +350,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = _load_data(args, source, split="both" if val else "test", recorded=recorded)
     check_classes(recipe, data, f"--dataset {source.dataset} in {args.data_dir or (recorded or ['data'])[0]}")
     images, labels = split_images(recipe, data, args.split)  # with val, the images the run validated on
-    loss, acc = evaluate(model, images.to(device), labels.to(device),
-                         batch_size=recipe.eval_batch_size, precision=precision,
-                         channels_last=recipe.channels_last, tta=args.tta, tta_translate=recipe.tta_translate,
-                         normalization=recipe.normalization)
+    # With TTA the same pass scores the images without it too: its unshifted forward is theirs.
+    scores = evaluate_sharded(model, images.to(device), labels.to(device), batch_size=recipe.eval_batch_size,
+                              precision=precision, channels_last=recipe.channels_last, dist=Dist(), tta=args.tta,
+                              tta_translate=recipe.tta_translate, normalization=recipe.normalization)
+    loss, acc = (scores.tta_loss, scores.tta_acc) if args.tta else (scores.loss, scores.acc)
     n = len(images)
     if args.json:
         print(json.dumps({"split": args.split, "accuracy": acc, "loss": loss, "images": n, "tta": args.tta,
-                          "tta_translate": recipe.tta_translate if args.tta else 0}))
+                          "tta_translate": recipe.tta_translate if args.tta else 0}
+                         | ({"accuracy_without_tta": scores.acc, "loss_without_tta": scores.loss} if args.tta else {})))
     else:
         print(f"{SPLIT_NAMES[args.split]} accuracy {acc:.2%}  loss {loss:.4f}  on {n} images "
               f"({device.type}, {precision}"
               + (f", TTA: mirror and {recipe.tta_translate}-pixel shifts" if args.tta and recipe.tta_translate
-                 else ", flip TTA" if args.tta else "") + ")")
+                 else ", flip TTA" if args.tta else "")
+              + (f"; without it {scores.acc:.2%}, loss {scores.loss:.4f}" if args.tta else "") + ")")
     return 0
 
 
