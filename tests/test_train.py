@@ -169,6 +169,24 @@ def test_one_pass_scores_plain_and_tta_and_keeps_the_plain_probabilities():
     assert evaluate_sharded(model, images, labels, batch_size=16, precision="fp32", channels_last=False,
                             dist=Dist()).probabilities is None
 
+    class OneOutputBuffer(torch.nn.Module):
+        # As a model compiled with CUDA graphs (reduce-overhead) does: every call's output in the same memory.
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.out = inner, torch.empty(0)
+
+        def forward(self, x):
+            self.out.resize_(len(x), 10).copy_(self.inner(x))
+            return self.out
+
+    reusing, own = (evaluate_sharded(m, images, labels, batch_size=16, precision="fp32", channels_last=False,
+                                     dist=Dist(), tta=True, keep_probabilities=True)
+                    for m in (OneOutputBuffer(model), model))
+    assert (reusing.loss, reusing.acc, reusing.tta_loss, reusing.tta_acc) == (own.loss, own.acc, own.tta_loss,
+                                                                              own.tta_acc)
+    assert reusing.probabilities is not None and own.probabilities is not None
+    assert torch.equal(reusing.probabilities, own.probabilities)
+
 
 @pytest.mark.slow
 def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path):

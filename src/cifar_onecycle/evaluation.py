@@ -47,7 +47,9 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp
     inputs = normalize(images, normalization=normalization).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with autocast(images.device, precision):
-        return model(inputs).float()
+        # Always a copy (in fp32 too): a model compiled with CUDA graphs (`reduce-overhead`) writes
+        # each call's output into the same memory, and TTA holds one output while it makes the next.
+        return model(inputs).to(torch.float32, copy=True)
 
 
 def tta_logits(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32", channels_last: bool = True,
