@@ -354,7 +354,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_sharded(model, images.to(device), labels.to(device), batch_size=recipe.eval_batch_size,
                               precision=precision, channels_last=recipe.channels_last, dist=Dist(), tta=args.tta,
                               tta_translate=recipe.tta_translate, normalization=recipe.normalization)
-    loss, acc = (scores.tta_loss, scores.tta_acc) if args.tta else (scores.loss, scores.acc)
+    loss, acc = scores.loss_and_acc(args.tta)
     n = len(images)
     if args.json:
         print(json.dumps({"split": args.split, "accuracy": acc, "loss": loss, "images": n, "tta": args.tta,

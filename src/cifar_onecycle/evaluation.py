@@ -23,6 +23,14 @@ class Scores:
     tta_acc: float | None = None
     probabilities: torch.Tensor | None = None
 
+    def loss_and_acc(self, tta: bool) -> tuple[float, float]:
+        """The loss and accuracy with TTA, or without."""
+        if not tta:
+            return self.loss, self.acc
+        if self.tta_loss is None or self.tta_acc is None:
+            raise ValueError("these scores were taken without TTA")
+        return self.tta_loss, self.tta_acc
+
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
              batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
@@ -31,12 +39,9 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device),
     standardised by ``normalization`` (the model's recipe's ``normalization``).
     ``tta``: test-time augmentation (``tta_logits``: the mirror, and with ``tta_translate`` shifts)."""
-    scores = evaluate_sharded(model, images, labels, batch_size=batch_size, precision=precision,
-                              channels_last=channels_last, dist=Dist(), tta=tta, tta_translate=tta_translate,
-                              normalization=normalization)
-    if scores.tta_loss is not None and scores.tta_acc is not None:
-        return scores.tta_loss, scores.tta_acc
-    return scores.loss, scores.acc
+    return evaluate_sharded(model, images, labels, batch_size=batch_size, precision=precision,
+                            channels_last=channels_last, dist=Dist(), tta=tta, tta_translate=tta_translate,
+                            normalization=normalization).loss_and_acc(tta)
 
 
 def logits_of(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32",
