@@ -13,7 +13,7 @@ def test_one_epoch_on_5000_proxy_images_learns(proxy_dir, tmp_path):
     # Batch 128 gives 39 steps (batch 512 would give only 9); the DAWNBench logit scale keeps so
     # short a warm-up stable. Measured on the 5,000 proxy test images: 40.4% in fp32, 41.6% in bf16
     # (seeds 1 and 2: 39.8% and 39.4% in bf16). 10,000 images at batch 256 scored 46.9% in bf16, and
-    # took 238 s in fp32 held to AVX2 (with one pass over the test images more, since shared).
+    # took 238 s in fp32 held to AVX2 (then with one pass more over the test images at the run's end).
     recipe = Recipe(epochs=1, peak_epoch=0.25, train_subset=5_000, batch_size=128, logit_scale=0.125,
                     lr_max=0.2, device="cpu")
     result = train(recipe, data_dir=proxy_dir, download=False, out=tmp_path / "run", progress=False)

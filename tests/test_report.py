@@ -182,7 +182,7 @@ def test_the_report_counts_mistakes_in_the_runs_own_precision(tmp_path, monkeypa
     assert main(["report", str(tmp_path / "run"), "--data-dir", str(data), "--device", "cpu"]) == 0
     assert main(["report", str(tmp_path / "run"), "--data-dir", str(data), "--device", "cpu",
                  "--precision", "fp32"]) == 0
-    assert asked == ["bf16", "fp32"]  # the report command's default, the run's own; asked for
+    assert asked == ["bf16", "fp32"]  # the report command: by default in the run's own precision, then as asked
 
 
 def test_the_curves_tick_whole_epochs_only():
