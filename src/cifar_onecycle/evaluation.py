@@ -105,7 +105,7 @@ def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
         if keep_probabilities:
             kept.append(F.softmax(plain, 1).cpu())
     model.train(was_training)
-    return sums, torch.cat(kept) if keep_probabilities and kept else None, stopped
+    return sums, torch.cat(kept) if kept else None, stopped
 
 
 class EvaluationStopped(Exception):

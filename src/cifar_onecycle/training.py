@@ -309,15 +309,18 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
     # evaluation. One pass a split gives them all (2 forward passes with flip TTA), and the report's
     # predictions on the test set (a single process: a rank holds its part alone).
     for split in ("val", "test") if setup.epoch_split == "val" else ("test",):
-        measured = history[-1].eval_acc_tta if recipe.tta and split == setup.epoch_split else None
+        # with TTA every epoch, the last epoch measured it on its split
+        tta = history[-1].eval_acc_tta if recipe.tta and split == setup.epoch_split else None
         keep = report and split == "test" and setup.dist.world == 1
-        if measured is None or keep or split != setup.epoch_split:
-            scores = setup.evaluate(tta=measured is None, split=split, keep_probabilities=keep)
+        if tta is None or keep or split != setup.epoch_split:
+            scores = setup.evaluate(tta=tta is None, split=split, keep_probabilities=keep)
             if split != setup.epoch_split:
                 final[f"final_{split}_loss"], final[f"final_{split}_acc"] = scores.loss, scores.acc
-            measured = scores.tta_acc if measured is None else measured
-            probabilities = scores.probabilities if keep else probabilities
-        final[f"final_{split}_acc_tta"] = measured
+            if tta is None:
+                tta = scores.tta_acc
+            if keep:
+                probabilities = scores.probabilities
+        final[f"final_{split}_acc_tta"] = tta
         final[f"final_{split}_acc_without_ema"] = setup.evaluate(average=False, split=split).acc if setup.ema else None
     # The run's time counts these passes: on a CPU, 26 s of a 95 s `quick` run with a holdout (when
     # they took a pass more).
