@@ -189,6 +189,40 @@ def test_one_pass_scores_plain_and_tta_and_keeps_the_plain_probabilities():
     assert torch.equal(reusing.probabilities, own.probabilities)
 
 
+def test_an_evaluation_takes_the_devices_batch_unless_the_recipe_sets_one():
+    # A CPU scores batches of 64 faster than batches of 1000 (they stay in the cache); a GPU wants
+    # large ones. eval_batch_size 0, the default, leaves the choice to the device.
+    from cifar_onecycle.device import CPU_EVAL_BATCH, GPU_EVAL_BATCH, eval_batch
+    from cifar_onecycle.evaluation import evaluate
+    from cifar_onecycle.report import predict_probabilities
+
+    assert Recipe().eval_batch_size == 0 and Recipe(eval_batch_size=7).eval_batch_size == 7
+    assert (CPU_EVAL_BATCH, GPU_EVAL_BATCH) == (64, 1000)
+    assert eval_batch(0, torch.device("cpu")) == 64 and eval_batch(0, torch.device("cuda")) == 1000
+    assert eval_batch(50, torch.device("cpu")) == 50 and eval_batch(50, torch.device("cuda")) == 50
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.sizes = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)), []
+
+        def forward(self, x):
+            self.sizes.append(len(x))
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    model = Counting()
+    images, labels = torch.randint(0, 256, (130, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (130,))
+    by_device = evaluate(model, images, labels, channels_last=False)
+    assert model.sizes == [64, 64, 2]
+    model.sizes.clear()
+    assert evaluate(model, images, labels, batch_size=50, channels_last=False) == pytest.approx(by_device)
+    assert model.sizes == [50, 50, 30]
+    model.sizes.clear()
+    predict_probabilities(model, images, channels_last=False)
+    assert model.sizes == [64, 64, 2]
+
+
 @pytest.mark.slow
 def test_a_measuring_run_writes_no_checkpoint_and_no_report(cifar_dir, tmp_path):
     out = tmp_path / "run"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import CIFAR10_NORMALIZATION, Normalization, normalize, pad_reflect
-from .device import autocast
+from .device import autocast, eval_batch
 from .distributed import Dist, all_reduce_sum, broadcast_buffers, test_shard
 
 
@@ -33,11 +33,12 @@ class Scores:
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-             batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
+             batch_size: int = 0, precision: str = "fp32", channels_last: bool = True,
              tta: bool = False, tta_translate: int = 0,
              normalization: Normalization = CIFAR10_NORMALIZATION) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on uint8 NCHW ``images`` (on the model's device),
-    standardised by ``normalization`` (the model's recipe's ``normalization``).
+    standardised by ``normalization`` (the model's recipe's ``normalization``), ``batch_size`` images
+    at a time (0: the device's, ``device.eval_batch``).
     ``tta``: test-time augmentation (``tta_logits``: the mirror, and with ``tta_translate`` shifts)."""
     return evaluate_sharded(model, images, labels, batch_size=batch_size, precision=precision,
                             channels_last=channels_last, dist=Dist(), tta=tta, tta_translate=tta_translate,
@@ -77,7 +78,7 @@ def tta_logits(model: torch.nn.Module, images: torch.Tensor, precision: str = "f
 
 @torch.no_grad()
 def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                  batch_size: int = 1000, precision: str = "fp32", channels_last: bool = True,
+                  batch_size: int = 0, precision: str = "fp32", channels_last: bool = True,
                   tta: bool = False, tta_translate: int = 0, stop: Callable[[], bool] | None = None,
                   normalization: Normalization = CIFAR10_NORMALIZATION,
                   keep_probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -90,6 +91,7 @@ def evaluate_sums(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     sums = torch.zeros(4, dtype=torch.float64, device=images.device)  # loss, correct; TTA loss, TTA correct
     kept: list[torch.Tensor] = []
     stopped = False
+    batch_size = eval_batch(batch_size, images.device)
     for start in range(0, len(images), batch_size):
         if stop is not None and stop():
             stopped = True

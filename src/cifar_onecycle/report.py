@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .augment import CIFAR10_NORMALIZATION, Normalization, augment_batch, normalize, pad_reflect
 from .data import CLASSES
+from .device import eval_batch
 from .files import atomic_write
 from .recipe import Recipe
 from .results import SPLIT_NAMES, mean_curve
@@ -153,15 +154,17 @@ def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any =
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500,
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 0,
                           precision: str = "fp32", channels_last: bool = True,
                           normalization: Normalization = CIFAR10_NORMALIZATION) -> torch.Tensor:
     """Softmax probabilities [N, classes] (fp32, on the CPU) for uint8 NCHW images, computed in
-    ``precision`` as evaluation computes them (``evaluation.logits_of``)."""
+    ``precision`` as evaluation computes them (``evaluation.logits_of``), ``batch_size`` at a time
+    (0: the device's, ``device.eval_batch``)."""
     from .evaluation import logits_of
 
     model.eval()
     device = next(model.parameters()).device
+    batch_size = eval_batch(batch_size, device)
     out = [F.softmax(logits_of(model, images[i:i + batch_size].to(device), precision, channels_last,
                                normalization), 1).cpu()
            for i in range(0, len(images), batch_size)]
