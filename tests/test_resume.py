@@ -1,6 +1,7 @@
 """Checkpoints and resume: SIGKILL at several points (one of them inside the checkpoint write),
 SIGINT, and checkpoints that are hostile, foreign or for another run."""
 import csv
+import json
 import os
 import pickle
 import subprocess
@@ -279,3 +280,7 @@ def test_run_killed_after_its_last_checkpoint_is_finished_by_resume(reference, t
     (run / "model.safetensors").unlink()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(run, ref)
+    # the last epoch's pass is not in the checkpoint: the resumed run's end scored TTA itself
+    summary, ref_summary = (json.loads((r / "summary.json").read_text()) for r in (run, ref))
+    assert {k: summary[k] for k in ("final_test_acc", "final_test_acc_tta", "per_class_accuracy")} == {
+        k: ref_summary[k] for k in ("final_test_acc", "final_test_acc_tta", "per_class_accuracy")}

@@ -349,5 +349,34 @@ def test_the_runs_time_counts_its_final_evaluations(cifar_dir, monkeypatch):
 
     monkeypatch.setattr(RunSetup, "evaluate", slow_tta)
     called = time.perf_counter()
-    r = train(Recipe(**TINY), data_dir=cifar_dir, download=False, progress=False)
+    # with a holdout, the test set's one evaluation comes at the run's end
+    r = train(Recipe(**TINY, holdout=20), data_dir=cifar_dir, download=False, progress=False)
     assert r.summary["total_seconds"] >= ended[-1] - called - 0.05  # the run's clock starts as train() does
+
+
+@pytest.mark.slow
+def test_the_runs_end_takes_the_last_epochs_pass_and_evaluates_only_what_it_lacks(cifar_dir, tmp_path, monkeypatch):
+    # The last epoch's evaluation is the delivered model's: it scores TTA and keeps the report's
+    # predictions, so that the run's end makes no pass over that split again (on a CPU, the
+    # `quick` recipe's end took a plain and a mirrored pass over the test set for them).
+    from cifar_onecycle.evaluation import evaluate
+    from cifar_onecycle.run_setup import RunSetup
+    real, calls = RunSetup.evaluate, []
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("split") or self.epoch_split, bool(kwargs.get("tta")),
+                      bool(kwargs.get("keep_probabilities"))))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunSetup, "evaluate", spy)
+    r = train(Recipe(**TINY), data_dir=cifar_dir, download=False, out=tmp_path / "run", progress=False)
+    assert calls == [("test", False, False), ("test", True, True)]  # epoch 1, epoch 2; none after
+    data = load_cifar10(cifar_dir, download=False)
+    assert r.summary["final_test_acc_tta"] == pytest.approx(evaluate(
+        r.model, data.test_images, data.test_labels, batch_size=16, channels_last=True, tta=True)[1])
+    assert [h.test_acc_tta for h in r.history] == [None, None]  # metrics.csv's columns stay the recipe's
+    calls.clear()
+    r = train(Recipe(**TINY, holdout=20), data_dir=cifar_dir, download=False, out=tmp_path / "held",
+              progress=False)
+    assert calls == [("val", False, False), ("val", True, False), ("test", True, True)]
+    assert r.summary["final_val_acc_tta"] is not None and r.summary["final_test_acc_tta"] is not None

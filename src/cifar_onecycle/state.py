@@ -11,6 +11,7 @@ import torch
 
 from .augment import draws_problem
 from .errors import UserError, as_setting
+from .evaluation import Scores
 from .files import check_plain
 from .recipe import short_number
 from .results import EpochMetrics, history_from_rows
@@ -35,6 +36,9 @@ class TrainState:
     lr_found: dict | None = None        # what the LR range test found, for summary.json
     data_dir: str | None = None         # where the data came from (None: given in memory)
     started: float = field(default_factory=time.perf_counter, repr=False)  # when this process took it up; not saved
+    # The last epoch's evaluation (of the delivered model, with TTA), for the run's end; not saved:
+    # a run resumed after it evaluates again.
+    final_scores: Scores | None = field(default=None, repr=False)
 
     def seconds(self) -> float:
         """The run's time so far, over every process that worked on it."""

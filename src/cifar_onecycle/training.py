@@ -260,9 +260,16 @@ def check_finite_loss(setup: RunSetup, state: TrainState, lr: float) -> None:
 def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float]],
                    stop: StopSignals | None) -> EpochMetrics:
     """The epoch's row: its training sums and time, and the loss and accuracy on the split each
-    epoch is evaluated on (with flip TTA too when the recipe asks for it every epoch)."""
-    scores = setup.evaluate(tta=setup.recipe.tta, stop=stop)
-    loss, acc, tta = scores.loss, scores.acc, scores.tta_acc
+    epoch is evaluated on (with flip TTA too when the recipe asks for it every epoch). The last
+    epoch's evaluation is the delivered model's (a weight average's statistics are final by then):
+    it also scores TTA and keeps the test set's probabilities, in ``state.final_scores``, so that
+    the run's end need not evaluate that split again."""
+    last = state.steps_done(setup) == setup.recipe.epochs * setup.steps_per_epoch
+    scores = setup.evaluate(tta=setup.recipe.tta or last, stop=stop,
+                            keep_probabilities=last and setup.epoch_split == "test")
+    if last:
+        state.final_scores = scores
+    loss, acc, tta = scores.loss, scores.acc, scores.tta_acc if setup.recipe.tta else None
     seen = setup.steps_per_epoch * setup.recipe.batch_size
     held_out = {"val_loss": loss, "val_acc": acc, "val_acc_tta": tta} if setup.epoch_split == "val" else {}
     # Achieved TFLOP/s, nanoGPT's MFU numerator: on a GPU, where it says how busy the card was; a
@@ -306,21 +313,19 @@ def finish_run(setup: RunSetup, state: TrainState, folder: RunFolder | None, com
     probabilities = None
     # Whatever the recipe says: the TTA accuracy of the model delivered, and with a weight average,
     # what the trained weights alone would have scored; with a holdout, the test set's one
-    # evaluation. One pass a split gives them all (2 forward passes with flip TTA), and the report's
-    # predictions on the test set (a single process: a rank holds its part alone).
+    # evaluation. The last epoch's pass gave them on its split (and the report's predictions, a
+    # single process: a rank holds its part alone); one pass (2 forward passes with flip TTA) gives
+    # them on the test set after a holdout, or after a resume that began past that epoch's pass.
     for split in ("val", "test") if setup.epoch_split == "val" else ("test",):
-        # with TTA every epoch, the last epoch measured it on its split
-        tta = history[-1].eval_acc_tta if recipe.tta and split == setup.epoch_split else None
+        scores = state.final_scores if split == setup.epoch_split else None
         keep = report and split == "test" and setup.dist.world == 1
-        if tta is None or keep or split != setup.epoch_split:
-            scores = setup.evaluate(tta=tta is None, split=split, keep_probabilities=keep)
-            if split != setup.epoch_split:
-                final[f"final_{split}_loss"], final[f"final_{split}_acc"] = scores.loss, scores.acc
-            if tta is None:
-                tta = scores.tta_acc
-            if keep:
-                probabilities = scores.probabilities
-        final[f"final_{split}_acc_tta"] = tta
+        if scores is None:
+            scores = setup.evaluate(tta=True, split=split, keep_probabilities=keep)
+        if split != setup.epoch_split:
+            final[f"final_{split}_loss"], final[f"final_{split}_acc"] = scores.loss, scores.acc
+        if keep:
+            probabilities = scores.probabilities
+        final[f"final_{split}_acc_tta"] = scores.tta_acc
         final[f"final_{split}_acc_without_ema"] = setup.evaluate(average=False, split=split).acc if setup.ema else None
     # The run's time counts these passes: on a CPU, 26 s of a 95 s `quick` run with a holdout (when
     # they took a pass more).
