@@ -35,9 +35,9 @@ def augment_at_once(device: torch.device, batch_size: int, images: int | None = 
 # How many images an evaluation scores at once when the recipe leaves it to the device
 # (``eval_batch_size`` 0). A GPU wants large batches. A CPU scores small ones faster: their
 # activations stay in the cache (a batch of 1000 holds 131 MB of bf16 at the first layer, one of 64
-# holds 8 MB). Measured on 2 cores of an AMD EPYC with AVX512-BF16, forward passes over 2,000 images:
-# bf16 578 images/s at 64 against 436 at 1000, fp32 282 against 219, fp32 held to AVX2 270 against
-# 219 (benchmarks/results/README.md, "Evaluation batches on a CPU").
+# holds 8 MB). Measured on 2 cores of an AMD EPYC with AVX512-BF16 (benchmarks/eval_batch.py,
+# medians of 3): bf16 581 images/s at 64 against 430 at 1000; fp32 268 against 207 (287 at 32);
+# fp32 with oneDNN held to AVX2 270 against 209 (benchmarks/results/eval-batch-cpu-*.json).
 CPU_EVAL_BATCH = 64
 GPU_EVAL_BATCH = 1000
 
