@@ -459,20 +459,26 @@ def test_a_list_sweep_trains_each_change_as_its_flags_would(cifar_dir, tmp_path,
 
 @pytest.mark.slow
 def test_a_point_that_changes_only_the_evaluation_is_evaluated_not_trained(cifar_dir, tmp_path, monkeypatch):
-    steps, translations = [], []
-    step, evaluate = RunSetup.step, evaluation.evaluate
+    import cifar_onecycle.report as report
+
+    steps, translations, own_passes = [], [], []
+    step, evaluate, predict = RunSetup.step, evaluation.evaluate_sharded, report.predict_probabilities
     monkeypatch.setattr(RunSetup, "step", lambda self, *args: steps.append(1) or step(self, *args))
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: translations.append(k["tta_translate"]) or evaluate(
-        *a, **k))
+    # the runs' own evaluations call the name run_setup imported: this sees the evaluations again alone
+    monkeypatch.setattr(evaluation, "evaluate_sharded", lambda *a, **k: translations.append(k["tta_translate"])
+                        or evaluate(*a, **k))
+    monkeypatch.setattr(report, "predict_probabilities", lambda *a, **k: own_passes.append(1) or predict(*a, **k))
     recipe = SMALL.replace(seed=1)  # on this data its TTA scores 1.0 with shifts, 0.967 without (test set)
     sweep(recipe, points=[{"lr_max": 1e6}], out=tmp_path / "trained", data_dir=cifar_dir, download=False,
           progress=False)
     trainings = len(steps)
     out = tmp_path / "sw"
     result = sweep(recipe, points=[{"tta_translate": 2}, {"lr_max": 1e6}, {"lr_max": 1e6, "tta_translate": 2}],
-                   out=out, data_dir=cifar_dir, download=False, progress=False)
+                   out=out, data_dir=cifar_dir, download=False, progress=False, report=True)
     assert len(steps) == 2 * trainings  # the two points that differ in tta_translate alone trained nothing
     assert translations == [2, 2]  # the validation split and the test set, with the point's own shifts
+    # every report drew its predictions from its run's own test-set pass, the evaluated-again one too
+    assert (out / "tta_translate=2" / "seed1" / "confusion.png").exists() and own_passes == []
     assert [(r["point"], r["outcome"], r["weights_from"]) for r in result.rows] == [
         ("recipe", "finished", None), ("tta_translate=2", "finished", "recipe/seed1"),
         ("lr_max=1000000.0", "diverged", None), ("lr_max=1000000.0,tta_translate=2", "diverged", None)]

@@ -637,7 +637,8 @@ def evaluate_as(folder: SweepFolder, point: Point, twin: Point, seed: int, recip
     the twin's run ended with this very recipe but for its ``EVALUATION_ONLY`` settings: then it
     must be trained."""
     from .checkpoint import load_weights
-    from .evaluation import evaluate
+    from .distributed import Dist
+    from .evaluation import evaluate_sharded
     from .run_setup import split_images
 
     started = time.perf_counter()
@@ -657,12 +658,14 @@ def evaluate_as(folder: SweepFolder, point: Point, twin: Point, seed: int, recip
     # torch's stubs leave out Module.to's memory_format, which it takes at run time
     model = model.to(device, memory_format=recipe.memory_format)  # type: ignore[call-overload]
     summary, history = source.read_summary(), source.read_metrics()
+    probabilities = None  # the report's predictions, from the test set's pass
     for split in ("val", "test") if recipe.holdout else ("test",):
         images, labels = split_images(recipe, data, split)
-        summary[f"final_{split}_acc_tta"] = evaluate(
+        scores = evaluate_sharded(
             model, images.to(device), labels.to(device), batch_size=recipe.eval_batch_size, precision=precision,
-            channels_last=recipe.channels_last, tta=True, tta_translate=recipe.tta_translate,
-            normalization=recipe.normalization)[1]
+            channels_last=recipe.channels_last, dist=Dist(), tta=True, tta_translate=recipe.tta_translate,
+            normalization=recipe.normalization, keep_probabilities=report and split == "test")
+        summary[f"final_{split}_acc_tta"], probabilities = scores.tta_acc, scores.probabilities
     run = RunFolder.create(run.path, overwrite=True)
     run.write_recipe(recipe)
     run.write_metrics(history)
@@ -673,7 +676,7 @@ def evaluate_as(folder: SweepFolder, point: Point, twin: Point, seed: int, recip
 
         summary = write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
                                data.test_labels.to(device), data.train_images[:20], summary["steps_per_epoch"],
-                               precision)
+                               precision, probabilities)
     run.write_summary(summary)  # last: until it is written the run has not ended
     return f"trains as {twin.name}: its weights evaluated again"
 
