@@ -294,8 +294,11 @@ def test_another_sweep_on_the_same_folder_is_refused(tmp_path):
     for changed in [dict(vary={"lr_max": [0.01, 0.04]}, seeds=2), dict(vary={"lr_max": [0.01, 0.02]}, seeds=3)]:
         with pytest.raises(Exception, match="holds another sweep"):
             sweep(SMALL, out=out, print_commands=True, **changed)
-    with pytest.raises(Exception, match=r"holds another sweep \(its recipe differs\)"):
+    with pytest.raises(Exception, match=r"holds another sweep \(its recipe differs in epochs: 2 there, 3 here\)"):
         sweep(SMALL.replace(epochs=3), {"lr_max": [0.01, 0.02]}, 2, out=out, print_commands=True)
+    # a default that changed between versions (eval_batch_size's, 1000 before 0) is named too
+    with pytest.raises(Exception, match=r"its recipe differs in eval_batch_size: 16 there, 0 here"):
+        sweep(SMALL.replace(eval_batch_size=0), {"lr_max": [0.01, 0.02]}, 2, out=out, print_commands=True)
 
 
 @pytest.mark.slow

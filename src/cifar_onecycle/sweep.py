@@ -383,12 +383,16 @@ class SweepFolder:
         """Make the folder for ``plan`` on ``base``, or check that it is this sweep's already."""
         if (self.path / PLAN).is_file():
             saved_plan, saved_base = self.read()
-            if saved_plan != plan or saved_base != base:
-                what = "recipe" if saved_plan == plan else "plan (settings varied, values, seeds or baseline)"
-                raise UserError(f"{as_setting('out')} {self.path}: holds another sweep (its {what} differs); choose "
-                                f"another folder, "
-                                f"or run the same sweep to go on with it")
-            return
+            if saved_plan != plan:
+                what = "its plan (settings varied, values, seeds or baseline) differs"
+            elif saved_base != base:  # named, since a default that changed between versions differs too
+                name = next(f.name for f in fields(Recipe) if getattr(saved_base, f.name) != getattr(base, f.name))
+                what = (f"its recipe differs in {as_setting(name)}: {getattr(saved_base, name)!r} there, "
+                        f"{getattr(base, name)!r} here")
+            else:
+                return
+            raise UserError(f"{as_setting('out')} {self.path}: holds another sweep ({what}); choose another folder, "
+                            f"or run the same sweep to go on with it")
         if self.path.is_dir() and any(self.path.iterdir()):
             raise UserError(f"{as_setting('out')} {self.path}: is not empty and holds no sweep; choose another folder")
         writable_folder(self.path)
