@@ -465,10 +465,11 @@ def test_a_point_that_changes_only_the_evaluation_is_evaluated_not_trained(cifar
     import cifar_onecycle.report as report
 
     steps, translations, own_passes = [], [], []
-    step, evaluate, predict = RunSetup.step, evaluation.evaluate_sharded, report.predict_probabilities
+    step, evaluate, predict = RunSetup.step, evaluation.evaluate_recipe, report.predict_probabilities
     monkeypatch.setattr(RunSetup, "step", lambda self, *args: steps.append(1) or step(self, *args))
     # the runs' own evaluations call the name run_setup imported: this sees the evaluations again alone
-    monkeypatch.setattr(evaluation, "evaluate_sharded", lambda *a, **k: translations.append(k["tta_translate"])
+    # (its fourth argument: the recipe they score with)
+    monkeypatch.setattr(evaluation, "evaluate_recipe", lambda *a, **k: translations.append(a[3].tta_translate)
                         or evaluate(*a, **k))
     monkeypatch.setattr(report, "predict_probabilities", lambda *a, **k: own_passes.append(1) or predict(*a, **k))
     recipe = SMALL.replace(seed=1)  # on this data its TTA scores 1.0 with shifts, 0.967 without (test set)

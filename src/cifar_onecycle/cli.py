@@ -324,8 +324,7 @@ def _placed(args: argparse.Namespace, model: torch.nn.Module,
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
     from .datasets import check_classes
-    from .distributed import Dist
-    from .evaluation import evaluate_sharded
+    from .evaluation import evaluate_recipe
     from .results import SPLIT_NAMES
     from .run_folder import SUMMARY, RunFolder
     from .run_setup import split_images
@@ -351,9 +350,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_classes(recipe, data, f"--dataset {source.dataset} in {args.data_dir or (recorded or ['data'])[0]}")
     images, labels = split_images(recipe, data, args.split)  # with val, the images the run validated on
     # With TTA the same pass scores the images without it too: its unshifted forward is theirs.
-    scores = evaluate_sharded(model, images.to(device), labels.to(device), batch_size=recipe.eval_batch_size,
-                              precision=precision, channels_last=recipe.channels_last, dist=Dist(), tta=args.tta,
-                              tta_translate=recipe.tta_translate, normalization=recipe.normalization)
+    scores = evaluate_recipe(model, images.to(device), labels.to(device), recipe, precision, tta=args.tta)
     loss, acc = scores.loss_and_acc(args.tta)
     n = len(images)
     if args.json:

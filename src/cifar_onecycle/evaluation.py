@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 from .augment import CIFAR10_NORMALIZATION, Normalization, normalize, pad_reflect
 from .device import autocast, eval_batch
 from .distributed import Dist, all_reduce_sum, broadcast_buffers, test_shard
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -136,3 +140,14 @@ def evaluate_sharded(model: torch.nn.Module, images: torch.Tensor, labels: torch
     n = len(images)
     return Scores(loss / n, correct / n, tta_loss / n if tta else None, tta_correct / n if tta else None,
                   probabilities)
+
+
+def evaluate_recipe(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
+                    precision: str, *, dist: Dist | None = None, tta: bool = False,
+                    stop: Callable[[], bool] | None = None, keep_probabilities: bool = False) -> Scores:
+    """``evaluate_sharded`` with the evaluation settings of ``recipe``, the model's (its batch size,
+    memory format, TTA shifts and normalisation): how a run, ``evaluate`` and a sweep score a model."""
+    return evaluate_sharded(model, images, labels, batch_size=recipe.eval_batch_size, precision=precision,
+                            channels_last=recipe.channels_last, dist=dist or Dist(), tta=tta,
+                            tta_translate=recipe.tta_translate, stop=stop, normalization=recipe.normalization,
+                            keep_probabilities=keep_probabilities)

@@ -19,7 +19,7 @@ from .device import augment_at_once, autocast, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA, refresh_batchnorm
 from .errors import UserError, as_setting
-from .evaluation import Scores, evaluate_sharded
+from .evaluation import Scores, evaluate_recipe
 from .holdout import holdout_split
 from .model import training_flops_per_image
 from .recipe import SEEDS_END, Recipe
@@ -150,10 +150,8 @@ class RunSetup:
             model = self.ema.model
         else:  # DDP's forward would add collectives: under torchrun, the bare model
             model = self.step_model if self.dist.world == 1 else self.model
-        return evaluate_sharded(model, images, labels, batch_size=self.recipe.eval_batch_size,
-                                 precision=self.precision, channels_last=self.recipe.channels_last, dist=self.dist,
-                                 tta=tta, tta_translate=self.recipe.tta_translate, stop=stop,
-                                 normalization=self.recipe.normalization, keep_probabilities=keep_probabilities)
+        return evaluate_recipe(model, images, labels, self.recipe, self.precision, dist=self.dist, tta=tta, stop=stop,
+                               keep_probabilities=keep_probabilities)
 
 
 def training_split(recipe: Recipe, data: LabelledImages) -> tuple[torch.Tensor | slice, torch.Tensor | None]:

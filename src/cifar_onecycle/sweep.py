@@ -641,8 +641,7 @@ def evaluate_as(folder: SweepFolder, point: Point, twin: Point, seed: int, recip
     the twin's run ended with this very recipe but for its ``EVALUATION_ONLY`` settings: then it
     must be trained."""
     from .checkpoint import load_weights
-    from .distributed import Dist
-    from .evaluation import evaluate_sharded
+    from .evaluation import evaluate_recipe
     from .run_setup import split_images
 
     started = time.perf_counter()
@@ -665,10 +664,8 @@ def evaluate_as(folder: SweepFolder, point: Point, twin: Point, seed: int, recip
     probabilities = None  # the report's predictions, from the test set's pass
     for split in ("val", "test") if recipe.holdout else ("test",):
         images, labels = split_images(recipe, data, split)
-        scores = evaluate_sharded(
-            model, images.to(device), labels.to(device), batch_size=recipe.eval_batch_size, precision=precision,
-            channels_last=recipe.channels_last, dist=Dist(), tta=True, tta_translate=recipe.tta_translate,
-            normalization=recipe.normalization, keep_probabilities=report and split == "test")
+        scores = evaluate_recipe(model, images.to(device), labels.to(device), recipe, precision, tta=True,
+                                 keep_probabilities=report and split == "test")
         summary[f"final_{split}_acc_tta"], probabilities = scores.tta_acc, scores.probabilities
     run = RunFolder.create(run.path, overwrite=True)
     run.write_recipe(recipe)
