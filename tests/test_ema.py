@@ -1,4 +1,4 @@
-"""The weight average: its rates, one exact update, and a run that evaluates and saves it."""
+"""The weight average: its rates, one exact update, a run that evaluates and saves it; lookahead."""
 import json
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from cifar_onecycle import Recipe, load_cifar10, train
+from cifar_onecycle.checkpoint import load_checkpoint
 from cifar_onecycle.ema import WeightEMA
 from cifar_onecycle.evaluation import evaluate
 from test_train import TINY
@@ -13,10 +14,10 @@ from test_train import TINY
 
 def test_rates_per_step_with_warm_up():
     ema = WeightEMA(torch.nn.Linear(2, 2), decay=0.99, every=5)
-    assert ema.rate(5) == pytest.approx(2 / 11)          # first update: the warm-up caps it
-    assert ema.rate(2000) == pytest.approx(0.99 ** 5)     # 400 updates in: 0.99 a step, 5 steps
-    assert ema.rate(10002) == pytest.approx(0.99 ** 2)    # a final update 2 steps after the last
-    assert ema.rate(7) == pytest.approx(3 / 12)
+    assert ema.rate(5, 10002) == pytest.approx(2 / 11)          # first update: the warm-up caps it
+    assert ema.rate(2000, 10002) == pytest.approx(0.99 ** 5)     # 400 updates in: 0.99 a step, 5 steps
+    assert ema.rate(10002, 10002) == pytest.approx(0.99 ** 2)    # a final update 2 steps after the last
+    assert ema.rate(7, 10002) == pytest.approx(3 / 12)
     with pytest.raises(ValueError):
         WeightEMA(torch.nn.Linear(2, 2), decay=1.0)
 
@@ -29,9 +30,9 @@ def test_one_update_is_the_weighted_mean_and_counters_are_copied():
         for p in model.parameters():
             p.add_(1.0)
     model(torch.randn(8, 3))  # moves the BatchNorm statistics and its batch counter
-    assert not ema.update(model, 3)  # not a multiple of every: nothing changes
+    assert not ema.update(model, 3, 5)  # not a multiple of every: nothing changes
     assert all(torch.equal(old[k], v) for k, v in ema.model.state_dict().items())
-    assert ema.update(model, 4)
+    assert ema.update(model, 4, 5)
     keep = min(0.5 ** 2, 3 / 12)
     for k, v in ema.model.state_dict().items():
         new = model.state_dict()[k]
@@ -39,9 +40,35 @@ def test_one_update_is_the_weighted_mean_and_counters_are_copied():
             torch.testing.assert_close(v, keep * old[k] + (1 - keep) * new)
         else:
             assert torch.equal(v, new) and int(v) == 1
-    assert ema.update(model, 5, final=True)  # the last step always updates
+    assert ema.update(model, 5, 5)  # the last step always updates
     assert not any(p.requires_grad for p in ema.model.parameters())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_lookahead_ramps_its_rate_and_writes_the_average_back():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightEMA(model, decay=0.95, every=5, lookahead=True)
+    assert ema.rate(5, 100) == pytest.approx(0.95 ** 5 * 0.05 ** 3)  # barely holds back early on
+    assert ema.rate(100, 100) == pytest.approx(0.95 ** 5)            # airbench's 0.95**5 at the end, no warm-up cap
+    assert ema.rate(98, 98) == pytest.approx(0.95 ** 3)              # a final update 3 steps after the last
+    weights = list(model.parameters())
+    old = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(8, 3))
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not ema.update(model, 7, 10)
+    assert all(torch.equal(new[k], v) for k, v in model.state_dict().items())  # untouched between updates
+    assert ema.update(model, 10, 10)
+    keep = 0.95 ** 5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ema.model.state_dict()[k])  # the trained model is the average now
+        if v.is_floating_point():
+            torch.testing.assert_close(v, keep * old[k] + (1 - keep) * new[k])
+        else:
+            assert int(v) == 1
+    assert list(model.parameters()) == weights and all(p.requires_grad for p in weights)  # in place
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +84,15 @@ def runs(tmp_path_factory):
     copy = train(Recipe(**TINY, ema_decay=1e-9, ema_every=5), data=data, progress=False)
     averaged = train(Recipe(**TINY, ema_decay=0.9, ema_every=2, tta=True), data=data, out=root / "run",
                      progress=False, report=False)
-    return data, plain, copy, averaged, root / "run"
+    # 4 steps an epoch: lookahead's first update is at the first epoch's end
+    lookahead = train(Recipe(**TINY, ema_decay=0.9, ema_every=4, ema_lookahead=True), data=data,
+                      out=root / "lookahead", progress=False, report=False)
+    return data, plain, copy, averaged, root / "run", lookahead
 
 
 @pytest.mark.slow
 def test_vanishing_decay_gives_the_trained_weights(runs):
-    _, plain, copy, _, _ = runs
+    _, plain, copy, _, _, _ = runs
     for k, v in plain.model.state_dict().items():
         torch.testing.assert_close(copy.model.state_dict()[k], v, rtol=0, atol=1e-6)
     assert copy.summary["final_test_acc_without_ema"] == plain.final_test_acc
@@ -71,7 +101,7 @@ def test_vanishing_decay_gives_the_trained_weights(runs):
 
 @pytest.mark.slow
 def test_the_average_is_what_the_run_evaluates_and_saves(runs):
-    data, plain, _, averaged, run = runs
+    data, plain, _, averaged, run, _ = runs
     # The same seed trains the same weights; the average is another model.
     assert [h.train_loss for h in averaged.history] == [h.train_loss for h in plain.history]
     assert any(not torch.equal(averaged.model.state_dict()[k], v) for k, v in plain.model.state_dict().items()
@@ -90,3 +120,15 @@ def test_the_average_is_what_the_run_evaluates_and_saves(runs):
     # Without the tta switch the summary still has the TTA accuracy; the per-epoch column is left out.
     assert plain.summary["final_test_acc_tta"] == evaluate(plain.model, images, labels, batch_size=16, tta=True)[1]
     assert all(h.test_acc_tta is None for h in plain.history)
+
+
+@pytest.mark.slow
+def test_lookahead_trains_other_weights_and_ends_on_its_average(runs):
+    _, plain, _, _, _, lookahead = runs
+    # A plain average leaves the training alone; lookahead changes what is trained after its first update.
+    assert lookahead.history[0].train_loss == plain.history[0].train_loss
+    assert lookahead.history[1].train_loss != plain.history[1].train_loss
+    # The last update writes the average back: the trained weights are the delivered ones.
+    checkpoint, _ = load_checkpoint(lookahead.run_dir / "checkpoint.pt")
+    assert all(torch.equal(checkpoint["model"][k], v) for k, v in checkpoint["ema"].items())
+    assert lookahead.summary["final_test_acc_without_ema"] == lookahead.final_test_acc

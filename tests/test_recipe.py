@@ -64,6 +64,7 @@ def test_bad_toml(tmp_path, text, message):
     (dict(lr_max=float("nan")), "finite"),
     (dict(ema_decay=1.0), "ema_decay must lie in"),
     (dict(ema_every=0), "ema_every must be > 0"),
+    (dict(ema_lookahead=True), "ema_lookahead needs a weight average"),
     (dict(eval_batch_size=-1), "eval_batch_size must be > 0, or 0"),
     (dict(compile_mode="fastest"), "compile_mode must be one of"),
     (dict(crop_padding=100_000), "crop_padding must lie in 0..16"),   # would pad 50,000 images to 200,032 px

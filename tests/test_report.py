@@ -213,3 +213,20 @@ def test_the_lr_schedule_graph_passes_through_every_steps_lr_and_stays_small():
     # recipe's own bound on epochs, 10,000, times 10**9 steps an epoch)
     assert len(plot_lr_schedule(Recipe(epochs=MAX_EPOCHS, peak_epoch=5), 10**9).lines[0].get_xdata()) == 3
 
+
+
+@pytest.mark.parametrize("lookahead,bn_batches", [(False, 0), (True, 0), (True, 2)])
+def test_the_report_says_whether_the_trained_weights_score_apart_from_the_average(tmp_path, lookahead, bn_batches):
+    from cifar_onecycle.report import report_markdown
+    from cifar_onecycle.results import EpochMetrics
+
+    # With its statistics recomputed, lookahead's average is no longer the trained weights.
+    recipe = TINY.replace(ema_decay=0.9, ema_lookahead=lookahead, ema_bn_batches=bn_batches)
+    written_back = lookahead and not bn_batches
+    history = [EpochMetrics(1, 0.05, 2.0, 0.3, 1.9, 0.35, 1.0, 100.0)]
+    summary = {"final_test_acc": 0.35, "final_test_acc_without_ema": 0.35 if written_back else 0.33}
+    md = report_markdown(recipe, history, summary, "table", ["crop"], tmp_path)
+    if written_back:
+        assert "which lookahead wrote back into the trained weights" in md and "alone score" not in md
+    else:
+        assert "the trained weights alone score 33.00%" in md

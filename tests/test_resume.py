@@ -180,13 +180,14 @@ def test_a_second_signal_stops_at_once(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_a_weight_average_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_resume_with_a_weight_average_is_bit_identical(tmp_path, lookahead):
     from conftest import write_cifar
 
     data = write_cifar(tmp_path / "data").parent
-    ema = ["--ema-decay", "0.9", "--ema-every", "3", "--tta"]
-    train(RECIPE.replace(ema_decay=0.9, ema_every=3, tta=True), data_dir=data, download=False, out=tmp_path / "ref",
-          progress=False, report=False)
+    ema = ["--ema-decay", "0.9", "--ema-every", "3", "--tta", *(["--ema-lookahead"] if lookahead else [])]
+    train(RECIPE.replace(ema_decay=0.9, ema_every=3, tta=True, ema_lookahead=lookahead), data_dir=data,
+          download=False, out=tmp_path / "ref", progress=False, report=False)
     run = tmp_path / "run"
     p = start(["--data-dir", str(data), "--no-download", *FLAGS, *ema, "--out", str(run)],
               CIFAR_ONECYCLE_TEST_SIGNALS="SIGINT@6")

@@ -98,6 +98,9 @@ class Recipe:
     ema_every: int = _opt(5, "update the weight average every this many steps")
     ema_bn_batches: int = _opt(0, "with a weight average: its BatchNorm statistics recomputed at the end over this "
                                   "many training batches (0: the average of the trained model's statistics)")
+    ema_lookahead: bool = _opt(False, "with a weight average: lookahead (hlb-CIFAR10, airbench): each update also sets "
+                                      "the trained weights to the average, whose rate ramps up from 0 as the cube of "
+                                      "the run's progress to ema_decay at its end")
     # Model
     logit_scale: float = _opt(1.0, "multiplier on the logits (DAWNBench uses 0.125); adds no parameters")
     bn_momentum: float = _opt(0.1, "BatchNorm running-statistics momentum (PyTorch convention)")
@@ -197,6 +200,9 @@ class Recipe:
             raise RecipeError(f"recipe: bn_momentum must lie in (0, 1], got {self.bn_momentum}")
         if self.ema_bn_batches < 0:
             raise RecipeError(f"recipe: ema_bn_batches must be >= 0 (0: off), got {self.ema_bn_batches}")
+        if self.ema_lookahead and not self.ema_decay:
+            raise RecipeError("recipe: ema_lookahead needs a weight average to look ahead with; set ema_decay "
+                              "(airbench's is 0.95)")
         if self.bn_ghost_batch < 0:
             raise RecipeError(f"recipe: bn_ghost_batch must be >= 0 (0: off), got {self.bn_ghost_batch}")
         if self.bn_ghost_batch and self.batch_size % self.bn_ghost_batch:

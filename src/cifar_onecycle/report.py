@@ -629,16 +629,19 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     return summary
 
 
-def _extras(summary: dict[str, Any]) -> str:
+def _extras(summary: dict[str, Any], recipe: Recipe) -> str:
     """The final test accuracy with flip TTA, and without the weight average, when the summary has
-    them; and the validation split's, with a holdout."""
+    them (with lookahead the trained weights end as the average, unless its BatchNorm statistics
+    were recomputed); and the validation split's, with a holdout."""
     text = ""
     if summary.get("final_val_acc") is not None:
         text += (f" On the {summary.get('val_images', '?')} held-out validation images (the holdout, "
                  f"evaluated each epoch): {100 * summary['final_val_acc']:.2f}%.")
     if summary.get("final_test_acc_tta") is not None:
         text += f" With flip TTA: {100 * summary['final_test_acc_tta']:.2f}%."
-    if summary.get("final_test_acc_without_ema") is not None:
+    if recipe.ema_lookahead and not recipe.ema_bn_batches:
+        text += " These are the weight average's, which lookahead wrote back into the trained weights at the end."
+    elif summary.get("final_test_acc_without_ema") is not None:
         text += (f" These are the weight average's; the trained weights alone score "
                  f"{100 * summary['final_test_acc_without_ema']:.2f}%.")
     return text
@@ -676,7 +679,7 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         f"**{100 * summary['final_test_acc']:.2f}%** on the test set after the last epoch ({recipe.epochs}); "
         f"best {SPLIT_NAMES[split]} accuracy {100 * best.eval_acc:.2f}% in epoch {best.epoch}. Test images: "
         f"{summary.get('test_images', '?')}. Device: {summary.get('device', '?')}, {summary.get('precision', '?')}."
-        + _extras(summary), "",
+        + _extras(summary, recipe), "",
         f"| epoch | LR | train loss | train acc | {split} loss | {split} acc |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
         *[f"| {h.epoch}{' (best)' if h.epoch == best.epoch else ''} | {h.lr:.5f} | {h.train_loss:.4f} | "

@@ -231,7 +231,7 @@ def setup_run(recipe: Recipe, data: LabelledImages, dist: Dist | None = None,
             model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
     if recipe.compile:
         step_model = cast(torch.nn.Module, torch.compile(step_model, mode=recipe.compile_mode))  # a module wrapper
-    ema = WeightEMA(model, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
+    ema = WeightEMA(model, recipe.ema_decay, recipe.ema_every, recipe.ema_lookahead) if recipe.ema_decay else None
     generator = torch.Generator(device=device).manual_seed(recipe.seed)
     return RunSetup(recipe, data, device, precision, train_images, data.train_labels[kept].to(device),
                     data.test_images.to(device), data.test_labels.to(device), model, step_model, optimizer,

@@ -214,7 +214,7 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
         correct += (logits.argmax(1) == targets).sum()
         state.batch += 1
         if setup.ema:
-            setup.ema.update(setup.model, step + 1, final=step + 1 == recipe.epochs * steps_per_epoch)
+            setup.ema.update(setup.model, step + 1, recipe.epochs * steps_per_epoch)
         # The host reads the sums (a sync) every few steps on a CPU and once an epoch on a GPU, and
         # at the epoch's end. Under torchrun the ranks agree on a stop only then, so that all stop
         # at the same step; a single process stops at the step a signal arrives.
