@@ -7,9 +7,12 @@ selection accuracy (``final_val_acc``), or on ``final_val_acc_tta`` where it cha
 evaluation (``tta_translate``), by its difference from the baseline paired by seed (sweep.json).
 
 - Stage 1 to stage 2: a candidate helped if one of its points is above the recipe (``dawnbench``);
-  the point with the largest difference goes on. Stage 2's recipe is ``dawnbench`` with every
-  candidate that helped, and its list sweep leaves each out in turn (its settings back to
-  ``dawnbench``'s values), seeds 0 to 3.
+  the point with the largest difference goes on. Two points that go on may change one setting
+  (``ema_decay=0.95,ema_lookahead=true,bn_momentum=0.6`` and ``bn_momentum=0.3``): then the one with
+  the larger difference goes on and the other candidate is set aside, so that each candidate's
+  settings are its own to leave out. Stage 2's recipe is ``dawnbench`` with every candidate that
+  went on, and its list sweep leaves each out in turn (its settings back to ``dawnbench``'s
+  values), seeds 0 to 3.
 - Stage 2 to ``best``: a candidate stays if leaving it out lowers the accuracy (a difference below 0).
 - The final: ``dawnbench`` itself against ``best`` (one point: every candidate kept) on the full
   training set and the test set, seeds 0 to 7; sweep.json's paired difference, without and with
@@ -75,9 +78,10 @@ def judge(folder: Path) -> tuple[Recipe, list[Judged]]:
     return base, judged
 
 
-def stage2(stage1: Path) -> tuple[Recipe, list[dict[str, Any]], list[Judged]]:
+def stage2(stage1: Path) -> tuple[Recipe, list[dict[str, Any]], list[Judged], list[tuple[Judged, Judged]]]:
     """Stage 2 from stage 1: the recipe with every candidate that helped (at its best point), the
-    points that leave each out, and the stage-1 points chosen."""
+    points that leave each out, the stage-1 points chosen, and those set aside (each with the
+    chosen point that changes one of its settings)."""
     base, judged = judge(stage1)
     best: dict[str, Judged] = {}
     for j in judged:
@@ -86,12 +90,21 @@ def stage2(stage1: Path) -> tuple[Recipe, list[dict[str, Any]], list[Judged]]:
             best[j.candidate] = j
     if not best:
         raise SelectionError(f"{stage1}: no candidate is above the recipe; there is no stage 2")
+    taken: dict[str, Judged] = {}  # setting: the chosen point that changes it
+    set_aside: list[tuple[Judged, Judged]] = []
+    for j in sorted(best.values(), key=lambda j: -(j.difference or 0.0)):  # stable: plan order among equals
+        other = next((taken[k] for k, _ in j.point.values if k in taken), None)
+        if other is None:
+            taken.update({k: j for k, _ in j.point.values})
+        else:
+            set_aside.append((j, other))
+    chosen = [j for j in best.values() if j not in (s for s, _ in set_aside)]
     changes: dict[str, Any] = {}
-    for j in best.values():
+    for j in chosen:
         changes.update(j.point.values)
     recipe = Point(tuple(changes.items())).recipe(base, base.seed)
-    leave_out = [{k: getattr(base, k) for k, _ in j.point.values} for j in best.values()]
-    return recipe, leave_out, list(best.values())
+    leave_out = [{k: getattr(base, k) for k, _ in j.point.values} for j in chosen]
+    return recipe, leave_out, chosen, set_aside
 
 
 def stage2_args(recipe_file: Path, leave_out: list[dict[str, Any]]) -> list[str]:
@@ -149,11 +162,13 @@ def main() -> None:
     args = ap.parse_args()
     try:
         if args.step == "stage2":
-            recipe, leave_out, chosen = stage2(args.sweep)
+            recipe, leave_out, chosen, set_aside = stage2(args.sweep)
             args.out.mkdir(parents=True, exist_ok=True)
             toml = args.out / "stage2.toml"
             toml.write_text(f"# stage 2: the recipe of {args.sweep} with every stage-1 candidate that helped\n"
-                            + "".join(f"# {describe(j)}\n" for j in chosen) + recipe.to_toml())
+                            + "".join(f"# {describe(j)}\n" for j in chosen)
+                            + "".join(f"# set aside: {describe(j)}; {other.point.name} changes the same setting "
+                                      f"by more\n" for j, other in set_aside) + recipe.to_toml())
             line = shlex.join(["stage2", *stage2_args(toml, leave_out)])
             (args.out / "stage2.txt").write_text(f"# from {args.sweep}\n{line}\n")
             print(f"{toml}\n{args.out / 'stage2.txt'}: {line}")

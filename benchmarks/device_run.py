@@ -700,9 +700,11 @@ def best_stage2_args(stage1: Path, recipe_file: Path) -> list[str]:
     its recipe.toml)."""
     from best_selection import describe, stage2, stage2_args
 
-    recipe, leave_out, chosen = stage2(stage1)
+    recipe, leave_out, chosen, set_aside = stage2(stage1)
     for j in chosen:
         say(f"best2: goes on: {describe(j)}")
+    for j, other in set_aside:
+        say(f"best2: set aside: {describe(j)}; {other.point.name} changes the same setting by more")
     recipe_file.write_text(recipe.to_toml())
     return stage2_args(recipe_file, leave_out)
 

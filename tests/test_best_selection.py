@@ -48,7 +48,8 @@ def test_stage2_takes_each_candidate_that_helped_at_its_best_point(tmp_path):
         "bn_scale_frozen=true,bn_bias_lr_mult=16.0": [(0.83, 0.8), (0.83, 0.8)],  # +0.02: its best point
         "label_smoothing=0.2": [(0.75, 0.9), (0.90, 0.9)],            # +0.015 on average: helped
     }
-    recipe, leave_out, chosen = stage2(list_sweep(tmp_path / "s1", STAGE1, results))
+    recipe, leave_out, chosen, set_aside = stage2(list_sweep(tmp_path / "s1", STAGE1, results))
+    assert set_aside == []
     assert [j.point.name for j in chosen] == ["flip_alternate=true", "tta_translate=2",
                                               "bn_scale_frozen=true,bn_bias_lr_mult=16.0", "label_smoothing=0.2"]
     assert [round(j.difference, 6) for j in chosen] == [0.01, 0.02, 0.02, 0.015]
@@ -56,6 +57,26 @@ def test_stage2_takes_each_candidate_that_helped_at_its_best_point(tmp_path):
                                   label_smoothing=0.2)
     assert leave_out == [{"flip_alternate": False}, {"tta_translate": 0},
                          {"bn_scale_frozen": False, "bn_bias_lr_mult": 1.0}, {"label_smoothing": 0.0}]
+
+
+def test_of_two_points_that_change_one_setting_the_larger_difference_goes_on(tmp_path):
+    lookahead = {"ema_decay": 0.95, "ema_lookahead": True, "bn_momentum": 0.6}
+    changes = [{"bn_momentum": 0.3}, {"ema_decay": 0.99}, lookahead, {"label_smoothing": 0.2}]
+    results = {
+        "recipe": [(0.80, 0.8), (0.80, 0.8)],
+        "bn_momentum=0.3": [(0.81, 0.8), (0.81, 0.8)],                          # +0.01
+        "ema_decay=0.99": [(0.815, 0.8), (0.815, 0.8)],                         # +0.015
+        "ema_decay=0.95,ema_lookahead=true,bn_momentum=0.6": [(0.82, 0.8), (0.82, 0.8)],  # +0.02: ema_decay's best
+        "label_smoothing=0.2": [(0.81, 0.8), (0.81, 0.8)],                      # +0.01
+    }
+    recipe, leave_out, chosen, set_aside = stage2(list_sweep(tmp_path / "s1", changes, results))
+    assert [j.point.name for j in chosen] == ["ema_decay=0.95,ema_lookahead=true,bn_momentum=0.6",
+                                              "label_smoothing=0.2"]
+    assert [(j.point.name, other.point.name) for j, other in set_aside] == [
+        ("bn_momentum=0.3", "ema_decay=0.95,ema_lookahead=true,bn_momentum=0.6")]
+    assert recipe == BASE.replace(label_smoothing=0.2, **lookahead)
+    assert leave_out == [{"ema_decay": 0.0, "ema_lookahead": False, "bn_momentum": BASE.bn_momentum},
+                         {"label_smoothing": 0.0}]
 
 
 def test_best_keeps_a_candidate_only_if_leaving_it_out_costs(tmp_path):
