@@ -9,6 +9,7 @@ from cifar_onecycle import Recipe, load_cifar10, train
 from cifar_onecycle.checkpoint import load_checkpoint
 from cifar_onecycle.ema import WeightEMA
 from cifar_onecycle.evaluation import evaluate
+from cifar_onecycle.run_setup import RunSetup
 from test_train import TINY
 
 
@@ -82,17 +83,30 @@ def runs(tmp_path_factory):
     # A vanishing decay makes the average the trained weights themselves, provided the final
     # step (8, not a multiple of 5) updates it: the plumbing is checked against a run without it.
     copy = train(Recipe(**TINY, ema_decay=1e-9, ema_every=5), data=data, progress=False)
-    averaged = train(Recipe(**TINY, ema_decay=0.9, ema_every=2, tta=True), data=data, out=root / "run",
-                     progress=False, report=False)
-    # 4 steps an epoch: lookahead's first update is at the first epoch's end
-    lookahead = train(Recipe(**TINY, ema_decay=0.9, ema_every=4, ema_lookahead=True), data=data,
-                      out=root / "lookahead", progress=False, report=False)
-    return data, plain, copy, averaged, root / "run", lookahead
+    # Which weights each run's evaluations score (``average``: the weight average's), by run.
+    averages: dict[str, list[bool]] = {"averaged": [], "lookahead": []}
+    original = RunSetup.evaluate
+
+    def evaluate_spied(run: str):
+        def evaluate(self, average=True, **kwargs):
+            averages[run].append(average)
+            return original(self, average, **kwargs)
+        return evaluate
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RunSetup, "evaluate", evaluate_spied("averaged"))
+        averaged = train(Recipe(**TINY, ema_decay=0.9, ema_every=2, tta=True), data=data, out=root / "run",
+                         progress=False, report=False)
+        # 4 steps an epoch: lookahead's first update is at the first epoch's end
+        mp.setattr(RunSetup, "evaluate", evaluate_spied("lookahead"))
+        lookahead = train(Recipe(**TINY, ema_decay=0.9, ema_every=4, ema_lookahead=True), data=data,
+                          out=root / "lookahead", progress=False, report=False)
+    return data, plain, copy, averaged, root / "run", lookahead, averages
 
 
 @pytest.mark.slow
 def test_vanishing_decay_gives_the_trained_weights(runs):
-    _, plain, copy, _, _, _ = runs
+    _, plain, copy, _, _, _, _ = runs
     for k, v in plain.model.state_dict().items():
         torch.testing.assert_close(copy.model.state_dict()[k], v, rtol=0, atol=1e-6)
     assert copy.summary["final_test_acc_without_ema"] == plain.final_test_acc
@@ -101,7 +115,7 @@ def test_vanishing_decay_gives_the_trained_weights(runs):
 
 @pytest.mark.slow
 def test_the_average_is_what_the_run_evaluates_and_saves(runs):
-    data, plain, _, averaged, run, _ = runs
+    data, plain, _, averaged, run, _, _ = runs
     # The same seed trains the same weights; the average is another model.
     assert [h.train_loss for h in averaged.history] == [h.train_loss for h in plain.history]
     assert any(not torch.equal(averaged.model.state_dict()[k], v) for k, v in plain.model.state_dict().items()
@@ -124,7 +138,7 @@ def test_the_average_is_what_the_run_evaluates_and_saves(runs):
 
 @pytest.mark.slow
 def test_lookahead_trains_other_weights_and_ends_on_its_average(runs):
-    _, plain, _, _, _, lookahead = runs
+    _, plain, _, _, _, lookahead, averages = runs
     # A plain average leaves the training alone; lookahead changes what is trained after its first update.
     assert lookahead.history[0].train_loss == plain.history[0].train_loss
     assert lookahead.history[1].train_loss != plain.history[1].train_loss
@@ -132,3 +146,5 @@ def test_lookahead_trains_other_weights_and_ends_on_its_average(runs):
     checkpoint, _ = load_checkpoint(lookahead.run_dir / "checkpoint.pt")
     assert all(torch.equal(checkpoint["model"][k], v) for k, v in checkpoint["ema"].items())
     assert lookahead.summary["final_test_acc_without_ema"] == lookahead.final_test_acc
+    # ...so the run does not evaluate the trained weights apart; a plain average's run does.
+    assert averages["averaged"].count(False) == 1 and False not in averages["lookahead"]

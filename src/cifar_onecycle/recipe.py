@@ -273,6 +273,12 @@ class Recipe:
                           f"computed when a run starts")
 
     @property
+    def trained_ends_as_average(self) -> bool:
+        """Whether the trained weights end the run as the weight average: lookahead's last update
+        writes the average back, unless ``ema_bn_batches`` then recomputes its statistics."""
+        return self.ema_lookahead and not self.ema_bn_batches
+
+    @property
     def padding(self) -> int:
         """Pixels of reflect padding around each training image: the crop's, none without a crop."""
         return self.crop_padding if self.crop else 0

@@ -639,7 +639,7 @@ def _extras(summary: dict[str, Any], recipe: Recipe) -> str:
                  f"evaluated each epoch): {100 * summary['final_val_acc']:.2f}%.")
     if summary.get("final_test_acc_tta") is not None:
         text += f" With flip TTA: {100 * summary['final_test_acc_tta']:.2f}%."
-    if recipe.ema_lookahead and not recipe.ema_bn_batches:
+    if recipe.trained_ends_as_average:
         text += " These are the weight average's, which lookahead wrote back into the trained weights at the end."
     elif summary.get("final_test_acc_without_ema") is not None:
         text += (f" These are the weight average's; the trained weights alone score "
