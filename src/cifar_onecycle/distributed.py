@@ -70,6 +70,12 @@ def test_shard(n: int, rank: int, world: int) -> slice:
     return slice(bounds[rank], bounds[rank + 1])
 
 
+def wait_for_ranks(ranks: Dist) -> None:
+    """Every rank waits here until all have come (a barrier); nothing for a single process."""
+    if ranks.world > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor, ranks: Dist) -> torch.Tensor:
     """The sum over ranks (in place); the tensor itself for a single process."""
     if ranks.world > 1:
