@@ -318,6 +318,6 @@ def test_the_proxy_read_as_a_folder_is_the_proxy_converted_to_the_official_forma
     model, recipe = Recipe(device="cpu", precision="fp32").model(), Recipe(classes=official.classes)
     from cifar_onecycle.evaluation import evaluate
 
-    scores = [evaluate(model, d.test_images[:1000], d.test_labels[:1000], normalization=recipe.normalization)
+    scores = [evaluate(model, d.test_images[:250], d.test_labels[:250], normalization=recipe.normalization)
               for d in (as_folder, official)]
     assert scores[0] == scores[1]

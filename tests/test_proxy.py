@@ -1,24 +1,28 @@
 """One real check on real photos: the CIFAR-10 proxy (JPEG quality 75) through the real loader.
 
-About 2 minutes on a 2-core CPU in fp32 (133 s on an AMD EPYC with oneDNN held to AVX2, as on an
-AVX2-only CPU): the most expensive test of the suite.
+Each test about a minute on a 2-core AVX2-only CPU in fp32, the suite's most expensive.
 """
 import pytest
+import torch
 
-from cifar_onecycle import Recipe, train
+from cifar_onecycle import Cifar10, Recipe, load_cifar10, train
 
 
 @pytest.mark.slow
-def test_one_epoch_on_5000_proxy_images_learns(proxy_dir, tmp_path):
-    # Batch 128 gives 39 steps (batch 512 would give only 9); the DAWNBench logit scale keeps so
-    # short a warm-up stable. Measured on the 5,000 proxy test images: 40.4% in fp32, 41.6% in bf16
-    # (seeds 1 and 2: 39.8% and 39.4% in bf16). 10,000 images at batch 256 scored 46.9% in bf16, and
-    # took 238 s in fp32 held to AVX2 (then with one pass more over the test images at the run's end).
-    recipe = Recipe(epochs=1, peak_epoch=0.25, train_subset=5_000, batch_size=128, logit_scale=0.125,
+def test_one_epoch_on_3200_proxy_images_learns(proxy_dir, tmp_path):
+    # Batch 64 gives 50 steps; the DAWNBench logit scale keeps so short a warm-up stable. Scored on
+    # 2,000 test images spread over the set (the notebook's choice): the last epoch's pass scores
+    # flip TTA too, and all 5,000 took a sixth of the time. Measured on an AVX2-only AMD EPYC in fp32:
+    # 35.3% and 35.7% (seeds 0 and 1) in 69 and 65 s; 2,560 images 31.8% and 30.2%; 5,000 at batch
+    # 128 40.7% in 105 s (the cost is the images': about 47 a second either way).
+    recipe = Recipe(epochs=1, peak_epoch=0.25, train_subset=3_200, batch_size=64, logit_scale=0.125,
                     lr_max=0.2, device="cpu")
-    result = train(recipe, data_dir=proxy_dir, download=False, out=tmp_path / "run", progress=False)
-    assert result.summary["train_images"] == 5_000 and result.summary["test_images"] == 5_000
-    assert result.final_test_acc >= 0.35  # chance is 0.10
+    full = load_cifar10(proxy_dir, download=False)
+    keep = torch.linspace(0, len(full.test_images) - 1, 2_000).long()
+    data = Cifar10(full.train_images, full.train_labels, full.test_images[keep], full.test_labels[keep])
+    result = train(recipe, data=data, out=tmp_path / "run", progress=False, report=False)
+    assert result.summary["train_images"] == 3_200 and result.summary["test_images"] == 2_000
+    assert result.final_test_acc >= 0.30  # chance is 0.10; a standard error of 1 point on 2,000 images
 
 
 @pytest.mark.slow
