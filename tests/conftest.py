@@ -73,6 +73,20 @@ def cifar_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n N``) the workers share the cores: each trains on its part of them,
+    so that N workers do not oversubscribe the CPU."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        # The processes a test starts take as many: a run's numbers depend on the thread count (a
+        # convolution's sums in another order), and tests compare runs in and out of process.
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = threads
+        torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(scope="session")
 def proxy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real-photo proxy of CIFAR-10 in the official layout, written once per session.
