@@ -82,9 +82,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
         # The processes a test starts take as many: a run's numbers depend on the thread count (a
         # convolution's sums in another order), and tests compare runs in and out of process.
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
-        os.environ["OMP_NUM_THREADS"] = threads
-        torch.set_num_threads(int(threads))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
