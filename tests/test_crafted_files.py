@@ -221,8 +221,31 @@ class Cases:
         (run.path / "metrics.csv").write_bytes(metrics)
         self.add("sweep", name, ["sweep", "--collect", str(folder.path)], expect)
 
+    # a sweep's run folder a link to a folder outside it (holding a file named like a temporary file
+    # of an interrupted write, which a run removes from its folder), the sweep run again
+    def sweep_link_case(self, name: str, expect: str, link: str) -> None:
+        here = self.folder(f"link-{name}")
+        plan = Plan({"lr_max": [0.01]}, 0, 1)
+        folder = SweepFolder(here / "sweep")
+        folder.open(plan, TINY)
+        target = self.outside(here)
+        (folder.path / link).parent.mkdir(exist_ok=True)
+        os.symlink(target, folder.path / link)
+        self.add("link", name, ["sweep", "--recipe", str(folder.path / "recipe.toml"), "--vary", "lr_max=0.01",
+                                "--out", str(folder.path), "--data-dir", str(self.data), "--no-download", "--quiet"],
+                 expect)
+
+    @staticmethod
+    def outside(here: Path) -> Path:
+        """A folder that no run may write to or remove from: checked to hold only ``.metrics.csv.x.tmp``."""
+        target = here / "elsewhere"
+        target.mkdir()
+        (target / ".metrics.csv.x.tmp").write_bytes(b"not ours")
+        return target
+
     # seeds.json and the seeds' summaries, resumed
-    def seeds_case(self, name: str, expect: str, seeds: bytes | None = None, seed_summary: bytes | None = None) -> None:
+    def seeds_case(self, name: str, expect: str, seeds: bytes | None = None, seed_summary: bytes | None = None,
+                   link_seed0: bool = False) -> None:
         here = self.folder(f"seeds-{name}")
         folder = RunFolder.create(here / "seeds")
         folder.write_recipe(TINY)
@@ -232,6 +255,8 @@ class Cases:
         if seed_summary is not None:
             (folder.path / "seed0").mkdir()
             (folder.path / "seed0" / "summary.json").write_bytes(seed_summary)
+        if link_seed0:
+            os.symlink(self.outside(here), folder.path / "seed0")
         self.add("seeds", name, ["train", "--resume", str(folder.path), "--quiet"], expect)
 
     # cifar-10-python.tar.gz, or a batch file, in --data-dir
@@ -369,6 +394,9 @@ def build_cases(root: Path, data: Path, stopped: Path, checkpoint: dict) -> list
     c.seeds_case("summary-without-total-seconds", "total_seconds", seed_summary=json.dumps(finished).encode())
     c.seeds_case("summary-accuracy-a-list", "final_test_acc",
                  seed_summary=json.dumps({**finished, "total_seconds": 1, "final_test_acc": [1]}).encode())
+    c.seeds_case("seed-folder-a-link", "seed0: a link, not a folder of the runs", link_seed0=True)
+    c.sweep_link_case("point-folder", "lr_max=0.01: a link, not a folder of the runs", "lr_max=0.01")
+    c.sweep_link_case("seed-folder", "seed0: a link, not a folder of the runs", "lr_max=0.01/seed0")
 
     c.data_case("archive", "long-name-of-8GB", "refusing to extract",
                 archive=gzip.compress(tar_header("././@LongLink", 8 << 30, b"L") + b"\0" * 4096))
@@ -457,5 +485,7 @@ def test_crafted_files_of_every_kind_end_in_one_line_within_bounds(stopped_run, 
     assert sorted(os.listdir(stopped)) == before
     for case in (tmp_path / "cases").glob("sweep-*"):  # a damaged run's metrics: no table written
         assert sorted(p.name for p in (case / "sweep").iterdir()) == ["lr_max=0.01", "recipe.toml", "sweep_plan.json"]
+    for target in (tmp_path / "cases").glob("*/elsewhere"):  # a link's target: nothing written or removed
+        assert [p.name for p in target.iterdir()] == [".metrics.csv.x.tmp"], target
     kept = tmp_path / "cases" / "out-tmp-folder" / "run" / ".checkpoint.pt.abc.tmp" / "keep"
     assert kept.read_bytes() == b"not ours"  # a folder named like a temporary file is not the run's to remove

@@ -40,6 +40,19 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     @classmethod
+    def inside(cls, parent: str | Path, *names: str) -> RunFolder:
+        """The run folder ``parent/names...`` of a set of runs (a seed of ``--seeds``, a sweep's point
+        and seed), refusing a link on the way: the set's folder may be someone else's, and a planted
+        link would send this run's writes (and its removal of stale temporary files) elsewhere."""
+        path = Path(parent)
+        for name in names:
+            path = path / name
+            if path.is_symlink():
+                raise UserError(f"{path}: a link, not a folder of the runs in {parent}; remove it, or run "
+                                f"in another folder")
+        return cls(path)
+
+    @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> RunFolder:
         """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
         the old run's files: a stale one must not pass for the new run's); check it is writable."""

@@ -124,7 +124,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     runs: list[dict[str, Any]] = []
     run_laps = Laps()  # the seeds trained in this call: the time left shown
     for i, seed in enumerate(range(first, first + count), 1):
-        run = RunFolder(folder.path / f"seed{seed}") if folder else None
+        run = RunFolder.inside(folder.path, f"seed{seed}") if folder else None
         if run and run.has(SUMMARY):  # finished before a resume
             runs.append(run.read_summary())
             continue
@@ -155,7 +155,7 @@ def write_seeds_results(folder: RunFolder, seeds: list[int], summary: dict[str, 
     metrics.csv). The metrics are read before anything is written: a damaged one leaves both as they were."""
     from .report import plot_seed_curves, save_png
 
-    runs = {seed: RunFolder(folder.path / f"seed{seed}") for seed in seeds}
+    runs = {seed: RunFolder.inside(folder.path, f"seed{seed}") for seed in seeds}
     histories = {seed: run.read_metrics() for seed, run in runs.items() if run.has(METRICS)}
     folder.write_summary(summary)
     if histories:

@@ -354,7 +354,7 @@ class SweepFolder:
         self.path = Path(path)
 
     def run(self, point: Point, seed: int) -> RunFolder:
-        return RunFolder(self.path / point.name / f"seed{seed}")
+        return RunFolder.inside(self.path, point.name, f"seed{seed}")
 
     def status(self, point: Point, seed: int) -> str:
         """finished, failed (diverged or no LR found), started (a checkpoint to resume from) or new."""
