@@ -109,8 +109,9 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def hooked_main(step: int, rank: int, action: str) -> str:
-    """A child script: the CLI's main, doing ``action`` on ``rank`` when step ``step`` asks for its LR."""
+def hooked_main(step: int, rank: int, action: str, more_hooks: str = "") -> str:
+    """A child script: the CLI's main, doing ``action`` on ``rank`` when step ``step`` asks for its LR;
+    ``more_hooks``, lines run before main that may patch ``t`` (cifar_onecycle.training) further."""
     return f"""
 import os, signal, sys
 import cifar_onecycle.training as t
@@ -120,6 +121,7 @@ def lr_at(step, knots):
         {action}
     return real(step, knots)
 t.lr_at = lr_at
+{more_hooks}
 from cifar_onecycle.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -143,15 +145,14 @@ def test_a_failure_on_one_rank_ends_the_job_without_a_hang(tmp_path):
 
 # Rank 0 takes a second more over each checkpoint: rank 1, which saves nothing, must wait for it
 # before it stops, since torchrun ends the other ranks once one exits.
-SIGINT_ON_RANK_0 = hooked_main(6, 0, "os.kill(os.getpid(), signal.SIGINT)").replace("from cifar_onecycle.cli", """
+SIGINT_ON_RANK_0 = hooked_main(6, 0, "os.kill(os.getpid(), signal.SIGINT)", more_hooks="""
 import time
 real_save = t.save_checkpoint
 def save_checkpoint(*args):
     if os.environ["RANK"] == "0":
         time.sleep(1)
     real_save(*args)
-t.save_checkpoint = save_checkpoint
-from cifar_onecycle.cli""")
+t.save_checkpoint = save_checkpoint""")
 
 
 @pytest.mark.slow
