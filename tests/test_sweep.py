@@ -328,6 +328,31 @@ def test_a_sweep_stopped_mid_run_resumes_to_the_table_of_one_never_stopped(cifar
 
 
 @pytest.mark.slow
+def test_a_stop_while_a_point_is_evaluated_again_says_how_to_go_on(cifar_dir, tmp_path, monkeypatch):
+    def stopped(*args, **kwargs):  # as Ctrl-C there: no stop handling of a training run's catches it
+        raise KeyboardInterrupt
+    evaluate = evaluation.evaluate_recipe
+    monkeypatch.setattr(evaluation, "evaluate_recipe", stopped)  # the evaluations again alone call this name
+    out = tmp_path / "sw"
+    try:
+        sweep(SMALL, points=[{"tta_translate": 1}], out=out, data_dir=cifar_dir, download=False, progress=False)
+        stop = "no stop"
+    except Interrupted as e:
+        stop = str(e)
+    except KeyboardInterrupt:  # caught here: one escaping a test would end the whole test session
+        stop = "KeyboardInterrupt, unhandled"
+    assert "tta_translate=1 seed 0 was being evaluated with recipe's weights; run the same sweep again" in stop, stop
+    assert not RunFolder(out / "tta_translate=1" / "seed0").has("summary.json")
+    monkeypatch.setattr(evaluation, "evaluate_recipe", evaluate)
+    steps = []
+    step = RunSetup.step
+    monkeypatch.setattr(RunSetup, "step", lambda self, *args: steps.append(1) or step(self, *args))
+    result = sweep(SMALL, points=[{"tta_translate": 1}], out=out, data_dir=cifar_dir, download=False, progress=False)
+    assert steps == [] and [(r["point"], r["weights_from"]) for r in result.rows] == [
+        ("recipe", None), ("tta_translate=1", "recipe/seed0")]
+
+
+@pytest.mark.slow
 def test_a_diverging_point_is_recorded_and_the_sweep_goes_on(cifar_dir, tmp_path, capsys):
     out = tmp_path / "sw"
     code = main(["sweep", "--vary", "lr_max=0.02,1e6", *FIXED, "--data-dir", str(cifar_dir),

@@ -587,7 +587,11 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     def evaluated_again(seed: int, point: Point) -> bool:
         """Whether ``point``'s run of ``seed`` was made from its twin's (``evaluate_as``), shown and tabled."""
         recipe = point.recipe(base, seed).replace(**data_settings[point])
-        evaluated = evaluate_as(folder, point, twins[point], seed, recipe, data, report)
+        try:
+            evaluated = evaluate_as(folder, point, twins[point], seed, recipe, data, report)
+        except KeyboardInterrupt:  # a training run stops cleanly on its own; this pass has no stop of its own
+            raise Interrupted(f"sweep {folder.path} stopped while {point.name} seed {seed} was being evaluated "
+                              f"with {twins[point].name}'s weights; run the same sweep again to go on") from None
         if evaluated is not None:
             if progress:
                 tqdm.write(f"sweep: {point.name} seed {seed}: {evaluated}")
