@@ -221,8 +221,8 @@ class Cases:
         (run.path / "metrics.csv").write_bytes(metrics)
         self.add("sweep", name, ["sweep", "--collect", str(folder.path)], expect)
 
-    # a sweep's run folder a link to a folder outside it (holding a file named like a temporary file
-    # of an interrupted write, which a run removes from its folder), the sweep run again
+    # a sweep's run folder a link to a folder outside it (holding a file named like the temporary file
+    # of an interrupted write, which a resumed run removes from its folder), the sweep run again
     def sweep_link_case(self, name: str, expect: str, link: str) -> None:
         here = self.folder(f"link-{name}")
         plan = Plan({"lr_max": [0.01]}, 0, 1)

@@ -329,7 +329,7 @@ def test_a_sweep_stopped_mid_run_resumes_to_the_table_of_one_never_stopped(cifar
 
 @pytest.mark.slow
 def test_a_stop_while_a_point_is_evaluated_again_says_how_to_go_on(cifar_dir, tmp_path, monkeypatch):
-    def stopped(*args, **kwargs):  # as Ctrl-C there: no stop handling of a training run's catches it
+    def stopped(*args, **kwargs):  # as Ctrl-C there would: outside a training run no stop handler catches it
         raise KeyboardInterrupt
     evaluate = evaluation.evaluate_recipe
     monkeypatch.setattr(evaluation, "evaluate_recipe", stopped)  # the evaluations again alone call this name
