@@ -161,3 +161,32 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, mo
     assert f"{out / 'checkpoint.pt'}: cannot write (No space left on device)" in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("command", [["evaluate", "SET"], ["report", "SET"], ["predict", "SET", "x.png"],
+                                     ["train", "--resume", "SET"]])
+def test_a_set_of_runs_where_one_run_is_wanted_says_which_to_give(tmp_path, capsys, command):
+    from cifar_onecycle.recipe import Recipe
+    from cifar_onecycle.run_folder import RunFolder
+    from cifar_onecycle.sweep import Plan, SweepFolder
+
+    seeds = RunFolder.create(tmp_path / "seeds")  # as `train --seeds 2 --seed 3` leaves it
+    seeds.write_recipe(Recipe())
+    seeds.write_seeds(3, 2, None)
+    (seeds.path / "seed3").mkdir()
+    swept = SweepFolder(tmp_path / "sweep")
+    swept.open(Plan({"lr_max": [0.1, 0.2]}, 0, 1), Recipe())
+    expected = {"seeds": f"{seeds.path}: a folder of a run per seed (seed3/ and on), not one run's; give one of them, "
+                         f"such as {seeds.path / 'seed3'}",
+                "sweep": f"{swept.path}: a sweep's folder (a run per point and seed, POINT/seed<k>/, listed in its "
+                         f"sweep.csv), not one run's; "
+                         + ("to go on with the sweep, run the same cifar-onecycle sweep command again"
+                            if command[0] == "train" else "give one of its runs")}
+    for name, folder in (("seeds", seeds.path), ("sweep", swept.path)):
+        if name == "seeds" and command[0] == "train":
+            continue  # a set of seeds is resumed as a set
+        before = sorted(p.name for p in folder.rglob("*"))
+        assert main([str(folder) if arg == "SET" else arg for arg in command]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"cifar-onecycle: error: {expected[name]}", err
+        assert sorted(p.name for p in folder.rglob("*")) == before

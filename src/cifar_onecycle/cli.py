@@ -329,6 +329,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .run_folder import SUMMARY, RunFolder
     from .run_setup import split_images
 
+    RunFolder(args.weights).check_one_run()  # a weights file passes: it holds no set of runs
     saved, recipe = load_weights(args.weights)
     val = args.split == "val"
     if val and args.dataset:
@@ -405,6 +406,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .run_folder import RunFolder
 
     run = RunFolder(args.run_dir)
+    run.check_one_run()
     saved, recipe = load_weights(run.path)
     summary, history = run.read_summary(), run.read_metrics()
     data = _load_data(args, recipe, recorded=(summary.get("data_dir"), run.path / "summary.json"))
@@ -419,7 +421,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
     from .device import resolve_device
     from .predict import predict_files
+    from .run_folder import RunFolder
 
+    RunFolder(args.weights).check_one_run()
     model, recipe = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
     failed = 0

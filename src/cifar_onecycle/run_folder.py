@@ -26,6 +26,7 @@ from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, check_run_summary, metrics_csv, parse_metrics_csv
 
 RECIPE, METRICS, SUMMARY, SEEDS, FAILED = "recipe.toml", "metrics.csv", "summary.json", "seeds.json", "failed.json"
+SWEEP_PLAN = "sweep_plan.json"  # what makes a folder a sweep's (sweep.py writes and reads it)
 RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT, FAILED)
 FAILURES = ("diverged", "no LR found")  # why a run cannot go on
 
@@ -51,6 +52,23 @@ class RunFolder:
                 raise UserError(f"{path}: a link, not a folder of the runs in {parent}; remove it, or run "
                                 f"in another folder")
         return cls(path)
+
+    def check_one_run(self, going_on: bool = False) -> None:
+        """Refuse a folder that holds a set of runs (a multi-seed run's, a sweep's) where one run's is
+        wanted, saying which folder to give instead; ``going_on``: to resume it (a set of seeds is
+        resumed as a set elsewhere; a sweep, by its own command)."""
+        if (self.path / SEEDS).is_file():
+            try:
+                first = f"seed{self.read_seeds()[0]}"
+            except UserError:  # a damaged seeds.json: the example is only an example
+                first = "seed0"
+            raise UserError(f"{self.path}: a folder of a run per seed ({first}/ and on), not one run's; give one of "
+                            f"them, such as {self.path / first}")
+        if (self.path / SWEEP_PLAN).is_file():
+            raise UserError(f"{self.path}: a sweep's folder (a run per point and seed, POINT/seed<k>/, listed in its "
+                            f"sweep.csv), not one run's; "
+                            + ("to go on with the sweep, run the same cifar-onecycle sweep command again" if going_on
+                               else "give one of its runs"))
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> RunFolder:

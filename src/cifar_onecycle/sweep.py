@@ -59,13 +59,14 @@ from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserEr
 from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import DATA_FIELDS, Recipe, load_recipe
 from .results import mean_curve
-from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, RunFolder
+from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, SWEEP_PLAN, RunFolder
 from .run_setup import fit_to_data
 from .seeds import check_seed_range
 from .signals import StopSignals, signals_for_tests
 from .training import RunOptions, data_folder, load_data, train_folder
 
-PLAN, TABLE, STATS, PICTURE, CURVES = "sweep_plan.json", "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png"
+PLAN = SWEEP_PLAN
+TABLE, STATS, PICTURE, CURVES = "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png"
 # The curves picture draws the first points only: past a couple of dozen lines no colour tells them
 # apart (and a plan from someone else's folder must not decide how many metrics files are read).
 MAX_CURVES = 20
