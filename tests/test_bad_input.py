@@ -190,3 +190,9 @@ def test_a_set_of_runs_where_one_run_is_wanted_says_which_to_give(tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert err == f"cifar-onecycle: error: {expected[name]}", err
         assert sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_collect_given_a_folder_without_a_sweep_names_its_own_flag(tmp_path, capsys):
+    assert main(["sweep", "--collect", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"cifar-onecycle: error: --collect {tmp_path}: not a sweep folder (no " \
+                                              f"sweep_plan.json)"

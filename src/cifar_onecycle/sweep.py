@@ -366,8 +366,8 @@ class SweepFolder:
         return "new"
 
     def read(self) -> tuple[Plan, Recipe]:
-        if not (self.path / PLAN).is_file():
-            raise UserError(f"{as_setting('out')} {self.path}: not a sweep folder (no {PLAN})")
+        if not (self.path / PLAN).is_file():  # only a folder given to collect can lack one: open checks first
+            raise UserError(f"{as_setting('collect')} {self.path}: not a sweep folder (no {PLAN})")
         text = read_capped(self.path / PLAN, MAX_TEXT_BYTES, PLAN, "is this a sweep folder?")
         try:
             plan = Plan.from_json(text.decode(), str(self.path / PLAN))
