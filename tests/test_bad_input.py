@@ -163,19 +163,25 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, mo
     assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("command", [["evaluate", "SET"], ["report", "SET"], ["predict", "SET", "x.png"],
-                                     ["train", "--resume", "SET"]])
-def test_a_set_of_runs_where_one_run_is_wanted_says_which_to_give(tmp_path, capsys, command):
+def sets_of_runs(root):
+    """A set of seeds' folder, as `train --seeds 2 --seed 3` begins it, and a sweep's."""
     from cifar_onecycle.recipe import Recipe
     from cifar_onecycle.run_folder import RunFolder
     from cifar_onecycle.sweep import Plan, SweepFolder
 
-    seeds = RunFolder.create(tmp_path / "seeds")  # as `train --seeds 2 --seed 3` leaves it
+    seeds = RunFolder.create(root / "seeds", set_of_seeds=True)
     seeds.write_recipe(Recipe())
     seeds.write_seeds(3, 2, None)
     (seeds.path / "seed3").mkdir()
-    swept = SweepFolder(tmp_path / "sweep")
+    swept = SweepFolder(root / "sweep")
     swept.open(Plan({"lr_max": [0.1, 0.2]}, 0, 1), Recipe())
+    return seeds, swept
+
+
+@pytest.mark.parametrize("command", [["evaluate", "SET"], ["report", "SET"], ["predict", "SET", "x.png"],
+                                     ["train", "--resume", "SET"]])
+def test_a_set_of_runs_where_one_run_is_wanted_says_which_to_give(tmp_path, capsys, command):
+    seeds, swept = sets_of_runs(tmp_path)
     expected = {"seeds": f"{seeds.path}: a folder of a run per seed (seed3/ and on), not one run's; give one of them, "
                          f"such as {seeds.path / 'seed3'}",
                 "sweep": f"{swept.path}: a sweep's folder (a run per point and seed, POINT/seed<k>/, listed in its "
@@ -196,3 +202,20 @@ def test_collect_given_a_folder_without_a_sweep_names_its_own_flag(tmp_path, cap
     assert main(["sweep", "--collect", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"cifar-onecycle: error: --collect {tmp_path}: not a sweep folder (no " \
                                               f"sweep_plan.json)"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_run_is_not_written_over_a_set_of_runs(tmp_path, capsys, overwrite):
+    from cifar_onecycle.run_folder import RunFolder
+
+    seeds, swept = sets_of_runs(tmp_path)
+    data = write_cifar(tmp_path / "data").parent
+    for what, folder in (("a set of seeds", seeds.path), ("a sweep", swept.path)):
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        assert main(["train", "--data-dir", str(data), "--out", str(folder), *QUICK, *overwrite]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"cifar-onecycle: error: --out {folder}: holds {what}, not a run; choose another folder" + (
+            " (--overwrite replaces a run's files, not a set's runs)" if overwrite else ""), err
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    RunFolder.create(seeds.path, overwrite=True, set_of_seeds=True)  # a new set of seeds over an old one
+    assert not (seeds.path / "seeds.json").exists() and (seeds.path / "seed3").is_dir()

@@ -59,6 +59,27 @@ def test_report_command_rewrites_the_pictures(run, capsys):
     assert (result.run_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
+def test_an_overwrite_leaves_nothing_of_the_earlier_runs_report_or_range_test(run, tmp_path, capsys):
+    import shutil
+
+    from cifar_onecycle.run_folder import REPORT_FILES, RUN_FILES
+    from conftest import recipe_flags
+
+    result, data = run
+    folder = tmp_path / "run"
+    shutil.copytree(result.run_dir, folder)
+    assert main(["lr-find", "--mode", "both", "--num-iter", "10", "--out", str(folder), "--data-dir", str(data),
+                 *recipe_flags(TINY)]) == 0
+    written = {p.name for p in folder.iterdir()}
+    assert {"lr_find_exp.png", "lr_find_linear.png", "lr_find.json", "report.md"} <= written
+    assert written <= {*RUN_FILES, *REPORT_FILES}, "a file of a run's folder that an overwrite would leave"
+    assert main(["train", "--out", str(folder), "--overwrite", "--no-report", "--data-dir", str(data), "--quiet",
+                 *recipe_flags(TINY)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint.pt", "metrics.csv", "model.safetensors", "recipe.toml", "summary.json"]
+
+
 def test_confusion_matrix_counts():
     labels = torch.tensor([0, 0, 1, 2, 2, 2])
     preds = torch.tensor([0, 1, 1, 2, 0, 2])

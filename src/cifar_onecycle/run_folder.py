@@ -28,6 +28,11 @@ from .results import EpochMetrics, check_run_summary, metrics_csv, parse_metrics
 RECIPE, METRICS, SUMMARY, SEEDS, FAILED = "recipe.toml", "metrics.csv", "summary.json", "seeds.json", "failed.json"
 SWEEP_PLAN = "sweep_plan.json"  # what makes a folder a sweep's (sweep.py writes and reads it)
 RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT, FAILED)
+# The files other modules write into a run's folder: the report (report.write_report) and the LR range
+# test's (lr_finder.write_lr_find). An overwrite removes them with the run's own, so that none of an
+# earlier run's stays beside the new one's (its report.md would show the earlier run's range test).
+REPORT_FILES = ("report.md", "curves.png", "lr_schedule.png", "confusion.png", "misclassified.png", "gradcam.png",
+                "augment.png", "lr_find.json", "lr_find_exp.png", "lr_find_linear.png")
 FAILURES = ("diverged", "no LR found")  # why a run cannot go on
 
 
@@ -71,26 +76,36 @@ class RunFolder:
                                else "give one of its runs"))
 
     @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False) -> RunFolder:
+    def create(cls, path: str | Path, overwrite: bool = False, set_of_seeds: bool = False) -> RunFolder:
         """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
-        the old run's files: a stale one must not pass for the new run's); check it is writable."""
+        the old run's files and its report's: a stale one must not pass for the new run's); check it
+        is writable. A sweep's folder is refused, and so is a set of seeds' unless ``set_of_seeds``
+        (the folder of a new set): an overwrite would leave the set's runs beside the new run."""
         path = Path(path)
         try:
             if path.exists() and not path.is_dir():
                 raise UserError(f"{as_setting('out')} {path}: exists and is not a folder; choose another")
-            taken = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
+            taken = [name for name in (*RUN_FILES, *REPORT_FILES)
+                     if (path / name).exists() or (path / name).is_symlink()]
             folders = [name for name in taken if (path / name).is_dir() and not (path / name).is_symlink()]
+            a_set = "a sweep" if (path / SWEEP_PLAN).exists() else (
+                "a set of seeds" if (path / SEEDS).exists() and not set_of_seeds else None)
         except OSError as e:  # a name too long, a folder that cannot be searched
             raise UserError(f"{as_setting('out')} {path}: cannot use it ({e.strerror or e}); choose another "
                             f"folder") from None
-        if taken and not overwrite:
-            raise UserError(f"{as_setting('out')} {path}: already holds a run ({taken[0]}); choose another folder "
+        if a_set:
+            raise UserError(f"{as_setting('out')} {path}: holds {a_set}, not a run; choose another folder"
+                            + (f" ({as_setting('overwrite')} replaces a run's files, not a set's runs)" if overwrite
+                               else ""))
+        runs = [name for name in taken if name in RUN_FILES]
+        if runs and not overwrite:
+            raise UserError(f"{as_setting('out')} {path}: already holds a run ({runs[0]}); choose another folder "
                             f"or pass {as_setting('overwrite')}")
         if folders:  # not a file any run writes: someone else's, never removed for them
             raise UserError(f"{as_setting('out')} {path}: {folders[0]} there is a folder, not a run's file; "
                             f"remove it yourself or choose another folder")
         writable_folder(path)
-        for name in taken:
+        for name in taken if overwrite else ():
             (path / name).unlink()
         return cls(path)
 

@@ -116,7 +116,7 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     fitted = fit_to_data(recipe, data)  # the data's statistics, once for all the seeds
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
     if out is not None and resume is None and main:
-        folder = RunFolder.create(out, overwrite)
+        folder = RunFolder.create(out, overwrite, set_of_seeds=True)
         folder.write_recipe(recipe)
         folder.write_seeds(first, count, str(data_dir) if data_dir else None)
     started = time.perf_counter()
