@@ -131,6 +131,39 @@ def test_predict_good_huge_and_bad_files(run, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"{good}: ")
 
 
+def test_predict_a_folder_predicts_its_images_in_order_in_batches(run, tmp_path, capsys):
+    from cifar_onecycle.image_folder import image_files
+    from cifar_onecycle.predict import predict_files
+
+    result, _ = run
+    photos = tmp_path / "photos"
+    (photos / "b-sub").mkdir(parents=True)
+    (photos / ".hidden").mkdir()
+    for i, path in enumerate([photos / "c.PNG", photos / "a.jpg", photos / "b-sub" / "x.webp",
+                              photos / ".dot.png", photos / ".hidden" / "y.png"]):
+        Image.new("RGB", (40, 30), (60 * i, 100, 50)).save(path, format=path.suffix[1:].upper().replace("JPG", "JPEG"))
+    (photos / "notes.txt").write_text("not an image")
+    expected = [photos / "a.jpg", photos / "b-sub" / "x.webp", photos / "c.PNG"]
+    assert image_files(photos, 3) == expected and image_files(photos, 2) is None
+    one = tmp_path / "one.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(one)
+    assert main(["predict", str(result.run_dir), str(one), str(photos), "--json", "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["path"] for d in lines] == [str(one), *map(str, expected)]
+    # in batches of 2 (one with a file that fails): the same classes, in the same order
+    from cifar_onecycle.checkpoint import load_weights
+
+    model, recipe = load_weights(result.run_dir)
+    paths = [str(one), str(photos / "notes.txt"), *map(str, expected)]
+    batched = list(predict_files(model, paths, recipe.class_names, recipe.normalization, batch_size=2))
+    assert [p.top[0][0] if p.top else "error" for p in batched] == [
+        lines[0]["class"], "error", *[d["class"] for d in lines[1:]]]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert main(["predict", str(result.run_dir), str(tmp_path / "empty"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cifar-onecycle: error: {tmp_path / 'empty'}: no images (PNG, JPEG, WebP, BMP or GIF) in it", err
+
+
 def test_tensorboard_scalars_or_a_clear_error(tmp_path, capsys):
     from conftest import write_cifar
 

@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict_cmd = sub.add_parser("predict", parents=[common], help="classify image files with a trained model")
     predict_cmd.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    predict_cmd.add_argument("images", metavar="IMAGE", nargs="+")
+    predict_cmd.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+",
+                             help="image files, or folders: the images in them and their sub-folders, sorted")
     predict_cmd.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_device_flags(predict_cmd)
 
@@ -420,14 +421,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
     from .device import resolve_device
-    from .predict import predict_files
+    from .predict import image_paths, predict_files
     from .run_folder import RunFolder
 
     RunFolder(args.weights).check_one_run()
     model, recipe = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
     failed = 0
-    for p in predict_files(model, args.images, recipe.class_names, recipe.normalization):
+    for p in predict_files(model, image_paths(args.images), recipe.class_names, recipe.normalization):
         if p.error or p.top is None:
             failed += 1
             print(f"{PROG}: error: {p.error}", file=sys.stderr)

@@ -58,6 +58,19 @@ class Listing:
     files: tuple[tuple[Path, int, int, int], ...]
 
 
+def image_files(folder: Path, limit: int) -> list[Path] | None:
+    """The image files below ``folder``, sorted: PNG, JPEG, WebP, BMP and GIF by their names' endings,
+    in sub-folders too (links to folders are not followed), leaving out names that start with a dot.
+    None once there are more than ``limit``: a folder must not decide how long the listing takes."""
+    found: list[Path] = []
+    for parent, subfolders, names in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [Path(parent) / n for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_SUFFIXES)]
+        if len(found) > limit:
+            return None
+    return sorted(found)
+
+
 def list_split(root: Path, split: str) -> Listing:
     """The classes and image files of ``root/split``, every refusal a one-line ``DatasetError``."""
     base = root / split
@@ -77,17 +90,13 @@ def list_split(root: Path, split: str) -> Listing:
                                f"is not UTF-8; rename it") from None
     files: list[tuple[Path, int, int, int]] = []
     for label, name in enumerate(classes):
-        found = []
-        for folder, subfolders, names in os.walk(base / name):  # links to folders are not followed
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            found += [Path(folder) / n for n in names
-                      if not n.startswith(".") and n.lower().endswith(IMAGE_SUFFIXES)]
-            if len(files) + len(found) > MAX_FOLDER_IMAGES:
-                raise DatasetError(f"{base}: more than {MAX_FOLDER_IMAGES:,} images; the data set is held in memory")
+        found = image_files(base / name, MAX_FOLDER_IMAGES - len(files))
+        if found is None:
+            raise DatasetError(f"{base}: more than {MAX_FOLDER_IMAGES:,} images; the data set is held in memory")
         if not found and split == "train":
             raise DatasetError(f"{base / name}: no images (PNG, JPEG, WebP, BMP or GIF); every class needs training "
                                f"images")
-        for path in sorted(found):
+        for path in found:
             try:
                 info = path.stat()
                 files.append((path, label, info.st_size, info.st_mtime_ns))

@@ -1,8 +1,10 @@
-"""Classify image files of any size with a trained model (each read as ``images.load_image`` reads it)."""
+"""Classify image files of any size, or the images in folders, with a trained model (each read as
+``images.load_image`` reads it)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,13 +21,39 @@ class Prediction:
     error: str | None = None
 
 
-def predict_files(model: torch.nn.Module, paths: list[str], classes: Sequence[str] = CIFAR10_CLASSES,
+def image_paths(paths: Sequence[str | Path]) -> list[str]:
+    """``paths`` with each folder replaced by the image files below it (``image_folder.image_files``:
+    sorted, sub-folders included), at most ``MAX_FOLDER_IMAGES`` a folder; a folder without images is
+    a UserError. Anything else stays as given, for ``predict_files`` to read or refuse."""
+    from .image_folder import MAX_FOLDER_IMAGES, image_files
+
+    out: list[str] = []
+    for path in paths:
+        if not Path(path).is_dir():
+            out.append(str(path))
+            continue
+        found = image_files(Path(path), MAX_FOLDER_IMAGES)
+        if not found:
+            raise UserError(f"{path}: " + ("no images (PNG, JPEG, WebP, BMP or GIF) in it" if found is not None else
+                                           f"more than {MAX_FOLDER_IMAGES:,} images; give fewer at a time"))
+        out += [str(p) for p in found]
+    return out
+
+
+def predict_files(model: torch.nn.Module, paths: Sequence[str | Path], classes: Sequence[str] = CIFAR10_CLASSES,
                   normalization: Normalization = CIFAR10_NORMALIZATION, top_k: int = 3,
-                  batch_size: int = 256) -> list[Prediction]:
+                  batch_size: int = 256) -> Iterator[Prediction]:
     """Top-k ``classes`` (the model's recipe's ``class_names``, with its ``normalization``) for each
-    file; a file that fails gets its error and the others are still done. Decoded one at a time
-    (each 3 KB once at 32x32), predicted ``batch_size`` at once. Outputs that are not finite
-    (damaged weights) are an error for that file, not a class at "nan%"."""
+    file, in order; a file that fails gets its error and the others are still done. Decoded one at a
+    time (each 3 KB once at 32x32) and predicted ``batch_size`` at once, each batch's predictions
+    given as they are made: memory stays that of one batch, however many files. Outputs that are not
+    finite (damaged weights) are an error for that file, not a class at "nan%"."""
+    for start in range(0, len(paths), batch_size):
+        yield from _predict_batch(model, paths[start:start + batch_size], classes, normalization, top_k)
+
+
+def _predict_batch(model: torch.nn.Module, paths: Sequence[str | Path], classes: Sequence[str],
+                   normalization: Normalization, top_k: int) -> list[Prediction]:
     from .report import predict_probabilities
 
     out: list[Prediction] = []
@@ -36,14 +64,14 @@ def predict_files(model: torch.nn.Module, paths: list[str], classes: Sequence[st
             out.append(Prediction(str(p)))
         except UserError as e:
             out.append(Prediction(str(p), error=str(e)))
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        probabilities = predict_probabilities(model, torch.stack([image for _, image in chunk]),
-                                              normalization=normalization)
-        for (i, _), probs in zip(chunk, probabilities, strict=True):
-            if not torch.isfinite(probs).all():
-                out[i].error = f"{out[i].path}: the model's outputs are not finite numbers (damaged weights?)"
-                continue
-            values, idx = probs.topk(min(top_k, len(classes)))
-            out[i].top = [(classes[k], v) for k, v in zip(idx.tolist(), values.tolist(), strict=True)]
+    if not images:
+        return out
+    probabilities = predict_probabilities(model, torch.stack([image for _, image in images]),
+                                          normalization=normalization)
+    for (i, _), probs in zip(images, probabilities, strict=True):
+        if not torch.isfinite(probs).all():
+            out[i].error = f"{out[i].path}: the model's outputs are not finite numbers (damaged weights?)"
+            continue
+        values, idx = probs.topk(min(top_k, len(classes)))
+        out[i].top = [(classes[k], v) for k, v in zip(idx.tolist(), values.tolist(), strict=True)]
     return out
