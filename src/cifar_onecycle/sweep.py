@@ -65,7 +65,6 @@ from .seeds import check_seed_range
 from .signals import StopSignals, signals_for_tests
 from .training import RunOptions, data_folder, load_data, train_folder
 
-PLAN = SWEEP_PLAN
 TABLE, STATS, PICTURE, CURVES = "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png"
 # The curves picture draws the first points only: past a couple of dozen lines no colour tells them
 # apart (and a plan from someone else's folder must not decide how many metrics files are read).
@@ -366,23 +365,23 @@ class SweepFolder:
         return "new"
 
     def read(self) -> tuple[Plan, Recipe]:
-        if not (self.path / PLAN).is_file():  # only a folder given to collect can lack one: open checks first
-            raise UserError(f"{as_setting('collect')} {self.path}: not a sweep folder (no {PLAN})")
-        text = read_capped(self.path / PLAN, MAX_TEXT_BYTES, PLAN, "is this a sweep folder?")
+        if not (self.path / SWEEP_PLAN).is_file():  # only a folder given to collect can lack one: open checks first
+            raise UserError(f"{as_setting('collect')} {self.path}: not a sweep folder (no {SWEEP_PLAN})")
+        text = read_capped(self.path / SWEEP_PLAN, MAX_TEXT_BYTES, SWEEP_PLAN, "is this a sweep folder?")
         try:
-            plan = Plan.from_json(text.decode(), str(self.path / PLAN))
+            plan = Plan.from_json(text.decode(), str(self.path / SWEEP_PLAN))
         except UnicodeDecodeError:
-            raise UserError(f"{self.path / PLAN}: not a sweep plan (not UTF-8)") from None
+            raise UserError(f"{self.path / SWEEP_PLAN}: not a sweep plan (not UTF-8)") from None
         base = load_recipe(self.path / "recipe.toml")
         try:
             plan.check(base)
         except UserError as e:  # a plan file someone else wrote: the error names it
-            raise UserError(f"{self.path / PLAN}: {e}") from None
+            raise UserError(f"{self.path / SWEEP_PLAN}: {e}") from None
         return plan, base
 
     def open(self, plan: Plan, base: Recipe) -> None:
         """Make the folder for ``plan`` on ``base``, or check that it is this sweep's already."""
-        if (self.path / PLAN).is_file():
+        if (self.path / SWEEP_PLAN).is_file():
             saved_plan, saved_base = self.read()
             if saved_plan != plan:
                 what = "its plan (settings varied, values, seeds or baseline) differs"
@@ -398,7 +397,7 @@ class SweepFolder:
             raise UserError(f"{as_setting('out')} {self.path}: is not empty and holds no sweep; choose another folder")
         writable_folder(self.path)
         atomic_write(self.path / "recipe.toml", base.to_toml())
-        atomic_write(self.path / PLAN, plan.to_json())
+        atomic_write(self.path / SWEEP_PLAN, plan.to_json())
 
     def rows(self, plan: Plan, base: Recipe) -> tuple[list[dict[str, Any]], int]:
         """(a row per run that ended, in the points' order, seed within point, its values those of
