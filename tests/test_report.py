@@ -74,10 +74,14 @@ def test_an_overwrite_leaves_nothing_of_the_earlier_runs_report_or_range_test(ru
     written = {p.name for p in folder.iterdir()}
     assert {"lr_find_exp.png", "lr_find_linear.png", "lr_find.json", "report.md"} <= written
     assert written <= {*RUN_FILES, *REPORT_FILES}, "a file of a run's folder that an overwrite would leave"
+    (folder / "tensorboard").mkdir()  # as --tensorboard leaves it (its extra is not installed here)
+    (folder / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"the earlier run's scalars")
+    (folder / "tensorboard" / "notes.txt").write_text("someone's")
     assert main(["train", "--out", str(folder), "--overwrite", "--no-report", "--data-dir", str(data), "--quiet",
                  *recipe_flags(TINY)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoint.pt", "metrics.csv", "model.safetensors", "recipe.toml", "summary.json"]
+        "checkpoint.pt", "metrics.csv", "model.safetensors", "recipe.toml", "summary.json", "tensorboard"]
+    assert [p.name for p in (folder / "tensorboard").iterdir()] == ["notes.txt"]
 
 
 def test_confusion_matrix_counts():

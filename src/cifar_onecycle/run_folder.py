@@ -33,6 +33,7 @@ RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT, FAILED)
 # earlier run's stays beside the new one's (its report.md would show the earlier run's range test).
 REPORT_FILES = ("report.md", "curves.png", "lr_schedule.png", "confusion.png", "misclassified.png", "gradcam.png",
                 "augment.png", "lr_find.json", "lr_find_exp.png", "lr_find_linear.png")
+TENSORBOARD = "tensorboard"  # the folder of a run's TensorBoard event files (``--tensorboard``)
 FAILURES = ("diverged", "no LR found")  # why a run cannot go on
 
 
@@ -78,7 +79,8 @@ class RunFolder:
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False, set_of_seeds: bool = False) -> RunFolder:
         """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
-        the old run's files and its report's: a stale one must not pass for the new run's); check it
+        the old run's files, its report's and its TensorBoard events, never a folder: a stale one must
+        not pass for the new run's); check it
         is writable. A sweep's folder is refused, and so is a set of seeds' unless ``set_of_seeds``
         (the folder of a new set): an overwrite would leave the set's runs beside the new run."""
         path = Path(path)
@@ -107,6 +109,11 @@ class RunFolder:
         writable_folder(path)
         for name in taken if overwrite else ():
             (path / name).unlink()
+        board = path / TENSORBOARD
+        if overwrite and board.is_dir() and not board.is_symlink():  # else TensorBoard draws both runs as one
+            for events in board.glob("events.out.tfevents.*"):
+                if events.is_file() or events.is_symlink():
+                    events.unlink()
         return cls(path)
 
     def remove_interrupted_writes(self) -> None:

@@ -27,7 +27,7 @@ from .lr_finder import find_lr_bounds
 from .recipe import DATA_FIELDS, Recipe
 from .report import write_report
 from .results import EpochMetrics, TrainResult, format_epoch, git_commit, run_summary
-from .run_folder import CHECKPOINT, SUMMARY, RunFolder
+from .run_folder import CHECKPOINT, SUMMARY, TENSORBOARD, RunFolder
 from .run_setup import RunSetup, setup_run
 from .schedule import lr_at, one_cycle_knots
 from .signals import StopSignals, TestSignals, interrupted, send_test_signals, signals_for_tests
@@ -83,7 +83,7 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
     board_class = tensorboard_writer(out or resume) if tensorboard and dist.main else None  # refused before any work
     setup, state, folder = start_run(recipe, options, data, dist, test_signals, started)
     recipe = setup.recipe
-    board = board_class(log_dir=str(folder.path / "tensorboard")) if board_class and folder else None
+    board = board_class(log_dir=str(folder.path / TENSORBOARD)) if board_class and folder else None
     checkpoint_folder = folder if checkpoints else None
     given_folder = out or resume
     resume_from = Path(given_folder) if checkpoints and given_folder else None  # for the stop message
