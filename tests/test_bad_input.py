@@ -219,3 +219,27 @@ def test_a_run_is_not_written_over_a_set_of_runs(tmp_path, capsys, overwrite):
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     RunFolder.create(seeds.path, overwrite=True, set_of_seeds=True)  # a new set of seeds over an old one
     assert not (seeds.path / "seeds.json").exists() and (seeds.path / "seed3").is_dir()
+
+
+@pytest.mark.parametrize("command", [["evaluate", "RUN"], ["report", "RUN"], ["predict", "RUN", "x.png"],
+                                     ["train", "--resume", "RUN"]])
+def test_a_run_that_failed_or_has_not_finished_says_what_to_do(tmp_path, capsys, command):
+    from cifar_onecycle.recipe import Recipe
+    from cifar_onecycle.run_folder import RunFolder
+
+    failed = RunFolder.create(tmp_path / "failed")
+    failed.write_recipe(Recipe())
+    failed.write_failed("diverged", "training diverged: loss is nan in epoch 3")
+    (failed.path / "checkpoint.pt").write_bytes(b"epoch 2's")  # never read: it would diverge again
+    stopped = RunFolder.create(tmp_path / "stopped")
+    stopped.write_recipe(Recipe())
+    (stopped.path / "checkpoint.pt").write_bytes(b"not read")
+    resume = command[0] == "train"
+    expected = {failed.path: f"{failed.path}: this run failed (diverged: training diverged: loss is nan in epoch 3)"
+                             + ("; it would fail again: start a new run" if resume else "; it left no weights"),
+                stopped.path: f"{stopped.path}: this run has not finished (a checkpoint, no weights yet); go on "
+                              f"with it: cifar-onecycle train --resume {stopped.path}"}
+    for folder in (failed.path, stopped.path) if not resume else (failed.path,):  # a stopped run resumes
+        assert main([str(folder) if arg == "RUN" else arg for arg in command]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"cifar-onecycle: error: {expected[folder]}", err

@@ -330,7 +330,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .run_folder import SUMMARY, RunFolder
     from .run_setup import split_images
 
-    RunFolder(args.weights).check_one_run()  # a weights file passes: it holds no set of runs
+    RunFolder(args.weights).check_usable()
     saved, recipe = load_weights(args.weights)
     val = args.split == "val"
     if val and args.dataset:
@@ -407,7 +407,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .run_folder import RunFolder
 
     run = RunFolder(args.run_dir)
-    run.check_one_run()
+    run.check_usable()
     saved, recipe = load_weights(run.path)
     summary, history = run.read_summary(), run.read_metrics()
     data = _load_data(args, recipe, recorded=(summary.get("data_dir"), run.path / "summary.json"))
@@ -424,7 +424,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import image_paths, predict_files
     from .run_folder import RunFolder
 
-    RunFolder(args.weights).check_one_run()
+    RunFolder(args.weights).check_usable()
     model, recipe = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
     failed = 0

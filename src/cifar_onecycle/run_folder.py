@@ -59,10 +59,11 @@ class RunFolder:
                                 f"in another folder")
         return cls(path)
 
-    def check_one_run(self, going_on: bool = False) -> None:
-        """Refuse a folder that holds a set of runs (a multi-seed run's, a sweep's) where one run's is
-        wanted, saying which folder to give instead; ``going_on``: to resume it (a set of seeds is
-        resumed as a set elsewhere; a sweep, by its own command)."""
+    def check_usable(self, resume: bool = False) -> None:
+        """Refuse, saying what to give or do instead, a folder that is not one run to use (or, with
+        ``resume``, to go on with): a set of runs (a set of seeds', which is resumed as a set
+        elsewhere; a sweep's, by its own command), a run that failed, and, to use, a run stopped
+        before its end. A run with weights passes, and so does a weights file."""
         if (self.path / SEEDS).is_file():
             try:
                 first = f"seed{self.read_seeds()[0]}"
@@ -73,8 +74,17 @@ class RunFolder:
         if (self.path / SWEEP_PLAN).is_file():
             raise UserError(f"{self.path}: a sweep's folder (a run per point and seed, POINT/seed<k>/, listed in its "
                             f"sweep.csv), not one run's; "
-                            + ("to go on with the sweep, run the same cifar-onecycle sweep command again" if going_on
+                            + ("to go on with the sweep, run the same cifar-onecycle sweep command again" if resume
                                else "give one of its runs"))
+        if self.has(WEIGHTS):
+            return
+        if self.has(FAILED):
+            reason, message = self.read_failed()
+            raise UserError(f"{self.path}: this run failed ({reason}: {message})"
+                            + ("; it would fail again: start a new run" if resume else "; it left no weights"))
+        if self.has(CHECKPOINT) and not resume:
+            raise UserError(f"{self.path}: this run has not finished (a checkpoint, no weights yet); go on with it: "
+                            f"cifar-onecycle train --resume {self.path}")
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False, set_of_seeds: bool = False) -> RunFolder:

@@ -138,7 +138,7 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages |
     folder: RunFolder | None
     if options.resume is not None:
         folder = RunFolder(options.resume)
-        folder.check_one_run(going_on=True)
+        folder.check_usable(resume=True)
         checkpoint, saved = folder.load_checkpoint()
         with damaged_checkpoint(folder):
             TrainState.check_checkpoint(checkpoint, saved.epochs)
