@@ -59,19 +59,27 @@ class RunFolder:
                                 f"in another folder")
         return cls(path)
 
+    def set_of_runs(self) -> str | None:
+        """"a sweep" or "a set of seeds" when the folder is one's (its sweep_plan.json or seeds.json
+        is there), else None. OSErrors propagate (a name too long)."""
+        if (self.path / SWEEP_PLAN).exists():
+            return "a sweep"
+        return "a set of seeds" if (self.path / SEEDS).exists() else None
+
     def check_usable(self, resume: bool = False) -> None:
         """Refuse, saying what to give or do instead, a folder that is not one run to use (or, with
         ``resume``, to go on with): a set of runs (a set of seeds', which is resumed as a set
         elsewhere; a sweep's, by its own command), a run that failed, and, to use, a run stopped
         before its end. A run with weights passes, and so does a weights file."""
-        if (self.path / SEEDS).is_file():
+        kind = self.set_of_runs()
+        if kind == "a set of seeds":
             try:
                 first = f"seed{self.read_seeds()[0]}"
             except UserError:  # a damaged seeds.json: the example is only an example
                 first = "seed0"
             raise UserError(f"{self.path}: a folder of a run per seed ({first}/ and on), not one run's; give one of "
                             f"them, such as {self.path / first}")
-        if (self.path / SWEEP_PLAN).is_file():
+        if kind == "a sweep":
             raise UserError(f"{self.path}: a sweep's folder (a run per point and seed, POINT/seed<k>/, listed in its "
                             f"sweep.csv), not one run's; "
                             + ("to go on with the sweep, run the same cifar-onecycle sweep command again" if resume
@@ -90,9 +98,9 @@ class RunFolder:
     def create(cls, path: str | Path, overwrite: bool = False, set_of_seeds: bool = False) -> RunFolder:
         """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
         the old run's files, its report's and its TensorBoard events, never a folder: a stale one must
-        not pass for the new run's); check it
-        is writable. A sweep's folder is refused, and so is a set of seeds' unless ``set_of_seeds``
-        (the folder of a new set): an overwrite would leave the set's runs beside the new run."""
+        not pass for the new run's); check it is writable. A sweep's folder is refused, and so is a
+        set of seeds' unless ``set_of_seeds`` (the folder of a new set): an overwrite would leave the
+        set's runs beside the new run."""
         path = Path(path)
         try:
             if path.exists() and not path.is_dir():
@@ -100,12 +108,11 @@ class RunFolder:
             taken = [name for name in (*RUN_FILES, *REPORT_FILES)
                      if (path / name).exists() or (path / name).is_symlink()]
             folders = [name for name in taken if (path / name).is_dir() and not (path / name).is_symlink()]
-            a_set = "a sweep" if (path / SWEEP_PLAN).exists() else (
-                "a set of seeds" if (path / SEEDS).exists() and not set_of_seeds else None)
+            a_set = cls(path).set_of_runs()
         except OSError as e:  # a name too long, a folder that cannot be searched
             raise UserError(f"{as_setting('out')} {path}: cannot use it ({e.strerror or e}); choose another "
                             f"folder") from None
-        if a_set:
+        if a_set and not (a_set == "a set of seeds" and set_of_seeds):
             raise UserError(f"{as_setting('out')} {path}: holds {a_set}, not a run; choose another folder"
                             + (f" ({as_setting('overwrite')} replaces a run's files, not a set's runs)" if overwrite
                                else ""))
