@@ -403,17 +403,20 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
+    from .files import FolderLock
     from .report import write_report
     from .run_folder import RunFolder
 
     run = RunFolder(args.run_dir)
-    run.check_usable()
-    saved, recipe = load_weights(run.path)
-    summary, history = run.read_summary(), run.read_metrics()
-    data = _load_data(args, recipe, recorded=(summary.get("data_dir"), run.path / "summary.json"))
-    model, device, precision = _placed(args, saved, recipe)
-    run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
-                                   data.test_labels, data.train_images[:20], summary["steps_per_epoch"], precision))
+    with FolderLock(run.path, None):  # a run training there again (an overwrite) would mix its files with these
+        run.check_usable()
+        saved, recipe = load_weights(run.path)
+        summary, history = run.read_summary(), run.read_metrics()
+        data = _load_data(args, recipe, recorded=(summary.get("data_dir"), run.path / "summary.json"))
+        model, device, precision = _placed(args, saved, recipe)
+        run.write_summary(write_report(run.path, model, recipe, history, summary, data.test_images.to(device),
+                                       data.test_labels, data.train_images[:20], summary["steps_per_epoch"],
+                                       precision))
     print(f"wrote {run.path / 'report.md'} and its pictures")
     return 0
 

@@ -17,6 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked there
+    fcntl = None  # type: ignore[assignment]
+
 from .errors import UserError, WriteError, as_setting
 
 MB = 1 << 20
@@ -164,3 +169,46 @@ def writable_folder(path: str | Path, setting: str = "out") -> Path:
         reason = e.reason if isinstance(e, WriteError) else e.strerror or e
         raise UserError(f"{as_setting(setting)} {path}: cannot write there ({reason}); choose another folder") from None
     return path
+
+
+class FolderLock:
+    """This process's hold on a folder it writes (a run's, a set of seeds', a sweep's), for the length
+    of a ``with``: another process that asks for it meanwhile is refused with a UserError naming the
+    folder and the ``setting`` that gave it (if any). Two processes writing one run folder would
+    leave one's metrics beside the other's weights, and an overwrite would remove a running run's
+    files under it.
+
+    An advisory ``flock`` on the folder's own descriptor: no lock file to leave behind, and the
+    kernel drops it when the descriptor closes, also when the process is killed (SIGKILL, a lost
+    machine), so a lock is never stale. Where none can be had (Windows; a file system without
+    flock on folders, as some NFS mounts; a folder not made yet), nothing is held and the work
+    goes on: the lock guards against a mistake, it is not needed for a run to be right."""
+
+    def __init__(self, path: str | Path, setting: str | None) -> None:
+        self.path, self.setting = Path(path), setting
+        self.fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        if fcntl is None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:  # not there (yet): whatever uses it says so
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            given = f"{as_setting(self.setting)} " if self.setting else ""
+            raise UserError(f"{given}{self.path}: in use by another process (a run, a set of seeds or a sweep "
+                            f"writing there); wait for it to end, or stop it, or choose another folder") from None
+        except OSError:  # no flock here: go on unheld
+            os.close(fd)
+            return self
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the lock
+            self.fd = None

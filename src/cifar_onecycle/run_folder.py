@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
 from .errors import UserError, as_setting
-from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
+from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, check_run_summary, metrics_csv, parse_metrics_csv
 
@@ -95,12 +96,14 @@ class RunFolder:
                             f"cifar-onecycle train --resume {self.path}")
 
     @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False, set_of_seeds: bool = False) -> RunFolder:
+    def create(cls, path: str | Path, overwrite: bool = False, set_of_seeds: bool = False,
+               held: ExitStack | None = None) -> RunFolder:
         """Create ``path``, refusing one that holds another run unless ``overwrite`` (which removes
         the old run's files, its report's and its TensorBoard events, never a folder: a stale one must
         not pass for the new run's); check it is writable. A sweep's folder is refused, and so is a
         set of seeds' unless ``set_of_seeds`` (the folder of a new set): an overwrite would leave the
-        set's runs beside the new run."""
+        set's runs beside the new run. ``held``: the folder is held (``FolderLock``) in that stack
+        from before anything is removed, and one another process holds is refused."""
         path = Path(path)
         try:
             if path.exists() and not path.is_dir():
@@ -124,6 +127,8 @@ class RunFolder:
             raise UserError(f"{as_setting('out')} {path}: {folders[0]} there is a folder, not a run's file; "
                             f"remove it yourself or choose another folder")
         writable_folder(path)
+        if held is not None:
+            held.enter_context(FolderLock(path, "out"))
         for name in taken if overwrite else ():
             (path / name).unlink()
         board = path / TENSORBOARD

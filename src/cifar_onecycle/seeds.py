@@ -8,6 +8,7 @@ their mean). Only the last epoch of each run counts: no best epoch, no best seed
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .data import LabelledImages, recorded_data_dir
 from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted, UserError, as_setting
+from .files import FolderLock
 from .recipe import SEEDS_END, Recipe
 from .run_folder import METRICS, SEEDS, SUMMARY, RunFolder
 from .run_setup import fit_to_data
@@ -115,38 +117,41 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
         data = load_data(recipe, data_dir, download, progress, signals_for_tests())
     fitted = fit_to_data(recipe, data)  # the data's statistics, once for all the seeds
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
-    if out is not None and resume is None and main:
-        folder = RunFolder.create(out, overwrite, set_of_seeds=True)
-        folder.write_recipe(recipe)
-        folder.write_seeds(first, count, str(data_dir) if data_dir else None)
-    started = time.perf_counter()
-    options = RunOptions(data_dir=data_dir, download=download, progress=progress, **train_args)
-    runs: list[dict[str, Any]] = []
-    run_laps = Laps()  # the seeds trained in this call: the time left shown
-    for i, seed in enumerate(range(first, first + count), 1):
-        run = RunFolder.inside(folder.path, f"seed{seed}") if folder else None
-        if run and run.has(SUMMARY):  # finished before a resume
-            runs.append(run.read_summary())
-            continue
-        if progress and main:
-            left = about_left(run_laps.seconds, count - i + 1)
-            tqdm.write(f"seed {seed} ({i} of {count}" + (f"; {left})" if left else ")"))
-        try:
-            result = train_folder(run.path if run else None, fitted.replace(seed=seed), data, options)
-        except Interrupted as e:
-            if folder is None:
-                raise
-            raise Interrupted(f"{e}; or, to go on with all {count} seeds: cifar-onecycle train --resume "
-                              f"{folder.path}") from None
-        runs.append(result.summary)
-        run_laps.lap()
-        if progress and main:
-            tqdm.write(f"seed {seed}: {final_accuracies(result.summary)}")
-    seed_list = list(range(first, first + count))
-    summary = seeds_summary(recipe, seed_list, runs)
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this call's, resumed parts excluded
-    if folder and main:
-        write_seeds_results(folder, seed_list, summary)
+    with contextlib.ExitStack() as held:  # the set's folder, held until its results are written
+        if folder is not None and main:  # resumed
+            held.enter_context(FolderLock(folder.path, "resume"))
+        if out is not None and resume is None and main:
+            folder = RunFolder.create(out, overwrite, set_of_seeds=True, held=held)
+            folder.write_recipe(recipe)
+            folder.write_seeds(first, count, str(data_dir) if data_dir else None)
+        started = time.perf_counter()
+        options = RunOptions(data_dir=data_dir, download=download, progress=progress, **train_args)
+        runs: list[dict[str, Any]] = []
+        run_laps = Laps()  # the seeds trained in this call: the time left shown
+        for i, seed in enumerate(range(first, first + count), 1):
+            run = RunFolder.inside(folder.path, f"seed{seed}") if folder else None
+            if run and run.has(SUMMARY):  # finished before a resume
+                runs.append(run.read_summary())
+                continue
+            if progress and main:
+                left = about_left(run_laps.seconds, count - i + 1)
+                tqdm.write(f"seed {seed} ({i} of {count}" + (f"; {left})" if left else ")"))
+            try:
+                result = train_folder(run.path if run else None, fitted.replace(seed=seed), data, options)
+            except Interrupted as e:
+                if folder is None:
+                    raise
+                raise Interrupted(f"{e}; or, to go on with all {count} seeds: cifar-onecycle train --resume "
+                                  f"{folder.path}") from None
+            runs.append(result.summary)
+            run_laps.lap()
+            if progress and main:
+                tqdm.write(f"seed {seed}: {final_accuracies(result.summary)}")
+        seed_list = list(range(first, first + count))
+        summary = seeds_summary(recipe, seed_list, runs)
+        summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this call's, resumed parts excluded
+        if folder and main:
+            write_seeds_results(folder, seed_list, summary)
     return SeedsResult(recipe, summary, runs, folder.path if folder else None)
 
 

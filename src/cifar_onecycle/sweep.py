@@ -32,6 +32,7 @@ the comparison is then of the evaluation alone), its summary.json naming them (`
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -56,7 +57,7 @@ from .clock import Laps, about_left
 from .data import LabelledImages
 from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, RecipeError, UserError, as_setting
-from .files import MAX_TEXT_BYTES, atomic_write, parse_json, read_capped, writable_folder
+from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, parse_json, read_capped, writable_folder
 from .recipe import DATA_FIELDS, Recipe, load_recipe
 from .results import mean_curve
 from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, SWEEP_PLAN, RunFolder
@@ -379,8 +380,12 @@ class SweepFolder:
             raise UserError(f"{self.path / SWEEP_PLAN}: {e}") from None
         return plan, base
 
-    def open(self, plan: Plan, base: Recipe) -> None:
-        """Make the folder for ``plan`` on ``base``, or check that it is this sweep's already."""
+    def open(self, plan: Plan, base: Recipe, held: contextlib.ExitStack | None = None) -> None:
+        """Make the folder for ``plan`` on ``base``, or check that it is this sweep's already; with
+        ``held``, held there (``FolderLock``) from before its plan is read or written."""
+        existed = self.path.is_dir()
+        if existed and held is not None:
+            held.enter_context(FolderLock(self.path, "out"))
         if (self.path / SWEEP_PLAN).is_file():
             saved_plan, saved_base = self.read()
             if saved_plan != plan:
@@ -396,6 +401,8 @@ class SweepFolder:
         if self.path.is_dir() and any(self.path.iterdir()):
             raise UserError(f"{as_setting('out')} {self.path}: is not empty and holds no sweep; choose another folder")
         writable_folder(self.path)
+        if not existed and held is not None:
+            held.enter_context(FolderLock(self.path, "out"))
         atomic_write(self.path / "recipe.toml", base.to_toml())
         atomic_write(self.path / SWEEP_PLAN, plan.to_json())
 
@@ -572,16 +579,25 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
                 by_split[split] = fit_to_data(recipe_0, data)
             data_settings[point] = {k: getattr(by_split[split], k) for k in DATA_FIELDS}
     folder = SweepFolder(out)
-    folder.open(plan, base)
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,
                          checkpoints=checkpoints, tensorboard=tensorboard)
-    todo = [(seed, point) for seed, point in plan.runs() if folder.status(point, seed) in ("started", "new")]
-    if print_commands:  # every run as a training: a job array's runs need not wait for one another
-        result = folder.write_results(plan, base)
-        result.commands = ["cifar-onecycle " + shlex.join(train_command(folder, point, seed, options))
-                           for seed, point in todo]
-        return result
-    assert data is not None
+    with contextlib.ExitStack() as held:  # the sweep's folder, held until its results are written
+        folder.open(plan, base, held)
+        todo = [(seed, point) for seed, point in plan.runs() if folder.status(point, seed) in ("started", "new")]
+        if print_commands:  # every run as a training: a job array's runs need not wait for one another
+            result = folder.write_results(plan, base)
+            result.commands = ["cifar-onecycle " + shlex.join(train_command(folder, point, seed, options))
+                               for seed, point in todo]
+            return result
+        assert data is not None
+        return train_sweep(folder, plan, base, todo, data, data_settings, options, workers)
+
+
+def train_sweep(folder: SweepFolder, plan: Plan, base: Recipe, todo: list[tuple[int, Point]], data: LabelledImages,
+                data_settings: dict[Point, dict[str, Any]], options: RunOptions, workers: int) -> SweepResult:
+    """Train (or evaluate again) the runs ``todo`` of the sweep in ``folder``, seed by seed, with
+    ``workers`` processes at once (1: in this process); the results rewritten after every run."""
+    progress, report = options.progress, options.report
     twins = plan.trained_as(base)
 
     def evaluated_again(seed: int, point: Point) -> bool:

@@ -23,6 +23,7 @@ from .device import resolve_placement, sync_every, synchronize
 from .distributed import Dist, all_reduce_sum, init_distributed, wait_for_ranks
 from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting
 from .evaluation import EvaluationStopped
+from .files import FolderLock
 from .lr_finder import find_lr_bounds
 from .recipe import DATA_FIELDS, Recipe
 from .report import write_report
@@ -81,40 +82,41 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
     progress = progress and dist.main  # under torchrun only rank 0 shows progress and writes files
     test_signals = signals_for_tests()
     board_class = tensorboard_writer(out or resume) if tensorboard and dist.main else None  # refused before any work
-    setup, state, folder = start_run(recipe, options, data, dist, test_signals, started)
-    recipe = setup.recipe
-    board = board_class(log_dir=str(folder.path / TENSORBOARD)) if board_class and folder else None
-    checkpoint_folder = folder if checkpoints else None
-    given_folder = out or resume
-    resume_from = Path(given_folder) if checkpoints and given_folder else None  # for the stop message
-    knots = one_cycle_knots(recipe.epochs, setup.steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
-    epoch_laps = Laps()  # this process's epochs on the wall clock, evaluation included: the time left shown
-    with StopSignals(active=folder is not None or dist.world > 1) as stop:
-        for epoch in range(state.epoch + 1, recipe.epochs + 1):
-            try:
-                stopping = train_epoch(setup, state, knots, stop, test_signals, progress)
-            except DivergenceError as e:  # recorded, so that a sweep need not train it again to learn it
-                if folder:
-                    folder.write_failed("diverged", str(e))
-                raise
-            if stopping and state.batch < setup.steps_per_epoch:
+    with contextlib.ExitStack() as held:  # the run folder, held from its creation or resume to the end
+        setup, state, folder = start_run(recipe, options, data, dist, test_signals, started, held)
+        recipe = setup.recipe
+        board = board_class(log_dir=str(folder.path / TENSORBOARD)) if board_class and folder else None
+        checkpoint_folder = folder if checkpoints else None
+        given_folder = out or resume
+        resume_from = Path(given_folder) if checkpoints and given_folder else None  # for the stop message
+        knots = one_cycle_knots(recipe.epochs, setup.steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
+        epoch_laps = Laps()  # this process's epochs on the wall clock, evaluation included: the time left shown
+        with StopSignals(active=folder is not None or dist.world > 1) as stop:
+            for epoch in range(state.epoch + 1, recipe.epochs + 1):
+                try:
+                    stopping = train_epoch(setup, state, knots, stop, test_signals, progress)
+                except DivergenceError as e:  # recorded, so that a sweep need not train it again to learn it
+                    if folder:
+                        folder.write_failed("diverged", str(e))
+                    raise
+                if stopping and state.batch < setup.steps_per_epoch:
+                    save_checkpoint(checkpoint_folder, state, setup)
+                    raise stopped(setup, stop, f"in epoch {epoch} after step {state.steps_done(setup)}", resume_from)
+                send_test_signals(test_signals, f"eval{epoch}")
+                try:  # a stop that came with the epoch's last step lets its evaluation finish
+                    metrics = evaluate_epoch(setup, state, knots, stop=None if stopping else stop)
+                except EvaluationStopped:
+                    save_checkpoint(checkpoint_folder, state, setup)
+                    raise stopped(setup, stop, f"during the evaluation of epoch {epoch}", resume_from) from None
+                state.end_epoch(metrics)
+                record_epoch(state.history, folder, board, progress, recipe.epochs,
+                             about_left(epoch_laps.lap(), recipe.epochs - epoch))
                 save_checkpoint(checkpoint_folder, state, setup)
-                raise stopped(setup, stop, f"in epoch {epoch} after step {state.steps_done(setup)}", resume_from)
-            send_test_signals(test_signals, f"eval{epoch}")
-            try:  # a stop that came with the epoch's last step lets its evaluation finish
-                metrics = evaluate_epoch(setup, state, knots, stop=None if stopping else stop)
-            except EvaluationStopped:
-                save_checkpoint(checkpoint_folder, state, setup)
-                raise stopped(setup, stop, f"during the evaluation of epoch {epoch}", resume_from) from None
-            state.end_epoch(metrics)
-            record_epoch(state.history, folder, board, progress, recipe.epochs,
-                         about_left(epoch_laps.lap(), recipe.epochs - epoch))
-            save_checkpoint(checkpoint_folder, state, setup)
-            if stopping and epoch < recipe.epochs:
-                raise stopped(setup, stop, f"after epoch {epoch}", resume_from)
-    if board:
-        board.close()
-    summary = finish_run(setup, state, folder, commit, report)
+                if stopping and epoch < recipe.epochs:
+                    raise stopped(setup, stop, f"after epoch {epoch}", resume_from)
+        if board:
+            board.close()
+        summary = finish_run(setup, state, folder, commit, report)
     return TrainResult(recipe, state.history, summary, setup.delivered_model, folder.path if folder else None)
 
 
@@ -130,14 +132,17 @@ def train_folder(run_dir: str | Path | None, recipe: Recipe, data: LabelledImage
 
 
 def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages | None, dist: Dist,
-              test_signals: TestSignals, started: float) -> tuple[RunSetup, TrainState, RunFolder | None]:
+              test_signals: TestSignals, started: float,
+              held: contextlib.ExitStack) -> tuple[RunSetup, TrainState, RunFolder | None]:
     """The run's setup, its state (restored from the checkpoint when resuming) and its folder (rank
-    0's only). Nothing is written before the data and the recipe pass every check: a bad input leaves
-    no half-made run folder."""
+    0's only, held in ``held`` from before its first read or write). Nothing is written before the
+    data and the recipe pass every check: a bad input leaves no half-made run folder."""
     progress = options.progress and dist.main
     folder: RunFolder | None
     if options.resume is not None:
         folder = RunFolder(options.resume)
+        if dist.main:  # before its checkpoint is read: another process may be writing it
+            held.enter_context(FolderLock(folder.path, "resume"))
         folder.check_usable(resume=True)
         checkpoint, saved = folder.load_checkpoint()
         with damaged_checkpoint(folder):
@@ -166,7 +171,9 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages |
     data_dir = data_folder(options.data_dir, data)
     data = data if data is not None else load_data(recipe, data_dir, options.download, progress, test_signals)
     setup = setup_run(recipe, data, dist, options.augment_images)
-    folder = RunFolder.create(options.out, options.overwrite) if options.out is not None and dist.main else None
+    folder = None
+    if options.out is not None and dist.main:
+        folder = RunFolder.create(options.out, options.overwrite, held=held)
     lr_found = None
     if options.find_lr_max or options.find_lr_min:
         try:
