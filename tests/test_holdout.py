@@ -62,9 +62,9 @@ def test_no_held_out_image_reaches_a_training_batch(monkeypatch):
     seen: list[torch.Tensor] = []
     step = RunSetup.step
 
-    def recording(self, inputs, targets, lr):
+    def recording(self, inputs, targets, *schedule):
         seen.append(inputs[:, :, 16, 16].clone())
-        return step(self, inputs, targets, lr)
+        return step(self, inputs, targets, *schedule)
 
     monkeypatch.setattr(RunSetup, "step", recording)
     result = train(recipe, data=data, progress=False)

@@ -57,6 +57,8 @@ def test_bad_toml(tmp_path, text, message):
     (dict(lr_min=0.0), "lr_min must be > 0"),
     (dict(lr_min=0.3), "lr_min 0.3 is above lr_max"),
     (dict(momentum=1.0), "momentum must lie in"),
+    (dict(momentum_at_peak=1.0), "momentum_at_peak must lie in"),
+    (dict(momentum_at_peak=-0.85), "momentum_at_peak must lie in"),
     (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
     (dict(device="gpu"), "device must be one of"),
     (dict(cutout_size=40), "larger than the 32-pixel image"),

@@ -273,6 +273,28 @@ def test_the_lr_schedule_graph_passes_through_every_steps_lr_and_stays_small():
     assert len(plot_lr_schedule(Recipe(epochs=MAX_EPOCHS, peak_epoch=5), 10**9).lines[0].get_xdata()) == 3
 
 
+def test_a_cycling_momentum_is_drawn_beside_the_lr_and_named_in_the_report(tmp_path):
+    import numpy as np
+
+    from cifar_onecycle.report import plot_lr_schedule, report_markdown
+    from cifar_onecycle.results import EpochMetrics
+
+    recipe, steps_per_epoch = Recipe(momentum=0.95, momentum_at_peak=0.85), 97
+    ax = plot_lr_schedule(recipe, steps_per_epoch)
+    assert len(ax.figure.axes) == 2  # the LR's and the momentum's (right)
+    momentum = next(a for a in ax.figure.axes if a is not ax and a.lines).lines[0]
+    steps = np.arange(recipe.epochs * steps_per_epoch)
+    drawn = np.interp(steps + 1, momentum.get_xdata(), momentum.get_ydata())
+    cycle = recipe.one_cycle(steps_per_epoch)
+    assert np.allclose(drawn, [cycle.momentum(int(step)) for step in steps], rtol=0, atol=1e-12)
+    assert len(plot_lr_schedule(Recipe(), steps_per_epoch).figure.axes) == 1  # the seed's: no momentum axis
+    history = [EpochMetrics(1, 0.05, 2.0, 0.3, 1.9, 0.35, 1.0, 100.0)]
+    md = report_markdown(recipe, history, {"final_test_acc": 0.35}, "table", ["crop"], tmp_path)
+    assert "SGD, momentum 0.95 at LRMIN to 0.85 at LRMAX (cyclical) (Nesterov)" in md
+    assert "SGD, momentum 0.9 (Nesterov)" in report_markdown(Recipe(), history, {"final_test_acc": 0.35}, "table",
+                                                             ["crop"], tmp_path)
+
+
 
 @pytest.mark.parametrize("lookahead,bn_batches", [(False, 0), (True, 0), (True, 2)])
 def test_the_report_says_whether_the_trained_weights_score_apart_from_the_average(tmp_path, lookahead, bn_batches):

@@ -181,13 +181,15 @@ def test_a_second_signal_stops_at_once(reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_resume_with_a_weight_average_is_bit_identical(tmp_path, lookahead):
+def test_resume_with_a_weight_average_and_a_cycling_momentum_is_bit_identical(tmp_path, lookahead):
+    # The per-step state beside the weights: the average, and the momentum the optimizer was left at.
     from conftest import write_cifar
 
     data = write_cifar(tmp_path / "data").parent
-    ema = ["--ema-decay", "0.9", "--ema-every", "3", "--tta", *(["--ema-lookahead"] if lookahead else [])]
-    train(RECIPE.replace(ema_decay=0.9, ema_every=3, tta=True, ema_lookahead=lookahead), data_dir=data,
-          download=False, out=tmp_path / "ref", progress=False, report=False)
+    ema = ["--ema-decay", "0.9", "--ema-every", "3", "--tta", *(["--ema-lookahead"] if lookahead else []),
+           "--momentum-at-peak", "0.8"]
+    train(RECIPE.replace(ema_decay=0.9, ema_every=3, tta=True, ema_lookahead=lookahead, momentum_at_peak=0.8),
+          data_dir=data, download=False, out=tmp_path / "ref", progress=False, report=False)
     run = tmp_path / "run"
     p = start(["--data-dir", str(data), "--no-download", *FLAGS, *ema, "--out", str(run)],
               CIFAR_ONECYCLE_TEST_SIGNALS="SIGINT@6")

@@ -380,3 +380,21 @@ def test_the_runs_end_takes_the_last_epochs_pass_and_evaluates_only_what_it_lack
               progress=False)
     assert calls == [("val", False, False), ("val", True, False), ("test", True, True)]
     assert r.summary["final_val_acc_tta"] is not None and r.summary["final_test_acc_tta"] is not None
+
+
+@pytest.mark.slow
+def test_each_step_trains_with_the_cycling_momentum(cifar_dir):
+    # Read as the optimizer steps (a pre-hook), so a momentum set after the update would be seen late.
+    recipe = Recipe(**{**TINY, "epochs": 3}, momentum=0.95, momentum_at_peak=0.85)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append([g["momentum"] for g in optimizer.param_groups]))
+    try:
+        train(recipe, data_dir=cifar_dir, download=False, progress=False)
+    finally:
+        hook.remove()
+    cycle = recipe.one_cycle(100 // 25)
+    assert seen == [[pytest.approx(cycle.momentum(step))] for step in range(3 * 4)]
+    assert seen[0] == seen[-1] == [0.95] and min(seen) == [pytest.approx(0.85)]

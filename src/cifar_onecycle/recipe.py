@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import RecipeError
 from .files import MAX_TEXT_BYTES, read_capped
+from .schedule import OneCycle, one_cycle_knots
 
 if TYPE_CHECKING:  # torch only for the type: reading a recipe must not import it
     import torch
@@ -89,7 +90,10 @@ class Recipe:
     peak_epoch: float = _opt(5.0, "epoch at whose end the LR peaks (may be fractional)")
     # SGD. The seed does not state its weight decay; 5e-4 on the mean loss is the common value for
     # this network (cifar10-fast's 5e-4 x batch 512 on a summed loss is the same thing).
-    momentum: float = _opt(0.9, "SGD momentum")
+    momentum: float = _opt(0.9, "SGD momentum (with momentum_at_peak: at the first and the last step)")
+    momentum_at_peak: float = _opt(0.0, "cyclical momentum: the momentum at the LR's peak, in straight lines from "
+                                        "momentum at the first and the last step, as Smith's One Cycle (0.85 with "
+                                        "momentum 0.95, fastai's default; 0: momentum throughout)")
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "L2 weight decay (SGD's, on every parameter)")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
@@ -190,6 +194,8 @@ class Recipe:
             raise RecipeError(f"recipe: momentum must lie in [0, 1), got {self.momentum}")
         if self.nesterov and self.momentum == 0:
             raise RecipeError("recipe: nesterov needs momentum > 0")
+        if not 0 <= self.momentum_at_peak < 1:
+            raise RecipeError(f"recipe: momentum_at_peak must lie in [0, 1) (0: no cycle), got {self.momentum_at_peak}")
         if self.weight_decay < 0:
             raise RecipeError(f"recipe: weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
@@ -301,6 +307,15 @@ class Recipe:
 
         return ResNet9(num_classes=self.num_classes, logit_scale=self.logit_scale, bn_momentum=self.bn_momentum,
                        ghost_batch=self.bn_ghost_batch)
+
+    def one_cycle(self, steps_per_epoch: int) -> OneCycle:
+        """The schedule of a run of ``steps_per_epoch`` steps an epoch: its LR, and its momentum when
+        ``momentum_at_peak`` makes it cycle."""
+        def knots(start: float, peak: float) -> list[tuple[int, float]]:
+            return one_cycle_knots(self.epochs, steps_per_epoch, self.peak_epoch, start, peak)
+
+        return OneCycle(knots(self.lr_min, self.lr_max),
+                        knots(self.momentum, self.momentum_at_peak) if self.momentum_at_peak else None)
 
     def with_epochs(self, epochs: int) -> Recipe:
         """The same One Cycle shape over ``epochs``: the peak moves to the same fraction of the run."""

@@ -25,7 +25,6 @@ from .device import eval_batch
 from .files import atomic_write
 from .recipe import Recipe
 from .results import SPLIT_NAMES, mean_curve
-from .schedule import one_cycle_knots
 
 if TYPE_CHECKING:
     from .lr_finder import LRFinderResult
@@ -103,9 +102,11 @@ def plot_curves(history: Sequence[Any], fig: Any = None) -> Any:
 
 
 def plot_lr_schedule(recipe: Recipe, steps_per_epoch: int, ax: Any = None) -> Any:
-    """The LR of every step, the peak marked, with epochs on a second axis."""
+    """The LR of every step, the peak marked, with epochs on a second axis; when the momentum
+    cycles, the momentum too, on an axis of its own on the right."""
     ax = ax if ax is not None else new_axes((7, 4))
-    knots = one_cycle_knots(recipe.epochs, steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
+    cycle = recipe.one_cycle(steps_per_epoch)
+    knots = cycle.lr_knots
     # The LR is a straight line between knots (lr_at), so the line through the knots passes through
     # every step's LR, in 3 points rather than one per step (which a recipe and summary.json from
     # elsewhere could make any number). Steps are counted from 1 here: step k * steps_per_epoch is
@@ -115,8 +116,14 @@ def plot_lr_schedule(recipe: Recipe, steps_per_epoch: int, ax: Any = None) -> An
     ax.plot([peak_step + 1], [peak_lr], "o", color="C3")
     ax.annotate(f"peak LR {peak_lr:g}\nstep {peak_step + 1} (end of epoch {(peak_step + 1) / steps_per_epoch:g})",
                 (peak_step + 1, peak_lr), textcoords="offset points", xytext=(12, -30))
-    ax.set(title=f"One Cycle schedule: LRMIN {recipe.lr_min:g}, LRMAX {recipe.lr_max:g}",
-           xlabel="step (LR set before the step)", ylabel="learning rate")
+    title = f"One Cycle schedule: LRMIN {recipe.lr_min:g}, LRMAX {recipe.lr_max:g}"
+    if cycle.momentum_knots is not None:
+        right = ax.twinx()
+        right.plot([step + 1 for step, _ in cycle.momentum_knots], [m for _, m in cycle.momentum_knots], "--",
+                   color="C0")
+        right.set_ylabel("momentum (dashed)", color="C0")
+        title += f"\nmomentum {recipe.momentum:g} at LRMIN, {recipe.momentum_at_peak:g} at LRMAX"
+    ax.set(title=title, xlabel="step (LR set before the step)", ylabel="learning rate")
     ax.grid(alpha=0.3)
     sec = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch))
     sec.set_xlabel("epoch")
@@ -660,6 +667,8 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         sweep = found.get(name + "_sweep", found.get("sweep"))  # older run folders name one sweep for both
         return f" (found by the {sweep} LR range test, {found[name + '_rule']} rule)"
 
+    momentum = (f"momentum {recipe.momentum:g} at LRMIN to {recipe.momentum_at_peak:g} at LRMAX (cyclical)"
+                if recipe.momentum_at_peak else f"momentum {recipe.momentum:g}")
     lines = [
         f"# {DATASET_TITLES.get(recipe.dataset, recipe.dataset)} with the One Cycle policy", "",
         "## Model", "", "```", table, "```", "",
@@ -670,8 +679,7 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         f"3. LRMIN = {recipe.lr_min:g}" + origin("lr_min"),
         f"4. LRMAX = {recipe.lr_max:g}" + origin("lr_max"),
         "5. No annihilation (the last step is at LRMIN)",
-        f"6. SGD, momentum {recipe.momentum:g}{' (Nesterov)' if recipe.nesterov else ''}, weight decay "
-        f"{recipe.weight_decay:g}", "",
+        f"6. SGD, {momentum}{' (Nesterov)' if recipe.nesterov else ''}, weight decay {recipe.weight_decay:g}", "",
         "## Transformations in sequence", "",
         *[f"{i}. {t}" for i, t in enumerate(transforms, 1)], "",
         f"### Batch size = {recipe.batch_size}", "",

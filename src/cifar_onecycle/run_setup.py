@@ -131,9 +131,10 @@ class RunSetup:
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return partial(F.cross_entropy, label_smoothing=self.recipe.label_smoothing)
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float,
+             momentum: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step of this run (``train_step`` with its model, optimizer, scaler, precision and loss)."""
-        return train_step(self.step_model, self.optimizer, inputs, targets, lr, scaler=self.scaler,
+        return train_step(self.step_model, self.optimizer, inputs, targets, lr, momentum=momentum, scaler=self.scaler,
                           autocast=self.autocast, loss_fn=self.loss_fn)
 
     def evaluate(self, average: bool = True, tta: bool = False, stop: Callable[[], bool] | None = None,

@@ -10,10 +10,17 @@ S steps per epoch the knots are::
 with straight lines between them. This is exactly ``torch.optim.lr_scheduler.OneCycleLR`` with
 ``max_lr=LRMAX, total_steps=24*S, pct_start=5/24, div_factor=LRMAX/LRMIN, final_div_factor=1,
 anneal_strategy="linear", three_phase=False, cycle_momentum=False`` (a test checks every step).
+
+The momentum may cycle too, as Smith's One Cycle policy has it ("A disciplined approach to neural
+network hyper-parameters", 2018: 0.95 down to 0.85 while the LR rises, back while it falls; fastai's
+default): the same knots, with the recipe's ``momentum`` where the LR is at LRMIN and
+``momentum_at_peak`` at LRMAX; ``OneCycleLR`` with ``cycle_momentum=True`` and those two as
+``max_momentum`` and ``base_momentum`` (tested too). The seed's recipe keeps it constant.
 """
 from __future__ import annotations
 
 from bisect import bisect_right
+from dataclasses import dataclass
 
 
 def one_cycle_knots(epochs: int, steps_per_epoch: int, peak_epoch: float,
@@ -36,3 +43,19 @@ def lr_at(step: int, knots: list[tuple[int, float]]) -> float:
         return knots[-1][1]
     (s0, v0), (s1, v1) = knots[i - 1], knots[i]
     return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+
+
+@dataclass(frozen=True)
+class OneCycle:
+    """A run's schedule: the LR's knots and, when the momentum cycles, the momentum's."""
+
+    lr_knots: list[tuple[int, float]]
+    momentum_knots: list[tuple[int, float]] | None = None
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.lr_knots)
+
+    def momentum(self, step: int) -> float | None:
+        """SGD's momentum for ``step`` (the same straight lines between knots as the LR); None when it
+        does not cycle: the optimizer keeps the recipe's."""
+        return None if self.momentum_knots is None else lr_at(step, self.momentum_knots)

@@ -121,7 +121,7 @@ class TrainState:
                        else draws_problem(draws, len(order), **setup.augmentation_shape))
             if problem:
                 raise ValueError(problem)
-        check_optimizer_state(checkpoint["optimizer"], setup.optimizer)
+        check_optimizer_state(checkpoint["optimizer"], setup.optimizer, bool(setup.recipe.momentum_at_peak))
         for key in ("model", "ema"):
             weights = checkpoint.get(key)
             if isinstance(weights, dict) and not all(
@@ -148,14 +148,18 @@ class TrainState:
                    started=time.perf_counter() if started is None else started)
 
 
-# The settings of an SGD parameter group that the recipe decides (the LR is set every step).
+# The settings of an SGD parameter group that the recipe decides (the LR is set every step, and so
+# is the momentum when it cycles).
 _GROUP_SETTINGS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize", "lr_mult")
 
 
-def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
+                          momentum_cycles: bool = False) -> None:
     """A ``ValueError`` unless ``saved`` is what ``optimizer.state_dict()`` gives for this run: its
-    groups' settings the recipe's, and a finite momentum buffer of each parameter's shape and dtype
-    (torch's ``load_state_dict`` checks neither, and a wrong one fails in the middle of a step)."""
+    groups' settings the recipe's (the momentum, when ``momentum_cycles``, a float in [0, 1): the
+    schedule's at the step saved, set again before the next), and a finite momentum buffer of each
+    parameter's shape and dtype (torch's ``load_state_dict`` checks neither, and a wrong one fails
+    in the middle of a step)."""
     groups, state = saved.get("param_groups"), saved.get("state")
     if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(optimizer.param_groups):
         raise ValueError(f"the optimizer state does not have the run's {len(optimizer.param_groups)} parameter groups")
@@ -165,7 +169,10 @@ def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimize
                 len(group["params"]) != len(current["params"]):
             raise ValueError("an optimizer parameter group does not hold the run's parameters")
         for name in _GROUP_SETTINGS:
-            if type(group.get(name)) is not type(current.get(name)) or group.get(name) != current.get(name):
+            if name == "momentum" and momentum_cycles:
+                if type(group.get(name)) is not float or not 0 <= group[name] < 1:
+                    raise ValueError(f"optimizer setting momentum {short_number(group.get(name))} is not a momentum")
+            elif type(group.get(name)) is not type(current.get(name)) or group.get(name) != current.get(name):
                 raise ValueError(f"optimizer setting {name} {short_number(group.get(name))} is not the recipe's "
                                  f"{current.get(name)}")
         params.update(zip(group["params"], current["params"], strict=True))

@@ -18,16 +18,20 @@ LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-               targets: torch.Tensor, lr: float, *, scaler: torch.amp.GradScaler | None = None,
+               targets: torch.Tensor, lr: float, *, momentum: float | None = None,
+               scaler: torch.amp.GradScaler | None = None,
                autocast: Callable[[], AbstractContextManager] | None = None,
                loss_fn: LossFunction = F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step at ``lr``: forward (under ``autocast()``), loss in fp32, backward (through the
-    ``scaler``'s loss scaling: fp16 needs it, an off scaler is a no-op), update.
+    """One step at ``lr`` (and SGD ``momentum``, when it cycles; else the optimizer's): forward
+    (under ``autocast()``), loss in fp32, backward (through the ``scaler``'s loss scaling: fp16
+    needs it, an off scaler is a no-op), update.
 
     Returns the loss and the logits, detached and still on the device: reading them is the
     caller's choice of when to pay for a host sync."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
+        if momentum is not None:
+            group["momentum"] = momentum
     with autocast() if autocast else contextlib.nullcontext():
         logits = model(inputs)
         loss = loss_fn(logits.float(), targets)

@@ -30,7 +30,7 @@ from .report import write_report
 from .results import EpochMetrics, TrainResult, format_epoch, git_commit, run_summary
 from .run_folder import CHECKPOINT, SUMMARY, TENSORBOARD, RunFolder
 from .run_setup import RunSetup, setup_run
-from .schedule import lr_at, one_cycle_knots
+from .schedule import OneCycle
 from .signals import StopSignals, TestSignals, interrupted, send_test_signals, signals_for_tests
 from .state import TrainState
 
@@ -89,12 +89,12 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
         checkpoint_folder = folder if checkpoints else None
         given_folder = out or resume
         resume_from = Path(given_folder) if checkpoints and given_folder else None  # for the stop message
-        knots = one_cycle_knots(recipe.epochs, setup.steps_per_epoch, recipe.peak_epoch, recipe.lr_min, recipe.lr_max)
+        cycle = recipe.one_cycle(setup.steps_per_epoch)
         epoch_laps = Laps()  # this process's epochs on the wall clock, evaluation included: the time left shown
         with StopSignals(active=folder is not None or dist.world > 1) as stop:
             for epoch in range(state.epoch + 1, recipe.epochs + 1):
                 try:
-                    stopping = train_epoch(setup, state, knots, stop, test_signals, progress)
+                    stopping = train_epoch(setup, state, cycle, stop, test_signals, progress)
                 except DivergenceError as e:  # recorded, so that a sweep need not train it again to learn it
                     if folder:
                         folder.write_failed("diverged", str(e))
@@ -104,7 +104,7 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
                     raise stopped(setup, stop, f"in epoch {epoch} after step {state.steps_done(setup)}", resume_from)
                 send_test_signals(test_signals, f"eval{epoch}")
                 try:  # a stop that came with the epoch's last step lets its evaluation finish
-                    metrics = evaluate_epoch(setup, state, knots, stop=None if stopping else stop)
+                    metrics = evaluate_epoch(setup, state, cycle, stop=None if stopping else stop)
                 except EvaluationStopped:
                     save_checkpoint(checkpoint_folder, state, setup)
                     raise stopped(setup, stop, f"during the evaluation of epoch {epoch}", resume_from) from None
@@ -191,7 +191,7 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages |
     return setup, TrainState(lr_found=lr_found, data_dir=data_dir, started=started), folder
 
 
-def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float]], stop: StopSignals,
+def train_epoch(setup: RunSetup, state: TrainState, cycle: OneCycle, stop: StopSignals,
                 test_signals: TestSignals, progress: bool) -> bool:
     """Train epoch ``state.epoch + 1`` from batch ``state.batch`` on, until its end or a stop signal
     the ranks agree on (returns whether they did). Leaves the epoch's sums, time and position in
@@ -215,8 +215,8 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
     for inputs, targets in bar:
         step = state.steps_done(setup)
         send_test_signals(test_signals, step)
-        lr = lr_at(step, knots)
-        loss, logits = setup.step(inputs, targets, lr)
+        lr = cycle.lr(step)
+        loss, logits = setup.step(inputs, targets, lr, cycle.momentum(step))
         loss_sum += loss * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         state.batch += 1
@@ -236,7 +236,7 @@ def train_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float
     bar.close()
     if nothing_to_train:
         stopping = gather_sums(setup, state, loss_sum, correct, stop)
-        check_finite_loss(setup, state, lr_at(state.steps_done(setup) - 1, knots))
+        check_finite_loss(setup, state, cycle.lr(state.steps_done(setup) - 1))
     if state.steps_done(setup) == recipe.epochs * steps_per_epoch:  # the weight average is final
         setup.refresh_average_statistics()
     synchronize(device)  # the host clock must not stop before the GPU's queue is done
@@ -264,7 +264,7 @@ def check_finite_loss(setup: RunSetup, state: TrainState, lr: float) -> None:
             f"(LR {lr:.4g}); lower {as_setting('lr_max')} (now {setup.recipe.lr_max:g})")
 
 
-def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, float]],
+def evaluate_epoch(setup: RunSetup, state: TrainState, cycle: OneCycle,
                    stop: StopSignals | None) -> EpochMetrics:
     """The epoch's row: its training sums and time, and the loss and accuracy on the split each
     epoch is evaluated on (with flip TTA too when the recipe asks for it every epoch). The last
@@ -282,7 +282,7 @@ def evaluate_epoch(setup: RunSetup, state: TrainState, knots: list[tuple[int, fl
     # Achieved TFLOP/s, nanoGPT's MFU numerator: on a GPU, where it says how busy the card was; a
     # CPU's is not worth a column.
     tflops = setup.flops_per_image * seen / state.epoch_seconds / 1e12 if setup.device.type == "cuda" else None
-    return EpochMetrics(state.epoch + 1, lr_at(state.steps_done(setup) - 1, knots), state.loss_sum / seen,
+    return EpochMetrics(state.epoch + 1, cycle.lr(state.steps_done(setup) - 1), state.loss_sum / seen,
                         state.correct / seen, None if held_out else loss, None if held_out else acc,
                         state.epoch_seconds, seen / state.epoch_seconds, None if held_out else tta, **held_out,
                         tflops=tflops)
