@@ -179,8 +179,8 @@ class FolderLock:
     files under it.
 
     An advisory ``flock`` on the folder's own descriptor: no lock file to leave behind, and the
-    kernel drops it when the descriptor closes, also when the process is killed (SIGKILL, a lost
-    machine), so a lock is never stale. Where none can be had (Windows; a file system without
+    kernel drops it when the descriptor closes, also when the process is killed (SIGKILL), so a
+    lock is never stale. Where none can be had (Windows; a file system without
     flock on folders, as some NFS mounts; a folder not made yet), nothing is held and the work
     goes on: the lock guards against a mistake, it is not needed for a run to be right."""
 
