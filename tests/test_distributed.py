@@ -115,12 +115,13 @@ def hooked_main(step: int, rank: int, action: str, more_hooks: str = "") -> str:
     return f"""
 import os, signal, sys
 import cifar_onecycle.training as t
-real = t.lr_at
-def lr_at(step, knots):
+from cifar_onecycle.schedule import OneCycle
+real = OneCycle.lr
+def lr(self, step):
     if step == {step} and os.environ["RANK"] == "{rank}":
         {action}
-    return real(step, knots)
-t.lr_at = lr_at
+    return real(self, step)
+OneCycle.lr = lr
 {more_hooks}
 from cifar_onecycle.cli import main
 sys.exit(main(sys.argv[1:]))
