@@ -118,8 +118,8 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     fitted = fit_to_data(recipe, data)  # the data's statistics, once for all the seeds
     main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
     with contextlib.ExitStack() as held:  # the set's folder, held until its results are written
-        if folder is not None and main:  # resumed
-            held.enter_context(FolderLock(folder.path, "resume"))
+        if resume is not None and main:
+            held.enter_context(FolderLock(resume, "resume"))
         if out is not None and resume is None and main:
             folder = RunFolder.create(out, overwrite, set_of_seeds=True, held=held)
             folder.write_recipe(recipe)
