@@ -14,6 +14,7 @@ from cifar_onecycle import Recipe, train, training
 from cifar_onecycle.cli import main
 from cifar_onecycle.errors import UserError
 from cifar_onecycle.files import FolderLock
+from cifar_onecycle.run_folder import RunFolder
 
 # What another process does to hold a folder, as a run of this program does (flock on the folder).
 HOLD = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
@@ -83,6 +84,18 @@ def test_a_set_of_seeds_a_sweep_and_a_report_refuse_a_folder_in_use(cifar_dir, t
         assert main(["report", str(out)]) == 2
         assert "in use by another process" in capsys.readouterr().err
     assert list(out.iterdir()) == []
+
+
+def test_resuming_a_set_of_seeds_in_use_is_refused_before_its_files_or_data_are_read(tmp_path, capsys):
+    out = tmp_path / "set"
+    folder = RunFolder.create(out, set_of_seeds=True)
+    folder.write_recipe(TINY)
+    folder.write_seeds(0, 2, str(tmp_path / "no data here"))  # loading it would fail with another error
+    before = contents(out)
+    with held_elsewhere(out):
+        assert main(["train", "--resume", str(out), "--quiet"]) == 2
+        assert "--resume " + str(out) + ": in use by another process" in capsys.readouterr().err
+    assert contents(out) == before
 
 
 def test_a_run_that_fails_lets_go_of_its_folder(cifar_dir, tmp_path, monkeypatch):

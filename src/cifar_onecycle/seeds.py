@@ -27,7 +27,7 @@ from .recipe import SEEDS_END, Recipe
 from .run_folder import METRICS, SEEDS, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .signals import signals_for_tests
-from .training import RunOptions, check_same_recipe, data_folder, load_data, train_folder
+from .training import RunOptions, check_same_recipe, data_folder, load_data, run_device, train_folder
 
 SEED_CURVES = "curves.png"  # in a set of seeds' folder: each seed's curves and their mean
 # The accuracies summarised over seeds; the validation ones are None in runs without a holdout, the
@@ -96,30 +96,31 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     start. ``train_args`` go to each ``train`` (``find_lr_max``, ``report``, ``tensorboard``,
     ``checkpoints``).
     """
-    folder: RunFolder | None = None
-    if resume is not None:
-        folder = RunFolder(resume)
-        saved = folder.read_recipe()
-        first, count, saved_data_dir = folder.read_seeds()
-        if data_dir is None and data is None and saved_data_dir is not None:
-            data_dir, download = recorded_data_dir(saved_data_dir, folder.path / SEEDS), False
-        if recipe is not None:
-            check_same_recipe(recipe, saved, folder.path)
-        recipe = saved
-    else:
+    if resume is None:
         recipe = recipe or Recipe()
         first, count = recipe.seed, seeds
         check_seed_range(first, count)
-        resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
-    # Read once for all the runs, and before any folder is made: a missing data set leaves nothing.
-    if data is None:
-        data_dir = data_folder(data_dir, None)
-        data = load_data(recipe, data_dir, download, progress, signals_for_tests())
-    fitted = fit_to_data(recipe, data)  # the data's statistics, once for all the seeds
-    main = init_distributed(recipe.device).main  # under torchrun only rank 0 writes
+    main = init_distributed(run_device(recipe, resume)).main  # under torchrun only rank 0 writes
+    folder: RunFolder | None = None
     with contextlib.ExitStack() as held:  # the set's folder, held until its results are written
-        if resume is not None and main:
-            held.enter_context(FolderLock(resume, "resume"))
+        if resume is not None:
+            folder = RunFolder(resume)
+            if main:  # before recipe.toml and seeds.json are read: another process may be writing them
+                held.enter_context(FolderLock(folder.path, "resume"))
+            saved = folder.read_recipe()
+            first, count, saved_data_dir = folder.read_seeds()
+            if data_dir is None and data is None and saved_data_dir is not None:
+                data_dir, download = recorded_data_dir(saved_data_dir, folder.path / SEEDS), False
+            if recipe is not None:
+                check_same_recipe(recipe, saved, folder.path)
+            recipe = saved
+        assert recipe is not None  # given, or the resumed set's own
+        resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
+        # Read once for all the runs, and before any folder is made: a missing data set leaves nothing.
+        if data is None:
+            data_dir = data_folder(data_dir, None)
+            data = load_data(recipe, data_dir, download, progress, signals_for_tests())
+        fitted = fit_to_data(recipe, data)  # the data's statistics, once for all the seeds
         if out is not None and resume is None and main:
             folder = RunFolder.create(out, overwrite, set_of_seeds=True, held=held)
             folder.write_recipe(recipe)
