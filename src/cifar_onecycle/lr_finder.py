@@ -324,15 +324,16 @@ def write_lr_find(results: dict[str, LRFinderResult], out_dir: str | Path) -> li
     """lr_find_<mode>.png for each sweep and lr_find.json keyed by mode; returns the paths written."""
     from .files import atomic_write
     from .report import lr_find_figure, save_png
+    from .run_folder import LR_FIND_JSON, LR_FIND_PNGS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for mode, result in results.items():
-        save_png(lr_find_figure(result), out_dir / f"lr_find_{mode}.png")
-        written.append(out_dir / f"lr_find_{mode}.png")
-    atomic_write(out_dir / "lr_find.json", json.dumps({m: r.to_dict() for m, r in results.items()}, indent=1) + "\n")
-    return [*written, out_dir / "lr_find.json"]
+        save_png(lr_find_figure(result), out_dir / LR_FIND_PNGS[mode])
+        written.append(out_dir / LR_FIND_PNGS[mode])
+    atomic_write(out_dir / LR_FIND_JSON, json.dumps({m: r.to_dict() for m, r in results.items()}, indent=1) + "\n")
+    return [*written, out_dir / LR_FIND_JSON]
 
 
 # The sweep each ``auto`` setting is read from. LRMAX: the linear sweep, Smith's One Cycle test, its

@@ -25,6 +25,16 @@ from .device import eval_batch
 from .files import atomic_write
 from .recipe import Recipe
 from .results import SPLIT_NAMES, mean_curve
+from .run_folder import (
+    AUGMENT_PNG,
+    CONFUSION_PNG,
+    CURVES_PNG,
+    GRADCAM_PNG,
+    LR_FIND_PNGS,
+    LR_SCHEDULE_PNG,
+    MISCLASSIFIED_PNG,
+    REPORT_MD,
+)
 
 if TYPE_CHECKING:
     from .lr_finder import LRFinderResult
@@ -614,24 +624,24 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     from .summary import summarize
 
     run_dir = Path(run_dir)
-    save_png(plot_curves(history), run_dir / "curves.png")
-    save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / "lr_schedule.png")
+    save_png(plot_curves(history), run_dir / CURVES_PNG)
+    save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / LR_SCHEDULE_PNG)
 
     classes, normalization = recipe.class_names, recipe.normalization
     probs = probabilities if probabilities is not None else predict_probabilities(
         model, test_images, recipe.eval_batch_size, precision, recipe.channels_last, normalization)
     cm = confusion_matrix(test_labels.cpu(), probs.argmax(1), len(classes))
-    save_png(plot_confusion(cm, classes).figure, run_dir / "confusion.png")
+    save_png(plot_confusion(cm, classes).figure, run_dir / CONFUSION_PNG)
     save_png(plot_misclassified(model, test_images, test_labels, classes=classes, probabilities=probs),
-             run_dir / "misclassified.png")
+             run_dir / MISCLASSIFIED_PNG)
     save_png(plot_gradcam(model, test_images, test_labels, classes=classes, probabilities=probs,
-                          normalization=normalization), run_dir / "gradcam.png")
-    save_png(plot_augmentation(recipe, train_images), run_dir / "augment.png")
+                          normalization=normalization), run_dir / GRADCAM_PNG)
+    save_png(plot_augmentation(recipe, train_images), run_dir / AUGMENT_PNG)
     steps = augmentation_steps(recipe)
 
     per_class = {c: int(cm[i, i]) / max(int(cm[i].sum()), 1) for i, c in enumerate(classes)}
     summary = {**summary, "per_class_accuracy": per_class}
-    atomic_write(run_dir / "report.md", report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
+    atomic_write(run_dir / REPORT_MD, report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
                                                         steps, run_dir))
     return summary
 
@@ -693,14 +703,14 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         *[f"| {h.epoch}{' (best)' if h.epoch == best.epoch else ''} | {h.lr:.5f} | {h.train_loss:.4f} | "
           f"{100 * h.train_acc:.2f}% | {h.eval_loss:.4f} | {100 * h.eval_acc:.2f}% |" for h in history], "",
         "## Graphs", "",
-        "![Loss and accuracy](curves.png)", "", "![LR schedule](lr_schedule.png)", "",
+        f"![Loss and accuracy]({CURVES_PNG})", "", f"![LR schedule]({LR_SCHEDULE_PNG})", "",
     ]
-    if (run_dir / "lr_find_exp.png").exists():
-        lines += ["### Exponential LR", "", "![Increasing LR exponentially](lr_find_exp.png)", ""]
-    if (run_dir / "lr_find_linear.png").exists():
-        lines += ["### Linear LR", "", "![Increasing LR linearly](lr_find_linear.png)", ""]
-    lines += ["## Transforms", "", "![Augmented training images](augment.png)", "",
-              "## Misclassified images", "", "![Misclassified](misclassified.png)", "",
-              "## Confusion matrix", "", "![Confusion matrix](confusion.png)", "",
-              "## Grad-CAM", "", "![Grad-CAM](gradcam.png)", ""]
+    if (run_dir / LR_FIND_PNGS["exp"]).exists():
+        lines += ["### Exponential LR", "", f"![Increasing LR exponentially]({LR_FIND_PNGS['exp']})", ""]
+    if (run_dir / LR_FIND_PNGS["linear"]).exists():
+        lines += ["### Linear LR", "", f"![Increasing LR linearly]({LR_FIND_PNGS['linear']})", ""]
+    lines += ["## Transforms", "", f"![Augmented training images]({AUGMENT_PNG})", "",
+              "## Misclassified images", "", f"![Misclassified]({MISCLASSIFIED_PNG})", "",
+              "## Confusion matrix", "", f"![Confusion matrix]({CONFUSION_PNG})", "",
+              "## Grad-CAM", "", f"![Grad-CAM]({GRADCAM_PNG})", ""]
     return "\n".join(lines)

@@ -32,8 +32,12 @@ RUN_FILES = (RECIPE, METRICS, SUMMARY, SEEDS, WEIGHTS, CHECKPOINT, FAILED)
 # The files other modules write into a run's folder: the report (report.write_report) and the LR range
 # test's (lr_finder.write_lr_find). An overwrite removes them with the run's own, so that none of an
 # earlier run's stays beside the new one's (its report.md would show the earlier run's range test).
-REPORT_FILES = ("report.md", "curves.png", "lr_schedule.png", "confusion.png", "misclassified.png", "gradcam.png",
-                "augment.png", "lr_find.json", "lr_find_exp.png", "lr_find_linear.png")
+REPORT_MD, CURVES_PNG, LR_SCHEDULE_PNG, CONFUSION_PNG, MISCLASSIFIED_PNG, GRADCAM_PNG, AUGMENT_PNG = (
+    "report.md", "curves.png", "lr_schedule.png", "confusion.png", "misclassified.png", "gradcam.png", "augment.png")
+LR_FIND_JSON = "lr_find.json"
+LR_FIND_PNGS = {"exp": "lr_find_exp.png", "linear": "lr_find_linear.png"}  # by the range test's mode
+REPORT_FILES = (REPORT_MD, CURVES_PNG, LR_SCHEDULE_PNG, CONFUSION_PNG, MISCLASSIFIED_PNG, GRADCAM_PNG, AUGMENT_PNG,
+                LR_FIND_JSON, *LR_FIND_PNGS.values())
 TENSORBOARD = "tensorboard"  # the folder of a run's TensorBoard event files (``--tensorboard``)
 FAILURES = ("diverged", "no LR found")  # why a run cannot go on
 
