@@ -72,7 +72,7 @@ def test_train_over_a_run_in_use_removes_nothing(cifar_dir, tmp_path, capsys):
     assert contents(out) == before
 
 
-def test_a_set_of_seeds_a_sweep_and_a_report_refuse_a_folder_in_use(cifar_dir, tmp_path, capsys):
+def test_a_set_of_seeds_a_sweep_a_report_and_the_range_test_refuse_a_folder_in_use(cifar_dir, tmp_path, capsys):
     out = tmp_path / "set"
     out.mkdir()
     with held_elsewhere(out):
@@ -83,6 +83,11 @@ def test_a_set_of_seeds_a_sweep_and_a_report_refuse_a_folder_in_use(cifar_dir, t
         assert "in use by another process" in capsys.readouterr().err
         assert main(["report", str(out)]) == 2
         assert "in use by another process" in capsys.readouterr().err
+        assert main(["sweep", "--collect", str(out)]) == 2
+        assert "--collect " + str(out) + ": in use by another process" in capsys.readouterr().err
+        assert main(["lr-find", "--num-iter", "10", "--out", str(out), "--data-dir", str(cifar_dir),
+                     "--no-download", "--batch-size", "50", "--device", "cpu"]) == 2
+        assert "--out " + str(out) + ": in use by another process" in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
 

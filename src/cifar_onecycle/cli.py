@@ -6,6 +6,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .distributed import launch_rank, shutdown
 from .errors import UserError
-from .files import writable_folder
+from .files import FolderLock, writable_folder
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
@@ -383,15 +384,17 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
                     10 if args.num_iter is None else args.num_iter, args.smooth, args.diverge, args.patience)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
     data = _load_data(args, recipe)
-    if _is_main():
-        writable_folder(out)  # after the data's checks (a bad input leaves no folder), before the sweep
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
-    results = lr_range_test(recipe, data, modes, epochs=args.sweep_epochs, num_iter=args.num_iter,
-                            smooth=args.smooth, diverge=args.diverge, method=args.method, **sweep)
-    if not _is_main():
-        return 0
-    for path in write_lr_find(results, out):
-        print(f"wrote {path}")
+    with contextlib.ExitStack() as held:
+        if _is_main():
+            writable_folder(out)  # after the data's checks (a bad input leaves no folder), before the sweep
+            held.enter_context(FolderLock(out, "out"))  # a run's folder, say, while that run writes there
+        results = lr_range_test(recipe, data, modes, epochs=args.sweep_epochs, num_iter=args.num_iter,
+                                smooth=args.smooth, diverge=args.diverge, method=args.method, **sweep)
+        if not _is_main():
+            return 0
+        for path in write_lr_find(results, out):
+            print(f"wrote {path}")
     for mode, r in results.items():
         def shown(lr: float | None) -> str:
             return f"{lr:.4g}" if lr is not None else "none"

@@ -706,8 +706,9 @@ def collect(out: str | Path) -> SweepResult:
     """sweep.csv, sweep.json and the pictures of the sweep folder ``out`` from its run folders as they
     are (runs trained elsewhere, from ``print_commands``)."""
     folder = SweepFolder(out)
-    plan, base = folder.read()
-    return folder.write_results(plan, base)
+    with FolderLock(folder.path, "collect"):  # a sweep running there writes the same files
+        plan, base = folder.read()
+        return folder.write_results(plan, base)
 
 
 def worker_environment(slot: int, workers: int) -> dict[str, str]:
