@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_onecycle.recipe import Recipe, load_recipe
-from cifar_onecycle.sweep import EVALUATION_ONLY, STATS, Point, SweepFolder, format_point
+from cifar_onecycle.sweep import STATS, SweepFolder
+from cifar_onecycle.sweep_plan import EVALUATION_ONLY, Point, format_point
 
 STAGE2_SEEDS, FINAL_SEEDS = 4, 8
 

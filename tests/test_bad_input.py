@@ -167,7 +167,8 @@ def sets_of_runs(root):
     """A set of seeds' folder, as `train --seeds 2 --seed 3` begins it, and a sweep's."""
     from cifar_onecycle.recipe import Recipe
     from cifar_onecycle.run_folder import RunFolder
-    from cifar_onecycle.sweep import Plan, SweepFolder
+    from cifar_onecycle.sweep import SweepFolder
+    from cifar_onecycle.sweep_plan import Plan
 
     seeds = RunFolder.create(root / "seeds", set_of_seeds=True)
     seeds.write_recipe(Recipe())

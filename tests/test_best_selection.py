@@ -5,7 +5,8 @@ import pytest
 
 from cifar_onecycle import Recipe
 from cifar_onecycle.run_folder import RunFolder
-from cifar_onecycle.sweep import Plan, SweepFolder
+from cifar_onecycle.sweep import SweepFolder
+from cifar_onecycle.sweep_plan import Plan
 from conftest import ROOT
 from test_train import TINY
 

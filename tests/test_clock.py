@@ -11,7 +11,8 @@ import pytest
 import cifar_onecycle.clock as clock
 from cifar_onecycle import Interrupted, Recipe, sweep, train, train_seeds
 from cifar_onecycle.clock import Laps, about_left, format_seconds, time_left
-from cifar_onecycle.sweep import Plan, SweepFolder, run_workers
+from cifar_onecycle.sweep import SweepFolder, run_workers
+from cifar_onecycle.sweep_plan import Plan
 from cifar_onecycle.training import RunOptions
 from test_sweep import SMALL
 from test_train import TINY

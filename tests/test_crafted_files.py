@@ -29,7 +29,8 @@ from cifar_onecycle.checkpoint import load_checkpoint, save_checkpoint, save_wei
 from cifar_onecycle.errors import Interrupted
 from cifar_onecycle.results import EpochMetrics
 from cifar_onecycle.run_folder import RunFolder
-from cifar_onecycle.sweep import Plan, SweepFolder
+from cifar_onecycle.sweep import SweepFolder
+from cifar_onecycle.sweep_plan import Plan
 from conftest import ROOT, write_cifar
 
 CHILD = r"""

@@ -20,7 +20,8 @@ from cifar_onecycle.recipe import DATA_FIELDS
 from cifar_onecycle.results import EpochMetrics
 from cifar_onecycle.run_folder import RunFolder
 from cifar_onecycle.run_setup import RunSetup
-from cifar_onecycle.sweep import ACCURACIES, Plan, SweepFolder, parse_point, parse_vary, worker_environment
+from cifar_onecycle.sweep import ACCURACIES, SweepFolder, worker_environment
+from cifar_onecycle.sweep_plan import Plan, parse_point, parse_vary
 from conftest import ROOT, recipe_flags
 from test_train import TINY
 

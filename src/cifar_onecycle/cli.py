@@ -449,7 +449,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import collect, parse_point, parse_vary, sweep
+    from .sweep import collect, sweep
+    from .sweep_plan import parse_point, parse_vary
 
     if args.collect:
         if args.vary or args.point or args.print_commands:

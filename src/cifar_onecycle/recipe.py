@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import RecipeError
+from .errors import RecipeError, UserError, as_setting
 from .files import MAX_TEXT_BYTES, read_capped
 from .schedule import OneCycle, one_cycle_knots
 
@@ -357,6 +357,16 @@ class Recipe:
         """The recipe as TOML, one key a line, readable by ``load_recipe`` (a setting left to the
         data, None, is left out: TOML has no null)."""
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items() if v is not None)
+
+
+def check_seed_range(first: int, count: int) -> None:
+    """Seeds ``first`` .. ``first + count - 1`` must each be a seed a recipe takes."""
+    if count < 1:
+        raise UserError(f"{as_setting('seeds')} {count}: give at least 1")
+    if first + count > SEEDS_END:
+        raise UserError(f"{as_setting('seeds')} {count} from {as_setting('seed')} {first} would end at seed "
+                        f"{first + count - 1}, beyond the "
+                        f"largest, {SEEDS_END - 1}")
 
 
 def short_number(value: Any) -> str:

@@ -35,13 +35,17 @@ from .run_folder import (
     MISCLASSIFIED_PNG,
     REPORT_MD,
 )
+from .sweep_plan import AUTO, LOG_SETTINGS, Plan, Point, format_point, format_value
 
 if TYPE_CHECKING:
     from .lr_finder import LRFinderResult
-    from .sweep import Plan, Point
 
 MISCLASSIFIED = 20
 GRADCAM = 8
+# A sweep's curves picture draws its first points only: past a couple of dozen lines no colour
+# tells them apart (and a plan from someone else's folder must not decide how many metrics files
+# are read).
+MAX_CURVES = 20
 
 
 def new_figure(figsize: tuple[float, float] = (6, 4)) -> Any:
@@ -421,8 +425,6 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
     the baseline's mean a dashed line; ``auto`` points at the LRs the range test found."""
     from matplotlib.ticker import NullFormatter
 
-    from .sweep import AUTO, LOG_SETTINGS, format_point, format_value
-
     selection = stats["selection"]
     rows_of = selection_rows(rows, selection)
     if plan.listed is not None:
@@ -531,8 +533,6 @@ def plot_curve_pair(curves: list[Curve], loss_title: str, accuracy_title: str) -
 def plot_sweep_curves(plan: Plan, curves: dict[str, list[tuple[int, float, float]]], stats: dict[str, Any]) -> Any:
     """Each point's mean curves (``SweepFolder.mean_curves``) side by side: training loss and the
     selection split's accuracy per epoch, a line per point, the baseline's black and dashed."""
-    from .sweep import MAX_CURVES
-
     words, _ = sweep_words(plan, stats["selection"])
     lines: list[Curve] = []
     for i, (name, rows) in enumerate(curves.items()):

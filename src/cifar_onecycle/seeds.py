@@ -21,9 +21,9 @@ from .clock import Laps, about_left
 from .data import LabelledImages, recorded_data_dir
 from .device import resolve_placement
 from .distributed import init_distributed
-from .errors import Interrupted, UserError, as_setting
+from .errors import Interrupted
 from .files import FolderLock
-from .recipe import SEEDS_END, Recipe
+from .recipe import Recipe, check_seed_range
 from .run_folder import METRICS, SEEDS, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .signals import signals_for_tests
@@ -73,16 +73,6 @@ def final_accuracies(summary: dict[str, Any]) -> str:
     val = (f"validation {summary['final_val_acc']:.2%} (flip TTA {summary['final_val_acc_tta']:.2%}), "
            if summary.get("final_val_acc") is not None else "")
     return f"final {val}test accuracy {summary['final_test_acc']:.2%} (flip TTA {summary['final_test_acc_tta']:.2%})"
-
-
-def check_seed_range(first: int, count: int) -> None:
-    """Seeds ``first`` .. ``first + count - 1`` must each be a seed a recipe takes."""
-    if count < 1:
-        raise UserError(f"{as_setting('seeds')} {count}: give at least 1")
-    if first + count > SEEDS_END:
-        raise UserError(f"{as_setting('seeds')} {count} from {as_setting('seed')} {first} would end at seed "
-                        f"{first + count - 1}, beyond the "
-                        f"largest, {SEEDS_END - 1}")
 
 
 def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path | None = None,
