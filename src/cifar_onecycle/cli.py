@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--tensorboard", action="store_true",
                            help="also log each epoch's scalars to RUN_DIR/tensorboard "
                                 "(pip install 'cifar-onecycle[tensorboard]')")
+    train_cmd.add_argument("--dry-run", action="store_true",
+                           help="train nothing and write nothing: load the data, set the run up, time a few of its "
+                                "steps and one evaluation batch, and print the device, precision, splits, steps, "
+                                "One Cycle knots and about how long the run would take")
 
     evaluate_cmd = sub.add_parser("evaluate", parents=[common],
                                   help="accuracy and loss of a trained model on the test set or its validation split")
@@ -249,6 +253,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     auto = [name for name in ("lr_max", "lr_min") if getattr(args, name, None) == "auto"]
+    if args.dry_run:
+        if args.resume:
+            raise UserError("--dry-run plans a new run; leave out --resume")
+        return _print_dry_run(recipe_from_args(args), args, auto)
     if args.seeds is not None and auto:
         # Every seed must train the same recipe, and a resumed set must not find another LR.
         raise UserError("--seeds trains one recipe several times: run lr-find once and pass its --lr-max and "
@@ -288,6 +296,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{final_accuracies(summary)}; best {SPLIT_NAMES[split]} accuracy {summary[f'best_{split}_acc']:.2%} at "
           f"epoch {summary['best_epoch']}; {summary['total_seconds'] / 60:.1f} min on {summary['device']}, "
           f"{summary['precision']}; run folder: {out}")
+    return 0
+
+
+def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) -> int:
+    import statistics
+
+    from .clock import format_seconds
+    from .run_plan import dry_run
+
+    plan = dry_run(recipe, data_dir=args.data_dir, download=not args.no_download, progress=not args.quiet)
+    if not _is_main():
+        return 0
+    r = plan.recipe
+    held = f", {plan.val_images:,} held out for validation" if plan.val_images else ""
+    knots = ", ".join(f"step {step + 1}: {lr:g}" for step, lr in plan.cycle.lr_knots)
+    found = "".join(f"; {name} auto: the run's LR range test finds it first (the knots show the recipe's value, and "
+                    f"the estimate leaves out the range test's steps)" for name in auto)
+    tflop = plan.flops_per_image * r.batch_size * plan.total_steps / 1e12
+    after = plan.step_seconds[1:]
+    timed = (", ".join(f"{t:.3g}" for t in after) if len(after) <= 4 else
+             f"{statistics.median(after):.3g} (the median of {len(after)}, {min(after):.3g} to {max(after):.3g})")
+    runs = args.seeds or 1
+    print(f"dry run: nothing trained or written\n"
+          f"device {plan.device}, precision {plan.precision}\n"
+          f"data: {plan.train_images:,} training images{held}, {plan.test_images:,} test images, "
+          f"{len(r.class_names)} classes\n"
+          f"{r.epochs} epochs of {plan.steps_per_epoch:,} steps of {r.batch_size}: {plan.total_steps:,} steps, "
+          f"{f'{tflop:,.0f}' if tflop >= 10 else f'{tflop:.2g}'} TFLOP of training\n"
+          f"One Cycle LR knots (the LR of the step; straight lines between): {knots}{found}\n"
+          f"timed: the first step {plan.step_seconds[0]:.3g} s (allocation"
+          f"{', compilation' if r.compile else ''}), then {timed} s a step; an evaluation batch of "
+          f"{plan.eval_batch_images} images {plan.eval_batch_seconds:.3g} s\n"
+          f"about {format_seconds(plan.estimated_seconds)} for the run ({format_seconds(plan.training_seconds)} of "
+          f"steps, {format_seconds(plan.evaluation_seconds)} of evaluations)"
+          + (f", {format_seconds(runs * plan.estimated_seconds)} for the {runs} seeds" if runs > 1 else "")
+          + "; data loading, a range test, the final evaluations and the report come on top")
     return 0
 
 

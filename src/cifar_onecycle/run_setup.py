@@ -143,16 +143,24 @@ class RunSetup:
         weights alone with ``average`` false) on ``split``, "val" or "test" (default: ``epoch_split``),
         and with ``keep_probabilities`` (a single process only) each image's probabilities;
         ``EvaluationStopped`` when ``stop()`` cuts the pass short."""
-        split = split or self.epoch_split
-        images, labels = (self.val_images, self.val_labels) if split == "val" else (self.test_images, self.test_labels)
+        images, labels = self.split(split or self.epoch_split)
+        return evaluate_recipe(self.evaluated_model(average), images, labels, self.recipe, self.precision,
+                               dist=self.dist, tta=tta, stop=stop, keep_probabilities=keep_probabilities)
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels of the split ``name``, "val" or "test", on the device."""
+        images, labels = (self.val_images, self.val_labels) if name == "val" else (self.test_images, self.test_labels)
         if images is None or labels is None:
             raise ValueError("no validation split: the recipe's holdout is 0")
+        return images, labels
+
+    def evaluated_model(self, average: bool = True) -> torch.nn.Module:
+        """The model an evaluation runs: the weight average (unless ``average`` is false) when the
+        recipe keeps one, else the trained model, compiled when the run is."""
         if self.ema and average:
-            model = self.ema.model
-        else:  # DDP's forward would add collectives: under torchrun, the bare model
-            model = self.step_model if self.dist.world == 1 else self.model
-        return evaluate_recipe(model, images, labels, self.recipe, self.precision, dist=self.dist, tta=tta, stop=stop,
-                               keep_probabilities=keep_probabilities)
+            return self.ema.model
+        # DDP's forward would add collectives: under torchrun, the bare model
+        return self.step_model if self.dist.world == 1 else self.model
 
 
 def training_split(recipe: Recipe, data: LabelledImages) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
