@@ -51,3 +51,5 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(cifar_dir, capsys):
     assert "--holdout 95" in capsys.readouterr().err
     assert main(["train", "--dry-run", "--resume", "somewhere"]) == 2
     assert "--dry-run plans a new run; leave out --resume" in capsys.readouterr().err
+    assert main(["train", "--dry-run", "--seeds", "0", "--data-dir", str(cifar_dir), "--no-download"]) == 2
+    assert "--seeds 0: give at least 1" in capsys.readouterr().err

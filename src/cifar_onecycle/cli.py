@@ -21,7 +21,7 @@ from . import __version__
 from .distributed import launch_rank, shutdown
 from .errors import UserError
 from .files import FolderLock, writable_folder
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, check_seed_range, load_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -253,14 +253,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     auto = [name for name in ("lr_max", "lr_min") if getattr(args, name, None) == "auto"]
-    if args.dry_run:
-        if args.resume:
-            raise UserError("--dry-run plans a new run; leave out --resume")
-        return _print_dry_run(recipe_from_args(args), args, auto)
     if args.seeds is not None and auto:
         # Every seed must train the same recipe, and a resumed set must not find another LR.
         raise UserError("--seeds trains one recipe several times: run lr-find once and pass its --lr-max and "
                         "--lr-min")
+    if args.dry_run:
+        if args.resume:
+            raise UserError("--dry-run plans a new run; leave out --resume")
+        planned = recipe_from_args(args)
+        if args.seeds is not None:
+            check_seed_range(planned.seed, args.seeds)
+        return _print_dry_run(planned, args, auto)
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise UserError("--resume RUN_DIR writes into RUN_DIR; leave out --out")
