@@ -496,8 +496,8 @@ def stage_profile(recipe_for: Callable[[str], Any], results: Results, steps: int
     from torch.profiler import ProfilerActivity, profile
 
     from cifar_onecycle import ResNet9
-    from cifar_onecycle.device import resolve_device, resolve_precision
-    from cifar_onecycle.model import synchronize, training_flops_per_image
+    from cifar_onecycle.device import resolve_device, resolve_precision, synchronize
+    from cifar_onecycle.model import training_flops_per_image
     from throughput import bare_step
 
     recipe = recipe_for("seed")
