@@ -317,7 +317,7 @@ def run_timing(record: dict[str, Any]) -> dict[str, Any]:
 # mode). The first is the step as the loop ran it before the speed work. Measured once and not run
 # again: max-autotune-no-cudagraphs, 92,900 images a second after 157 s of autotuning on an H200,
 # slower than eager (benchmarks/results/gpu-h200-levers/).
-BARE_VARIANTS = (
+BARE_VARIANTS: tuple[tuple[str, dict[str, Any], bool, bool], ...] = (
     ("eager, for-each SGD, cuDNN heuristics", {}, False, False),
     ("eager, fused SGD, cuDNN heuristics", {}, True, False),
     ("eager, for-each SGD, cuDNN benchmark", {}, False, True),
@@ -331,7 +331,7 @@ BARE_VARIANTS = (
 # variant that runs the same step, images augmented at once: None for the library's choice, 0 for
 # one batch at a time as before). Measured once and not run again: compile's default mode, slower
 # than eager (73,300 against 77,900 images a second on an H200, benchmarks/results/gpu-h200-levers/).
-LOOP_VARIANTS = (
+LOOP_VARIANTS: tuple[tuple[str, dict[str, Any], str, int | None], ...] = (
     ("eager", {}, "eager, fused SGD, cuDNN heuristics", None),
     ("compiled-reduce-overhead", {"compile": True, "compile_mode": "reduce-overhead"},
      "compiled reduce-overhead, fused SGD, cuDNN heuristics", None),

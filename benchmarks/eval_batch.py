@@ -37,7 +37,8 @@ def main() -> None:
     precision = resolve_precision(args.precision, torch.device("cpu"))
     torch.manual_seed(0)
     recipe = Recipe()
-    model = recipe.model().to(memory_format=recipe.memory_format).eval()
+    # torch's stubs leave out Module.to's memory_format, which it takes at run time
+    model = recipe.model().to(memory_format=recipe.memory_format).eval()  # type: ignore[call-overload]
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (args.images,))
     evaluate(model, images[:256], labels[:256], batch_size=128, precision=precision)  # warm-up: oneDNN's kernels

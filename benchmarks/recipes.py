@@ -54,7 +54,7 @@ def table(out: Path, names: list[str], changes: dict[str, Any]) -> str:
             d = 100 * (s["final_test_acc"]["mean"] - base["final_test_acc"]["mean"])
             diff = f"{d:+.2f} (>= {TARGETS[name]:+.1f}: {'met' if d >= TARGETS[name] else 'not met'})"
         lines.append(f"| {name} | {s['runs']} | {pct(s['final_test_acc'])} | {pct(s['final_test_acc_tta'])} | {diff} |")
-    first = next(iter(summaries.values()), {})
+    first: dict[str, Any] = next(iter(summaries.values()), {})
     lines += ["", f"{first.get('epochs')} epochs, {first.get('train_images')} training and {first.get('test_images')} "
               f"test images, {first.get('device')}, {first.get('precision')}; settings changed in every recipe: "
               f"{changes or 'none'}."]
