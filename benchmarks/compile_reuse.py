@@ -20,8 +20,10 @@ Writes the per-run seconds, graph counts and the three histories' comparison as 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +31,9 @@ from typing import Any
 
 # An empty compilation cache, as a first run on a machine meets it (set before torch reads it): the
 # first run's seconds then carry the whole compilation, not what earlier processes left on disk.
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile-reuse-")
+CACHE = tempfile.mkdtemp(prefix="compile-reuse-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = CACHE
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
