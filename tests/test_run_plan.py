@@ -8,6 +8,7 @@ import pytest
 
 from cifar_onecycle import Recipe
 from cifar_onecycle.cli import main
+from cifar_onecycle.lr_finder import DEFAULT_EPOCHS
 from cifar_onecycle.run_plan import TIMED_STEPS, dry_run
 from conftest import recipe_flags
 
@@ -32,17 +33,32 @@ def test_the_plan_counts_what_the_run_would_train_and_the_estimate_adds_up(cifar
     assert plan.estimated_seconds == pytest.approx(plan.training_seconds + plan.evaluation_seconds)
 
 
+def test_the_range_test_of_auto_settings_is_counted_at_its_sweeps_full_length(cifar_dir):
+    plan = dry_run(TINY, data_dir=cifar_dir, download=False, find_lr_max=True)
+    assert plan.range_test_steps == round(DEFAULT_EPOCHS["linear"] * 4)  # LRMAX: the linear sweep alone
+    assert plan.range_test_seconds == pytest.approx(statistics.median(plan.step_seconds[1:]) * plan.range_test_steps)
+    assert plan.estimated_seconds == pytest.approx(plan.range_test_seconds + plan.training_seconds
+                                                   + plan.evaluation_seconds)
+    both = dry_run(TINY, data_dir=cifar_dir, download=False, find_lr_max=True, find_lr_min=True)
+    assert both.range_test_steps == round(DEFAULT_EPOCHS["linear"] * 4) + round(DEFAULT_EPOCHS["exp"] * 4)
+    assert dry_run(TINY, data_dir=cifar_dir, download=False).range_test_steps == 0
+
+
 def test_a_dry_run_writes_nothing_and_prints_the_plan(cifar_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["train", "--dry-run", "--out", "run", "--seeds", "2", "--data-dir", str(cifar_dir), "--no-download",
                  *recipe_flags(TINY)]) == 0
+    assert main(["train", "--dry-run", "--out", "run", "--data-dir", str(cifar_dir), "--no-download",
+                 *recipe_flags(TINY), "--lr-max", "auto"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no runs/
     out = capsys.readouterr().out
     assert "dry run: nothing trained or written" in out
     assert "80 training images, 20 held out for validation, 30 test images" in out
     assert "3 epochs of 4 steps of 20: 12 steps" in out
     assert "for the 2 seeds" in out
+    assert f"lr_max auto: the run's LR range test finds it first, in at most {round(DEFAULT_EPOCHS['linear'] * 4)} " \
+           "steps" in out
 
 
 def test_a_dry_run_refuses_what_the_run_would_refuse(cifar_dir, capsys):

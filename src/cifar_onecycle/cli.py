@@ -308,14 +308,15 @@ def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) ->
     from .clock import format_seconds
     from .run_plan import dry_run
 
-    plan = dry_run(recipe, data_dir=args.data_dir, download=not args.no_download, progress=not args.quiet)
+    plan = dry_run(recipe, data_dir=args.data_dir, download=not args.no_download, progress=not args.quiet,
+                   find_lr_max="lr_max" in auto, find_lr_min="lr_min" in auto)
     if not _is_main():
         return 0
     r = plan.recipe
     held = f", {plan.val_images:,} held out for validation" if plan.val_images else ""
     knots = ", ".join(f"step {step + 1}: {lr:g}" for step, lr in plan.cycle.lr_knots)
-    found = "".join(f"; {name} auto: the run's LR range test finds it first (the knots show the recipe's value, and "
-                    f"the estimate leaves out the range test's steps)" for name in auto)
+    found = (f"; {' and '.join(auto)} auto: the run's LR range test finds {'them' if len(auto) > 1 else 'it'} first, "
+             f"in at most {plan.range_test_steps:,} steps (the knots show the recipe's values)" if auto else "")
     tflop = plan.flops_per_image * r.batch_size * plan.total_steps / 1e12
     after = plan.step_seconds[1:]
     timed = (", ".join(f"{t:.3g}" for t in after) if len(after) <= 4 else
@@ -331,10 +332,12 @@ def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) ->
           f"timed: the first step {plan.step_seconds[0]:.3g} s (allocation"
           f"{', compilation' if r.compile else ''}), then {timed} s a step; an evaluation batch of "
           f"{plan.eval_batch_images} images {plan.eval_batch_seconds:.3g} s\n"
-          f"about {format_seconds(plan.estimated_seconds)} for the run ({format_seconds(plan.training_seconds)} of "
-          f"steps, {format_seconds(plan.evaluation_seconds)} of evaluations)"
+          f"about {format_seconds(plan.estimated_seconds)} for the run ("
+          + (f"{format_seconds(plan.range_test_seconds)} of range test, " if auto else "")
+          + f"{format_seconds(plan.training_seconds)} of steps, {format_seconds(plan.evaluation_seconds)} of "
+          f"evaluations)"
           + (f", {format_seconds(runs * plan.estimated_seconds)} for the {runs} seeds" if runs > 1 else "")
-          + "; data loading, a range test, the final evaluations and the report come on top")
+          + "; data loading, the final evaluations and the report come on top")
     return 0
 
 

@@ -353,6 +353,12 @@ def sweep_iterations(mode: str, steps_per_epoch: int, epochs: float | None = Non
     return max(1, round((DEFAULT_EPOCHS[mode] if epochs is None else epochs) * steps_per_epoch))
 
 
+def auto_modes(find_lr_max: bool, find_lr_min: bool) -> list[str]:
+    """The sweeps a run with ``auto`` settings runs first (``AUTO_SWEEPS``), in ``MODES`` order."""
+    wanted = {AUTO_SWEEPS[name] for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on}
+    return [mode for mode in MODES if mode in wanted]
+
+
 def lr_range_test(recipe: Recipe, data: LabelledImages, modes: Sequence[str] = ("exp",), progress: bool = True, *,
                   epochs: float | None = None, num_iter: int | None = None, **sweep: Any) -> dict[str, LRFinderResult]:
     """The LR range test on the recipe's model, augmented batches, optimizer, loss scaling and precision.
@@ -394,8 +400,7 @@ def find_lr_bounds(setup: RunSetup, find_lr_max: bool, find_lr_min: bool, folder
     the found LRMAX and/or LRMIN into its recipe; returns the new recipe and how the values were
     found (for summary.json). The graphs and lr_find.json go into ``folder``."""
     wanted = [name for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on]
-    modes = [mode for mode in MODES if mode in {AUTO_SWEEPS[name] for name in wanted}]
-    results = _sweeps(setup, modes, progress=progress)
+    results = _sweeps(setup, auto_modes(find_lr_max, find_lr_min), progress=progress)
     if folder:
         write_lr_find(results, folder)
     found_values: dict[str, float] = {}

@@ -4,12 +4,14 @@ its FLOPs) and about how long it would take, from a few of its own steps timed. 
 written: a check before committing hours to a run (the seed's recipe takes 5.5 to 8.5 hours on
 2 AVX2-only cores, and 68 minutes on 2 with AMX).
 
-The estimate counts every training step at the median of the timed ones and one evaluation pass
-an epoch at the speed of one timed evaluation batch. A timed step is the run's own: the next
-augmented batch of its data, its model, optimizer, precision, compilation and weight average, at
-its schedule's LR. The first step (allocation, and compilation with ``compile``) is timed apart and
-left out of the median. Not counted: data loading, a range test (``auto``), the final evaluations
-and the report; the loop's own bookkeeping, which cost 2% or less of a step on the CPUs measured
+The estimate counts every training step at the median of the timed ones, the range test's
+sweeps for ``auto`` settings likewise (at their full length: a sweep that diverges stops early; a
+range-test step costs what a training step does, benchmarks/lr_find_overhead.py), and one
+evaluation pass an epoch at the speed of one timed evaluation batch. A timed step is the run's
+own: the next augmented batch of its data, its model, optimizer, precision, compilation and weight
+average, at its schedule's LR. The first step (allocation, and compilation with ``compile``) is
+timed apart and left out of the median. Not counted: data loading, the final evaluations and the
+report; the loop's own bookkeeping, which cost 2% or less of a step on the CPUs measured
 (benchmarks/throughput.py).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .data import LabelledImages
 from .device import device_name, eval_batch, resolve_placement, synchronize
 from .distributed import init_distributed
 from .evaluation import evaluate_recipe
+from .lr_finder import auto_modes, sweep_iterations
 from .recipe import Recipe
 from .run_setup import setup_run
 from .schedule import OneCycle
@@ -48,6 +51,7 @@ class RunPlan:
     val_images: int            # held out (``holdout``); 0 without
     test_images: int
     steps_per_epoch: int
+    range_test_steps: int      # the sweeps' steps for ``auto`` settings, at most; 0 without
     flops_per_image: float     # training FLOPs (forward and backward)
     step_seconds: list[float]  # each timed step's; the first carries allocation, and compilation with ``compile``
     eval_batch_images: int
@@ -67,6 +71,11 @@ class RunPlan:
         return time_left(self.step_seconds, self.total_steps) or 0.0
 
     @property
+    def range_test_seconds(self) -> float:
+        """The range test's sweeps at their full length, a step at the training steps' median."""
+        return time_left(self.step_seconds, self.range_test_steps) or 0.0
+
+    @property
     def evaluation_seconds(self) -> float:
         """A pass an epoch over the split each epoch is evaluated on (validation with a holdout, else test)."""
         split = self.val_images or self.test_images
@@ -74,16 +83,17 @@ class RunPlan:
 
     @property
     def estimated_seconds(self) -> float:
-        return self.training_seconds + self.evaluation_seconds
+        return self.range_test_seconds + self.training_seconds + self.evaluation_seconds
 
 
 def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
             data_dir: str | Path | None = None, download: bool = True, progress: bool = False,
-            augment_images: int | None = None) -> RunPlan:
+            augment_images: int | None = None, find_lr_max: bool = False, find_lr_min: bool = False) -> RunPlan:
     """Set up a run of ``recipe`` as ``train`` would (the same checks, the data on the device, the
     model, optimizer and compilation) and time a few of its steps and one evaluation batch; train
-    nothing further and write nothing. ``data``, ``data_dir``, ``download``, ``augment_images``: as
-    for ``train``; ``progress``: the download's bar."""
+    nothing further and write nothing. ``data``, ``data_dir``, ``download``, ``augment_images``,
+    ``find_lr_max``, ``find_lr_min``: as for ``train`` (the last two count the range test's sweeps;
+    the knots keep the recipe's LRs); ``progress``: the download's bar."""
     recipe = recipe or Recipe()
     resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     if data is None:
@@ -92,6 +102,8 @@ def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
     recipe, device = setup.recipe, setup.device
     cycle = recipe.one_cycle(setup.steps_per_epoch)
     total = setup.steps_per_epoch * recipe.epochs
+    range_test_steps = sum(sweep_iterations(mode, setup.steps_per_epoch)
+                           for mode in auto_modes(find_lr_max, find_lr_min))
     # Epoch after epoch, should the timed steps outlast a short epoch.
     batches = itertools.chain.from_iterable(setup.epoch() for _ in itertools.count())
     setup.model.train()
@@ -121,4 +133,4 @@ def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
         times.append(time.perf_counter() - started)
     return RunPlan(recipe, device_name(device), setup.precision, len(setup.train_images),
                   0 if setup.val_images is None else len(setup.val_images), len(setup.test_images),
-                  setup.steps_per_epoch, setup.flops_per_image, seconds, batch, times[1])
+                  setup.steps_per_epoch, range_test_steps, setup.flops_per_image, seconds, batch, times[1])
