@@ -642,7 +642,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     per_class = {c: int(cm[i, i]) / max(int(cm[i].sum()), 1) for i, c in enumerate(classes)}
     summary = {**summary, "per_class_accuracy": per_class}
     atomic_write(run_dir / REPORT_MD, report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
-                                                        steps, run_dir))
+                                                      steps, run_dir))
     return summary
 
 
