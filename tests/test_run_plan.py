@@ -1,15 +1,15 @@
-"""``train --dry-run``: the run set up as ``train`` would, a few steps timed, its plan and estimate
-printed; nothing trained further and nothing written."""
+"""``train --dry-run`` and ``sweep --dry-run``: the run (each point's) set up as ``train`` would, a
+few steps timed, its plan and estimate printed; nothing trained further and nothing written."""
 from __future__ import annotations
 
 import statistics
 
 import pytest
 
-from cifar_onecycle import Recipe
+from cifar_onecycle import Recipe, UserError, sweep
 from cifar_onecycle.cli import main
 from cifar_onecycle.lr_finder import DEFAULT_EPOCHS
-from cifar_onecycle.run_plan import TIMED_STEPS, dry_run
+from cifar_onecycle.run_plan import TIMED_STEPS, dry_run, dry_run_sweep
 from conftest import recipe_flags
 
 TINY = Recipe(epochs=3, peak_epoch=1, batch_size=20, eval_batch_size=8, device="cpu", precision="fp32", lr_max=0.01,
@@ -68,3 +68,61 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(cifar_dir, capsys):
     assert "--dry-run plans a new run; leave out --resume" in capsys.readouterr().err
     assert main(["train", "--dry-run", "--seeds", "0", "--data-dir", str(cifar_dir), "--no-download"]) == 2
     assert "--seeds 0: give at least 1" in capsys.readouterr().err
+
+
+SWEPT = TINY.replace(holdout=0)  # 100 training images: 5 steps of 20, 10 of 10
+
+
+def test_a_sweeps_dry_run_times_one_point_of_each_kind_of_step_and_counts_each_ones_runs(cifar_dir, tmp_path):
+    planned = dry_run_sweep(SWEPT, {"lr_max": [0.01, 0.02], "batch_size": [20, 10]}, 2, out=tmp_path / "sw",
+                            data_dir=cifar_dir, download=False)
+    assert not (tmp_path / "sw").exists()  # nothing written
+    names = [p.point.name for p in planned.points]
+    assert names == ["lr_max=0.01,batch_size=20", "lr_max=0.01,batch_size=10", "lr_max=0.02,batch_size=20",
+                     "lr_max=0.02,batch_size=10"]
+    a, b, c, d = planned.points
+    # the LR changes no step's work: its points take the timings of the first with their batch
+    assert (a.timed_as, b.timed_as, c.timed_as, d.timed_as) == (None, None, a.point, b.point)
+    assert c.run.step_seconds == a.run.step_seconds and d.run.step_seconds == b.run.step_seconds
+    assert a.run.step_seconds != b.run.step_seconds
+    assert [p.run.total_steps for p in planned.points] == [15, 30, 15, 30]
+    assert [p.run.recipe.lr_max for p in planned.points] == [0.01, 0.01, 0.02, 0.02]
+    assert (planned.runs, planned.ended, planned.at_once) == (8, 0, 1)
+    assert planned.estimated_seconds == pytest.approx(2 * sum(p.run.estimated_seconds for p in planned.points))
+
+
+def test_a_sweeps_dry_run_counts_what_its_folder_has_left_and_reads_a_twin_or_auto_as_the_sweep_would(
+        cifar_dir, tmp_path):
+    out = tmp_path / "sw"
+    listed = [{"tta_translate": 1}, {"lr_max": "auto"}]
+    sweep(SWEPT, points=listed, seeds=2, out=out, print_commands=True)  # the folder, nothing trained
+    (out / "recipe" / "seed0").mkdir(parents=True)
+    (out / "recipe" / "seed0" / "summary.json").write_text("{}")  # the recipe's seed 0 ended
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    planned = dry_run_sweep(SWEPT, points=listed, seeds=2, out=out, data_dir=cifar_dir, download=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    recipe, twin, auto = planned.points
+    assert (recipe.runs, twin.runs, auto.runs, planned.ended) == (1, 2, 2, 1)
+    assert twin.run is None and twin.evaluated_as == recipe.point  # evaluated again, not trained
+    assert auto.timed_as == recipe.point and auto.run.range_test_steps == round(DEFAULT_EPOCHS["linear"] * 5)
+    assert planned.estimated_seconds == pytest.approx(recipe.run.estimated_seconds + 2 * auto.run.estimated_seconds)
+    with pytest.raises(UserError, match="holds another sweep"):
+        dry_run_sweep(SWEPT, points=listed, seeds=3, out=out, data_dir=cifar_dir, download=False)
+
+
+def test_sweep_dry_run_prints_the_plan_and_writes_nothing(cifar_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["sweep", "--dry-run", "--vary", "lr_max=0.01,0.02", "--seeds", "2", "--data-dir", str(cifar_dir),
+                 "--no-download", "--quiet", *recipe_flags(SWEPT.replace(lr_max=Recipe().lr_max))]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no sweep folder, no runs/
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "dry run: nothing trained or written"
+    assert "2 points x seeds 0 to 1: 4 runs to do" in out
+    assert [line.split()[:3] for line in out[4:6]] == [["lr_max=0.01", "2", "15"], ["lr_max=0.02", "2", "15"]]
+    assert out[6].startswith("timed lr_max=0.01: ") and out[6].endswith("; the same work a step: lr_max=0.02")
+    assert out[7].startswith("about ") and "for the 4 runs, one at a time" in out[7]
+    assert main(["sweep", "--dry-run", "--print-commands", "--vary", "lr_max=0.01,0.02"]) == 2
+    assert "leave out --print-commands" in capsys.readouterr().err
+    assert main(["sweep", "--dry-run", "--collect", "somewhere"]) == 2
+    assert "--dry-run" in capsys.readouterr().err

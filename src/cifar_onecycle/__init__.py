@@ -11,7 +11,7 @@ from .evaluation import evaluate  # noqa: E402
 from .model import ResNet9, count_parameters  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
 from .results import EpochMetrics, TrainResult  # noqa: E402
-from .run_plan import RunPlan, dry_run  # noqa: E402
+from .run_plan import RunPlan, SweepDryRun, dry_run, dry_run_sweep  # noqa: E402
 from .schedule import lr_at, one_cycle_knots  # noqa: E402
 from .seeds import SeedsResult, train_seeds  # noqa: E402
 from .summary import summarize  # noqa: E402
@@ -19,7 +19,7 @@ from .sweep import SweepResult, collect, sweep  # noqa: E402
 from .training import train  # noqa: E402
 
 __all__ = ["CLASSES", "Cifar10", "DatasetError", "DivergenceError", "EpochMetrics", "Interrupted", "LabelledImages",
-           "NoLRFound", "Recipe", "RecipeError", "ResNet9", "RunPlan", "SeedsResult", "SweepResult", "TrainResult",
-           "UserError", "WriteError", "__version__", "collect", "count_parameters", "dry_run", "evaluate",
-           "load_cifar10", "load_dataset", "load_recipe", "lr_at", "one_cycle_knots", "summarize", "sweep", "train",
-           "train_seeds"]
+           "NoLRFound", "Recipe", "RecipeError", "ResNet9", "RunPlan", "SeedsResult", "SweepDryRun", "SweepResult",
+           "TrainResult", "UserError", "WriteError", "__version__", "collect", "count_parameters", "dry_run",
+           "dry_run_sweep", "evaluate", "load_cifar10", "load_dataset", "load_recipe", "lr_at", "one_cycle_knots",
+           "summarize", "sweep", "train", "train_seeds"]

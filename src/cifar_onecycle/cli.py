@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from .data import LabelledImages
+    from .run_plan import SweepDryRun
 
 PROG = "cifar-onecycle"
 
@@ -198,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cmd.add_argument("--print-commands", action="store_true",
                            help="make the sweep folder and print one 'cifar-onecycle train' command per remaining "
                                 "run (for a job array), then --collect SWEEP_DIR")
+    sweep_cmd.add_argument("--dry-run", action="store_true",
+                           help="train nothing and write nothing: load the data, set each point's run up, time a "
+                                "few steps of each kind (one point for a grid of LRs), and print each point's steps "
+                                "and about how long its runs, and the sweep's, would take")
     sweep_cmd.add_argument("--collect", metavar="SWEEP_DIR",
                            help="write the table, statistics and pictures of SWEEP_DIR from its finished runs")
     sweep_cmd.add_argument("--report", action="store_true", help="write each run's pictures and report.md")
@@ -499,12 +504,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .run_plan import dry_run_sweep
     from .sweep import collect, sweep
     from .sweep_plan import parse_point, parse_vary
 
     if args.collect:
-        if args.vary or args.point or args.print_commands:
-            raise UserError("--collect reads a sweep folder as it is; leave out --vary, --point and --print-commands")
+        if args.vary or args.point or args.print_commands or args.dry_run:
+            raise UserError("--collect reads a sweep folder as it is; leave out --vary, --point, --print-commands "
+                            "and --dry-run")
         result = collect(args.collect)
     else:
         if not (args.vary or args.point):
@@ -521,6 +528,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             import torch
 
             workers = max(1, torch.cuda.device_count()) if getattr(args, "device", "auto") != "cpu" else 1
+        if args.dry_run:
+            if args.print_commands:
+                raise UserError("--dry-run plans the sweep's runs here; leave out --print-commands (the plan's "
+                                "time for a run of each point is what a job of the array takes)")
+            return _print_sweep_dry_run(dry_run_sweep(
+                recipe_from_args(args), vary, args.seeds, out=args.out, points=points,
+                baseline=parse_point(args.baseline) if args.baseline else None, data_dir=args.data_dir,
+                download=not args.no_download, progress=not args.quiet, workers=workers))
         out = Path(args.out) if args.out else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
         result = sweep(recipe_from_args(args), vary, args.seeds, out=out,
                        baseline=parse_point(args.baseline) if args.baseline else None, data_dir=args.data_dir,
@@ -534,6 +549,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(sweep_table(result.stats))
     left = f"; {result.remaining} runs not finished" if result.remaining else ""
     print(f"sweep folder: {result.path} (sweep.csv, sweep.json, sweep.png, sweep_curves.png){left}")
+    return 0
+
+
+def _print_sweep_dry_run(planned: SweepDryRun) -> int:
+    import statistics
+
+    from .clock import format_seconds
+
+    plan = planned.plan
+    first = next((p.run for p in planned.points if p.run), None)
+    seeds = f"seed {plan.first_seed}" if plan.seeds == 1 else f"seeds {plan.first_seed} to {plan.seed_range[-1]}"
+    ended = f", {planned.ended} ended in the sweep's folder" if planned.ended else ""
+    print("dry run: nothing trained or written")
+    if first:
+        print(f"device {first.device}, precision {first.precision}")
+    print(f"{len(plan.points)} points x {seeds}: {planned.runs} runs to do{ended}")
+    rows = [("point", "runs", "steps", "s a step", "a run", "its runs")]
+    for p in planned.points:
+        if p.run is None:
+            why = f"evaluated again from {p.evaluated_as.name}'s weights" if p.evaluated_as else "ended"
+            rows.append((p.point.name, str(p.runs), "-", "-", why, ""))
+            continue
+        r = p.run
+        steps = f"{r.total_steps:,}" + (f" + {r.range_test_steps:,} range test" if r.range_test_steps else "")
+        a_step = statistics.median(r.step_seconds[1:] or r.step_seconds)
+        rows.append((p.point.name, str(p.runs), steps, f"{a_step:.3g}", format_seconds(r.estimated_seconds),
+                     format_seconds(p.estimated_seconds)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows))
+    for p in planned.points:
+        if p.run is not None and p.timed_as is None:
+            r = p.run
+            others = [q.point.name for q in planned.points if q.timed_as == p.point]
+            after = ", ".join(f"{t:.3g}" for t in r.step_seconds[1:5]) + (", ..." if len(r.step_seconds) > 5 else "")
+            print(f"timed {p.point.name}: the first step {r.step_seconds[0]:.3g} s, then {after} s; an evaluation "
+                  f"batch of {r.eval_batch_images} images {r.eval_batch_seconds:.3g} s"
+                  + (f"; the same work a step: {', '.join(others)}" if others else ""))
+    at_once = "one at a time" if planned.at_once == 1 else f"{planned.at_once} at a time, a GPU each"
+    print(f"about {format_seconds(planned.estimated_seconds)} for the {planned.runs} runs, {at_once} (range tests, "
+          f"steps and per-epoch evaluations); data loading, the final evaluations and the reports come on top")
     return 0
 
 

@@ -13,30 +13,58 @@ average, at its schedule's LR. The first step (allocation, and compilation with 
 timed apart and left out of the median. Not counted: data loading, the final evaluations and the
 report; the loop's own bookkeeping, which cost 2% or less of a step on the CPUs measured
 (benchmarks/throughput.py).
+
+A sweep's dry run (``dry_run_sweep``) plans each point's run on the data read once, and times one
+point of each kind of step (``step_work``): a grid over LRs times one. Its estimate is each run
+left at its point's, one run at a time on a CPU (two workers share its cores: on 2 cores they took
+0.94 of one worker's time, benchmarks/sweep_workers.py), as many at once as the workers have GPUs.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
 
 from .clock import time_left
 from .data import LabelledImages
 from .device import device_name, eval_batch, resolve_placement, synchronize
 from .distributed import init_distributed
+from .errors import UserError, as_setting
 from .evaluation import evaluate_recipe
 from .lr_finder import auto_modes, sweep_iterations
 from .recipe import Recipe
-from .run_setup import setup_run
+from .run_setup import RunSetup, setup_run
 from .schedule import OneCycle
 from .signals import signals_for_tests
+from .sweep import SweepFolder, fit_points, make_plan
+from .sweep_plan import Plan, Point
 from .training import data_folder, load_data
 
 # Steps timed after the first: at least this many, and on a fast device more, until they add up to
 # MIN_TIMED_SECONDS: a GPU step of a few milliseconds, timed with a host clock around a sync, says
 # little alone; a CPU step of seconds is timed well, and each costs the user that long.
 TIMED_STEPS, MIN_TIMED_SECONDS, MAX_TIMED_STEPS = 2, 1.0, 100
+# Settings that change what a step computes but not how much: the LRs, momentum, weight decay, label
+# smoothing, logit scale, BatchNorm momentum and the biases' LR multiplier are numbers in the same
+# elementwise updates beside the convolutions; the seed changes which images a batch holds. Those
+# that change how many steps or evaluated images a run has (epochs, holdout, train_subset) are
+# counted for each run. Any other setting (batch, precision, compilation, augmentation, ghost
+# BatchNorm, the weight average, TTA...) is timed for itself.
+SAME_STEP_WORK = frozenset({"epochs", "peak_epoch", "lr_min", "lr_max", "lr_min_div", "momentum", "momentum_at_peak",
+                            "weight_decay", "label_smoothing", "logit_scale", "bn_momentum", "bn_bias_lr_mult",
+                            "seed", "holdout", "train_subset"})
+
+
+def step_work(recipe: Recipe) -> tuple[tuple[str, Any], ...]:
+    """What decides how long a step and an evaluation batch of ``recipe`` take: every setting but
+    ``SAME_STEP_WORK``'s. Two recipes with the same take the same time, to the elementwise updates."""
+    return tuple((f.name, getattr(recipe, f.name)) for f in fields(Recipe) if f.name not in SAME_STEP_WORK)
 
 
 @dataclass(frozen=True)
@@ -88,22 +116,43 @@ class RunPlan:
 
 def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
             data_dir: str | Path | None = None, download: bool = True, progress: bool = False,
-            augment_images: int | None = None, find_lr_max: bool = False, find_lr_min: bool = False) -> RunPlan:
+            augment_images: int | None = None, find_lr_max: bool = False, find_lr_min: bool = False,
+            timed: RunPlan | None = None) -> RunPlan:
     """Set up a run of ``recipe`` as ``train`` would (the same checks, the data on the device, the
     model, optimizer and compilation) and time a few of its steps and one evaluation batch; train
     nothing further and write nothing. ``data``, ``data_dir``, ``download``, ``augment_images``,
     ``find_lr_max``, ``find_lr_min``: as for ``train`` (the last two count the range test's sweeps;
-    the knots keep the recipe's LRs); ``progress``: the download's bar."""
+    the knots keep the recipe's LRs); ``progress``: the download's bar. ``timed``: the plan of a run
+    with the same ``step_work``, whose timings are taken instead of timing again (an evaluation
+    batch of another size is timed)."""
     recipe = recipe or Recipe()
     resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     if data is None:
         data = load_data(recipe, data_folder(data_dir, None), download, progress, signals_for_tests())
     setup = setup_run(recipe, data, init_distributed(recipe.device), augment_images)
     recipe, device = setup.recipe, setup.device
-    cycle = recipe.one_cycle(setup.steps_per_epoch)
-    total = setup.steps_per_epoch * recipe.epochs
+    if timed is not None and step_work(timed.recipe) != step_work(recipe):
+        raise ValueError(f"timed: the plan of a run whose steps do other work than {recipe}'s")
     range_test_steps = sum(sweep_iterations(mode, setup.steps_per_epoch)
                            for mode in auto_modes(find_lr_max, find_lr_min))
+    eval_images, _ = setup.split(setup.epoch_split)
+    batch = min(eval_batch(recipe.eval_batch_size, device), len(eval_images))
+    if timed is None:
+        steps, flops = time_steps(setup), setup.flops_per_image
+    else:
+        steps, flops = timed.step_seconds, timed.flops_per_image
+    eval_seconds = (timed.eval_batch_seconds if timed is not None and timed.eval_batch_images == batch
+                    else time_evaluation(setup, batch))
+    return RunPlan(recipe, device_name(device), setup.precision, len(setup.train_images),
+                   0 if setup.val_images is None else len(setup.val_images), len(setup.test_images),
+                   setup.steps_per_epoch, range_test_steps, flops, steps, batch, eval_seconds)
+
+
+def time_steps(setup: RunSetup) -> list[float]:
+    """The seconds of the run's first steps (``TIMED_STEPS`` after the first, or more on a fast device)."""
+    device, recipe = setup.device, setup.recipe
+    cycle = recipe.one_cycle(setup.steps_per_epoch)
+    total = setup.steps_per_epoch * recipe.epochs
     # Epoch after epoch, should the timed steps outlast a short epoch.
     batches = itertools.chain.from_iterable(setup.epoch() for _ in itertools.count())
     setup.model.train()
@@ -111,7 +160,7 @@ def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
     for step in itertools.count():
         timed = seconds[1:]
         if len(timed) >= TIMED_STEPS and (sum(timed) >= MIN_TIMED_SECONDS or len(timed) >= MAX_TIMED_STEPS):
-            break
+            return seconds
         synchronize(device)  # the host clock must not stop before the device's queue is done
         started = time.perf_counter()
         inputs, targets = next(batches)  # the batch's augmentation is part of the step
@@ -120,8 +169,13 @@ def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
             setup.ema.update(setup.model, step % total + 1, total)
         synchronize(device)
         seconds.append(time.perf_counter() - started)
+    raise AssertionError("unreachable")
+
+
+def time_evaluation(setup: RunSetup, batch: int) -> float:
+    """The seconds of one evaluation batch of ``batch`` images of the split each epoch evaluates."""
+    device, recipe = setup.device, setup.recipe
     eval_images, eval_labels = setup.split(setup.epoch_split)
-    batch = min(eval_batch(recipe.eval_batch_size, device), len(eval_images))
     model = setup.evaluated_model()
     times = []
     for _ in range(2):  # the first pass warms up (and compiles the evaluation's graph)
@@ -131,6 +185,82 @@ def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
                         tta=recipe.tta)
         synchronize(device)
         times.append(time.perf_counter() - started)
-    return RunPlan(recipe, device_name(device), setup.precision, len(setup.train_images),
-                  0 if setup.val_images is None else len(setup.val_images), len(setup.test_images),
-                  setup.steps_per_epoch, range_test_steps, setup.flops_per_image, seconds, batch, times[1])
+    return times[1]
+
+
+@dataclass(frozen=True)
+class PointPlan:
+    """One point of a sweep planned: its runs not yet ended and the plan of its first seed's run."""
+
+    point: Point
+    runs: int                          # its runs left: not ended in the sweep's folder (a started one counted whole)
+    run: RunPlan | None                # None: no run left, or its runs are ``evaluated_as``'s weights evaluated again
+    timed_as: Point | None = None      # the earlier point whose timings it took (the same ``step_work``)
+    evaluated_as: Point | None = None  # the point that trains as it does (``Plan.trained_as``)
+
+    @property
+    def estimated_seconds(self) -> float:
+        """Its runs left at its plan's estimate (evaluating again: not counted, seconds)."""
+        return self.runs * self.run.estimated_seconds if self.run else 0.0
+
+
+@dataclass(frozen=True)
+class SweepDryRun:
+    """What ``dry_run_sweep`` found: the sweep's plan, each point planned, the runs that its folder
+    holds ended, and how many runs train at once."""
+
+    plan: Plan
+    points: list[PointPlan]
+    ended: int
+    at_once: int       # the workers' GPUs (a worker each), else 1: workers on a CPU share its cores
+
+    @property
+    def runs(self) -> int:
+        """The runs left."""
+        return sum(p.runs for p in self.points)
+
+    @property
+    def estimated_seconds(self) -> float:
+        """Every run left at its point's estimate, ``at_once`` at a time."""
+        return sum(p.estimated_seconds for p in self.points) / self.at_once
+
+
+def dry_run_sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
+                  out: str | Path | None = None, baseline: Mapping[str, Any] | None = None,
+                  points: Sequence[Mapping[str, Any]] | None = None, data_dir: str | Path | None = None,
+                  download: bool = True, data: LabelledImages | None = None, progress: bool = False,
+                  workers: int = 1) -> SweepDryRun:
+    """Plan the sweep that ``sweep`` would run with these arguments (refusing what it refuses, the
+    folder ``out`` holding another sweep included) without training or writing anything: the data
+    read once, each point's run set up as its first seed's, one point of each ``step_work`` timed
+    (``dry_run``). The runs that ``out`` holds ended are not counted. ``progress``: a line as each
+    point is timed, and the download's bar."""
+    base = recipe or Recipe()
+    plan = make_plan(base, vary, seeds, baseline, points)
+    if workers < 1:
+        raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
+    device, _ = resolve_placement(base)
+    if data is None:
+        data = load_data(base, data_folder(data_dir, None), download, progress, signals_for_tests())
+    data_settings = fit_points(plan, base, data)
+    folder = SweepFolder(out) if out is not None else None
+    if folder is not None and not folder.holds(plan, base):
+        folder = None  # a new sweep's folder: every run left
+    twins = plan.trained_as(base)
+    timed: dict[tuple[tuple[str, Any], ...], tuple[Point, RunPlan]] = {}
+    planned = []
+    for point in plan.points:
+        left = sum(folder is None or folder.status(point, seed) in ("started", "new") for seed in plan.seed_range)
+        if not left or point in twins:
+            planned.append(PointPlan(point, left, None, evaluated_as=twins.get(point)))
+            continue
+        run_recipe = point.recipe(base, plan.first_seed).replace(**data_settings[point])
+        earlier = timed.get(step_work(run_recipe))
+        if progress and earlier is None:
+            tqdm.write(f"dry run: timing {point.name}")
+        run = dry_run(run_recipe, data=data, find_lr_max="lr_max" in point.found,
+                      find_lr_min="lr_min" in point.found, timed=earlier[1] if earlier else None)
+        timed.setdefault(step_work(run.recipe), (point, run))
+        planned.append(PointPlan(point, left, run, timed_as=earlier[0] if earlier else None))
+    at_once = min(workers, torch.cuda.device_count()) if device.type == "cuda" else 1
+    return SweepDryRun(plan, planned, len(plan.runs()) - sum(p.runs for p in planned), at_once)

@@ -127,6 +127,17 @@ class SweepFolder:
         existed = self.path.is_dir()
         if existed and held is not None:
             held.enter_context(FolderLock(self.path, "out"))
+        if self.holds(plan, base):
+            return
+        writable_folder(self.path)
+        if not existed and held is not None:
+            held.enter_context(FolderLock(self.path, "out"))
+        atomic_write(self.path / "recipe.toml", base.to_toml())
+        atomic_write(self.path / SWEEP_PLAN, plan.to_json())
+
+    def holds(self, plan: Plan, base: Recipe) -> bool:
+        """Whether the folder holds this sweep already (False: none yet, the folder empty or missing);
+        refuses one that holds another sweep, or other files."""
         if (self.path / SWEEP_PLAN).is_file():
             saved_plan, saved_base = self.read()
             if saved_plan != plan:
@@ -136,16 +147,12 @@ class SweepFolder:
                 what = (f"its recipe differs in {as_setting(name)}: {getattr(saved_base, name)!r} there, "
                         f"{getattr(base, name)!r} here")
             else:
-                return
+                return True
             raise UserError(f"{as_setting('out')} {self.path}: holds another sweep ({what}); choose another folder, "
                             f"or run the same sweep to go on with it")
         if self.path.is_dir() and any(self.path.iterdir()):
             raise UserError(f"{as_setting('out')} {self.path}: is not empty and holds no sweep; choose another folder")
-        writable_folder(self.path)
-        if not existed and held is not None:
-            held.enter_context(FolderLock(self.path, "out"))
-        atomic_write(self.path / "recipe.toml", base.to_toml())
-        atomic_write(self.path / SWEEP_PLAN, plan.to_json())
+        return False
 
     def rows(self, plan: Plan, base: Recipe) -> tuple[list[dict[str, Any]], int]:
         """(a row per run that ended, in the points' order, seed within point, its values those of
@@ -275,6 +282,34 @@ def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOpti
     return args
 
 
+def make_plan(base: Recipe, vary: Mapping[str, Sequence[Any]] | None, seeds: int,
+              baseline: Mapping[str, Any] | None, points: Sequence[Mapping[str, Any]] | None) -> Plan:
+    """The checked plan of ``sweep``'s arguments (its baseline by default the recipe's own values of
+    the varied settings, when they are a point of the grid)."""
+    vary_lists = {k: list(v) for k, v in (vary or {}).items()}
+    own = {k: getattr(base, k) for k in vary_lists if k in KINDS}
+    if baseline is None and all(own[k] in vary_lists[k] for k in own) and own and points is None:
+        baseline = own
+    plan = Plan(vary_lists, base.seed, seeds, dict(baseline) if baseline is not None else None,
+                None if points is None else [dict(p) for p in points])
+    plan.check(base)
+    return plan
+
+
+def fit_points(plan: Plan, base: Recipe, data: LabelledImages) -> dict[Point, dict[str, Any]]:
+    """Each point's data settings (classes, mean, std), fitted once for each split the plan holds;
+    a holdout or subset the data cannot give is refused."""
+    by_split: dict[tuple[int, int], Recipe] = {}
+    settings: dict[Point, dict[str, Any]] = {}
+    for point in plan.points:
+        recipe = point.recipe(base, plan.first_seed)
+        split = (recipe.holdout, recipe.train_subset)
+        if split not in by_split:
+            by_split[split] = fit_to_data(recipe, data)
+        settings[point] = {k: getattr(by_split[split], k) for k in DATA_FIELDS}
+    return settings
+
+
 def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
           out: str | Path, baseline: Mapping[str, Any] | None = None, data_dir: str | Path | None = None,
           download: bool = True, data: LabelledImages | None = None, progress: bool = True, workers: int = 1,
@@ -296,29 +331,16 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     ``tensorboard``: as for ``train``. The same call again goes on where a sweep stopped.
     """
     base = recipe or Recipe()
-    vary_lists = {k: list(v) for k, v in (vary or {}).items()}
-    own = {k: getattr(base, k) for k in vary_lists if k in KINDS}
-    if baseline is None and all(own[k] in vary_lists[k] for k in own) and own and points is None:
-        baseline = own
-    plan = Plan(vary_lists, base.seed, seeds, dict(baseline) if baseline is not None else None,
-                None if points is None else [dict(p) for p in points])
-    plan.check(base)
+    plan = make_plan(base, vary, seeds, baseline, points)
     if workers < 1:
         raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
     resolve_placement(base)  # a device this machine lacks: refused before loading anything
     data_dir = data_folder(data_dir, data)
-    # A point's data settings (classes, mean, std), fitted once for each split the grid holds.
     data_settings: dict[Point, dict[str, Any]] = {}
     if not print_commands:  # with workers the data is read here too, once, to check the grid against it
         if data is None:
             data = load_data(base, data_dir, download, progress, signals_for_tests())
-        by_split: dict[tuple[int, int], Recipe] = {}
-        for point in plan.points:  # a holdout or subset the data cannot give: refused before any folder
-            recipe_0 = point.recipe(base, plan.first_seed)
-            split = (recipe_0.holdout, recipe_0.train_subset)
-            if split not in by_split:
-                by_split[split] = fit_to_data(recipe_0, data)
-            data_settings[point] = {k: getattr(by_split[split], k) for k in DATA_FIELDS}
+        data_settings = fit_points(plan, base, data)  # before any folder
     folder = SweepFolder(out)
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,
                          checkpoints=checkpoints, tensorboard=tensorboard)
