@@ -51,14 +51,14 @@ from .training import data_folder, load_data
 # little alone; a CPU step of seconds is timed well, and each costs the user that long.
 TIMED_STEPS, MIN_TIMED_SECONDS, MAX_TIMED_STEPS = 2, 1.0, 100
 # Settings that change what a step computes but not how much: the LRs, momentum, weight decay, label
-# smoothing, logit scale, BatchNorm momentum and the biases' LR multiplier are numbers in the same
-# elementwise updates beside the convolutions; the seed changes which images a batch holds. Those
-# that change how many steps or evaluated images a run has (epochs, holdout, train_subset) are
-# counted for each run. Any other setting (batch, precision, compilation, augmentation, ghost
-# BatchNorm, the weight average, TTA...) is timed for itself.
+# smoothing, logit scale, BatchNorm momentum, the biases' LR multiplier and the channel statistics are
+# numbers in the same elementwise work beside the convolutions; the seed changes which images a batch
+# holds. Those that change how many steps or evaluated images a run has (epochs, holdout,
+# train_subset) are counted for each run. Any other setting (batch, precision, compilation,
+# augmentation, ghost BatchNorm, the weight average, TTA...) is timed for itself.
 SAME_STEP_WORK = frozenset({"epochs", "peak_epoch", "lr_min", "lr_max", "lr_min_div", "momentum", "momentum_at_peak",
                             "weight_decay", "label_smoothing", "logit_scale", "bn_momentum", "bn_bias_lr_mult",
-                            "seed", "holdout", "train_subset"})
+                            "seed", "holdout", "train_subset", "mean", "std"})
 
 
 def step_work(recipe: Recipe) -> tuple[tuple[str, Any], ...]:
