@@ -13,7 +13,9 @@ SMALL = ('data_dir = {data_dir!r}\ntrain_images = 1024\nepochs = 2\nbatch_size =
          'sweep_iterations = 10\ntest_images = 250\n')
 CHECK = ('import json\nprint("CHECK " + json.dumps({"acc": acc, "acc_tta": acc_tta, "loss": loss, '
          '"last_epoch": [result.history[-1].test_acc, result.history[-1].test_loss], '
-         '"same": bool(torch.equal(trained_classes.cpu(), reloaded_classes.cpu()))}))')
+         '"same": bool(torch.equal(trained_classes.cpu(), reloaded_classes.cpu())), '
+         '"planned": [plan.total_steps, plan.estimated_seconds], '
+         '"trained": result.summary["steps_per_epoch"] * result.recipe.epochs}))')
 
 
 def test_the_notebook_is_committed_without_outputs():
@@ -42,4 +44,5 @@ def test_the_notebook_runs_in_a_real_kernel(proxy_dir, tmp_path):
     assert check["acc"] > 0.2 and check["acc_tta"] > 0.2  # chance is 0.1
     assert [check["acc"], check["loss"]] == check["last_epoch"]  # the notebook's evaluation is the run's own
     assert check["same"]  # the reloaded model predicts what the trained one predicted
+    assert check["planned"][0] == check["trained"] and check["planned"][1] > 0  # the dry run planned the run trained
     assert (tmp_path / "quick.safetensors").is_file()
