@@ -9,7 +9,8 @@ import pytest
 from cifar_onecycle import Recipe, UserError, sweep
 from cifar_onecycle.cli import main
 from cifar_onecycle.lr_finder import DEFAULT_EPOCHS
-from cifar_onecycle.run_plan import TIMED_STEPS, dry_run, dry_run_sweep
+from cifar_onecycle.run_plan import TIMED_STEPS, PointPlan, RunPlan, SweepDryRun, dry_run, dry_run_sweep
+from cifar_onecycle.sweep_plan import Plan, Point
 from conftest import recipe_flags
 
 TINY = Recipe(epochs=3, peak_epoch=1, batch_size=20, eval_batch_size=8, device="cpu", precision="fp32", lr_max=0.01,
@@ -126,3 +127,20 @@ def test_sweep_dry_run_prints_the_plan_and_writes_nothing(cifar_dir, tmp_path, m
     assert "leave out --print-commands" in capsys.readouterr().err
     assert main(["sweep", "--dry-run", "--collect", "somewhere"]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_a_sweeps_runs_are_handed_to_the_first_free_worker_in_the_sweeps_order():
+    def planned(step: float) -> RunPlan:  # 10 steps at ``step`` seconds, evaluations free
+        return RunPlan(Recipe(epochs=1, peak_epoch=1), "cuda", "bf16", 100, 0, 10, 10, 0, 1.0, [5.0, step, step], 10,
+                       0.0)
+
+    a, b, c = Point((("lr_max", 0.1),)), Point((("lr_max", 0.2),)), Point((("tta_translate", 1),))
+    points = [PointPlan(a, 2, planned(1.0)), PointPlan(b, 2, planned(2.0)), PointPlan(c, 2, None, evaluated_as=a)]
+    assert [p.estimated_seconds for p in points] == [20.0, 40.0, 0.0]
+    plan = Plan({"lr_max": [0.1, 0.2]}, 0, 2)
+
+    def seconds(at_once: int) -> float:
+        return SweepDryRun(plan, points, 0, at_once).estimated_seconds
+
+    # seed 0: a (10 s) and b (20 s) on two workers; seed 1: a to the first free, then b to the first free
+    assert (seconds(1), seconds(2), seconds(4)) == (60.0, 40.0, 20.0)

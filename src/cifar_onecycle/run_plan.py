@@ -17,7 +17,8 @@ report; the loop's own bookkeeping, which cost 2% or less of a step on the CPUs 
 A sweep's dry run (``dry_run_sweep``) plans each point's run on the data read once, and times one
 point of each kind of step (``step_work``): a grid over LRs times one. Its estimate is each run
 left at its point's, one run at a time on a CPU (two workers share its cores: on 2 cores they took
-0.94 of one worker's time, benchmarks/sweep_workers.py), as many at once as the workers have GPUs.
+0.94 of one worker's time, benchmarks/sweep_workers.py), and with workers on GPUs each run handed,
+in the sweep's order, to the first worker free.
 """
 from __future__ import annotations
 
@@ -221,8 +222,15 @@ class SweepDryRun:
 
     @property
     def estimated_seconds(self) -> float:
-        """Every run left at its point's estimate, ``at_once`` at a time."""
-        return sum(p.estimated_seconds for p in self.points) / self.at_once
+        """Until the last run left ends: each at its point's estimate, in the sweep's order (seed by
+        seed), handed to the first of ``at_once`` workers to be free, as the sweep hands them out
+        (so 3 runs on 2 GPUs take two runs' time, not one and a half)."""
+        busy = [0.0] * self.at_once
+        for k in range(max((p.runs for p in self.points), default=0)):
+            for p in self.points:
+                if p.run is not None and p.runs > k:
+                    busy[busy.index(min(busy))] += p.run.estimated_seconds
+        return max(busy)
 
 
 def dry_run_sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
