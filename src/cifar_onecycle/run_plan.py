@@ -158,10 +158,8 @@ def time_steps(setup: RunSetup) -> list[float]:
     batches = itertools.chain.from_iterable(setup.epoch() for _ in itertools.count())
     setup.model.train()
     seconds: list[float] = []
-    for step in itertools.count():
-        timed = seconds[1:]
-        if len(timed) >= TIMED_STEPS and (sum(timed) >= MIN_TIMED_SECONDS or len(timed) >= MAX_TIMED_STEPS):
-            return seconds
+    while len(seconds) <= TIMED_STEPS or sum(seconds[1:]) < MIN_TIMED_SECONDS and len(seconds) <= MAX_TIMED_STEPS:
+        step = len(seconds)
         synchronize(device)  # the host clock must not stop before the device's queue is done
         started = time.perf_counter()
         inputs, targets = next(batches)  # the batch's augmentation is part of the step
@@ -170,7 +168,7 @@ def time_steps(setup: RunSetup) -> list[float]:
             setup.ema.update(setup.model, step % total + 1, total)
         synchronize(device)
         seconds.append(time.perf_counter() - started)
-    raise AssertionError("unreachable")
+    return seconds
 
 
 def time_evaluation(setup: RunSetup, batch: int) -> float:
@@ -263,12 +261,13 @@ def dry_run_sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]
             planned.append(PointPlan(point, left, None, evaluated_as=twins.get(point)))
             continue
         run_recipe = point.recipe(base, plan.first_seed).replace(**data_settings[point])
-        earlier = timed.get(step_work(run_recipe))
+        work = step_work(run_recipe)
+        earlier = timed.get(work)
         if progress and earlier is None:
             tqdm.write(f"dry run: timing {point.name}")
         run = dry_run(run_recipe, data=data, find_lr_max="lr_max" in point.found,
                       find_lr_min="lr_min" in point.found, timed=earlier[1] if earlier else None)
-        timed.setdefault(step_work(run.recipe), (point, run))
+        timed.setdefault(work, (point, run))
         planned.append(PointPlan(point, left, run, timed_as=earlier[0] if earlier else None))
     at_once = min(workers, torch.cuda.device_count()) if device.type == "cuda" else 1
     return SweepDryRun(plan, planned, len(plan.runs()) - sum(p.runs for p in planned), at_once)
