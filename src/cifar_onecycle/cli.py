@@ -568,7 +568,7 @@ def _print_sweep_dry_run(planned: SweepDryRun) -> int:
     rows = [("point", "runs", "steps", "s a step", "a run", "its runs")]
     for p in planned.points:
         if p.run is None:
-            why = f"evaluated again from {p.evaluated_as.name}'s weights" if p.evaluated_as else "ended"
+            why = f"evaluated again from {p.evaluated_as.name}'s weights" if p.evaluated_as and p.runs else "ended"
             rows.append((p.point.name, str(p.runs), "-", "-", why, ""))
             continue
         r = p.run
