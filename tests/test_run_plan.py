@@ -140,7 +140,7 @@ def test_a_sweeps_runs_are_handed_to_the_first_free_worker_in_the_sweeps_order()
     plan = Plan({"lr_max": [0.1, 0.2]}, 0, 2)
 
     def seconds(at_once: int) -> float:
-        return SweepDryRun(plan, points, 0, at_once).estimated_seconds
+        return SweepDryRun(plan, points, at_once).estimated_seconds
 
     # seed 0: a (10 s) and b (20 s) on two workers; seed 1: a to the first free, then b to the first free
     assert (seconds(1), seconds(2), seconds(4)) == (60.0, 40.0, 20.0)

@@ -205,18 +205,22 @@ class PointPlan:
 
 @dataclass(frozen=True)
 class SweepDryRun:
-    """What ``dry_run_sweep`` found: the sweep's plan, each point planned, the runs that its folder
-    holds ended, and how many runs train at once."""
+    """What ``dry_run_sweep`` found: the sweep's plan, each point planned, and how many runs train
+    at once."""
 
     plan: Plan
     points: list[PointPlan]
-    ended: int
     at_once: int       # the workers' GPUs (a worker each), else 1: workers on a CPU share its cores
 
     @property
     def runs(self) -> int:
         """The runs left."""
         return sum(p.runs for p in self.points)
+
+    @property
+    def ended(self) -> int:
+        """The runs that the sweep's folder holds ended."""
+        return len(self.plan.runs()) - self.runs
 
     @property
     def estimated_seconds(self) -> float:
@@ -270,4 +274,4 @@ def dry_run_sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]
         timed.setdefault(work, (point, run))
         planned.append(PointPlan(point, left, run, timed_as=earlier[0] if earlier else None))
     at_once = min(workers, torch.cuda.device_count()) if device.type == "cuda" else 1
-    return SweepDryRun(plan, planned, len(plan.runs()) - sum(p.runs for p in planned), at_once)
+    return SweepDryRun(plan, planned, at_once)
