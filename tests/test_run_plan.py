@@ -127,6 +127,10 @@ def test_sweep_dry_run_prints_the_plan_and_writes_nothing(cifar_dir, tmp_path, m
     assert "leave out --print-commands" in capsys.readouterr().err
     assert main(["sweep", "--dry-run", "--collect", "somewhere"]) == 2
     assert "--dry-run" in capsys.readouterr().err
+    for dry in (["--dry-run"], []):  # one check of the workers for the sweep and its dry run
+        assert main(["sweep", *dry, "--workers", "0", "--vary", "lr_max=0.01,0.02", "--out", "sweep"]) == 2
+        assert "--workers 0: give at least 1" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_a_sweeps_runs_are_handed_to_the_first_free_worker_in_the_sweeps_order():

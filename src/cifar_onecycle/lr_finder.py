@@ -353,9 +353,14 @@ def sweep_iterations(mode: str, steps_per_epoch: int, epochs: float | None = Non
     return max(1, round((DEFAULT_EPOCHS[mode] if epochs is None else epochs) * steps_per_epoch))
 
 
+def auto_settings(find_lr_max: bool, find_lr_min: bool) -> list[str]:
+    """The settings a run with ``auto`` ones reads from range tests: ``lr_max`` and/or ``lr_min``."""
+    return [name for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on]
+
+
 def auto_modes(find_lr_max: bool, find_lr_min: bool) -> list[str]:
     """The sweeps a run with ``auto`` settings runs first (``AUTO_SWEEPS``), in ``MODES`` order."""
-    wanted = {AUTO_SWEEPS[name] for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on}
+    wanted = {AUTO_SWEEPS[name] for name in auto_settings(find_lr_max, find_lr_min)}
     return [mode for mode in MODES if mode in wanted]
 
 
@@ -399,7 +404,7 @@ def find_lr_bounds(setup: RunSetup, find_lr_max: bool, find_lr_min: bool, folder
     """Run the range tests the wanted settings are read from (``AUTO_SWEEPS``) on ``setup`` and put
     the found LRMAX and/or LRMIN into its recipe; returns the new recipe and how the values were
     found (for summary.json). The graphs and lr_find.json go into ``folder``."""
-    wanted = [name for name, on in (("lr_max", find_lr_max), ("lr_min", find_lr_min)) if on]
+    wanted = auto_settings(find_lr_max, find_lr_min)
     results = _sweeps(setup, auto_modes(find_lr_max, find_lr_min), progress=progress)
     if folder:
         write_lr_find(results, folder)

@@ -36,7 +36,6 @@ from .clock import time_left
 from .data import LabelledImages
 from .device import device_name, eval_batch, resolve_placement, synchronize
 from .distributed import init_distributed
-from .errors import UserError, as_setting
 from .evaluation import evaluate_recipe
 from .lr_finder import auto_modes, sweep_iterations
 from .recipe import Recipe
@@ -246,9 +245,7 @@ def dry_run_sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]
     (``dry_run``). The runs that ``out`` holds ended are not counted. ``progress``: a line as each
     point is timed, and the download's bar."""
     base = recipe or Recipe()
-    plan = make_plan(base, vary, seeds, baseline, points)
-    if workers < 1:
-        raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
+    plan = make_plan(base, vary, seeds, baseline, points, workers)
     device, _ = resolve_placement(base)
     if data is None:
         data = load_data(base, data_folder(data_dir, None), download, progress, signals_for_tests())

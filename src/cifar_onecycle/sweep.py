@@ -283,9 +283,11 @@ def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOpti
 
 
 def make_plan(base: Recipe, vary: Mapping[str, Sequence[Any]] | None, seeds: int,
-              baseline: Mapping[str, Any] | None, points: Sequence[Mapping[str, Any]] | None) -> Plan:
+              baseline: Mapping[str, Any] | None, points: Sequence[Mapping[str, Any]] | None, workers: int) -> Plan:
     """The checked plan of ``sweep``'s arguments (its baseline by default the recipe's own values of
-    the varied settings, when they are a point of the grid)."""
+    the varied settings, when they are a point of the grid); fewer than one worker refused."""
+    if workers < 1:
+        raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
     vary_lists = {k: list(v) for k, v in (vary or {}).items()}
     own = {k: getattr(base, k) for k in vary_lists if k in KINDS}
     if baseline is None and all(own[k] in vary_lists[k] for k in own) and own and points is None:
@@ -331,9 +333,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     ``tensorboard``: as for ``train``. The same call again goes on where a sweep stopped.
     """
     base = recipe or Recipe()
-    plan = make_plan(base, vary, seeds, baseline, points)
-    if workers < 1:
-        raise UserError(f"{as_setting('workers')} {workers}: give at least 1")
+    plan = make_plan(base, vary, seeds, baseline, points, workers)
     resolve_placement(base)  # a device this machine lacks: refused before loading anything
     data_dir = data_folder(data_dir, data)
     data_settings: dict[Point, dict[str, Any]] = {}
