@@ -100,7 +100,7 @@ def runs(tmp_path_factory):
         # 4 steps an epoch: lookahead's first update is at the first epoch's end
         mp.setattr(RunSetup, "evaluate", evaluate_spied("lookahead"))
         lookahead = train(Recipe(**TINY, ema_decay=0.9, ema_every=4, ema_lookahead=True), data=data,
-                          out=root / "lookahead", progress=False, report=False)
+                          out=root / "lookahead", progress=False, report=False, keep_checkpoint=True)
     return data, plain, copy, averaged, root / "run", lookahead, averages
 
 

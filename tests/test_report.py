@@ -78,7 +78,7 @@ def test_an_overwrite_leaves_nothing_of_the_earlier_runs_report_or_range_test(ru
     (folder / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"the earlier run's scalars")
     (folder / "tensorboard" / "notes.txt").write_text("someone's")
     assert main(["train", "--out", str(folder), "--overwrite", "--no-report", "--data-dir", str(data), "--quiet",
-                 *recipe_flags(TINY)]) == 0
+                 "--keep-checkpoint", *recipe_flags(TINY)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == [
         "checkpoint.pt", "metrics.csv", "model.safetensors", "recipe.toml", "summary.json", "tensorboard"]
     assert [p.name for p in (folder / "tensorboard").iterdir()] == ["notes.txt"]

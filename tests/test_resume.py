@@ -77,7 +77,7 @@ def reference(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("resume")
     data = write_cifar(root / "data").parent
-    train(RECIPE, data_dir=data, download=False, out=root / "ref", progress=False)
+    train(RECIPE, data_dir=data, download=False, out=root / "ref", progress=False, keep_checkpoint=True)
     return data, root / "ref"
 
 

@@ -292,6 +292,9 @@ def test_another_sweep_on_the_same_folder_is_refused(tmp_path):
     assert len(first.commands) == 4 and not (out / "lr_max=0.01").exists()
     again = sweep(SMALL, {"lr_max": [0.01, 0.02]}, 2, out=out, print_commands=True)
     assert again.commands == first.commands  # the same sweep: nothing refused
+    assert not any("--keep-checkpoint" in line for line in first.commands)
+    kept = sweep(SMALL, {"lr_max": [0.01, 0.02]}, 2, out=out, print_commands=True, keep_checkpoint=True)
+    assert kept.commands == [line + " --keep-checkpoint" for line in first.commands]
     for changed in [dict(vary={"lr_max": [0.01, 0.04]}, seeds=2), dict(vary={"lr_max": [0.01, 0.02]}, seeds=3)]:
         with pytest.raises(Exception, match="holds another sweep"):
             sweep(SMALL, out=out, print_commands=True, **changed)
@@ -322,6 +325,7 @@ def test_a_sweep_stopped_mid_run_resumes_to_the_table_of_one_never_stopped(cifar
     assert len(steps) == 4 * 2 * 3 - 5  # 4 runs of 2 epochs of 3 steps, less the 5 the stopped run had taken
 
     assert numbers(resumed) == numbers(whole) and resumed.remaining == 0
+    assert not list(out.glob("*/seed*/checkpoint.pt"))  # each removed as its run ended
     # The same sweep once more trains nothing: the finished runs are read back.
     finished = (first.path / "model.safetensors").stat().st_mtime_ns
     assert numbers(sweep(SMALL, vary, 2, out=out, data_dir=cifar_dir, download=False, progress=False)) == numbers(whole)

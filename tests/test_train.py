@@ -17,11 +17,11 @@ TINY = dict(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="c
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_the_run_folder(cifar_dir, tmp_path):
+def test_tiny_run_writes_the_run_folder(cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
     result = train(Recipe(**TINY), data_dir=cifar_dir, download=False, out=out, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "augment.png", "checkpoint.pt", "confusion.png", "curves.png", "gradcam.png", "lr_schedule.png",
+    assert sorted(p.name for p in out.iterdir()) == [  # the checkpoint's use ended with the run
+        "augment.png", "confusion.png", "curves.png", "gradcam.png", "lr_schedule.png",
         "metrics.csv", "misclassified.png", "model.safetensors", "recipe.toml", "report.md", "summary.json"]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -39,6 +39,8 @@ def test_tiny_run_writes_the_run_folder(cifar_dir, tmp_path):
     for k, v in result.model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v.contiguous())
     assert len(load_file(out / "model.safetensors")) == len(result.model.state_dict())
+    assert main(["train", "--resume", str(out)]) == 2  # finished, as its summary says: not trained again
+    assert f"--resume {out}: this run already finished" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--no-checkpoint", action="store_true",
                            help="write no checkpoint.pt (a run that only measures: it cannot be resumed, and a "
                                 "stop signal loses it)")
+    train_cmd.add_argument("--keep-checkpoint", action="store_true",
+                           help="keep checkpoint.pt when the run ends (removed by default: it serves to resume an "
+                                "unfinished run, and is 2 to 3 times the size of model.safetensors)")
     train_cmd.add_argument("--no-report", action="store_true", help="skip the pictures and report.md at the end")
     train_cmd.add_argument("--tensorboard", action="store_true",
                            help="also log each epoch's scalars to RUN_DIR/tensorboard "
@@ -208,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cmd.add_argument("--report", action="store_true", help="write each run's pictures and report.md")
     sweep_cmd.add_argument("--no-checkpoint", action="store_true",
                            help="no checkpoint.pt in the runs (an interrupted run then starts again)")
+    sweep_cmd.add_argument("--keep-checkpoint", action="store_true",
+                           help="keep each finished run's checkpoint.pt (by default only its weights stay)")
     sweep_cmd.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in each run folder")
     sweep_cmd.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     _add_recipe_flags(sweep_cmd)
@@ -285,7 +290,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = dict(data_dir=args.data_dir, download=not args.no_download, out=out, overwrite=args.overwrite,
                    progress=not args.quiet, find_lr_max="lr_max" in auto, find_lr_min="lr_min" in auto,
                    resume=args.resume, tensorboard=args.tensorboard, report=not args.no_report,
-                   checkpoints=not args.no_checkpoint)
+                   checkpoints=not args.no_checkpoint, keep_checkpoint=args.keep_checkpoint)
     if args.seeds is not None or (args.resume and (out / SEEDS).is_file()):
         # train_seeds refuses a count below 1 (``args.seeds or 1`` would have run 1 for --seeds 0)
         over_seeds = train_seeds(recipe, 1 if args.seeds is None else args.seeds, **options).summary
@@ -540,7 +545,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = sweep(recipe_from_args(args), vary, args.seeds, out=out,
                        baseline=parse_point(args.baseline) if args.baseline else None, data_dir=args.data_dir,
                        download=not args.no_download, progress=not args.quiet, workers=workers,
-                       report=args.report, checkpoints=not args.no_checkpoint, tensorboard=args.tensorboard,
+                       report=args.report, checkpoints=not args.no_checkpoint,
+                       keep_checkpoint=args.keep_checkpoint, tensorboard=args.tensorboard,
                        print_commands=args.print_commands, points=points)
         if args.print_commands:
             for command in result.commands:

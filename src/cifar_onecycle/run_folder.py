@@ -208,6 +208,9 @@ class RunFolder:
         save_checkpoint(self.path / CHECKPOINT, state)
         return self.path / CHECKPOINT
 
+    def remove_checkpoint(self) -> None:
+        (self.path / CHECKPOINT).unlink(missing_ok=True)
+
     def load_checkpoint(self) -> tuple[dict[str, Any], Recipe]:
         return load_checkpoint(self.path / CHECKPOINT)
 

@@ -278,7 +278,9 @@ def train_command(folder: SweepFolder, point: Point, seed: int, options: RunOpti
     if options.data_dir:
         args += ["--data-dir", str(options.data_dir)]
     args += [*([] if options.download else ["--no-download"]), *([] if options.report else ["--no-report"]),
-             *([] if options.checkpoints else ["--no-checkpoint"]), *(["--tensorboard"] if options.tensorboard else [])]
+             *([] if options.checkpoints else ["--no-checkpoint"]),
+             *(["--keep-checkpoint"] if options.keep_checkpoint else []),
+             *(["--tensorboard"] if options.tensorboard else [])]
     return args
 
 
@@ -315,7 +317,7 @@ def fit_points(plan: Plan, base: Recipe, data: LabelledImages) -> dict[Point, di
 def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
           out: str | Path, baseline: Mapping[str, Any] | None = None, data_dir: str | Path | None = None,
           download: bool = True, data: LabelledImages | None = None, progress: bool = True, workers: int = 1,
-          report: bool = False, checkpoints: bool = True, tensorboard: bool = False,
+          report: bool = False, checkpoints: bool = True, keep_checkpoint: bool = False, tensorboard: bool = False,
           print_commands: bool = False, points: Sequence[Mapping[str, Any]] | None = None) -> SweepResult:
     """Train ``recipe`` at every point of the grid ``vary`` ({setting: values}; ``"auto"`` for
     lr_max or lr_min: the range test's value, found in each run), or instead at the recipe itself
@@ -329,8 +331,9 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     machine with GPUs, worker k uses GPU k modulo their number); 1 trains in this process.
     ``print_commands``: make the folder and return, in ``commands``, one ``cifar-onecycle train``
     command per remaining run instead of training them (for a scheduler); ``collect`` gathers their
-    results. ``report``, ``checkpoints``,
-    ``tensorboard``: as for ``train``. The same call again goes on where a sweep stopped.
+    results. ``report``, ``checkpoints``, ``keep_checkpoint``, ``tensorboard``: as for ``train``
+    (by default a finished run keeps its weights, not its checkpoint). The same call again goes on
+    where a sweep stopped.
     """
     base = recipe or Recipe()
     plan = make_plan(base, vary, seeds, baseline, points, workers)
@@ -343,7 +346,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
         data_settings = fit_points(plan, base, data)  # before any folder
     folder = SweepFolder(out)
     options = RunOptions(data_dir=data_dir, download=download, progress=progress, report=report,
-                         checkpoints=checkpoints, tensorboard=tensorboard)
+                         checkpoints=checkpoints, keep_checkpoint=keep_checkpoint, tensorboard=tensorboard)
     with contextlib.ExitStack() as held:  # the sweep's folder, held until its results are written
         folder.open(plan, base, held)
         todo = [(seed, point) for seed, point in plan.runs() if folder.status(point, seed) in ("started", "new")]

@@ -52,13 +52,14 @@ class RunOptions:
     find_lr_max: bool = False
     find_lr_min: bool = False
     augment_images: int | None = None
+    keep_checkpoint: bool = False
 
 
 def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, data_dir: str | Path | None = None,
           download: bool = True, out: str | Path | None = None, overwrite: bool = False,
           resume: str | Path | None = None, progress: bool = True, report: bool = True, tensorboard: bool = False,
           checkpoints: bool = True, find_lr_max: bool = False, find_lr_min: bool = False,
-          augment_images: int | None = None) -> TrainResult:
+          augment_images: int | None = None, keep_checkpoint: bool = False) -> TrainResult:
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
@@ -71,11 +72,14 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
     the pictures and report.md into the run folder at the end. ``tensorboard``: also log each
     epoch's scalars to RUN_DIR/tensorboard (needs the ``tensorboard`` extra). ``checkpoints``: write
     checkpoint.pt after every epoch and on a stop signal (off: a run that only measures, which
-    cannot be resumed). ``augment_images``: how many images a GPU augments at once (None: the
-    device's policy, ``device.augment_at_once``; 0: one batch at a time); the images are the same.
+    cannot be resumed). ``keep_checkpoint``: leave checkpoint.pt in the folder when the run ends
+    (by default removed then, once summary.json is written: it serves to resume an unfinished run
+    and is two to three times the size of the weights). ``augment_images``: how many images a GPU
+    augments at once (None: the device's policy, ``device.augment_at_once``; 0: one batch at a
+    time); the images are the same.
     """
     options = RunOptions(data_dir, download, out, overwrite, resume, progress, report, tensorboard, checkpoints,
-                         find_lr_max, find_lr_min, augment_images)
+                         find_lr_max, find_lr_min, augment_images, keep_checkpoint)
     started = time.perf_counter()  # the run's time counts its data loading and any range test
     commit = git_commit()  # now: the tree may move on while a long run trains
     dist = init_distributed(run_device(recipe, resume))
@@ -117,6 +121,8 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
         if board:
             board.close()
         summary = finish_run(setup, state, folder, commit, report)
+        if folder and not keep_checkpoint:  # after the summary: a kill before leaves a finished run
+            folder.remove_checkpoint()
     return TrainResult(recipe, state.history, summary, setup.delivered_model, folder.path if folder else None)
 
 
@@ -144,6 +150,9 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages |
         if dist.main:  # before its checkpoint is read: another process may be writing it
             held.enter_context(FolderLock(folder.path, "resume"))
         folder.check_usable(resume=True)
+        if folder.has(SUMMARY) and not folder.has(CHECKPOINT):  # removed as the run ended
+            raise UserError(f"{as_setting('resume')} {folder.path}: this run already finished (its summary.json "
+                            f"says how it did)")
         checkpoint, saved = folder.load_checkpoint()
         with damaged_checkpoint(folder):
             TrainState.check_checkpoint(checkpoint, saved.epochs)
