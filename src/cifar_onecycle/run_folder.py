@@ -2,7 +2,8 @@
 
     recipe.toml        the resolved recipe (rerun it with --recipe)
     metrics.csv        a row per epoch
-    checkpoint.pt      the state after the last finished epoch, or where a stop signal caught the run
+    checkpoint.pt      the state after the last finished epoch, or where a stop signal caught the run;
+                       removed as the run ends unless it is asked to be kept
     model.safetensors  the delivered weights, with the recipe in their metadata
     summary.json       the final numbers and their provenance
     report.md, *.png   the report (``report.write_report``); lr_find.json and graphs with an LR range test
