@@ -109,6 +109,9 @@ def test_a_sweeps_dry_run_counts_what_its_folder_has_left_and_reads_a_twin_or_au
     assert planned.estimated_seconds == pytest.approx(recipe.run.estimated_seconds + 2 * auto.run.estimated_seconds)
     with pytest.raises(UserError, match="holds another sweep"):
         dry_run_sweep(SWEPT, points=listed, seeds=3, out=out, data_dir=cifar_dir, download=False)
+    (tmp_path / "a-file").write_text("someone's")
+    with pytest.raises(UserError, match="a-file: exists and is not a folder"):  # as the sweep would refuse it
+        dry_run_sweep(SWEPT, points=listed, seeds=2, out=tmp_path / "a-file", data_dir=cifar_dir, download=False)
 
 
 def test_sweep_dry_run_prints_the_plan_and_writes_nothing(cifar_dir, tmp_path, monkeypatch, capsys):

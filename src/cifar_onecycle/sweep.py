@@ -137,7 +137,9 @@ class SweepFolder:
 
     def holds(self, plan: Plan, base: Recipe) -> bool:
         """Whether the folder holds this sweep already (False: none yet, the folder empty or missing);
-        refuses one that holds another sweep, or other files."""
+        refuses one that holds another sweep, or other files, and a file in its place."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{as_setting('out')} {self.path}: exists and is not a folder; choose another")
         if (self.path / SWEEP_PLAN).is_file():
             saved_plan, saved_base = self.read()
             if saved_plan != plan:
