@@ -121,7 +121,7 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
         if board:
             board.close()
         summary = finish_run(setup, state, folder, commit, report)
-        if folder and not keep_checkpoint:  # after the summary: a kill before leaves a finished run
+        if folder and not keep_checkpoint:  # after the summary: a kill between the two leaves a finished run
             folder.remove_checkpoint()
     return TrainResult(recipe, state.history, summary, setup.delivered_model, folder.path if folder else None)
 
