@@ -155,13 +155,19 @@ def check_plain(value: Any, what: str, depth: int = 0) -> None:
         raise ValueError(f"{what} holds {type(value).__name__} {str(value)[:40]}, which is not a plain finite value")
 
 
+def refuse_a_file(path: Path, setting: str = "out") -> None:
+    """A UserError naming ``setting`` if ``path``, where a folder is to be, is something else (a file,
+    a FIFO)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{as_setting(setting)} {path}: exists and is not a folder; choose another")
+
+
 def writable_folder(path: str | Path, setting: str = "out") -> Path:
     """Create the folder ``path`` if needed and prove a file can be written there, before any work
     whose results would go there; a UserError naming ``setting`` otherwise."""
     path = Path(path)
     try:
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{as_setting(setting)} {path}: exists and is not a folder; choose another")
+        refuse_a_file(path, setting)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / ".write-test", b"")
         (path / ".write-test").unlink()

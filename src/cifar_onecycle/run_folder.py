@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint, save_checkpoint, save_weights
 from .errors import UserError, as_setting
-from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, parse_json, read_capped, writable_folder
+from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, parse_json, read_capped, refuse_a_file, writable_folder
 from .recipe import SEEDS_END, Recipe, load_recipe
 from .results import EpochMetrics, check_run_summary, metrics_csv, parse_metrics_csv
 
@@ -111,8 +111,7 @@ class RunFolder:
         from before anything is removed, and one another process holds is refused."""
         path = Path(path)
         try:
-            if path.exists() and not path.is_dir():
-                raise UserError(f"{as_setting('out')} {path}: exists and is not a folder; choose another")
+            refuse_a_file(path)
             taken = [name for name in (*RUN_FILES, *REPORT_FILES)
                      if (path / name).exists() or (path / name).is_symlink()]
             folders = [name for name in taken if (path / name).is_dir() and not (path / name).is_symlink()]

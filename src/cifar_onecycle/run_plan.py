@@ -157,7 +157,7 @@ def time_steps(setup: RunSetup) -> list[float]:
     batches = itertools.chain.from_iterable(setup.epoch() for _ in itertools.count())
     setup.model.train()
     seconds: list[float] = []
-    while len(seconds) <= TIMED_STEPS or sum(seconds[1:]) < MIN_TIMED_SECONDS and len(seconds) <= MAX_TIMED_STEPS:
+    while len(seconds) <= TIMED_STEPS or (sum(seconds[1:]) < MIN_TIMED_SECONDS and len(seconds) <= MAX_TIMED_STEPS):
         step = len(seconds)
         synchronize(device)  # the host clock must not stop before the device's queue is done
         started = time.perf_counter()

@@ -57,7 +57,7 @@ from .clock import Laps, about_left
 from .data import LabelledImages
 from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting
-from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, read_capped, writable_folder
+from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, read_capped, refuse_a_file, writable_folder
 from .recipe import DATA_FIELDS, Recipe, load_recipe
 from .report import MAX_CURVES
 from .results import mean_curve
@@ -138,8 +138,7 @@ class SweepFolder:
     def holds(self, plan: Plan, base: Recipe) -> bool:
         """Whether the folder holds this sweep already (False: none yet, the folder empty or missing);
         refuses one that holds another sweep, or other files, and a file in its place."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{as_setting('out')} {self.path}: exists and is not a folder; choose another")
+        refuse_a_file(self.path)
         if (self.path / SWEEP_PLAN).is_file():
             saved_plan, saved_base = self.read()
             if saved_plan != plan:
