@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -199,12 +200,16 @@ def test_resume_with_a_weight_average_and_a_cycling_momentum_is_bit_identical(tm
     assert "test_acc_tta" in (run / "metrics.csv").read_text().splitlines()[0]
 
 
-def test_resume_refuses_recipe_changes_and_finished_runs(reference, capsys):
+def test_resume_refuses_recipe_changes_and_finished_runs(reference, tmp_path, capsys):
     data, ref = reference
-    assert main(["train", "--resume", str(ref), "--epochs", "5"]) == 2
+    killed = tmp_path / "killed"  # between its last checkpoint and its summary: a resume finishes it,
+    shutil.copytree(ref, killed)  # with its own recipe
+    (killed / "summary.json").unlink()
+    assert main(["train", "--resume", str(killed), "--epochs", "5"]) == 2
     assert "epochs would change from 3 to 5" in capsys.readouterr().err
-    assert main(["train", "--resume", str(ref), "--epochs", "3", "--data-dir", str(data)]) == 2  # same value: fine,
-    assert "already finished all 3 epochs" in capsys.readouterr().err                           # but nothing left
+    for epochs in ("5", "3"):  # a finished run (this one kept its checkpoint): nothing left, whatever is asked
+        assert main(["train", "--resume", str(ref), "--epochs", epochs, "--data-dir", str(data)]) == 2
+        assert f"--resume {ref}: this run already finished" in capsys.readouterr().err
     assert main(["train", "--resume", str(ref.parent / "nowhere")]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
 

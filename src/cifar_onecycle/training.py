@@ -150,7 +150,10 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages |
         if dist.main:  # before its checkpoint is read: another process may be writing it
             held.enter_context(FolderLock(folder.path, "resume"))
         folder.check_usable(resume=True)
-        if folder.has(SUMMARY) and not folder.has(CHECKPOINT):  # removed as the run ended
+        # summary.json is written once, as a run ends: whatever its checkpoint (removed then, or kept),
+        # nothing is left to train and no setting given here changes that. A run killed between its
+        # last checkpoint and its summary has none, and the resume finishes it.
+        if folder.has(SUMMARY):
             raise UserError(f"{as_setting('resume')} {folder.path}: this run already finished (its summary.json "
                             f"says how it did)")
         checkpoint, saved = folder.load_checkpoint()
@@ -160,10 +163,6 @@ def start_run(recipe: Recipe | None, options: RunOptions, data: LabelledImages |
             folder.remove_interrupted_writes()
         if recipe is not None:
             check_same_recipe(recipe, saved, folder.path)
-        # A run killed between its last checkpoint and its summary is finished by the resume.
-        if checkpoint["epoch"] >= saved.epochs and folder.has(SUMMARY):
-            raise UserError(f"{as_setting('resume')} {folder.path}: this run already finished all {saved.epochs} "
-                            f"epochs")
         resolve_placement(saved)  # a device this machine lacks: refused before loading anything
         data_dir, download = options.data_dir, options.download
         if data_dir is None and data is None and checkpoint.get("data_dir") is not None:
