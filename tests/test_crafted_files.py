@@ -425,12 +425,13 @@ def build_cases(root: Path, data: Path, stopped: Path, checkpoint: dict) -> list
     Cases.weights_raw = weights_bytes()
     c.image("fifo", None, "not a regular file but a FIFO")
     c.image("not-an-image", b"hello" * 100, "photo.png")
-    c.image("bomb", png_declaring(100_000, 100_000), "photo.png")
+    c.image("bomb", png_declaring(100_000, 100_000), "photo.png: over 179 million pixels")
+    c.image("large-and-truncated", png_declaring(10_000, 9_000), "photo.png: cannot read the image")  # no warning
     c.image("truncated", png_declaring(32, 32)[:60], "photo.png")
     c.image("a-folder", None, "photo.png", folder=True)
 
     c.folder_case("fifo-image", "x.png: cannot read the image (not a regular file but a FIFO)")
-    c.folder_case("bomb-image", "x.png: not an image Pillow can read (DecompressionBombError)",
+    c.folder_case("bomb-image", "x.png: over 179 million pixels, Pillow's limit",
                   image=png_declaring(100_000, 100_000))
     c.folder_case("cache-header-of-2**62", "", cache=(2**62).to_bytes(8, "little") + b"{}", code=0)
     header = b'{"__metadata__": [1]}'

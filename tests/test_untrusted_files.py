@@ -144,6 +144,30 @@ def test_predict_sees_16_bit_and_transparent_images_as_a_viewer_does(tmp_path):
     assert torch.equal(load_image(tmp_path / "clear.png"), torch.full((3, 32, 32), 255, dtype=torch.uint8))
 
 
+def test_names_that_are_not_plain_text_are_shown_escaped_each_on_one_line(tmp_path, capsys):
+    """A file name may hold a newline, a terminal's escape or bytes that are not UTF-8 (surrogates in
+    Python): each is shown as its escape, and a strict UTF-8 standard output (pytest's) stops nothing."""
+    run = weights_folder(tmp_path / "run")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("not-utf8-\udcff.png", "two\nlines.png", "red-\x1b[31m.png"):
+        asymmetric().save(images / name)
+    (images / "broken\n.png").write_bytes(b"not an image")
+    assert main(["predict", str(run), str(images), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 3 and "\x1b" not in out
+    assert f"{images}/not-utf8-\\udcff.png: " in out and f"{images}/two\\nlines.png: " in out
+    assert err.startswith(f"cifar-onecycle: error: {images}/broken\\n.png: not an image Pillow can read (")
+    assert err.count("\n") == 1
+    sweep = tmp_path / "sweep-\udcff"  # a line that is not escaped: the output's own errors
+    assert main(["sweep", "--vary", "lr_max=0.1,0.2", "--out", str(sweep), "--print-commands", "--no-download",
+                 "--data-dir", str(tmp_path)]) == 0
+    assert "sweep-\\udcff/lr_max=0.1/seed0" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "no\nrun")]) == 2  # any command's error
+    err = capsys.readouterr().err
+    assert err.startswith("cifar-onecycle: error: ") and err.count("\n") == 1 and "no\\nrun" in err
+
+
 def test_predict_with_weights_that_hold_nan_is_an_error_and_json_stays_json(tmp_path, capsys):
     model = ResNet9()
     with torch.no_grad():

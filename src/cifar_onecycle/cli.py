@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .distributed import launch_rank, shutdown
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import FolderLock, writable_folder
 from .recipe import Recipe, check_seed_range, load_recipe
 
@@ -497,14 +498,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for p in predict_files(model, image_paths(args.images), recipe.class_names, recipe.normalization):
         if p.error or p.top is None:
             failed += 1
-            print(f"{PROG}: error: {p.error}", file=sys.stderr)
+            print(f"{PROG}: error: {one_line(str(p.error))}", file=sys.stderr)
             if args.json:
                 print(json.dumps({"path": p.path, "error": p.error}))
         elif args.json:  # allow_nan=False: a line that is not JSON fails here, not in the reader
             print(json.dumps({"path": p.path, "class": p.top[0][0],
                               "top3": [{"class": c, "probability": v} for c, v in p.top]}, allow_nan=False))
         else:
-            print(f"{p.path}: {p.top[0][0]}  (" + ", ".join(f"{c} {v:.1%}" for c, v in p.top) + ")")
+            print(one_line(f"{p.path}: {p.top[0][0]}  (" + ", ".join(f"{c} {v:.1%}" for c, v in p.top) + ")"))
     return 2 if failed else 0
 
 
@@ -647,6 +648,11 @@ def with_flags(error: UserError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A file name that is not UTF-8 reaches Python as surrogates; a UTF-8 locale's strict standard
+    # output would stop the command with a traceback at its first print. Written as escapes
+    # instead, as Python writes them to standard error.
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -662,7 +668,7 @@ def _run(args: argparse.Namespace) -> int:
     except UserError as e:
         if args.debug:
             raise
-        tqdm.write(f"{_prog()}: error: {with_flags(e)}", file=sys.stderr)
+        tqdm.write(f"{_prog()}: error: {one_line(with_flags(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if args.debug:

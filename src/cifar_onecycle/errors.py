@@ -19,6 +19,13 @@ def as_setting(name: str) -> str:
     return f"{_MARK}{name}{_MARK}"
 
 
+def one_line(text: str) -> str:
+    """``text`` with each character a terminal would not show as itself (a newline, a terminal's
+    escape, an undecodable byte of a file name held as a surrogate) written as its Python escape:
+    a name from someone else's folder cannot split, recolour or forge a line of output."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class UserError(Exception):
     """Bad input or environment: a recipe value, a dataset file, an output folder. Exit code 2."""
 

@@ -3,6 +3,7 @@ them, then brought to 32x32 by one rule (``load_image``), for predict and for a 
 from __future__ import annotations
 
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from .errors import UserError
 from .files import open_regular
 
 SIZE = 32
-# Pillow refuses images above ~179 megapixels as decompression bombs; that limit stays.
+# Pillow refuses images above ~179 megapixels as decompression bombs; that limit stays (about 0.5 GB
+# decoded). Its warning from ~89 megapixels, two lines from inside Pillow, is not shown: a camera's
+# large photo is not an attack, and the limit that matters is the refusal.
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -23,17 +26,22 @@ def load_image(path: str | Path) -> torch.Tensor:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with open_regular(path) as f, Image.open(f) as img:
-            img.draft("RGB", (64, 64))  # JPEG: decode at a reduced size; a no-op for other formats
-            upright = ImageOps.exif_transpose(img)  # a phone's photo is stored sideways, with a tag
-            rgb = viewer_rgb(upright)
-            side = min(rgb.size)
-            left, top = (rgb.size[0] - side) // 2, (rgb.size[1] - side) // 2
-            small = rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side),
-                               reducing_gap=2.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # given as Image.open reads the size
+            with open_regular(path) as f, Image.open(f) as img:
+                img.draft("RGB", (64, 64))  # JPEG: decode at a reduced size; a no-op for other formats
+                upright = ImageOps.exif_transpose(img)  # a phone's photo is stored sideways, with a tag
+                rgb = viewer_rgb(upright)
+                side = min(rgb.size)
+                left, top = (rgb.size[0] - side) // 2, (rgb.size[1] - side) // 2
+                small = rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS,
+                                   box=(left, top, left + side, top + side), reducing_gap=2.0)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError,
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} million pixels, Pillow's limit "
+                        f"against decompression bombs; give a smaller copy") from None
+    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError,
             struct.error) as e:  # Pillow's decoders signal a malformed file with each of these
         raise UserError(f"{path}: not an image Pillow can read ({type(e).__name__})") from None
     except OSError as e:

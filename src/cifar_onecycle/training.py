@@ -21,7 +21,7 @@ from .data import LabelledImages, recorded_data_dir
 from .datasets import load_dataset
 from .device import resolve_placement, sync_every, synchronize
 from .distributed import Dist, all_reduce_sum, init_distributed, wait_for_ranks
-from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting
+from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting, one_line
 from .evaluation import EvaluationStopped
 from .files import FolderLock
 from .lr_finder import find_lr_bounds
@@ -388,7 +388,7 @@ def load_data(recipe: Recipe, data_dir: str | None, download: bool, progress: bo
     send_test_signals(test_signals, "load")
     data = load_dataset(recipe, data_dir or "data", download=download, progress=progress)
     if data.skipped and progress:
-        tqdm.write(f"skipped {len(data.skipped)} image(s) that cannot be read (the first: {data.skipped[0]})")
+        tqdm.write(f"skipped {len(data.skipped)} image(s) that cannot be read (the first: {one_line(data.skipped[0])})")
     return data
 
 
