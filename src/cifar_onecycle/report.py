@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .augment import CIFAR10_NORMALIZATION, Normalization, augment_batch, normalize, pad_reflect
 from .data import CLASSES
 from .device import eval_batch
+from .errors import one_line
 from .files import atomic_write
 from .recipe import Recipe
 from .results import SPLIT_NAMES, mean_curve
@@ -627,7 +628,8 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     save_png(plot_curves(history), run_dir / CURVES_PNG)
     save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / LR_SCHEDULE_PNG)
 
-    classes, normalization = recipe.class_names, recipe.normalization
+    normalization = recipe.normalization
+    classes = [one_line(name) for name in recipe.class_names]  # a folder's name may hold a newline or an escape
     probs = probabilities if probabilities is not None else predict_probabilities(
         model, test_images, recipe.eval_batch_size, precision, recipe.channels_last, normalization)
     cm = confusion_matrix(test_labels.cpu(), probs.argmax(1), len(classes))
@@ -639,7 +641,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     save_png(plot_augmentation(recipe, train_images), run_dir / AUGMENT_PNG)
     steps = augmentation_steps(recipe)
 
-    per_class = {c: int(cm[i, i]) / max(int(cm[i].sum()), 1) for i, c in enumerate(classes)}
+    per_class = {c: int(cm[i, i]) / max(int(cm[i].sum()), 1) for i, c in enumerate(recipe.class_names)}
     summary = {**summary, "per_class_accuracy": per_class}
     atomic_write(run_dir / REPORT_MD, report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
                                                       steps, run_dir))
