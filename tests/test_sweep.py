@@ -21,7 +21,7 @@ from cifar_onecycle.results import EpochMetrics
 from cifar_onecycle.run_folder import RunFolder
 from cifar_onecycle.run_setup import RunSetup
 from cifar_onecycle.sweep import ACCURACIES, SweepFolder, worker_environment
-from cifar_onecycle.sweep_plan import Plan, parse_point, parse_vary
+from cifar_onecycle.sweep_plan import KIND_WORDS, KINDS, UNVARIED, Plan, parse_point, parse_vary
 from conftest import ROOT, recipe_flags
 from test_train import TINY
 
@@ -77,6 +77,10 @@ def test_a_point_that_changes_only_the_evaluation_trains_as_the_first_that_train
     assert listed.trained_as(SMALL.replace(tta=True)) == {}
 
 
+def test_every_setting_a_sweep_may_vary_has_a_kind_it_parses():
+    assert {KINDS[k] for k in KINDS if k not in UNVARIED} <= set(KIND_WORDS)
+
+
 def test_a_varied_setting_acts_as_its_flag_would():
     base = Recipe(lr_min_div=100.0, lr_max=0.4)
     point = Plan(parse_vary(["lr_min=0.001", "epochs=12"]), 0, 1).points[0]
@@ -89,8 +93,9 @@ def test_a_varied_setting_acts_as_its_flag_would():
     (["lr_maxx=0.1"], "unknown setting 'lr_maxx'"),
     (["lr_max=0.1,fast"], "lr_max=fast: not a float or auto"),
     (["flip=yes"], "flip=yes: not a bool"),
-    (["batch_size=auto"], "batch_size=auto: not a int"),
+    (["batch_size=auto"], "batch_size=auto: not an int"),
     (["seed=1,2"], "seed is not varied: every point trains the same seeds"),
+    (["classes=a,b"], "--vary: classes is not varied: a sweep reads its data once"),  # a tuple: refused, not parsed
     (["lr_max=0.1,0.10"], "needs distinct values"),
     (["lr_max=-1"], "lr_max must be > 0"),
     (["lr_min=0.1", "lr_min_div=10"], "both set LRMIN"),
@@ -114,6 +119,8 @@ def test_an_impossible_grid_is_one_line_before_anything(cifar_dir, tmp_path, cap
     (["--point", "dataset=cifar100"], "--point: dataset is not varied: a sweep reads its data once"),
     (["--point", "lr_min=0.1,lr_min_div=10"], "both set LRMIN"),
     (["--point", "lr_maxx=0.1"], "unknown setting 'lr_maxx'"),
+    (["--point", "mean=1"], "--point: mean is not varied"),
+    (["--vary", "weight_decay=0.0005,0.001", "--baseline", "std=1"], "--baseline: std is not varied"),
 ])
 def test_an_impossible_list_is_one_line_before_anything(cifar_dir, tmp_path, capsys, args, message):
     out = tmp_path / "sw"

@@ -24,7 +24,9 @@ NOT_VARIED = ("seed",)                 # the seeds are the sweep's other dimensi
 DATA_SETTINGS = ("dataset", "skip_bad_images", *DATA_FIELDS)
 # A plan may come from someone else's folder: it must not decide how much work or memory a sweep takes.
 MAX_RUNS = 10_000
+UNVARIED = (*DATA_SETTINGS, *NOT_VARIED)
 KINDS = {f.name: str(f.type) for f in fields(Recipe)}
+KIND_WORDS = {"int": "an int", "float": "a float", "bool": "a bool (true or false)", "str": "a str"}
 # Settings that change only the evaluation at a run's end when the recipe has no per-epoch TTA
 # (which they would change too): a point that differs from another in these alone is not trained.
 EVALUATION_ONLY = ("tta_translate",)
@@ -37,14 +39,25 @@ def format_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def parse_value(setting: str, text: str) -> Any:
+def check_variable(setting: str, what: str = "vary") -> None:
+    """Refuse a setting that a sweep cannot vary (``what``: the flag or plan field that names it)."""
+    if setting not in KINDS:
+        raise UserError(f"{as_setting(what)}: unknown setting {setting!r}; any recipe setting can be varied but "
+                        f"the data's and the seed: {', '.join(k for k in KINDS if k not in UNVARIED)}")
+    if setting in DATA_SETTINGS:
+        raise UserError(f"{as_setting(what)}: {setting} is not varied: a sweep reads its data once; run a "
+                        f"sweep for each data set")
+    if setting in NOT_VARIED:
+        raise UserError(f"{as_setting(what)}: seed is not varied: every point trains the same seeds, from "
+                        f"the recipe's seed on")
+
+
+def parse_value(setting: str, text: str, what: str = "vary") -> Any:
     """A value of ``setting`` from its text (``auto`` where the range test can find the setting)."""
-    kind = KINDS.get(setting)
-    if kind is None:
-        raise UserError(f"{as_setting('vary')}: unknown setting {setting!r}; any recipe setting can be varied: "
-                        f"{', '.join(KINDS)}")
+    check_variable(setting, what)
     if text == AUTO and setting in AUTO_SETTINGS:
         return AUTO
+    kind = KINDS[setting]
     try:
         if kind == "bool":
             if text not in ("true", "false"):
@@ -53,7 +66,7 @@ def parse_value(setting: str, text: str) -> Any:
         return {"int": int, "float": float, "str": str}[kind](text)
     except ValueError:
         auto = " or auto" if setting in AUTO_SETTINGS else ""
-        raise UserError(f"{as_setting('vary')}: {setting}={text}: not a {kind}{auto}") from None
+        raise UserError(f"{as_setting(what)}: {setting}={text}: not {KIND_WORDS[kind]}{auto}") from None
 
 
 def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
@@ -78,7 +91,7 @@ def parse_point(spec: str, what: str = "baseline") -> dict[str, Any]:
         setting = setting.strip().replace("-", "_")
         if not sep or setting in point:
             raise UserError(f"{as_setting(what)}: {spec!r} is not SETTING=VALUE,SETTING=VALUE (each setting once)")
-        point[setting] = parse_value(setting, value.strip())
+        point[setting] = parse_value(setting, value.strip(), what)
     return point
 
 
@@ -193,14 +206,7 @@ class Plan:
             raise UserError(f"{as_setting(what)}: give at least one setting to vary (SETTING=VALUE,VALUE,...) or "
                             f"point (SETTING=VALUE,...)")
         for setting in self.settings:
-            if setting not in KINDS:
-                raise UserError(f"{as_setting(what)}: unknown setting {setting!r}")
-            if setting in DATA_SETTINGS:
-                raise UserError(f"{as_setting(what)}: {setting} is not varied: a sweep reads its data once; run a "
-                                f"sweep for each data set")
-            if setting in NOT_VARIED:
-                raise UserError(f"{as_setting(what)}: seed is not varied: every point trains the same seeds, from "
-                                f"the recipe's seed on")
+            check_variable(setting, what)
         for setting, values in self.vary.items():
             if not values or len({format_value(v) for v in values}) != len(values):
                 raise UserError(f"{as_setting('vary')}: {setting} needs distinct values, got "
