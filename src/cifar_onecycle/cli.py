@@ -313,9 +313,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) -> int:
+def _timed_steps(step_seconds: Sequence[float]) -> str:
+    """The timed steps after the first, for a dry run's line: each of a few, else their median and range."""
     import statistics
 
+    after = step_seconds[1:]
+    if len(after) <= 4:
+        return ", ".join(f"{t:.3g}" for t in after)
+    return f"{statistics.median(after):.3g} (the median of {len(after)}, {min(after):.3g} to {max(after):.3g})"
+
+
+def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) -> int:
     from .clock import format_seconds
     from .run_plan import dry_run
 
@@ -329,9 +337,6 @@ def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) ->
     found = (f"; {' and '.join(auto)} auto: the run's LR range test finds {'them' if len(auto) > 1 else 'it'} first, "
              f"in at most {plan.range_test_steps:,} steps (the knots show the recipe's values)" if auto else "")
     tflop = plan.flops_per_image * r.batch_size * plan.total_steps / 1e12
-    after = plan.step_seconds[1:]
-    timed = (", ".join(f"{t:.3g}" for t in after) if len(after) <= 4 else
-             f"{statistics.median(after):.3g} (the median of {len(after)}, {min(after):.3g} to {max(after):.3g})")
     runs = args.seeds or 1
     print(f"dry run: nothing trained or written\n"
           f"device {plan.device}, precision {plan.precision}\n"
@@ -341,8 +346,8 @@ def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) ->
           f"{f'{tflop:,.0f}' if tflop >= 10 else f'{tflop:.2g}'} TFLOP of training\n"
           f"One Cycle LR knots (the LR of the step; straight lines between): {knots}{found}\n"
           f"timed: the first step {plan.step_seconds[0]:.3g} s (allocation"
-          f"{', compilation' if r.compile else ''}), then {timed} s a step; an evaluation batch of "
-          f"{plan.eval_batch_images} images {plan.eval_batch_seconds:.3g} s\n"
+          f"{', compilation' if r.compile else ''}), then {_timed_steps(plan.step_seconds)} s a step; an evaluation "
+          f"batch of {plan.eval_batch_images} images {plan.eval_batch_seconds:.3g} s\n"
           f"about {format_seconds(plan.estimated_seconds)} for the run ("
           + (f"{format_seconds(plan.range_test_seconds)} of range test, " if auto else "")
           + f"{format_seconds(plan.training_seconds)} of steps, {format_seconds(plan.evaluation_seconds)} of "
@@ -560,8 +565,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _print_sweep_dry_run(planned: SweepDryRun) -> int:
-    import statistics
-
     from .clock import format_seconds
 
     plan = planned.plan
@@ -580,8 +583,7 @@ def _print_sweep_dry_run(planned: SweepDryRun) -> int:
             continue
         r = p.run
         steps = f"{r.total_steps:,}" + (f" + {r.range_test_steps:,} range test" if r.range_test_steps else "")
-        a_step = statistics.median(r.step_seconds[1:] or r.step_seconds)
-        rows.append((p.point.name, str(p.runs), steps, f"{a_step:.3g}", format_seconds(r.estimated_seconds),
+        rows.append((p.point.name, str(p.runs), steps, f"{r.seconds_a_step:.3g}", format_seconds(r.estimated_seconds),
                      format_seconds(p.estimated_seconds)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows))
@@ -589,8 +591,8 @@ def _print_sweep_dry_run(planned: SweepDryRun) -> int:
         if p.run is not None and p.timed_as is None:
             r = p.run
             others = [q.point.name for q in planned.points if q.timed_as == p.point]
-            after = ", ".join(f"{t:.3g}" for t in r.step_seconds[1:5]) + (", ..." if len(r.step_seconds) > 5 else "")
-            print(f"timed {p.point.name}: the first step {r.step_seconds[0]:.3g} s, then {after} s; an evaluation "
+            print(f"timed {p.point.name}: the first step {r.step_seconds[0]:.3g} s, then "
+                  f"{_timed_steps(r.step_seconds)} s; an evaluation "
                   f"batch of {r.eval_batch_images} images {r.eval_batch_seconds:.3g} s"
                   + (f"; the same work a step: {', '.join(others)}" if others else ""))
     at_once = "one at a time" if planned.at_once == 1 else f"{planned.at_once} at a time, a GPU each"

@@ -94,14 +94,18 @@ class RunPlan:
         return self.recipe.one_cycle(self.steps_per_epoch)
 
     @property
+    def seconds_a_step(self) -> float:
+        """The median of the timed steps, the first left out (as a run's time left is told)."""
+        return time_left(self.step_seconds, 1) or 0.0
+
+    @property
     def training_seconds(self) -> float:
-        """Every step at the median of the timed ones, the first left out (as a run's time left is told)."""
-        return time_left(self.step_seconds, self.total_steps) or 0.0
+        return self.seconds_a_step * self.total_steps
 
     @property
     def range_test_seconds(self) -> float:
-        """The range test's sweeps at their full length, a step at the training steps' median."""
-        return time_left(self.step_seconds, self.range_test_steps) or 0.0
+        """The range test's sweeps at their full length, a step as a training step."""
+        return self.seconds_a_step * self.range_test_steps
 
     @property
     def evaluation_seconds(self) -> float:
