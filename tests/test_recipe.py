@@ -3,9 +3,9 @@ from importlib import resources
 
 import pytest
 
-from cifar_onecycle import Recipe, RecipeError, ResNet9, count_parameters, load_recipe
+from cifar_onecycle import Recipe, RecipeError, ResNet9, count_parameters, load_recipe, sweep, train
 from cifar_onecycle.cli import main
-from cifar_onecycle.recipe import NAMED
+from cifar_onecycle.recipe import NAMED, as_recipe
 
 
 def test_defaults_are_the_seed_values():
@@ -215,3 +215,16 @@ def test_a_recipe_integer_too_large_for_a_float_is_refused(tmp_path):
     (tmp_path / "r.toml").write_text("lr_max = " + "9" * 400 + "\n")
     with pytest.raises(RecipeError, match="lr_max must be a finite number, got an integer of 400 digits"):
         load_recipe(tmp_path / "r.toml")
+
+
+def test_the_python_functions_take_a_recipe_by_name_or_file_as_the_cli_does(tmp_path):
+    assert as_recipe("best") == load_recipe("best") and as_recipe(None) == Recipe()
+    (tmp_path / "mine.toml").write_text("epochs = 3\npeak_epoch = 1.0\n")
+    assert as_recipe(tmp_path / "mine.toml") == Recipe(epochs=3, peak_epoch=1.0)
+    with pytest.raises(TypeError, match="a Recipe, the name of a shipped one"):
+        as_recipe(24)
+    with pytest.raises(RecipeError, match="no-such-recipe: recipe file not found"):
+        train("no-such-recipe", data_dir=tmp_path, download=False)
+    planned = sweep(str(tmp_path / "mine.toml"), {"lr_max": [0.1, 0.2]}, out=tmp_path / "sweep", print_commands=True)
+    assert load_recipe(tmp_path / "sweep" / "recipe.toml") == Recipe(epochs=3, peak_epoch=1.0)
+    assert len(planned.commands) == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -423,6 +424,19 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
     except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: a number Python will not convert
         raise RecipeError(f"{path}: not valid TOML ({str(e)[:200]})") from None
     return _over(base, values, str(path))
+
+
+def as_recipe(recipe: Recipe | str | os.PathLike[str] | None) -> Recipe:
+    """A Python function's ``recipe`` argument as a Recipe: None is the seed's; a string or a path is
+    a shipped recipe's name (``"best"``) or a TOML file, read by ``load_recipe`` as ``--recipe`` is."""
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(os.fspath(recipe))
+    raise TypeError(f"recipe: a Recipe, the name of a shipped one ({', '.join(NAMED)}) or a TOML file's path; "
+                    f"got {type(recipe).__name__}")
 
 
 # A recipe is flat: one bare key and one value a line, and comments. Checked before the TOML parser

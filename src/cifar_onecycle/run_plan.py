@@ -38,7 +38,7 @@ from .device import device_name, eval_batch, resolve_placement, synchronize
 from .distributed import init_distributed
 from .evaluation import evaluate_recipe
 from .lr_finder import auto_modes, sweep_iterations
-from .recipe import Recipe
+from .recipe import Recipe, as_recipe
 from .run_setup import RunSetup, setup_run
 from .schedule import OneCycle
 from .signals import signals_for_tests
@@ -118,18 +118,18 @@ class RunPlan:
         return self.range_test_seconds + self.training_seconds + self.evaluation_seconds
 
 
-def dry_run(recipe: Recipe | None = None, *, data: LabelledImages | None = None,
+def dry_run(recipe: Recipe | str | Path | None = None, *, data: LabelledImages | None = None,
             data_dir: str | Path | None = None, download: bool = True, progress: bool = False,
             augment_images: int | None = None, find_lr_max: bool = False, find_lr_min: bool = False,
             timed: RunPlan | None = None) -> RunPlan:
-    """Set up a run of ``recipe`` as ``train`` would (the same checks, the data on the device, the
-    model, optimizer and compilation) and time a few of its steps and one evaluation batch; train
-    nothing further and write nothing. ``data``, ``data_dir``, ``download``, ``augment_images``,
+    """Set up a run of ``recipe`` (as ``train`` takes it) as ``train`` would (the same checks, the
+    data on the device, the model, optimizer and compilation) and time a few of its steps and one
+    evaluation batch; train nothing further and write nothing. ``data``, ``data_dir``, ``download``, ``augment_images``,
     ``find_lr_max``, ``find_lr_min``: as for ``train`` (the last two count the range test's sweeps;
     the knots keep the recipe's LRs); ``progress``: the download's bar. ``timed``: the plan of a run
     with the same ``step_work``, whose timings are taken instead of timing again (an evaluation
     batch of another size is timed)."""
-    recipe = recipe or Recipe()
+    recipe = as_recipe(recipe)
     resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     if data is None:
         data = load_data(recipe, data_folder(data_dir, None), download, progress, signals_for_tests())
@@ -238,8 +238,8 @@ class SweepDryRun:
         return max(busy)
 
 
-def dry_run_sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
-                  out: str | Path | None = None, baseline: Mapping[str, Any] | None = None,
+def dry_run_sweep(recipe: Recipe | str | Path | None = None, vary: Mapping[str, Sequence[Any]] | None = None,
+                  seeds: int = 1, *, out: str | Path | None = None, baseline: Mapping[str, Any] | None = None,
                   points: Sequence[Mapping[str, Any]] | None = None, data_dir: str | Path | None = None,
                   download: bool = True, data: LabelledImages | None = None, progress: bool = False,
                   workers: int = 1) -> SweepDryRun:
@@ -248,7 +248,7 @@ def dry_run_sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]
     read once, each point's run set up as its first seed's, one point of each ``step_work`` timed
     (``dry_run``). The runs that ``out`` holds ended are not counted. ``progress``: a line as each
     point is timed, and the download's bar."""
-    base = recipe or Recipe()
+    base = as_recipe(recipe)
     plan = make_plan(base, vary, seeds, baseline, points, workers)
     device, _ = resolve_placement(base)
     if data is None:

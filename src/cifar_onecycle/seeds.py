@@ -23,7 +23,7 @@ from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted
 from .files import FolderLock
-from .recipe import Recipe, check_seed_range
+from .recipe import Recipe, as_recipe, check_seed_range
 from .run_folder import METRICS, SEEDS, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .signals import signals_for_tests
@@ -75,11 +75,12 @@ def final_accuracies(summary: dict[str, Any]) -> str:
     return f"final {val}test accuracy {summary['final_test_acc']:.2%} (flip TTA {summary['final_test_acc_tta']:.2%})"
 
 
-def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path | None = None,
+def train_seeds(recipe: Recipe | str | Path | None = None, seeds: int = 1, *, out: str | Path | None = None,
                 overwrite: bool = False, resume: str | Path | None = None, data_dir: str | Path | None = None,
                 download: bool = True, data: LabelledImages | None = None, progress: bool = True,
                 **train_args: Any) -> SeedsResult:
-    """Train ``recipe`` with seeds ``recipe.seed`` .. ``recipe.seed + seeds - 1``, one after another.
+    """Train ``recipe`` (as ``train`` takes it) with seeds ``recipe.seed`` .. ``recipe.seed + seeds - 1``,
+    one after another.
 
     ``out``: the folder for the runs (none: nothing is written). ``resume``: such a folder, to go
     on where it stopped: finished runs are read back, a run with a checkpoint is resumed, the rest
@@ -87,9 +88,11 @@ def train_seeds(recipe: Recipe | None = None, seeds: int = 1, *, out: str | Path
     ``checkpoints``).
     """
     if resume is None:
-        recipe = recipe or Recipe()
+        recipe = as_recipe(recipe)
         first, count = recipe.seed, seeds
         check_seed_range(first, count)
+    elif recipe is not None:
+        recipe = as_recipe(recipe)  # to be checked against the resumed set's own
     main = init_distributed(run_device(recipe, resume)).main  # under torchrun only rank 0 writes
     folder: RunFolder | None = None
     with contextlib.ExitStack() as held:  # the set's folder, held until its results are written

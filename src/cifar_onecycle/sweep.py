@@ -58,7 +58,7 @@ from .data import LabelledImages
 from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting
 from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, read_capped, refuse_a_file, writable_folder
-from .recipe import DATA_FIELDS, Recipe, load_recipe
+from .recipe import DATA_FIELDS, Recipe, as_recipe, load_recipe
 from .report import MAX_CURVES
 from .results import mean_curve
 from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, SWEEP_PLAN, RunFolder
@@ -315,16 +315,16 @@ def fit_points(plan: Plan, base: Recipe, data: LabelledImages) -> dict[Point, di
     return settings
 
 
-def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
+def sweep(recipe: Recipe | str | Path | None = None, vary: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, *,
           out: str | Path, baseline: Mapping[str, Any] | None = None, data_dir: str | Path | None = None,
           download: bool = True, data: LabelledImages | None = None, progress: bool = True, workers: int = 1,
           report: bool = False, checkpoints: bool = True, keep_checkpoint: bool = False, tensorboard: bool = False,
           print_commands: bool = False, points: Sequence[Mapping[str, Any]] | None = None) -> SweepResult:
-    """Train ``recipe`` at every point of the grid ``vary`` ({setting: values}; ``"auto"`` for
-    lr_max or lr_min: the range test's value, found in each run), or instead at the recipe itself
-    and each of ``points`` (a list of {setting: value}, the changes each makes to the recipe), with
-    seeds ``recipe.seed`` .. ``recipe.seed + seeds - 1``, each run an ordinary run folder under
-    ``out``; returns the table.
+    """Train ``recipe`` (as ``train`` takes it) at every point of the grid ``vary`` ({setting: values};
+    ``"auto"`` for lr_max or lr_min: the range test's value, found in each run), or instead at the
+    recipe itself and each of ``points`` (a list of {setting: value}, the changes each makes to the
+    recipe), with seeds ``recipe.seed`` .. ``recipe.seed + seeds - 1``, each run an ordinary run
+    folder under ``out``; returns the table.
 
     ``baseline``: the point the others are compared with, paired by seed (default: the recipe's
     own values of the varied settings, when they are a point of the grid; with ``points``, the
@@ -336,7 +336,7 @@ def sweep(recipe: Recipe | None = None, vary: Mapping[str, Sequence[Any]] | None
     (by default a finished run keeps its weights, not its checkpoint). The same call again goes on
     where a sweep stopped.
     """
-    base = recipe or Recipe()
+    base = as_recipe(recipe)
     plan = make_plan(base, vary, seeds, baseline, points, workers)
     resolve_placement(base)  # a device this machine lacks: refused before loading anything
     data_dir = data_folder(data_dir, data)

@@ -25,7 +25,7 @@ from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setti
 from .evaluation import EvaluationStopped
 from .files import FolderLock
 from .lr_finder import find_lr_bounds
-from .recipe import DATA_FIELDS, Recipe
+from .recipe import DATA_FIELDS, Recipe, as_recipe
 from .report import write_report
 from .results import EpochMetrics, TrainResult, format_epoch, git_commit, run_summary
 from .run_folder import CHECKPOINT, SUMMARY, TENSORBOARD, RunFolder
@@ -55,13 +55,15 @@ class RunOptions:
     keep_checkpoint: bool = False
 
 
-def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, data_dir: str | Path | None = None,
-          download: bool = True, out: str | Path | None = None, overwrite: bool = False,
-          resume: str | Path | None = None, progress: bool = True, report: bool = True, tensorboard: bool = False,
-          checkpoints: bool = True, find_lr_max: bool = False, find_lr_min: bool = False,
+def train(recipe: Recipe | str | Path | None = None, *, data: LabelledImages | None = None,
+          data_dir: str | Path | None = None, download: bool = True, out: str | Path | None = None,
+          overwrite: bool = False, resume: str | Path | None = None, progress: bool = True, report: bool = True,
+          tensorboard: bool = False, checkpoints: bool = True, find_lr_max: bool = False, find_lr_min: bool = False,
           augment_images: int | None = None, keep_checkpoint: bool = False) -> TrainResult:
     """Train the seed's ResNet with the One Cycle policy and return its history and model.
 
+    ``recipe``: a Recipe, a shipped recipe's name (``"best"``) or a recipe TOML file (``as_recipe``);
+    None: the seed's, or when resuming the run's own.
     ``data``: an already loaded data set (else it is read from ``data_dir``, default ./data or, when
     resuming, the run's own; given both, ``data_dir`` says where ``data`` came from). ``out``: a run
     folder for recipe.toml, metrics.csv, summary.json, the weights and a checkpoint after every epoch
@@ -78,6 +80,7 @@ def train(recipe: Recipe | None = None, *, data: LabelledImages | None = None, d
     augments at once (None: the device's policy, ``device.augment_at_once``; 0: one batch at a
     time); the images are the same.
     """
+    recipe = None if recipe is None else as_recipe(recipe)  # None: the resumed run's own, or the seed's
     options = RunOptions(data_dir, download, out, overwrite, resume, progress, report, tensorboard, checkpoints,
                          find_lr_max, find_lr_min, augment_images, keep_checkpoint)
     started = time.perf_counter()  # the run's time counts its data loading and any range test
