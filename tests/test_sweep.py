@@ -178,6 +178,24 @@ def test_a_plan_of_thousands_of_points_draws_a_bounded_picture(tmp_path):
     assert len(axes.get_xticklabels()) <= 30  # matplotlib's own ticks, not 3,000 labels to lay out
 
 
+def test_a_sweep_collected_before_any_run_ended_says_so_in_its_pictures(tmp_path):
+    from cifar_onecycle.report import NOTHING_YET, plot_sweep, plot_sweep_curves
+
+    def said(fig):
+        return [NOTHING_YET in [t.get_text() for t in ax.texts] for ax in fig.axes]
+
+    for plan in (Plan({"lr_max": [0.01, 0.02]}, 0, 1), Plan({}, 0, 1, listed=[{"lr_max": 0.01}])):
+        folder = SweepFolder(tmp_path / str(len(list(tmp_path.iterdir()))))
+        folder.open(plan, SMALL)
+        result = folder.write_results(plan, SMALL)
+        assert said(plot_sweep(plan, result.rows, result.stats)) == [True]
+        assert said(plot_sweep_curves(plan, {}, result.stats)) == [True, True]
+    one = [{"point": "lr_max=0.01", "values": {"lr_max": 0.01}, "seed": 0, "final_test_acc": 0.5}]
+    stats = {"selection": "final_test_acc", "points": [], "baseline": None}
+    assert said(plot_sweep(Plan({"lr_max": [0.01, 0.02]}, 0, 1), one, stats)) == [False]
+    assert said(plot_sweep_curves(plan, {"lr_max=0.01": [(1, 2.0, 0.5)]}, result.stats)) == [False, False]
+
+
 def numbers(result):
     """A sweep's rows without their times: what two sweeps of the same runs share."""
     return [{k: v for k, v in r.items() if k != "seconds"} for r in result.rows]

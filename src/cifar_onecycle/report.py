@@ -429,7 +429,7 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
     selection = stats["selection"]
     rows_of = selection_rows(rows, selection)
     if plan.listed is not None:
-        return plot_point_list(plan, rows_of, stats)
+        return say_when_empty(plot_point_list(plan, rows_of, stats), not rows_of)
     x_name = next(iter(plan.vary))
     x_values = plan.vary[x_name]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values if v != AUTO)
@@ -497,6 +497,17 @@ def plot_sweep(plan: Plan, rows: list[dict[str, Any]], stats: dict[str, Any]) ->
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+    return say_when_empty(fig, not rows_of)
+
+
+NOTHING_YET = "no run has finished yet"
+
+
+def say_when_empty(fig: Any, empty: bool) -> Any:
+    """``fig`` with ``NOTHING_YET`` across each of its plots when ``empty``: a sweep collected before
+    any run ended draws axes and nothing else, which reads as a broken picture."""
+    for ax in fig.axes if empty else []:
+        ax.text(0.5, 0.5, NOTHING_YET, transform=ax.transAxes, ha="center", va="center", color="0.4")
     return fig
 
 
@@ -528,7 +539,7 @@ def plot_curve_pair(curves: list[Curve], loss_title: str, accuracy_title: str) -
         ax.grid(alpha=0.3)
     if any(label for label, *_ in curves):
         acc_ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return fig
+    return say_when_empty(fig, not curves)
 
 
 def plot_sweep_curves(plan: Plan, curves: dict[str, list[tuple[int, float, float]]], stats: dict[str, Any]) -> Any:
