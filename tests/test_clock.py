@@ -128,7 +128,12 @@ def test_a_sweeps_workers_say_how_long_the_runs_left_take(tmp_path, monkeypatch,
 @pytest.mark.slow
 def test_each_epoch_line_but_the_last_says_how_long_the_run_has_left(cifar_dir, capsys):
     train(Recipe(**{**TINY, "epochs": 3}), data_dir=cifar_dir, download=False)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 3
     assert all(re.search(r"img/s  about \d+ s left$", line) for line in lines[:2]), lines
     assert lines[2].endswith("img/s"), lines[2]
+    # Before the first epoch's line, its progress bar says it, from the steps so far; then only the lines.
+    bars = [bar for bar in re.split(r"[\r\n]", captured.err) if bar.startswith("epoch ")]
+    assert any(re.search(r"run=about \d+ s left", bar) for bar in bars if bar.startswith("epoch 1/3")), bars
+    assert not any("run=" in bar for bar in bars if not bar.startswith("epoch 1/3")), bars
