@@ -7,6 +7,7 @@ import fcntl
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CIFAR_ONECYCLE_SHARED", ROOT.parent / "shared"))
+
+# The commands the tests start react to SIGINT as a command started from a terminal does. A suite
+# run as a background job of a non-interactive shell (`cmd &` in a script) starts with SIGINT
+# ignored, Python leaves it so, and every process it starts inherits that: a run sent SIGINT while
+# loading its data then trained to its end (exit 0, not 130). Caught here, it is back to its default
+# in each process this one starts.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def recipe_flags(recipe) -> list[str]:

@@ -27,7 +27,7 @@ def load_image(path: str | Path) -> torch.Tensor:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # given as Image.open reads the size
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Image.open warns as it reads the size
             with open_regular(path) as f, Image.open(f) as img:
                 img.draft("RGB", (64, 64))  # JPEG: decode at a reduced size; a no-op for other formats
                 upright = ImageOps.exif_transpose(img)  # a phone's photo is stored sideways, with a tag

@@ -504,8 +504,8 @@ NOTHING_YET = "no run has finished yet"
 
 
 def say_when_empty(fig: Any, empty: bool) -> Any:
-    """``fig`` with ``NOTHING_YET`` across each of its plots when ``empty``: a sweep collected before
-    any run ended draws axes and nothing else, which reads as a broken picture."""
+    """``fig`` with ``NOTHING_YET`` across each of its plots when ``empty``: a sweep's pictures
+    before any of its runs ended are axes and nothing else, which read as a broken picture."""
     for ax in fig.axes if empty else []:
         ax.text(0.5, 0.5, NOTHING_YET, transform=ax.transAxes, ha="center", va="center", color="0.4")
     return fig
