@@ -591,9 +591,9 @@ def _print_sweep_dry_run(planned: SweepDryRun) -> int:
         if p.run is not None and p.timed_as is None:
             r = p.run
             others = [q.point.name for q in planned.points if q.timed_as == p.point]
-            print(f"timed {p.point.name}: the first step {r.step_seconds[0]:.3g} s, then "
-                  f"{_timed_steps(r.step_seconds)} s; an evaluation "
-                  f"batch of {r.eval_batch_images} images {r.eval_batch_seconds:.3g} s"
+            print(f"timed {p.point.name}: the first step {r.step_seconds[0]:.3g} s, "
+                  f"then {_timed_steps(r.step_seconds)} s; an evaluation batch of {r.eval_batch_images} images "
+                  f"{r.eval_batch_seconds:.3g} s"
                   + (f"; the same work a step: {', '.join(others)}" if others else ""))
     at_once = "one at a time" if planned.at_once == 1 else f"{planned.at_once} at a time, a GPU each"
     print(f"about {format_seconds(planned.estimated_seconds)} for the {planned.runs} runs, {at_once} (range tests, "

@@ -124,11 +124,11 @@ def dry_run(recipe: Recipe | str | Path | None = None, *, data: LabelledImages |
             timed: RunPlan | None = None) -> RunPlan:
     """Set up a run of ``recipe`` (as ``train`` takes it) as ``train`` would (the same checks, the
     data on the device, the model, optimizer and compilation) and time a few of its steps and one
-    evaluation batch; train nothing further and write nothing. ``data``, ``data_dir``, ``download``, ``augment_images``,
-    ``find_lr_max``, ``find_lr_min``: as for ``train`` (the last two count the range test's sweeps;
-    the knots keep the recipe's LRs); ``progress``: the download's bar. ``timed``: the plan of a run
-    with the same ``step_work``, whose timings are taken instead of timing again (an evaluation
-    batch of another size is timed)."""
+    evaluation batch; train nothing further and write nothing. ``data``, ``data_dir``,
+    ``download``, ``augment_images``, ``find_lr_max``, ``find_lr_min``: as for ``train`` (the last
+    two count the range test's sweeps; the knots keep the recipe's LRs); ``progress``: the
+    download's bar. ``timed``: the plan of a run with the same ``step_work``, whose timings are
+    taken instead of timing again (an evaluation batch of another size is timed)."""
     recipe = as_recipe(recipe)
     resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     if data is None:

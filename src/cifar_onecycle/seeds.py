@@ -79,8 +79,8 @@ def train_seeds(recipe: Recipe | str | Path | None = None, seeds: int = 1, *, ou
                 overwrite: bool = False, resume: str | Path | None = None, data_dir: str | Path | None = None,
                 download: bool = True, data: LabelledImages | None = None, progress: bool = True,
                 **train_args: Any) -> SeedsResult:
-    """Train ``recipe`` (as ``train`` takes it) with seeds ``recipe.seed`` .. ``recipe.seed + seeds - 1``,
-    one after another.
+    """Train ``recipe`` (as ``train`` takes it) with seeds ``recipe.seed`` ..
+    ``recipe.seed + seeds - 1``, one after another.
 
     ``out``: the folder for the runs (none: nothing is written). ``resume``: such a folder, to go
     on where it stopped: finished runs are read back, a run with a checkpoint is resumed, the rest

@@ -250,7 +250,8 @@ def train_epoch(setup: RunSetup, state: TrainState, cycle: OneCycle, stop: StopS
             if run_left_in_bar and progress:
                 a_step = (time.perf_counter() - steps_started) / (state.batch - first_batch)
                 left = about_left([a_step], recipe.epochs * steps_per_epoch - state.steps_done(setup))
-                postfix.update({"run": left} if left else {})
+                if left:
+                    postfix["run"] = left
             bar.set_postfix(postfix)
             if stopping and state.batch < steps_per_epoch:
                 break
