@@ -228,3 +228,17 @@ def test_the_python_functions_take_a_recipe_by_name_or_file_as_the_cli_does(tmp_
     planned = sweep(str(tmp_path / "mine.toml"), {"lr_max": [0.1, 0.2]}, out=tmp_path / "sweep", print_commands=True)
     assert load_recipe(tmp_path / "sweep" / "recipe.toml") == Recipe(epochs=3, peak_epoch=1.0)
     assert len(planned.commands) == 2
+
+
+def test_the_help_of_an_auto_lr_names_the_sweep_it_is_read_from(capsys):
+    from cifar_onecycle.cli import main
+    from cifar_onecycle.lr_finder import AUTO_SWEEPS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+    words = {"exp": "exponential", "linear": "linear"}  # the sweep the run reads the setting off
+    for name in ("lr_max", "lr_min"):
+        flag = "--" + name.replace("_", "-")
+        line = text.split(f"{flag} LR|auto ", 1)[1].split(" (default:", 1)[0]
+        assert f"'auto': the {words[AUTO_SWEEPS[name]]} LR range test's suggestion" in line

@@ -70,7 +70,10 @@ def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None
         if f.type == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name in ("lr_max", "lr_min") and auto_lr:
-            kw["help"] = (f"{f.metadata['help']}, or 'auto': the linear LR range test's suggestion "
+            from .lr_finder import AUTO_SWEEPS
+
+            sweep = {"exp": "exponential"}.get(AUTO_SWEEPS[f.name], AUTO_SWEEPS[f.name])
+            kw["help"] = (f"{f.metadata['help']}, or 'auto': the {sweep} LR range test's suggestion "
                           f"(default: {f.default})")
             g.add_argument(flag, type=_float_or_auto, metavar="LR|auto", **kw)
         else:
@@ -79,11 +82,11 @@ def _add_recipe_flags(p: argparse.ArgumentParser, auto_lr: bool = False) -> None
                            metavar=None if choices else f.name.upper().split("_")[-1], **kw)
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def _add_data_flags(p: argparse.ArgumentParser, default: str = "./data") -> None:
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (cifar-100-python/ or "
                         "cifar-100-python.tar.gz; with --dataset folder, train/<class>/ and test/<class>/) "
-                        "(default: ./data; with --resume, the run's own)")
+                        f"(default: {default})")
     p.add_argument("--no-download", action="store_true", help="never use the network for the data set")
 
 
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cmd = sub.add_parser("train", parents=[common], help="train with a recipe (default: the seed's)")
     _add_recipe_flags(train_cmd, auto_lr=True)
-    _add_data_flags(train_cmd)
+    _add_data_flags(train_cmd, "./data; with --resume, the run's own")
     train_cmd.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<timestamp>)")
     train_cmd.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train_cmd.add_argument("--resume", metavar="RUN_DIR",
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--dataset", choices=Recipe.choices("dataset"),
                               help="score the model on the test images of this source, whose classes must be the "
                                    "model's (default: the one it was trained on)")
-    _add_data_flags(evaluate_cmd)
+    _add_data_flags(evaluate_cmd, "the folder the run was trained on, else ./data")
     _add_device_flags(evaluate_cmd, "the run's own test accuracy is reproduced")
     evaluate_cmd.add_argument("--split", choices=("test", "val"), default="test",
                               help="the test images (default), or val: the training images the run held out "
@@ -221,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cmd = sub.add_parser("report", parents=[common], help="(re)write a run's pictures and report.md")
     report_cmd.add_argument("run_dir", metavar="RUN_DIR")
-    _add_data_flags(report_cmd)
+    _add_data_flags(report_cmd, "the folder the run was trained on, else ./data")
     _add_device_flags(report_cmd, "the mistakes shown are those the run's own accuracy counted")
 
     predict_cmd = sub.add_parser("predict", parents=[common], help="classify image files with a trained model")
