@@ -139,8 +139,12 @@ class Recipe:
     holdout: int = _opt(0, "validation split: N training images (stratified by class, the same for every seed) left "
                            "out of training and evaluated each epoch instead of the test set, which is evaluated "
                            "once at the end (0: none)")
-    device: str = _opt("auto", "training device", choices=("auto", "cpu", "cuda"))
-    precision: str = _opt("auto", "arithmetic", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = _opt("auto", "training device (auto: CUDA when there is one, else the CPU)",
+                      choices=("auto", "cpu", "cuda"))
+    precision: str = _opt("auto", "autocast's arithmetic (bf16, fp16: convolutions and the linear layer; weights "
+                         "stay fp32); auto: bf16 on GPUs that have it, fp16 on older ones, bf16 on CPUs "
+                         "that run it natively, else fp32",
+                         choices=("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = _opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = _opt(False, "torch.compile the model")
     compile_mode: str = _opt("default", "torch.compile mode, with compile (reduce-overhead: CUDA graphs)",
