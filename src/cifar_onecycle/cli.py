@@ -92,10 +92,12 @@ def _add_data_flags(p: argparse.ArgumentParser, default: str = "./data") -> None
 
 def _add_device_flags(p: argparse.ArgumentParser, precision_reproduces: str = "") -> None:
     """--device, and with ``precision_reproduces`` --precision, whose default is the run's own."""
-    p.add_argument("--device", choices=Recipe.choices("device"), default="auto")
+    p.add_argument("--device", choices=Recipe.choices("device"), default="auto",
+                   help="auto: CUDA when there is one, else the CPU (default: auto)")
     if precision_reproduces:
         p.add_argument("--precision", choices=Recipe.choices("precision"),
-                       help=f"arithmetic (default: the run's own recipe setting, so that {precision_reproduces})")
+                       help=f"autocast's arithmetic (default: the run's own recipe setting, so that "
+                            f"{precision_reproduces})")
 
 
 def build_parser() -> argparse.ArgumentParser:
