@@ -5,7 +5,8 @@ CPUs without native bf16, runs fp32 and the for-each SGD. Before a plan spends a
 this trains each of its points for one step of 128 images with ``--precision bf16`` and fused SGD,
 through ``cifar-onecycle sweep`` itself, on 300 random training images (20 held out) and 20 test
 images: it checks that no point's code fails on bf16 activations or the fused update, nothing about
-accuracy. Points that set ``epochs`` or ``peak_epoch`` are left out (a one-epoch run refuses them).
+accuracy. Points that set ``epochs`` or ``peak_epoch`` are left out (a one-epoch run refuses them);
+an ``auto`` LR needs a range test longer than one step allows (device_run.py's dry runs cover it).
 bf16 is emulated on an AVX2-only CPU: about 45 s a point there.
 
     PYTHONPATH=src python benchmarks/gpu_path_check.py --out /tmp/gpu-path [--plan benchmarks/sweeps/best-stage1.txt]
