@@ -349,3 +349,31 @@ def test_an_unwritable_out_is_refused_before_the_sweep(cifar_dir, tmp_path, caps
         assert main(["lr-find", "--data-dir", str(cifar_dir), "--no-download", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert f"--out {out}: {message}" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_runs_own_range_test_is_not_replaced(cifar_dir, tmp_path, capsys, monkeypatch):
+    """A run that found its LRs with auto keeps the range test its summary describes: lr-find refuses
+    to write over it, before the data or the sweep; beside a run alone, or over a range test alone, it
+    may write."""
+    import cifar_onecycle.lr_finder as lr_finder
+    from cifar_onecycle.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"lr_found": {"lr_max": 0.5}}')
+    (run / "lr_find.json").write_text("the run's own")
+    monkeypatch.setattr(lr_finder, "lr_range_test", lambda *a, **k: pytest.fail("swept over a run's range test"))
+    assert main(["lr-find", "--data-dir", str(tmp_path / "no-data"), "--no-download", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {run}: holds a run (summary.json) and its range test (lr_find.json)" in err, err
+    assert len(err.splitlines()) == 1 and (run / "lr_find.json").read_text() == "the run's own"
+
+    (run / "lr_find.json").unlink()  # a run alone: its range test goes beside it
+    RunFolder(run).check_range_test_replaceable()
+    alone = tmp_path / "alone"  # a range test alone: done again
+    alone.mkdir()
+    (alone / "lr_find_exp.png").write_bytes(b"")
+    RunFolder(alone).check_range_test_replaceable()
+    (alone / "recipe.toml").write_text("")  # now beside a run's file: refused, by the graph alone too
+    with pytest.raises(UserError, match="holds a run \\(recipe.toml\\) and its range test \\(lr_find_exp.png\\)"):
+        RunFolder(alone).check_range_test_replaceable()

@@ -442,6 +442,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from .lr_finder import DEFAULT_RANGES, MAX_SWEEP_EPOCHS, MODES, check_sweep, lr_range_test, write_lr_find
+    from .run_folder import RunFolder
 
     recipe = recipe_from_args(args)
     modes = MODES if args.mode == "both" else (args.mode,)
@@ -454,12 +455,14 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         check_sweep(mode, lo if args.start_lr is None else args.start_lr, hi if args.end_lr is None else args.end_lr,
                     10 if args.num_iter is None else args.num_iter, args.smooth, args.diverge, args.patience)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
+    RunFolder(out).check_range_test_replaceable()
     data = _load_data(args, recipe)
     sweep = {k: getattr(args, k) for k in ("start_lr", "end_lr", "patience") if getattr(args, k) is not None}
     with contextlib.ExitStack() as held:
         if _is_main():
             writable_folder(out)  # after the data's checks (a bad input leaves no folder), before the sweep
             held.enter_context(FolderLock(out, "out"))  # a run's folder, say, while that run writes there
+            RunFolder(out).check_range_test_replaceable()  # again, held: a run may have ended there meanwhile
         results = lr_range_test(recipe, data, modes, epochs=args.sweep_epochs, num_iter=args.num_iter,
                                 smooth=args.smooth, diverge=args.diverge, method=args.method, **sweep)
         if not _is_main():

@@ -100,6 +100,21 @@ class RunFolder:
             raise UserError(f"{self.path}: this run has not finished (a checkpoint, no weights yet); go on with it: "
                             f"cifar-onecycle train --resume {self.path}")
 
+    def check_range_test_replaceable(self) -> None:
+        """Refuse this folder for a range test's files (``lr-find --out``) when it holds a run and a range
+        test already: the run's own (``auto``), which its summary.json and report.md describe, or one
+        kept beside it; a new test would replace it under the run's name. A run alone (a range test
+        added beside it) and an earlier range test alone (done again) pass."""
+        try:
+            runs = [name for name in RUN_FILES if self.has(name)]
+            tested = [name for name in (LR_FIND_JSON, *LR_FIND_PNGS.values()) if (self.path / name).exists()]
+        except OSError as e:  # a name too long, a folder that cannot be searched
+            raise UserError(f"{as_setting('out')} {self.path}: cannot use it ({e.strerror or e}); choose another "
+                            f"folder") from None
+        if runs and tested:
+            raise UserError(f"{as_setting('out')} {self.path}: holds a run ({runs[0]}) and its range test "
+                            f"({tested[0]}), which this one would replace; choose another folder")
+
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False, set_of_seeds: bool = False,
                held: ExitStack | None = None) -> RunFolder:
