@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cifar_onecycle.run_setup as run_setup  # noqa: E402
 from cifar_onecycle import step  # noqa: E402
 from cifar_onecycle.cli import main  # noqa: E402
+from cifar_onecycle.sweep_plan import parse_point  # noqa: E402
 from device_run import read_sweep_plan  # noqa: E402
 
 ONE_STEP = ["--seeds", "1", "--holdout", "20", "--epochs", "1", "--peak-epoch", "0.5", "--train-subset", "128",
@@ -54,7 +55,7 @@ def without_schedule_points(flags: list[str]) -> tuple[list[str], list[str]]:
     i = 0
     while i < len(flags):
         if flags[i] == "--point" and i + 1 < len(flags):
-            if any(item.split("=")[0].strip() in ("epochs", "peak_epoch") for item in flags[i + 1].split(",")):
+            if {"epochs", "peak_epoch"} & parse_point(flags[i + 1], "point").keys():
                 dropped.append(flags[i + 1])
             else:
                 kept += flags[i:i + 2]
