@@ -202,6 +202,29 @@ def test_a_folder_that_cannot_be_a_data_set_is_one_line(tmp_path, capsys, case, 
     assert not (tmp_path / "run").exists()
 
 
+def test_an_oversized_file_is_refused_unread_and_the_others_keep_their_places(tmp_path, monkeypatch):
+    import cifar_onecycle.image_folder as image_folder
+
+    root = folder(tmp_path / "d", per_class=5)
+    for i in range(5):  # each training image its own colour, so that a shifted one shows
+        image(root / "train" / "cat" / f"{i}.png", colour=(10 * i, 0, 0))
+        image(root / "train" / "dog" / f"{i}.png", colour=(0, 10 * i, 0))
+    big = image(root / "train" / "dog" / "2.png", size=(64, 64), colour=(0, 20, 0))
+    monkeypatch.setattr(image_folder, "MAX_IMAGE_FILE_BYTES", big.stat().st_size - 1)
+    monkeypatch.setattr(image_folder, "DECODE_CHUNK", 3)  # chunks that do not divide the split
+    read = []
+    real = image_folder.load_images
+    monkeypatch.setattr(image_folder, "load_images", lambda paths: read.extend(paths) or real(paths))
+    with pytest.raises(DatasetError, match=f"2.png: {big.stat().st_size:,} bytes, larger than any image"):
+        load_folder(root)
+    data = load_folder(root, skip_bad_images=True)
+    assert big not in read and data.skipped == (str(big),)
+    kept = sorted((p for p in (root / "train").rglob("*.png") if p != big), key=str)
+    expected = sorted((tuple(load_image(p)[:, 0, 0].tolist()), p.parent.name) for p in kept)
+    assert sorted((tuple(x[:, 0, 0].tolist()), data.classes[y]) for x, y in
+                  zip(data.train_images, data.train_labels, strict=True)) == expected
+
+
 def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path):
     root = folder(tmp_path / "d", per_class=10)
     (root / "train" / "dog" / "3.png").write_bytes(b"\x89PNG broken")
@@ -232,8 +255,8 @@ def test_the_cache_is_used_when_it_matches_and_rebuilt_when_it_does_not(tmp_path
     first = load_folder(root)
     assert (root / CACHE).is_file()
     decoded = []
-    real = image_folder.load_image
-    monkeypatch.setattr(image_folder, "load_image", lambda p: decoded.append(p) or real(p))
+    real = image_folder.load_images
+    monkeypatch.setattr(image_folder, "load_images", lambda paths: decoded.extend(paths) or real(paths))
     again = load_folder(root)
     assert decoded == [] and torch.equal(again.train_images, first.train_images)
     image(root / "train" / "dog" / "0.png", colour=(1, 2, 3))        # a file changed: size or time differs

@@ -14,7 +14,7 @@ from PIL import Image
 from cifar_onecycle import Recipe, ResNet9
 from cifar_onecycle.checkpoint import save_weights
 from cifar_onecycle.cli import main
-from cifar_onecycle.predict import load_image
+from cifar_onecycle.images import load_image
 from cifar_onecycle.run_folder import RunFolder
 from conftest import ROOT
 

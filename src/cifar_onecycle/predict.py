@@ -10,7 +10,7 @@ import torch
 
 from .augment import CIFAR10_NORMALIZATION, Normalization
 from .errors import UserError
-from .images import load_image
+from .images import load_images
 from .recipe import CIFAR10_CLASSES
 
 
@@ -44,10 +44,11 @@ def predict_files(model: torch.nn.Module, paths: Sequence[str | Path], classes: 
                   normalization: Normalization = CIFAR10_NORMALIZATION, top_k: int = 3,
                   batch_size: int = 256) -> Iterator[Prediction]:
     """Top-k ``classes`` (the model's recipe's ``class_names``, with its ``normalization``) for each
-    file, in order; a file that fails gets its error and the others are still done. Decoded one at a
-    time (each 3 KB once at 32x32) and predicted ``batch_size`` at once, each batch's predictions
-    given as they are made: memory stays that of one batch, however many files. Outputs that are not
-    finite (damaged weights) are an error for that file, not a class at "nan%"."""
+    file, in order; a file that fails gets its error and the others are still done. Read
+    ``batch_size`` at a time (``images.load_images``: on the process's cores, each image 3 KB once at
+    32x32) and predicted together, each batch's predictions given as they are made: memory stays
+    that of one batch, however many files. Outputs that are not finite (damaged weights) are an
+    error for that file, not a class at "nan%"."""
     for start in range(0, len(paths), batch_size):
         yield from _predict_batch(model, paths[start:start + batch_size], classes, normalization, top_k)
 
@@ -58,12 +59,12 @@ def _predict_batch(model: torch.nn.Module, paths: Sequence[str | Path], classes:
 
     out: list[Prediction] = []
     images: list[tuple[int, torch.Tensor]] = []
-    for p in paths:
-        try:
-            images.append((len(out), load_image(p)))
+    for p, image in zip(paths, load_images(paths), strict=True):
+        if isinstance(image, UserError):
+            out.append(Prediction(str(p), error=str(image)))
+        else:
+            images.append((len(out), image))
             out.append(Prediction(str(p)))
-        except UserError as e:
-            out.append(Prediction(str(p), error=str(e)))
     if not images:
         return out
     probabilities = predict_probabilities(model, torch.stack([image for _, image in images]),
