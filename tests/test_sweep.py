@@ -274,7 +274,7 @@ def test_the_curves_are_each_points_mean_over_the_runs_it_trained(tmp_path):
     RunFolder(folder.run(flipless, 0).path).write_failed("diverged", "training diverged: loss is nan")
     write_metrics(folder, flipless, 0, [(5.0, 0.1)])  # the epochs before it diverged: not a curve
     result = folder.write_results(plan, SMALL)
-    curves = folder.mean_curves(plan, result.rows)
+    curves = folder.mean_curves(plan, result.rows, "val")
     # recipe: losses (2, 1) then (1, 0.5); accuracies (0.3, 0.5) then (0.5, 0.7)
     assert curves == {"recipe": [(1, 1.5, pytest.approx(0.4)), (2, 0.75, pytest.approx(0.6))],
                       "lr_max=0.04": [(1, 2.5, pytest.approx(0.3)), (2, 1.5, pytest.approx(0.4))]}
@@ -283,6 +283,31 @@ def test_the_curves_are_each_points_mean_over_the_runs_it_trained(tmp_path):
     assert drawn == {"recipe (baseline)": [pytest.approx(40), pytest.approx(60)],
                      "lr_max=0.04": [pytest.approx(30), pytest.approx(40)]}
     assert (folder.path / "sweep_curves.png").stat().st_size > 10_000
+
+
+def test_a_point_evaluated_on_the_test_set_draws_no_curve_among_validation_ones(tmp_path):
+    from cifar_onecycle.report import plot_sweep_curves
+
+    plan = Plan({}, first_seed=0, seeds=1, listed=[{"holdout": 0}])  # the recipe holds 20 images out
+    folder = SweepFolder(tmp_path / "sw")
+    folder.open(plan, SMALL)
+    recipe, whole = plan.points
+    write_run(folder, recipe, 0, 0.5, 0.4)
+    write_metrics(folder, recipe, 0, [(2.0, 0.3), (1.0, 0.5)])
+    write_run(folder, whole, 0, 0.0, 0.6)  # its summary: not what this test reads
+    RunFolder(folder.run(whole, 0).path).write_metrics(  # no holdout: each epoch scored on the test set
+        [EpochMetrics(i + 1, 0.01, loss, 0.5, 1.0, acc, 1.0, 100.0) for i, (loss, acc) in enumerate([(1.8, 0.4),
+                                                                                                      (0.9, 0.6)])])
+    result = folder.write_results(plan, SMALL)
+    curves = folder.mean_curves(plan, result.rows, "val")
+    assert [(epoch, loss) for epoch, loss, _ in curves["holdout=0"]] == [(1, 1.8), (2, 0.9)]
+    assert all(math.isnan(acc) for _, _, acc in curves["holdout=0"])  # test accuracy is no validation accuracy
+    assert [acc for _, _, acc in curves["recipe"]] == [0.3, 0.5]
+    loss_axes, accuracy_axes = plot_sweep_curves(plan, curves, result.stats).axes[:2]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in accuracy_axes.get_lines()}
+    label = "holdout=0 (loss only: evaluated on the test set)"
+    assert drawn.keys() == {"recipe (baseline)", label} and all(math.isnan(y) for y in drawn[label])
+    assert [list(line.get_ydata()) for line in loss_axes.get_lines()] == [[2.0, 1.0], [1.8, 0.9]]
 
 
 def test_a_lists_table_fills_in_the_recipes_values_and_compares_each_change_with_it(tmp_path):

@@ -544,14 +544,19 @@ def plot_curve_pair(curves: list[Curve], loss_title: str, accuracy_title: str) -
 
 def plot_sweep_curves(plan: Plan, curves: dict[str, list[tuple[int, float, float]]], stats: dict[str, Any]) -> Any:
     """Each point's mean curves (``SweepFolder.mean_curves``) side by side: training loss and the
-    selection split's accuracy per epoch, a line per point, the baseline's black and dashed."""
+    selection split's accuracy per epoch, a line per point, the baseline's black and dashed; a point
+    evaluated on the other split, its loss alone, so labelled."""
     words, _ = sweep_words(plan, stats["selection"])
     lines: list[Curve] = []
     for i, (name, rows) in enumerate(curves.items()):
         style = ({"color": "black", "ls": "--", "lw": 1.5} if name == stats["baseline"] else
                  {"color": f"C{i % 10}", "ls": "-" if i < 10 else ":", "lw": 1.2})
-        lines.append((f"{name} (baseline)" if name == stats["baseline"] else name, [epoch for epoch, _, _ in rows],
-                      [loss for _, loss, _ in rows], [acc for _, _, acc in rows], {"marker": ".", **style}))
+        label = f"{name} (baseline)" if name == stats["baseline"] else name
+        if all(math.isnan(acc) for _, _, acc in rows):  # evaluated on the other split: not compared
+            other = "test" if stats["selection"] == "final_val_acc" else "val"
+            label += f" (loss only: evaluated on the {SPLIT_NAMES[other]} set)"
+        lines.append((label, [epoch for epoch, _, _ in rows], [loss for _, loss, _ in rows],
+                      [acc for _, _, acc in rows], {"marker": ".", **style}))
     seeds = (f"seed {plan.first_seed}" if plan.seeds == 1 else
              f"mean over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}")
     shown = (f" (the first {MAX_CURVES} points with runs, of {len(plan.points)})"

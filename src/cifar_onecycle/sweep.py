@@ -177,11 +177,14 @@ class SweepFolder:
                 rows.append(row)
         return rows, remaining
 
-    def mean_curves(self, plan: Plan, rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
+    def mean_curves(self, plan: Plan, rows: list[dict[str, Any]],
+                    split: str) -> dict[str, list[tuple[int, float, float]]]:
         """Per point (the first ``MAX_CURVES`` with a finished run it trained itself), each epoch's
-        training loss and evaluation accuracy (validation with a holdout, else test), the mean over
+        training loss and accuracy on ``split`` (the selection's: ``selection_split``), the mean over
         those runs: (epoch, loss, accuracy) rows. A run evaluated with another's weights has that
-        run's curve and is left out; so is one without metrics.csv."""
+        run's curve and is left out; so is one without metrics.csv. A point whose epochs were
+        evaluated on the other split (``holdout`` varied to or from 0) keeps its loss, and its
+        accuracy is NaN: those accuracies are not the ones compared."""
         trained = {(r["point"], r["seed"]) for r in rows if r["outcome"] == "finished" and not r["weights_from"]}
         curves: dict[str, list[tuple[int, float, float]]] = {}
         for point in plan.points:
@@ -190,13 +193,17 @@ class SweepFolder:
             runs = [self.run(point, seed) for seed in plan.seed_range if (point.name, seed) in trained]
             histories = [run.read_metrics() for run in runs if run.has(METRICS)]
             if histories:
-                curves[point.name] = mean_curve(histories)
+                curve = mean_curve(histories)
+                if any(m.split != split for history in histories for m in history):
+                    curve = [(epoch, loss, math.nan) for epoch, loss, _ in curve]
+                curves[point.name] = curve
         return curves
 
     def write_results(self, plan: Plan, base: Recipe) -> SweepResult:
         """sweep.csv, sweep.json, sweep.png and sweep_curves.png from the run folders as they are now."""
         rows, remaining = self.rows(plan, base)
-        curves = self.mean_curves(plan, rows)  # read before any write: a damaged metrics.csv leaves all as it was
+        # read before any write: a damaged metrics.csv leaves all as it was
+        curves = self.mean_curves(plan, rows, selection_split(base))
         stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
         atomic_write(self.path / TABLE, sweep_csv(plan, rows))
         atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
@@ -207,9 +214,15 @@ class SweepFolder:
         return SweepResult(plan, rows, stats, self.path, remaining)
 
 
+def selection_split(recipe: Recipe) -> str:
+    """The split a sweep chooses on: the validation split ("val") when the recipe holds images out,
+    else the test set ("test")."""
+    return "val" if recipe.holdout else "test"
+
+
 def selection_accuracy(recipe: Recipe) -> str:
-    """The accuracy a sweep chooses on: the validation split's when the recipe holds images out."""
-    return "final_val_acc" if recipe.holdout else "final_test_acc"
+    """The accuracy a sweep chooses on (``selection_split``'s, at the run's end)."""
+    return f"final_{selection_split(recipe)}_acc"
 
 
 def sweep_csv(plan: Plan, rows: list[dict[str, Any]]) -> str:
