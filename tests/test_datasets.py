@@ -4,6 +4,7 @@ import os
 import pickle
 import tarfile
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -324,23 +325,27 @@ def test_the_confusion_matrix_drops_its_counts_beyond_20_classes():
         assert len(ax.get_yticklabels()) == n
 
 
-@pytest.mark.slow  # unpacks and decodes 55,000 JPEGs, and reads the same set in the official layout: ~40 s
+@pytest.mark.slow  # unpacks and decodes 10,000 JPEGs, and reads the whole set in the official layout: ~20 s
 def test_the_proxy_read_as_a_folder_is_the_proxy_converted_to_the_official_format(proxy_dir, tmp_path):
     from conftest import SHARED
 
+    # The whole test set, and one training photo in ten (those whose number ends in 0): all 55,000
+    # took 47 s of the suite, most of it making and removing files.
     with tarfile.open(SHARED / "data" / "cifar10-proxy.tar.gz") as tf:
-        tf.extractall(tmp_path / "folder", filter="data")
+        kept = [m for m in tf if m.name.startswith("test/") or not m.isfile() or m.name.endswith("0.jpg")]
+        tf.extractall(tmp_path / "folder", members=kept, filter="data")
     as_folder = load_dataset(Recipe(dataset="folder"), tmp_path / "folder")
     official = load_dataset(Recipe(), proxy_dir, download=False)
-    assert as_folder.classes == official.classes
+    assert as_folder.classes == official.classes and len(as_folder.train_labels) == 5_000
     for name in ("test_images", "test_labels"):  # the converter keeps the test set in path order
         assert torch.equal(getattr(as_folder, name), getattr(official, name)), name
 
     def images_with_labels(d):  # the converter shuffles the training set: compared as a multiset
         rows = torch.cat([d.train_images.flatten(1), d.train_labels[:, None].to(torch.uint8)], 1).numpy()
-        return sorted(row.tobytes() for row in rows)
+        return Counter(row.tobytes() for row in rows)
 
-    assert images_with_labels(as_folder) == images_with_labels(official)
+    unmatched = images_with_labels(as_folder) - images_with_labels(official)
+    assert not unmatched, f"{sum(unmatched.values())} of the folder's training images (and labels) not the converter's"
     # So one model scores the same on either: the same tensors through the same recipe.
     model, recipe = Recipe(device="cpu", precision="fp32").model(), Recipe(classes=official.classes)
     from cifar_onecycle.evaluation import evaluate

@@ -1,6 +1,6 @@
 """One real check on real photos: the CIFAR-10 proxy (JPEG quality 75) through the real loader.
 
-Each test about a minute on a 2-core AVX2-only CPU in fp32, the suite's most expensive.
+Each test one to three minutes on one core of an AVX2-only CPU in fp32, the suite's most expensive.
 """
 import pytest
 import torch
@@ -9,20 +9,20 @@ from cifar_onecycle import Cifar10, Recipe, load_cifar10, train
 
 
 @pytest.mark.slow
-def test_one_epoch_on_3200_proxy_images_learns(proxy_dir, tmp_path):
-    # Batch 64 gives 50 steps; the DAWNBench logit scale keeps so short a warm-up stable. Scored on
-    # 2,000 test images spread over the set (the notebook's choice): the last epoch's pass scores
-    # flip TTA too, and all 5,000 took a sixth of the time. Measured on an AVX2-only AMD EPYC in fp32:
-    # 35.3% and 35.7% (seeds 0 and 1) in 69 and 65 s; 2,560 images 31.8% and 30.2%; 5,000 at batch
-    # 128 40.7% in 105 s (the cost is the images': about 47 a second either way).
-    recipe = Recipe(epochs=1, peak_epoch=0.25, train_subset=3_200, batch_size=64, logit_scale=0.125,
+def test_one_epoch_on_1600_proxy_images_learns(proxy_dir, tmp_path):
+    # Batch 32 gives 50 steps; the DAWNBench logit scale keeps so short a warm-up stable. Scored on
+    # 1,000 test images spread over the set (the notebook's choice; the last epoch's pass scores flip
+    # TTA too). Measured on an AVX2-only AMD EPYC in fp32: 33.2% (seed 0) in 94 s on one thread, as
+    # in the suite's workers; on two threads 26.7, 27.8, 27.2 and 28.4% (seeds 0 to 3) in 48 to 58 s.
+    # 3,200 images at batch 64 learned 35.6% in 163 s on one thread: the cost is the images'.
+    recipe = Recipe(epochs=1, peak_epoch=0.25, train_subset=1_600, batch_size=32, logit_scale=0.125,
                     lr_max=0.2, device="cpu")
     full = load_cifar10(proxy_dir, download=False)
-    keep = torch.linspace(0, len(full.test_images) - 1, 2_000).long()
+    keep = torch.linspace(0, len(full.test_images) - 1, 1_000).long()
     data = Cifar10(full.train_images, full.train_labels, full.test_images[keep], full.test_labels[keep])
     result = train(recipe, data=data, out=tmp_path / "run", progress=False, report=False)
-    assert result.summary["train_images"] == 3_200 and result.summary["test_images"] == 2_000
-    assert result.final_test_acc >= 0.30  # chance is 0.10; a standard error of 1 point on 2,000 images
+    assert result.summary["train_images"] == 1_600 and result.summary["test_images"] == 1_000
+    assert result.final_test_acc >= 0.22  # chance is 0.10; a standard error of 1.4 points on 1,000 images
 
 
 @pytest.mark.slow
