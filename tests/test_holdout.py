@@ -12,7 +12,7 @@ from cifar_onecycle.cli import main
 from cifar_onecycle.holdout import holdout_split
 from cifar_onecycle.run_setup import RunSetup, setup_run
 from conftest import recipe_flags
-from test_train import TINY
+from test_train import TINY, WHOLE
 
 
 def test_the_split_is_disjoint_stratified_and_fixed():
@@ -58,7 +58,7 @@ def unique_images(n_train: int = 100, n_test: int = 30) -> Cifar10:
 
 def test_no_held_out_image_reaches_a_training_batch(monkeypatch):
     data = unique_images()
-    recipe = Recipe(**TINY, holdout=20, crop=False, flip=False, cutout=False)
+    recipe = Recipe(**WHOLE, holdout=20, crop=False, flip=False, cutout=False)
     seen: list[torch.Tensor] = []
     step = RunSetup.step
 
@@ -85,7 +85,7 @@ def test_every_seed_holds_out_the_same_images_and_a_subset_trains_on_the_rest():
     data = unique_images()
     a = setup_run(Recipe(**TINY, holdout=20, crop=False), data)
     b = setup_run(Recipe(**TINY, holdout=20, crop=False, seed=7), data)
-    c = setup_run(Recipe(**TINY, holdout=20, crop=False, train_subset=50), data)
+    c = setup_run(Recipe(**{**TINY, "train_subset": 50}, holdout=20, crop=False), data)
     assert torch.equal(a.val_images, b.val_images) and torch.equal(a.val_images, c.val_images)
     kept, _ = holdout_split(data.train_labels, 20, 10)
     assert torch.equal(c.train_images, data.train_images[kept[:50]])  # the first 50 of what is left
@@ -100,7 +100,7 @@ def test_every_seed_holds_out_the_same_images_and_a_subset_trains_on_the_rest():
 ])
 def test_a_holdout_the_data_cannot_give_is_one_line(cifar_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
-    code = main(["train", "--data-dir", str(cifar_dir), "--no-download", *recipe_flags(Recipe(**TINY)), *flags,
+    code = main(["train", "--data-dir", str(cifar_dir), "--no-download", *recipe_flags(Recipe(**WHOLE)), *flags,
                  "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -12,8 +12,12 @@ from cifar_onecycle.cli import main
 from cifar_onecycle.device import resolve_precision
 from conftest import recipe_flags
 
-TINY = dict(epochs=2, peak_epoch=1, batch_size=25, eval_batch_size=16, device="cpu", precision="fp32",
-            lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)  # few steps: BN statistics must catch up fast
+# Four steps of 10 images an epoch (a subset of 40 of the 100 synthetic ones): a step of 10 takes 0.4 s
+# on one core of an AVX2-only CPU, one of 25 1.1 s. Few steps: BN statistics must catch up fast.
+TINY = dict(epochs=2, peak_epoch=1, batch_size=10, train_subset=40, eval_batch_size=16, device="cpu",
+            precision="fp32", lr_max=0.02, logit_scale=0.125, bn_momentum=0.5)
+# All 100 synthetic images, 4 steps of 25: for the tests about the whole training set
+WHOLE = {**TINY, "batch_size": 25, "train_subset": 0}
 
 
 @pytest.mark.slow
@@ -265,11 +269,11 @@ def test_the_loop_reads_the_device_every_10_steps_on_a_cpu_and_once_an_epoch_on_
     gather_sums = training.gather_sums
     monkeypatch.setattr(training, "gather_sums", lambda setup, state, *a: reads.append(state.batch) or gather_sums(
         setup, state, *a))
-    train(Recipe(**{**TINY, "batch_size": 4, "epochs": 1, "peak_epoch": 0.5}), data=data, progress=False)
+    train(Recipe(**{**WHOLE, "batch_size": 4, "epochs": 1, "peak_epoch": 0.5}), data=data, progress=False)
     assert reads == [10, 20, 25]
     reads.clear()
     monkeypatch.setattr(training, "sync_every", lambda device, steps: sync_every(torch.device("cuda"), steps))
-    train(Recipe(**{**TINY, "batch_size": 4, "epochs": 1, "peak_epoch": 0.5}), data=data, progress=False)
+    train(Recipe(**{**WHOLE, "batch_size": 4, "epochs": 1, "peak_epoch": 0.5}), data=data, progress=False)
     assert reads == [25]
 
 
@@ -290,15 +294,15 @@ def test_a_cpu_augments_one_batch_at_a_time_and_a_gpu_many(cifar_dir, monkeypatc
     monkeypatch.setattr(augment, "apply_augmentation", lambda images, *a, **k: groups.append(len(images)) or apply(
         images, *a, **k))
     train(Recipe(**TINY), data=data, progress=False)
-    assert groups == [25] * 8  # 2 epochs of 4 batches of 25
+    assert groups == [10] * 8  # 2 epochs of 4 batches of 10
     groups.clear()
     monkeypatch.setattr(run_setup, "augment_at_once", lambda device, size, images: augment_at_once(
         torch.device("cuda"), size, images))
     train(Recipe(**TINY), data=data, progress=False)
-    assert groups == [100] * 2
+    assert groups == [40] * 2
     groups.clear()
-    train(Recipe(**TINY), data=data, progress=False, augment_images=50)  # the run's own setting
-    assert groups == [50] * 4
+    train(Recipe(**TINY), data=data, progress=False, augment_images=20)  # the run's own setting
+    assert groups == [20] * 4
 
 
 def test_sgd_is_fused_on_cuda_only_unless_asked():
