@@ -27,7 +27,7 @@ def test_one_epoch_on_1600_proxy_images_learns(proxy_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_short_range_test_on_proxy_photos_finds_both_ends(proxy_dir):
-    # About a minute on a 2-core CPU in fp32: 60 iterations of batch 64 on 3,200 real photos, the
+    # About 3 minutes on one core of an AVX2-only CPU in fp32: 60 iterations of batch 64 on 3,200 real photos, the
     # dawnbench recipe (its small logits train from the first iterations).
     from cifar_onecycle import load_cifar10, load_recipe
     from cifar_onecycle.lr_finder import lr_range_test
