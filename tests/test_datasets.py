@@ -215,7 +215,7 @@ def test_an_oversized_file_is_refused_unread_and_the_others_keep_their_places(tm
     monkeypatch.setattr(image_folder, "DECODE_CHUNK", 3)  # chunks that do not divide the split
     read = []
     real = image_folder.load_images
-    monkeypatch.setattr(image_folder, "load_images", lambda paths: read.extend(paths) or real(paths))
+    monkeypatch.setattr(image_folder, "load_images", lambda paths, *a: read.extend(paths) or real(paths, *a))
     with pytest.raises(DatasetError, match=f"2.png: {big.stat().st_size:,} bytes, larger than any image"):
         load_folder(root)
     data = load_folder(root, skip_bad_images=True)
@@ -257,7 +257,7 @@ def test_the_cache_is_used_when_it_matches_and_rebuilt_when_it_does_not(tmp_path
     assert (root / CACHE).is_file()
     decoded = []
     real = image_folder.load_images
-    monkeypatch.setattr(image_folder, "load_images", lambda paths: decoded.extend(paths) or real(paths))
+    monkeypatch.setattr(image_folder, "load_images", lambda paths, *a: decoded.extend(paths) or real(paths, *a))
     again = load_folder(root)
     assert decoded == [] and torch.equal(again.train_images, first.train_images)
     image(root / "train" / "dog" / "0.png", colour=(1, 2, 3))        # a file changed: size or time differs

@@ -36,7 +36,7 @@ from safetensors.torch import save as st_save
 from .data import LabelledImages
 from .errors import DatasetError, UserError, WriteError, as_setting
 from .files import atomic_write, parse_json, read_capped, safetensors_metadata
-from .images import SIZE, load_images
+from .images import SIZE, load_images, reading_threads
 from .recipe import MAX_CLASS_NAME, MAX_CLASSES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -168,8 +168,10 @@ def _decode(listings: dict[str, Listing], skip_bad_images: bool, root: Path) -> 
         for start in range(0, len(files), DECODE_CHUNK):
             chunk = files[start:start + DECODE_CHUNK]
             # The size is known from the listing: an oversized file is refused without a read.
-            readable = [path for path, _, size, _ in chunk if size <= MAX_IMAGE_FILE_BYTES]
-            decoded = iter(load_images(readable))
+            readable = [(path, size) for path, _, size, _ in chunk if size <= MAX_IMAGE_FILE_BYTES]
+            # the threads chosen from the listing's sizes: no file is looked at again for them
+            decoded = iter(load_images([path for path, _ in readable],
+                                       reading_threads(sum(size for _, size in readable), len(readable))))
             for path, label, size, _ in chunk:
                 image = next(decoded) if size <= MAX_IMAGE_FILE_BYTES else UserError(
                     f"{path}: {size:,} bytes, larger than any image this program reads (at most "

@@ -47,13 +47,12 @@ def load_image(path: str | Path) -> torch.Tensor:
 
 def load_images(paths: Sequence[str | Path], threads: int | None = None) -> list[torch.Tensor | UserError]:
     """``load_image`` of each path, in order: its tensor, or the UserError reading it raised. Read by
-    ``threads`` threads, at most ``PIXELS_AT_ONCE`` pixels at a time. None: torch's thread count (the
-    cores this process is given) when the files are ``THREADED_BYTES`` a file or more on average,
-    else one."""
+    ``threads`` threads, at most ``PIXELS_AT_ONCE`` pixels at a time. None: ``reading_threads`` of
+    the files' sizes."""
     from PIL import Image
 
     if threads is None:
-        threads = torch.get_num_threads() if sum(map(_file_size, paths)) >= THREADED_BYTES * len(paths) else 1
+        threads = reading_threads(sum(map(_file_size, paths)), len(paths))
     threads = max(1, threads)
     budget = _PixelBudget(PIXELS_AT_ONCE if threads > 1 else None)
 
@@ -74,6 +73,13 @@ def load_images(paths: Sequence[str | Path], threads: int | None = None) -> list
             return list(pool.map(read, paths))
         finally:  # on Ctrl-C too: the images not started are dropped, not read before the stop is seen
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def reading_threads(total_bytes: int, files: int) -> int:
+    """The threads to read ``files`` image files of ``total_bytes`` in all with: torch's thread count
+    (the cores this process is given) when they are ``THREADED_BYTES`` a file or more on average,
+    else one."""
+    return torch.get_num_threads() if total_bytes >= THREADED_BYTES * files else 1
 
 
 class _PixelBudget:
