@@ -613,7 +613,9 @@ def sweep_table(stats: dict[str, Any]) -> str:
     """sweep.json's points as a short table: the selection accuracy with its standard error, the
     paired difference from the baseline, and the test accuracy."""
     selection = stats["selection"]
-    words = "val" if selection == "final_val_acc" else "test"
+    from .results import split_of
+
+    words = split_of(selection)
     rows = [("point", "runs", f"{words} % (sem)", "vs baseline (sem)", *(("test %",) if words == "val" else ()))]
     for p in stats["points"]:
         acc, test = p.get(selection), p.get("final_test_acc")

@@ -25,7 +25,7 @@ from .device import eval_batch
 from .errors import one_line
 from .files import atomic_write
 from .recipe import Recipe
-from .results import SPLIT_NAMES, mean_curve
+from .results import SPLIT_NAMES, mean_curve, split_of
 from .run_folder import (
     AUGMENT_PNG,
     CONFUSION_PNG,
@@ -513,7 +513,7 @@ def say_when_empty(fig: Any, empty: bool) -> Any:
 
 def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
     """The accuracy a sweep's picture shows, in words, and the picture's title."""
-    words = "validation" if selection == "final_val_acc" else "test"
+    words = SPLIT_NAMES[split_of(selection)]
     return words, (f"{words} accuracy, seed {plan.first_seed}" if plan.seeds == 1 else
                    f"{words} accuracy over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}\n"
                    f"dots are runs, bars the standard error")
@@ -553,7 +553,7 @@ def plot_sweep_curves(plan: Plan, curves: dict[str, list[tuple[int, float, float
                  {"color": f"C{i % 10}", "ls": "-" if i < 10 else ":", "lw": 1.2})
         label = f"{name} (baseline)" if name == stats["baseline"] else name
         if all(math.isnan(acc) for _, _, acc in rows):  # evaluated on the other split: not compared
-            other = "test" if stats["selection"] == "final_val_acc" else "val"
+            other = "test" if split_of(stats["selection"]) == "val" else "val"
             label += f" (loss only: evaluated on the {SPLIT_NAMES[other]} set)"
         lines.append((label, [epoch for epoch, _, _ in rows], [loss for _, loss, _ in rows],
                       [acc for _, _, acc in rows], {"marker": ".", **style}))

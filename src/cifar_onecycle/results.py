@@ -67,6 +67,12 @@ class EpochMetrics:
 SPLIT_NAMES = {"test": "test", "val": "validation"}
 
 
+def split_of(accuracy: str) -> str:
+    """The split ("val" or "test") a summary's accuracy (``final_val_acc``, ``final_test_acc_tta``,
+    ...) was measured on."""
+    return "val" if accuracy.startswith("final_val_") else "test"
+
+
 @dataclass
 class TrainResult:
     """What ``train`` returns: the recipe, a row per epoch, the summary and the trained model (the
