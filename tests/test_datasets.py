@@ -90,24 +90,25 @@ def test_a_cifar100_run_has_100_outputs_and_records_its_classes_and_statistics(t
     assert top in CIFAR100_CLASSES
 
 
-@pytest.mark.slow  # six runs of a 6.6M-parameter model: ~25 s
+@pytest.mark.slow  # six runs of a 6.6M-parameter model, a step each
 def test_the_seeds_of_a_set_and_the_runs_of_a_sweep_share_one_pass_for_the_statistics(tmp_path, monkeypatch):
     import cifar_onecycle.datasets as datasets
     from cifar_onecycle import sweep, train_seeds
 
-    root = write_cifar100(tmp_path)
+    root = write_cifar100(tmp_path, test=20)
     passes = []
     monkeypatch.setattr(datasets, "channel_stats", lambda images: passes.append(len(images)) or channel_stats(images))
-    recipe = TINY.replace(dataset="cifar100", batch_size=50)
+    # one step of 20 a run: the statistics are those of the images a run trains on, its subset's
+    recipe = TINY.replace(dataset="cifar100", batch_size=20, train_subset=20)
     seeds = train_seeds(recipe, 2, out=tmp_path / "seeds", data_dir=root, download=False, progress=False, report=False)
-    assert passes == [200]
+    assert passes == [20]
     first = load_recipe(tmp_path / "seeds" / "seed0" / "recipe.toml")
-    assert (first.mean, first.std) == channel_stats(load_source(CIFAR100, root, download=False).train_images)
+    assert (first.mean, first.std) == channel_stats(load_source(CIFAR100, root, download=False).train_images[:20])
     assert len(seeds.runs) == 2
     passes.clear()  # one pass for each split of the grid: two holdouts, each under two LRs
     result = sweep(recipe.replace(holdout=100), {"holdout": [100, 150], "lr_max": [0.01, 0.02]},
                    out=tmp_path / "sweep", data_dir=root, download=False, progress=False)
-    assert passes == [100, 50] and len(result.rows) == 4
+    assert passes == [20, 20] and len(result.rows) == 4
 
 
 def test_channel_stats_are_those_computed_by_hand():
