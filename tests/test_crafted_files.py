@@ -64,8 +64,8 @@ for case in json.load(open(sys.argv[1])):
 print("DONE", flush=True)
 """
 
-TINY = Recipe(epochs=3, peak_epoch=1, batch_size=10, train_subset=40, eval_batch_size=16, device="cpu", precision="fp32",
-              lr_max=0.02, logit_scale=0.125)
+TINY = Recipe(epochs=3, peak_epoch=1, batch_size=10, train_subset=40, eval_batch_size=16, device="cpu",
+              precision="fp32", lr_max=0.02, logit_scale=0.125)
 
 
 # ---- what the cases are built from ----------------------------------------------------------------

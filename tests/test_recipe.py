@@ -230,6 +230,27 @@ def test_the_python_functions_take_a_recipe_by_name_or_file_as_the_cli_does(tmp_
     assert len(planned.commands) == 2
 
 
+def test_the_data_the_range_test_and_the_pictures_take_a_recipe_by_name_or_file_too(tmp_path):
+    from cifar_onecycle import load_dataset
+    from cifar_onecycle.lr_finder import lr_range_test
+    from cifar_onecycle.report import plot_augmentation, plot_lr_schedule
+    from conftest import write_cifar
+
+    data_dir = write_cifar(tmp_path / "data").parent
+    data = load_dataset("quick", data_dir, download=False)
+    assert len(data.train_images) == 100 and data.classes == load_dataset(None, data_dir, download=False).classes
+    # the LR of each step is the recipe's own: quick peaks at 0.1 after a quarter of its steps, the seed at 0.2
+    quick = plot_lr_schedule("quick", 156).lines[0].get_ydata()
+    assert max(quick) == pytest.approx(0.1) and list(quick) == list(plot_lr_schedule(load_recipe("quick"), 156)
+                                                                        .lines[0].get_ydata())
+    assert max(plot_lr_schedule(None, 156).lines[0].get_ydata()) == pytest.approx(0.2)
+    small = tmp_path / "small.toml"
+    small.write_text('epochs = 1\npeak_epoch = 0.5\nbatch_size = 4\ndevice = "cpu"\nprecision = "fp32"\n')
+    assert sum(bool(ax.images) for ax in plot_augmentation(small, data.train_images, count=6).axes) == 6
+    found = lr_range_test(str(small), data, ("exp",), progress=False, num_iter=10)
+    assert len(found["exp"].lrs) == 10
+
+
 def test_the_help_of_an_auto_lr_names_the_sweep_it_is_read_from(capsys):
     from cifar_onecycle.cli import main
     from cifar_onecycle.lr_finder import AUTO_SWEEPS

@@ -14,14 +14,16 @@ import torch
 
 from .data import SOURCES, LabelledImages, download_bar, load_source
 from .errors import DatasetError, as_setting
-from .recipe import CIFAR10_MEAN, CIFAR10_STD, Recipe
+from .recipe import CIFAR10_MEAN, CIFAR10_STD, Recipe, as_recipe
 
 
-def load_dataset(recipe: Recipe, data_dir: str | Path = "data", download: bool = True, progress: bool = False,
-                 split: str = "both") -> LabelledImages:
-    """The images of ``recipe.dataset`` from ``data_dir``: the official archive's folder (extracted
-    or downloaded when needed, with a progress bar when ``progress``), or a folder of
-    train/<class>/ and test/<class>/ images."""
+def load_dataset(recipe: Recipe | str | Path | None = None, data_dir: str | Path = "data", download: bool = True,
+                 progress: bool = False, split: str = "both") -> LabelledImages:
+    """The images of ``recipe.dataset`` (a Recipe, a shipped recipe's name or a TOML file's path;
+    None: the seed's) from ``data_dir``: the official archive's folder (extracted or downloaded
+    when needed, with a progress bar when ``progress``), or a folder of train/<class>/ and
+    test/<class>/ images."""
+    recipe = as_recipe(recipe)
     if recipe.dataset == "folder":
         from .image_folder import load_folder
 

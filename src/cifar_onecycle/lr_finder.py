@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .data import LabelledImages
 from .distributed import all_reduce_sum, init_distributed
 from .errors import NoLRFound, RecipeError, UserError, as_setting
-from .recipe import Recipe, short_number
+from .recipe import Recipe, as_recipe, short_number
 from .run_setup import RunSetup, setup_run
 from .step import train_step
 
@@ -364,14 +364,17 @@ def auto_modes(find_lr_max: bool, find_lr_min: bool) -> list[str]:
     return [mode for mode in MODES if mode in wanted]
 
 
-def lr_range_test(recipe: Recipe, data: LabelledImages, modes: Sequence[str] = ("exp",), progress: bool = True, *,
-                  epochs: float | None = None, num_iter: int | None = None, **sweep: Any) -> dict[str, LRFinderResult]:
-    """The LR range test on the recipe's model, augmented batches, optimizer, loss scaling and precision.
+def lr_range_test(recipe: Recipe | str | Path | None, data: LabelledImages, modes: Sequence[str] = ("exp",),
+                  progress: bool = True, *, epochs: float | None = None, num_iter: int | None = None,
+                  **sweep: Any) -> dict[str, LRFinderResult]:
+    """The LR range test on the recipe's model, augmented batches, optimizer, loss scaling and
+    precision (``recipe``: a Recipe, a shipped recipe's name or a TOML file's path; None: the seed's).
 
     Each sweep lasts ``num_iter`` iterations, or ``epochs`` epochs of the recipe's batches (default:
     ``DEFAULT_EPOCHS`` of its mode). ``sweep``: the other ``find_lr`` settings (start_lr, end_lr,
     smooth, diverge, method, patience).
     """
+    recipe = as_recipe(recipe)
     return _sweeps(setup_run(recipe, data, init_distributed(recipe.device)), modes, progress, epochs=epochs,
                       num_iter=num_iter, **sweep)
 

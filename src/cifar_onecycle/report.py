@@ -24,7 +24,7 @@ from .data import CLASSES
 from .device import eval_batch
 from .errors import one_line
 from .files import atomic_write
-from .recipe import Recipe
+from .recipe import Recipe, as_recipe
 from .results import SPLIT_NAMES, mean_curve, split_of
 from .run_folder import (
     AUGMENT_PNG,
@@ -116,9 +116,11 @@ def plot_curves(history: Sequence[Any], fig: Any = None) -> Any:
     return fig
 
 
-def plot_lr_schedule(recipe: Recipe, steps_per_epoch: int, ax: Any = None) -> Any:
-    """The LR of every step, the peak marked, with epochs on a second axis; when the momentum
-    cycles, the momentum too, on an axis of its own on the right."""
+def plot_lr_schedule(recipe: Recipe | str | Path | None, steps_per_epoch: int, ax: Any = None) -> Any:
+    """The LR of every step of ``recipe`` (a Recipe, a shipped recipe's name or a TOML file's path;
+    None: the seed's), the peak marked, with epochs on a second axis; when the momentum cycles, the
+    momentum too, on an axis of its own on the right."""
+    recipe = as_recipe(recipe)
     ax = ax if ax is not None else new_axes((7, 4))
     cycle = recipe.one_cycle(steps_per_epoch)
     knots = cycle.lr_knots
@@ -304,9 +306,12 @@ def augmentation_steps(recipe: Recipe) -> list[str]:
                                   (f"CutOut {recipe.cutout_size}x{recipe.cutout_size}", recipe.cutout)) if on]
 
 
-def plot_augmentation(recipe: Recipe, train_images: torch.Tensor, count: int = 20, fig: Any = None) -> Any:
-    """The first ``count`` training images after the recipe's augmentation, as the network sees
-    them (drawn from the recipe's seed); returns the figure."""
+def plot_augmentation(recipe: Recipe | str | Path | None, train_images: torch.Tensor, count: int = 20,
+                      fig: Any = None) -> Any:
+    """The first ``count`` training images after the augmentation of ``recipe`` (as
+    ``plot_lr_schedule`` takes it), as the network sees them (drawn from the recipe's seed);
+    returns the figure."""
+    recipe = as_recipe(recipe)
     g = torch.Generator(device=train_images.device).manual_seed(recipe.seed)
     sample = pad_reflect(train_images[:count], recipe.padding)
     aug = augment_batch(sample, crop=recipe.crop, padding=recipe.padding, flip=recipe.flip,
