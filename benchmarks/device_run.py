@@ -776,7 +776,9 @@ def parse_args() -> argparse.Namespace:
                     help="the sweeps stage's --workers (auto: the workers stage's choice on this machine, else 1)")
     ap.add_argument("--sweep-extra", default="",
                     help="dry runs: flags added to every sweep of the sweeps stage (e.g. --seeds 1)")
-    ap.add_argument("--test-subset", type=int, default=0, help="dry runs: evaluate on the first N test images")
+    ap.add_argument("--test-subset", type=int, default=0,
+                    help="dry runs: the runs made in this process (smoke, accuracy, ...) evaluate on N "
+                         "evenly spaced test images; the sweeps read the whole data folder")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="dry runs: change a setting in every recipe (e.g. epochs=1)")
     return ap.parse_args()
