@@ -29,6 +29,15 @@ def test_the_split_is_disjoint_stratified_and_fixed():
     assert torch.bincount(labels[holdout_split(labels, 7, classes=3)[1]], minlength=3).tolist() == [4, 2, 1]
 
 
+def test_with_classes_of_equal_size_a_smaller_holdout_is_within_a_larger():
+    # what a sweep that varies holdout compares: each point's validation images contain the smaller ones'
+    labels = torch.arange(1000) % 10
+    sizes = [10, 13, 100, 101, 250, 900]
+    held = [set(holdout_split(labels, n, classes=10)[1].tolist()) for n in sizes]
+    assert [len(h) for h in held] == sizes
+    assert all(small < large for small, large in zip(held, held[1:], strict=False))
+
+
 @pytest.mark.parametrize("n, message", [
     (2, "at least one image a class (3)"),
     (100, "fewer than the 100 training images"),

@@ -5,7 +5,10 @@ The held-out images are drawn from the whole training set, before ``train_subset
 images of what remains, by a generator of its own (``HOLDOUT_SEED``), never the recipe's seed: every
 seed and every point of a sweep sees the same validation images. The split is stratified: each class
 gives its share of the N images (by largest remainder, ties to the lower class), so that a small
-split has every class in the proportion the training set has it.
+split has every class in the proportion the training set has it. Each class's images are the first
+of one fixed order, so with classes of equal size a smaller holdout's images are among a larger's;
+with unequal ones largest remainder may move a class's last image to another as N grows by one
+(97 of 1,482 such steps on a made-up set of 3,000 images in 10 unequal classes).
 """
 from __future__ import annotations
 
