@@ -239,7 +239,7 @@ def test_the_data_the_range_test_and_the_pictures_take_a_recipe_by_name_or_file_
     data_dir = write_cifar(tmp_path / "data").parent
     data = load_dataset("quick", data_dir, download=False)
     assert len(data.train_images) == 100 and data.classes == load_dataset(None, data_dir, download=False).classes
-    # the LR of each step is the recipe's own: quick peaks at 0.1 after a quarter of its steps, the seed at 0.2
+    # the LR of each step is the recipe's own: quick peaks at 0.1, the seed at 0.2
     quick = plot_lr_schedule("quick", 156).lines[0].get_ydata()
     assert max(quick) == pytest.approx(0.1) and list(quick) == list(plot_lr_schedule(load_recipe("quick"), 156)
                                                                         .lines[0].get_ydata())
