@@ -77,7 +77,7 @@ def test_two_processes_train_like_one(tmp_path):
     # loss every epoch, but for the order of the gradient sums. (Their evaluations differ: the two
     # processes evaluate with rank 0's running statistics, of its halves alone.)
     ghost = run([sys.executable, "-m", "cifar_onecycle", "train", "--out", str(tmp_path / "ghost"), "--quiet",
-                 "--bn-ghost-batch", "10", *common])
+                 "--no-report", "--bn-ghost-batch", "10", *common])
     assert ghost.returncode == 0, ghost.stderr
     import csv
 
