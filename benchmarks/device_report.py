@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cifar_onecycle.report import markdown_table, sweep_table_rows
 from cifar_onecycle.seeds import spread
 from device_run import RECIPES
 from recipes import TARGETS, pct  # TARGETS: points against dawnbench's mean on the proxy data
@@ -251,39 +252,17 @@ def lr_section(folder: Path) -> list[str]:
     return lines
 
 
-def pct_sem(entry: dict[str, Any] | None) -> str:
-    """A mean over seeds in percent, with its standard error when there are two seeds or more."""
-    if not entry or entry.get("mean") is None:
-        return ""
-    sem = f" ({100 * entry['sem']:.2f})" if entry.get("sem") is not None else ""
-    return f"{100 * entry['mean']:.2f}{sem}"
-
-
 def sweeps_section(folder: Path) -> list[str]:
-    """Each sweep of the sweeps stage: its table from sweep.json (the selection accuracy with its
-    paired difference from the baseline, and the test accuracy) and its picture."""
+    """Each sweep of the sweeps stage: its table from sweep.json (the product's, as sweep.md has it)
+    and its pictures."""
     lines: list[str] = []
     for path in sorted((folder / "sweeps").glob("*/sweep.json")):
         stats, name = json.loads(path.read_text()), path.parent.name
-        selection = stats["selection"]
-        with open(path.parent / "sweep.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
         seeds = stats["seeds"]
         lines += [f"### `{name}`: {', '.join(stats.get('settings', stats['vary']))}, seeds {seeds[0]} to {seeds[-1]}, "
                   f"baseline {stats['baseline'] or 'none'}", "",
-                  f"Choose on {selection}; mean % over the runs that finished (standard error); the paired "
-                  "difference is by seed, in points.", "",
-                  f"| point | finished / runs | {selection} % | paired difference | {selection}_tta % | "
-                  "test % | test with flip TTA % | LRMAX used |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for point in stats["points"]:
-            chosen = point.get(selection) or {}
-            difference = chosen.get("paired_difference")
-            used = sorted({float(r["lr_max_used"]) for r in rows if r["lr_max_used"] and r["point"] == point["point"]})
-            lines.append(f"| {point['point']} | {point['outcomes'].get('finished', 0)} / {point['runs']} | "
-                         f"{pct_sem(chosen)} | {pct_sem(difference)} | {pct_sem(point.get(selection + '_tta'))} | "
-                         f"{pct_sem(point.get('final_test_acc'))} | {pct_sem(point.get('final_test_acc_tta'))} | "
-                         f"{', '.join(f'{lr:.3g}' for lr in used)} |")
+                  f"Choose on {stats['selection']}; mean % over the runs that finished (standard error); the paired "
+                  "difference is by seed, in points.", "", *markdown_table(sweep_table_rows(stats))]
         if stats["remaining_runs"]:
             lines.append(f"\n{stats['remaining_runs']} runs of this sweep were not trained (the budget).")
         lines += ["", f"![{name}](sweeps/{name}/sweep.png)", "",

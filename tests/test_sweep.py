@@ -246,6 +246,40 @@ def test_the_table_and_statistics_are_those_computed_by_hand(tmp_path):
     assert high_stats["final_val_acc"]["n"] == 1 and high_stats["final_val_acc"]["sem"] is None
     assert high_stats["final_val_acc"]["paired_difference"]["mean"] == pytest.approx(0.70 - 0.85)
     assert (folder.path / "sweep.png").stat().st_size > 10_000
+    # sweep.md, the same numbers in %: lr_max=0.02's validation accuracies 0.85, 0.83, 0.90 have a
+    # standard deviation of sqrt(0.0026 / 2) = 0.0361, a standard error of 0.0208; TTA 1 point up,
+    # test 5 points down (write_run); lr_max=0.04 one seed: no standard error
+    page = (folder.path / "sweep.md").read_text()
+    assert [line for line in page.splitlines() if line.startswith("| ") and "---" not in line] == [
+        "| point | runs | validation % (sem) | vs baseline (sem) | validation with flip TTA % (sem) | test % (sem) "
+        "| test with flip TTA % (sem) |",
+        "| lr_max=0.01 | 3 | 82.00 (1.15) | -4.00 (2.65) | 83.00 (1.15) | 77.00 (1.15) | 78.00 (1.15) |",
+        "| lr_max=0.02 | 3 | 86.00 (2.08) | baseline | 87.00 (2.08) | 81.00 (2.08) | 82.00 (2.08) |",
+        "| lr_max=0.04 | 2 (1 diverged) | 70.00 | -15.00 | 71.00 | 60.00 | 61.00 |"]
+    assert "from `lr_max=0.02` paired by seed" in page and "1 run has not ended" in page
+    assert "Choose on the validation accuracy" in page and "](sweep.png)" in page and "](sweep_curves.png)" in page
+
+
+def test_a_sweep_without_a_holdout_says_its_numbers_are_the_test_sets_and_shows_the_lrs_found():
+    from cifar_onecycle.cli import sweep_table
+    from cifar_onecycle.report import sweep_markdown, sweep_table_rows
+
+    acc = {"n": 2, "mean": 0.9, "std": 0.01, "sem": 0.007}
+    stats = {"selection": "final_test_acc", "vary": {"lr_max": [0.2, "auto"]}, "settings": ["lr_max"],
+             "seeds": [0, 1], "baseline": "lr_max=0.2", "remaining_runs": 0, "points": [
+                 {"point": "lr_max=0.2", "runs": 2, "outcomes": {"finished": 2}, "final_test_acc": acc},
+                 {"point": "lr_max=auto", "runs": 2, "outcomes": {"finished": 1, "no LR found": 1},
+                  "final_test_acc": {**acc, "paired_difference": {"n": 1, "mean": 0.012, "std": None, "sem": None}},
+                  "found": {"lr_max": [0.5123]}}]}
+    assert sweep_table_rows(stats) == [
+        ["point", "runs", "test % (sem)", "vs baseline (sem)", "test with flip TTA % (sem)", "LRs found, by seed"],
+        ["lr_max=0.2", "2", "90.00 (0.70)", "baseline", "-", "-"],
+        ["lr_max=auto", "2 (1 no LR found)", "90.00 (0.70)", "+1.20", "-", "lr_max 0.512"]]
+    assert [row[:4] for row in sweep_table_rows(stats)] == sweep_table_rows(stats, short=True)
+    assert sweep_table(stats).splitlines()[2] == "lr_max=auto  2 (1 no LR found)  90.00 (0.70)  +1.20"  # the CLI's
+    page = sweep_markdown(stats)
+    assert page.startswith("# Sweep: a grid of lr_max, seeds 0 to 1") and "tunes it to the test set" in page
+    assert "runs have not ended" not in page
 
 
 def write_metrics(folder, point, seed, rows):

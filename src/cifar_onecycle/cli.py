@@ -568,7 +568,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 0
     print(sweep_table(result.stats))
     left = f"; {result.remaining} runs not finished" if result.remaining else ""
-    print(f"sweep folder: {result.path} (sweep.csv, sweep.json, sweep.png, sweep_curves.png){left}")
+    print(f"sweep folder: {result.path} (sweep.csv, sweep.json, sweep.png, sweep_curves.png, sweep.md){left}")
     return 0
 
 
@@ -593,8 +593,7 @@ def _print_sweep_dry_run(planned: SweepDryRun) -> int:
         steps = f"{r.total_steps:,}" + (f" + {r.range_test_steps:,} range test" if r.range_test_steps else "")
         rows.append((p.point.name, str(p.runs), steps, f"{r.seconds_a_step:.3g}", format_seconds(r.estimated_seconds),
                      format_seconds(p.estimated_seconds)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows))
+    print(aligned(rows))
     for p in planned.points:
         if p.run is not None and p.timed_as is None:
             r = p.run
@@ -610,27 +609,16 @@ def _print_sweep_dry_run(planned: SweepDryRun) -> int:
 
 
 def sweep_table(stats: dict[str, Any]) -> str:
-    """sweep.json's points as a short table: the selection accuracy with its standard error, the
-    paired difference from the baseline, and the test accuracy."""
-    selection = stats["selection"]
-    from .results import split_of
+    """sweep.json's points as a short table (``report.sweep_table_rows``)."""
+    from .report import sweep_table_rows
 
-    words = split_of(selection)
-    rows = [("point", "runs", f"{words} % (sem)", "vs baseline (sem)", *(("test %",) if words == "val" else ()))]
-    for p in stats["points"]:
-        acc, test = p.get(selection), p.get("final_test_acc")
+    return aligned(sweep_table_rows(stats, short=True))
 
-        def pct(entry: dict[str, Any] | None, sign: str = "") -> str:
-            if not entry or entry["mean"] is None:
-                return "-"
-            return f"{100 * entry['mean']:{sign}.2f}" + (f" ({100 * entry['sem']:.2f})" if entry["sem"] is not None
-                                                         else "")
-        versus = "baseline" if p["point"] == stats["baseline"] else pct((acc or {}).get("paired_difference"), "+")
-        failed = ", ".join(f"{n} {outcome}" for outcome, n in p["outcomes"].items() if outcome != "finished")
-        runs = f"{p['runs']}" + (f" ({failed})" if failed else "")
-        rows.append((p["point"], runs, pct(acc), versus, *((pct(test),) if words == "val" else ())))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+def aligned(rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` of text as columns two spaces apart, each as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:

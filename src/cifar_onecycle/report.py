@@ -524,6 +524,80 @@ def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
                    f"dots are runs, bars the standard error")
 
 
+def sweep_table_rows(stats: dict[str, Any], short: bool = False) -> list[list[str]]:
+    """sweep.json's points as a table, its header first: each point's runs (those that failed
+    counted by outcome), the selection accuracy (the mean in % over the runs that finished, its
+    standard error in brackets), the difference from the baseline paired by seed (points), and the
+    test accuracy when the selection is the validation split's; unless ``short``, each with flip TTA
+    too, and the LRs each seed found where a point has ``auto`` ones. ``cifar-onecycle sweep``
+    prints the short table; sweep.md holds the whole one."""
+    selection = stats["selection"]
+    words = SPLIT_NAMES[split_of(selection)]
+    on_val = split_of(selection) == "val"
+    found = not short and any(p.get("found") for p in stats["points"])
+
+    def pct(entry: dict[str, Any] | None, sign: str = "") -> str:
+        if not entry or entry.get("mean") is None:
+            return "-"
+        sem = f" ({100 * entry['sem']:.2f})" if entry.get("sem") is not None else ""
+        return f"{100 * entry['mean']:{sign}.2f}{sem}"
+
+    def lrs(point: dict[str, Any]) -> str:
+        return "; ".join(f"{name} " + ", ".join("-" if lr is None else f"{lr:.3g}" for lr in values)
+                         for name, values in (point.get("found") or {}).items()) or "-"
+
+    shown = [selection, *([] if short else [selection + "_tta"])]  # the accuracy columns, the selection's first
+    if on_val:
+        shown += ["final_test_acc", *([] if short else ["final_test_acc_tta"])]
+    names = {selection: f"{words} % (sem)", selection + "_tta": f"{words} with flip TTA % (sem)",
+             "final_test_acc": "test % (sem)", "final_test_acc_tta": "test with flip TTA % (sem)"}
+    table = [["point", "runs", names[selection], "vs baseline (sem)", *(names[a] for a in shown[1:]),
+              *(["LRs found, by seed"] if found else [])]]
+    for p in stats["points"]:
+        chosen = p.get(selection) or {}
+        failed = ", ".join(f"{n} {outcome}" for outcome, n in p["outcomes"].items() if outcome != "finished")
+        row = [p["point"], f"{p['runs']}" + (f" ({failed})" if failed else ""), pct(chosen),
+               "baseline" if p["point"] == stats["baseline"] else pct(chosen.get("paired_difference"), "+"),
+               *(pct(p.get(a)) for a in shown[1:])]
+        table.append(row + ([lrs(p)] if found else []))
+    return table
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table of ``rows``, the header first (a ``|`` in a cell escaped)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(rows[0]), "| " + " | ".join("---" for _ in rows[0]) + " |", *map(line, rows[1:])]
+
+
+def sweep_markdown(stats: dict[str, Any]) -> str:
+    """sweep.md: the sweep's whole table (``sweep_table_rows``) and its pictures on one page, ready
+    to paste into a README, with what the numbers are and which of them to choose on."""
+    words = SPLIT_NAMES[split_of(stats["selection"])]
+    seeds = stats["seeds"]
+    over = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]} to {seeds[-1]}"
+    what = (f"a grid of {', '.join(stats['vary'])}" if stats["vary"] else
+            f"a list of changes to the recipe ({', '.join(stats['settings'])})")
+    choose = ("Choose on the validation accuracy (training images the recipe holds out, the same for every "
+              "point that keeps its holdout), and report the test accuracy of the point chosen." if words != "test"
+              else "These are test accuracies (the recipe holds no images out): choosing a setting on them tunes "
+              "it to the test set; `--holdout N` gives a validation split to choose on.")
+    baseline = (f"\"vs baseline\" is the difference from `{stats['baseline']}` paired by seed, in points."
+                if stats["baseline"] else "There is no baseline point to compare with.")
+    lines = [f"# Sweep: {what}, {over}", "",
+             "Each point trains `recipe.toml` with its settings changed, a run folder a seed (`POINT/seedK/`); "
+             "the means are over the runs that finished, in %, their standard error in brackets. "
+             f"{baseline} {choose}", "", *markdown_table(sweep_table_rows(stats)), ""]
+    left = stats["remaining_runs"]
+    if left:
+        lines += [f"{left} run{' has' if left == 1 else 's have'} not ended: the same `cifar-onecycle sweep` "
+                  "command goes on with them.", ""]
+    lines += [f"![final {words} accuracy against the setting](sweep.png)", "",
+              f"![training loss and {words} accuracy per epoch](sweep_curves.png)", ""]
+    return "\n".join(lines)
+
+
 # A curve: its label (None: none in the legend), epochs, training losses, accuracies (0..1) and
 # matplotlib line style.
 Curve = tuple[str | None, list[int], list[float], list[float], dict[str, Any]]

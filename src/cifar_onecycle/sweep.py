@@ -18,6 +18,7 @@ the results, rewritten after every run:
     sweep.png   the selection accuracy against the varied value: a dot per seed, mean and standard error
     sweep_curves.png  each point's training loss and selection split's accuracy per epoch, the mean
                 over its finished runs (a line per point: what comparing settings draws by hand)
+    sweep.md    the json's numbers as a table, and the pictures: a page to paste into a README
 
 Choose on the validation accuracy (``holdout``), report the test accuracy of what was chosen: the
 selection accuracy is the validation one whenever the recipe holds images out.
@@ -67,7 +68,7 @@ from .signals import StopSignals, signals_for_tests
 from .sweep_plan import EVALUATION_ONLY, KINDS, Plan, Point, format_value
 from .training import RunOptions, data_folder, load_data, train_folder
 
-TABLE, STATS, PICTURE, CURVES = "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png"
+TABLE, STATS, PICTURE, CURVES, PAGE = "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png", "sweep.md"
 ACCURACIES = ("final_val_acc", "final_val_acc_tta", "final_test_acc", "final_test_acc_tta")
 # A row's numbers and the summary.json keys they come from.
 RESULTS = {**{name: name for name in ACCURACIES}, "lr_max_used": "lr_max", "lr_min_used": "lr_min",
@@ -200,17 +201,19 @@ class SweepFolder:
         return curves
 
     def write_results(self, plan: Plan, base: Recipe) -> SweepResult:
-        """sweep.csv, sweep.json, sweep.png and sweep_curves.png from the run folders as they are now."""
+        """sweep.csv, sweep.json, sweep.png, sweep_curves.png and sweep.md from the run folders as they
+        are now."""
         rows, remaining = self.rows(plan, base)
         # read before any write: a damaged metrics.csv leaves all as it was
         curves = self.mean_curves(plan, rows, selection_split(base))
         stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
         atomic_write(self.path / TABLE, sweep_csv(plan, rows))
         atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
-        from .report import plot_sweep, plot_sweep_curves, save_png
+        from .report import plot_sweep, plot_sweep_curves, save_png, sweep_markdown
 
         save_png(plot_sweep(plan, rows, stats), self.path / PICTURE)
         save_png(plot_sweep_curves(plan, curves, stats), self.path / CURVES)
+        atomic_write(self.path / PAGE, sweep_markdown(stats))
         return SweepResult(plan, rows, stats, self.path, remaining)
 
 
