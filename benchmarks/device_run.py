@@ -89,7 +89,8 @@ RECIPES = ("seed", "dawnbench", "best")
 # range test has lr_find.json and its graphs).
 PACKED = ("recipe.toml", "metrics.csv", "summary.json", "diverged.json", "failed.json", "lr_find.json",
           # a sweep's own files, and the output of a command this script ran (``run_cli``)
-          "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png", "sweep.md", "sweep_plan.json", "seeds.json")
+          "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png", "sweep.md", "sweep_plan.json", "seeds.json",
+          "seeds.md")
 
 
 # The workers stage's choice, in --work (kept by later calls): two workers on one GPU when they end its sweep in at

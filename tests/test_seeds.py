@@ -6,10 +6,10 @@ import pytest
 from cifar_onecycle import Recipe
 from cifar_onecycle.cli import main
 from cifar_onecycle.errors import UserError
-from cifar_onecycle.report import plot_seed_curves
+from cifar_onecycle.report import plot_seed_curves, seeds_markdown
 from cifar_onecycle.results import EpochMetrics
 from cifar_onecycle.run_folder import RunFolder
-from cifar_onecycle.seeds import spread, train_seeds, write_seeds_results
+from cifar_onecycle.seeds import seeds_summary, spread, train_seeds, write_seeds_results
 from test_train import TINY
 
 FLAGS = ["--epochs", "2", "--peak-epoch", "1", "--batch-size", "25", "--eval-batch-size", "16", "--device", "cpu",
@@ -21,6 +21,34 @@ def test_spread_is_sample_statistics():
     assert s["mean"] == pytest.approx(0.92) and s["std"] == pytest.approx(0.02)
     assert (s["min"], s["max"], s["n"]) == (0.90, 0.94, 3)
     assert spread([0.5])["std"] == 0.0
+
+
+def test_the_seeds_page_shows_each_seed_and_their_spread():
+    runs = [{"final_val_acc": 0.80, "final_val_acc_tta": 0.82, "final_test_acc": 0.90, "final_test_acc_tta": 0.91,
+             "total_seconds": 10.0},
+            {"final_val_acc": 0.84, "final_val_acc_tta": 0.85, "final_test_acc": 0.92, "final_test_acc_tta": 0.925,
+             "total_seconds": 11.0}]
+    page = seeds_markdown(seeds_summary(Recipe(), [3, 4], runs))
+    # validation first (what is chosen on); 0.80 and 0.84: mean 0.82, standard deviation 0.04 / sqrt(2) = 0.0283
+    assert [line for line in page.splitlines() if line.startswith("| ") and "---" not in line] == [
+        "| seed | validation % | validation with flip TTA % | test % | test with flip TTA % |",
+        "| 3 | 80.00 | 82.00 | 90.00 | 91.00 |",
+        "| 4 | 84.00 | 85.00 | 92.00 | 92.50 |",
+        "| mean ± std | 82.00 ± 2.83 | 83.50 ± 2.12 | 91.00 ± 1.41 | 91.75 ± 1.06 |",
+        "| min to max | 80.00 to 84.00 | 82.00 to 85.00 | 90.00 to 92.00 | 91.00 to 92.50 |"]
+    assert page.startswith("# The recipe over seeds 3 to 4") and "21.0 s of runs" in page and "](curves.png)" in page
+    # without a holdout, the test columns alone; a run without a weight average has no column for it
+    test_only = seeds_markdown(seeds_summary(Recipe(), [0], [{k: v for k, v in runs[0].items() if "val" not in k}]),
+                               curves=False)
+    assert "| seed | test % | test with flip TTA % |" in test_only and "curves.png" not in test_only
+    assert "Choose a setting on the validation accuracy" not in test_only
+
+
+def test_a_new_set_of_seeds_removes_the_earlier_sets_page(tmp_path):
+    for name in ("seeds.json", "summary.json", "seeds.md"):
+        (tmp_path / name).write_text("{}")
+    RunFolder.create(tmp_path, overwrite=True, set_of_seeds=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def held_out_history(rows):
@@ -63,6 +91,7 @@ def test_two_seeds_then_resume_reuses_the_finished_one(cifar_dir, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s == first.summary and s["seeds"] == [3, 4] and s["runs"] == 2
     assert (out / "curves.png").stat().st_size > 10_000  # without the runs' own reports
+    assert f"| 4 | {100 * s['per_run'][1]['final_test_acc']:.2f} |" in (out / "seeds.md").read_text()
     runs = [json.loads((out / f"seed{k}" / "summary.json").read_text()) for k in (3, 4)]
     assert [r["final_test_acc"] for r in runs] == s["final_test_acc"]["values"]
     assert s["final_test_acc"]["mean"] == pytest.approx(sum(s["final_test_acc"]["values"]) / 2)

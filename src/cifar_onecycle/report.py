@@ -598,6 +598,39 @@ def sweep_markdown(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# A set of seeds' accuracies, in the order seeds.md shows them: what settings are chosen on first.
+SEED_COLUMNS = {"final_val_acc": "validation %", "final_val_acc_tta": "validation with flip TTA %",
+                "final_test_acc": "test %", "final_test_acc_tta": "test with flip TTA %",
+                "final_test_acc_without_ema": "test without the weight average %"}
+
+
+def seeds_markdown(summary: dict[str, Any], curves: bool = True) -> str:
+    """seeds.md: a set of seeds' final accuracies (``seeds.seeds_summary``), a row a seed, then
+    their mean with the standard deviation of one run and their range; with ``curves``, the set's
+    curves.png. A page to paste into a README."""
+    runs = summary.get("per_run") or []
+    shown = [key for key in SEED_COLUMNS if summary.get(key)]  # None: not measured in every run
+    on_val = "final_val_acc" in shown
+    seed_list = summary.get("seeds") or []
+    seeds = (f"seed {seed_list[0]}" if len(seed_list) == 1 else
+             f"seeds {seed_list[0]} to {seed_list[-1]}" if seed_list else "its seeds")
+    table = [["seed", *(SEED_COLUMNS[key] for key in shown)],
+             *([str(run["seed"]), *(f"{100 * run[key]:.2f}" for key in shown)] for run in runs),
+             ["mean ± std", *(f"{100 * summary[key]['mean']:.2f} ± {100 * summary[key]['std']:.2f}" for key in shown)],
+             ["min to max", *(f"{100 * summary[key]['min']:.2f} to {100 * summary[key]['max']:.2f}" for key in shown)]]
+    lines = [f"# The recipe over {seeds}", "",
+             f"`recipe.toml` trained once a seed, each run in its folder (`seedK/`): {summary.get('epochs', '?')} "
+             f"epochs on {summary.get('train_images', '?')} training images, {summary.get('device', '?')}, "
+             f"{summary.get('precision', '?')}; {summary.get('total_seconds', '?')} s of runs in all. Only the last "
+             "epoch of each run counts (no best epoch, no best seed); the standard deviation is one run's spread, "
+             "the mean's standard error that over the square root of the runs."
+             + (" Choose a setting on the validation accuracy (training images held out); report the test "
+                "accuracy." if on_val else ""), "", *markdown_table(table), ""]
+    if curves:
+        lines += ["![each seed's training loss and accuracy per epoch, and their mean](curves.png)", ""]
+    return "\n".join(lines)
+
+
 # A curve: its label (None: none in the legend), epochs, training losses, accuracies (0..1) and
 # matplotlib line style.
 Curve = tuple[str | None, list[int], list[float], list[float], dict[str, Any]]

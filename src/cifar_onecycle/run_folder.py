@@ -37,8 +37,9 @@ REPORT_MD, CURVES_PNG, LR_SCHEDULE_PNG, CONFUSION_PNG, MISCLASSIFIED_PNG, GRADCA
     "report.md", "curves.png", "lr_schedule.png", "confusion.png", "misclassified.png", "gradcam.png", "augment.png")
 LR_FIND_JSON = "lr_find.json"
 LR_FIND_PNGS = {"exp": "lr_find_exp.png", "linear": "lr_find_linear.png"}  # by the range test's mode
+SEEDS_MD = "seeds.md"  # a set of seeds' page (seeds.write_seeds_results); its curves.png is CURVES_PNG
 REPORT_FILES = (REPORT_MD, CURVES_PNG, LR_SCHEDULE_PNG, CONFUSION_PNG, MISCLASSIFIED_PNG, GRADCAM_PNG, AUGMENT_PNG,
-                LR_FIND_JSON, *LR_FIND_PNGS.values())
+                LR_FIND_JSON, *LR_FIND_PNGS.values(), SEEDS_MD)
 TENSORBOARD = "tensorboard"  # the folder of a run's TensorBoard event files (``--tensorboard``)
 FAILURES = ("diverged", "no LR found")  # why a run cannot go on
 

@@ -3,8 +3,9 @@ their final test accuracies: one run's number says little when seeds differ by a
 
 The folder of a multi-seed run holds recipe.toml (the recipe with the first seed), seeds.json (which
 seeds), a sub-folder per seed (``seed<k>/``, an ordinary run folder) and, at the end, summary.json
-with the mean, standard deviation, min and max over the runs, and curves.png (each seed's curves and
-their mean). Only the last epoch of each run counts: no best epoch, no best seed.
+with the mean, standard deviation, min and max over the runs, curves.png (each seed's curves and
+their mean) and seeds.md (the table and the picture, a page for a README). Only the last epoch of
+each run counts: no best epoch, no best seed.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from .data import LabelledImages, recorded_data_dir
 from .device import resolve_placement
 from .distributed import init_distributed
 from .errors import Interrupted
-from .files import FolderLock
+from .files import FolderLock, atomic_write
 from .recipe import Recipe, as_recipe, check_seed_range
-from .run_folder import METRICS, SEEDS, SUMMARY, RunFolder
+from .run_folder import METRICS, SEEDS, SEEDS_MD, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .signals import signals_for_tests
 from .training import RunOptions, check_same_recipe, data_folder, load_data, run_device, train_folder
@@ -150,12 +151,14 @@ def train_seeds(recipe: Recipe | str | Path | None = None, seeds: int = 1, *, ou
 
 
 def write_seeds_results(folder: RunFolder, seeds: list[int], summary: dict[str, Any]) -> None:
-    """summary.json over the seeds and curves.png, each seed's curves and their mean (the runs with a
-    metrics.csv). The metrics are read before anything is written: a damaged one leaves both as they were."""
-    from .report import plot_seed_curves, save_png
+    """summary.json over the seeds, curves.png (each seed's curves and their mean: the runs with a
+    metrics.csv) and seeds.md (the table and the picture). The metrics are read before anything is
+    written: a damaged one leaves all as they were."""
+    from .report import plot_seed_curves, save_png, seeds_markdown
 
     runs = {seed: RunFolder.inside(folder.path, f"seed{seed}") for seed in seeds}
     histories = {seed: run.read_metrics() for seed, run in runs.items() if run.has(METRICS)}
     folder.write_summary(summary)
     if histories:
         save_png(plot_seed_curves(histories), folder.path / SEED_CURVES)
+    atomic_write(folder.path / SEEDS_MD, seeds_markdown(summary, curves=bool(histories)))
