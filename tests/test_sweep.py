@@ -318,6 +318,9 @@ def test_the_curves_are_each_points_mean_over_the_runs_it_trained(tmp_path):
     assert drawn == {"recipe (baseline)": [pytest.approx(40), pytest.approx(60)],
                      "lr_max=0.04": [pytest.approx(30), pytest.approx(40)]}
     assert (folder.path / "sweep_curves.png").stat().st_size > 10_000
+    assert [p.get("weights_from") for p in result.stats["points"]] == [None, None, ["recipe"], None]
+    assert "`tta_translate=1` changes only the evaluation: its runs are the weights of `recipe`" in (
+        folder.path / "sweep.md").read_text()
 
 
 def test_a_point_evaluated_on_the_test_set_draws_no_curve_among_validation_ones(tmp_path):

@@ -589,6 +589,11 @@ def sweep_markdown(stats: dict[str, Any]) -> str:
              "Each point trains `recipe.toml` with its settings changed, a run folder a seed (`POINT/seedK/`); "
              "the means are over the runs that finished, in %, their standard error in brackets. "
              f"{baseline} {choose}", "", *markdown_table(sweep_table_rows(stats)), ""]
+    for p in stats["points"]:
+        if p.get("weights_from"):
+            lines += [f"`{p['point']}` changes only the evaluation: its runs are the weights of "
+                      f"{' and '.join(f'`{twin}`' for twin in p['weights_from'])} (the same seed) evaluated again, "
+                      "so its difference from them is the evaluation's alone.", ""]
     left = stats["remaining_runs"]
     if left:
         lines += [f"{left} run{' has' if left == 1 else 's have'} not ended: the same `cifar-onecycle sweep` "

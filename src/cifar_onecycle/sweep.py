@@ -252,7 +252,8 @@ def mean_and_error(values: list[float]) -> dict[str, Any]:
 def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remaining: int) -> dict[str, Any]:
     """sweep.json: per point, each accuracy's n, mean, std and standard error over its finished runs
     (runs that failed are counted apart, never averaged in), and the difference from the baseline
-    point paired by seed (over the seeds both finished)."""
+    point paired by seed (over the seeds both finished); the LRs ``auto`` found, and the points
+    whose weights a point's runs evaluated again."""
     baseline = plan.baseline_point
     by_point: dict[str, dict[int, dict[str, Any]]] = {}
     for row in rows:
@@ -277,6 +278,9 @@ def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remainin
                 entry[name]["paired_difference"] = mean_and_error(diffs)
         if point.found:  # the LRs the range test found, seed by seed
             entry["found"] = {k: [r[k + "_used"] for r in finished.values()] for k in point.found}
+        twins = sorted({r["weights_from"].rsplit("/", 1)[0] for r in runs.values() if r.get("weights_from")})
+        if twins:  # its runs are these points' weights evaluated again (``evaluate_as``)
+            entry["weights_from"] = twins
         points.append(entry)
     return {"selection": selection, "vary": plan.vary, "settings": plan.settings, "seeds": list(plan.seed_range),
             "baseline": baseline.name if baseline else None, "remaining_runs": remaining, "points": points}
