@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--seeds", type=int, metavar="N",
                            help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and "
                                 "write the mean, std, min and max of the final test accuracy (with and without flip "
-                                "TTA) to RUN_DIR/summary.json")
+                                "TTA) to RUN_DIR/summary.json, and a table of them to RUN_DIR/seeds.md")
     train_cmd.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     train_cmd.add_argument("--no-checkpoint", action="store_true",
                            help="write no checkpoint.pt (a run that only measures: it cannot be resumed, and a "
@@ -306,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"over {over_seeds['runs']} seeds {over_seeds['seeds'][0]}..{over_seeds['seeds'][-1]}: final "
                   f"{val}test accuracy {_spread(over_seeds['final_test_acc'])}, with flip TTA "
                   f"{_spread(over_seeds['final_test_acc_tta'])}; run folder: {out} (summary.json, curves.png, "
-                  f"seed<k>/)")
+                  f"seeds.md, seed<k>/)")
         return 0
     summary = train(recipe, **options).summary
     if not _is_main():
