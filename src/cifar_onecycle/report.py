@@ -532,8 +532,8 @@ def sweep_table_rows(stats: dict[str, Any], short: bool = False) -> list[list[st
     too, and the LRs each seed found where a point has ``auto`` ones. ``cifar-onecycle sweep``
     prints the short table; sweep.md holds the whole one."""
     selection = stats["selection"]
-    words = SPLIT_NAMES[split_of(selection)]
-    on_val = split_of(selection) == "val"
+    split = split_of(selection)
+    words, on_val = SPLIT_NAMES[split], split == "val"
     found = not short and any(p.get("found") for p in stats["points"])
 
     def pct(entry: dict[str, Any] | None, sign: str = "") -> str:
@@ -574,13 +574,14 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
 def sweep_markdown(stats: dict[str, Any]) -> str:
     """sweep.md: the sweep's whole table (``sweep_table_rows``) and its pictures on one page, ready
     to paste into a README, with what the numbers are and which of them to choose on."""
-    words = SPLIT_NAMES[split_of(stats["selection"])]
+    split = split_of(stats["selection"])
+    words, on_val = SPLIT_NAMES[split], split == "val"
     seeds = stats["seeds"]
     over = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]} to {seeds[-1]}"
     what = (f"a grid of {', '.join(stats['vary'])}" if stats["vary"] else
             f"a list of changes to the recipe ({', '.join(stats['settings'])})")
     choose = ("Choose on the validation accuracy (training images the recipe holds out, the same for every "
-              "point that keeps its holdout), and report the test accuracy of the point chosen." if words != "test"
+              "point that keeps its holdout), and report the test accuracy of the point chosen." if on_val
               else "These are test accuracies (the recipe holds no images out): choosing a setting on them tunes "
               "it to the test set; `--holdout N` gives a validation split to choose on.")
     baseline = (f"\"vs baseline\" is the difference from `{stats['baseline']}` paired by seed, in points."
