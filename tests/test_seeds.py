@@ -6,10 +6,10 @@ import pytest
 from cifar_onecycle import Recipe
 from cifar_onecycle.cli import main
 from cifar_onecycle.errors import UserError
-from cifar_onecycle.report import plot_seed_curves, seeds_markdown
 from cifar_onecycle.results import EpochMetrics
 from cifar_onecycle.run_folder import RunFolder
 from cifar_onecycle.seeds import seeds_summary, spread, train_seeds, write_seeds_results
+from cifar_onecycle.sweep_report import plot_seed_curves, seeds_markdown
 from test_train import TINY
 
 FLAGS = ["--epochs", "2", "--peak-epoch", "1", "--batch-size", "25", "--eval-batch-size", "16", "--device", "cpu",

@@ -165,7 +165,7 @@ def test_a_crafted_sweep_plan_is_one_line(tmp_path, capsys, plan, message):
 def test_a_plan_of_thousands_of_points_draws_a_bounded_picture(tmp_path):
     from PIL import Image
 
-    from cifar_onecycle.report import plot_sweep
+    from cifar_onecycle.sweep_report import plot_sweep
 
     lrs = [0.001 * (i + 1) for i in range(3000)]
     listed = Plan({}, 0, 1, listed=[{"lr_max": lr} for lr in lrs if lr != SMALL.lr_max])
@@ -180,7 +180,7 @@ def test_a_plan_of_thousands_of_points_draws_a_bounded_picture(tmp_path):
 
 
 def test_a_sweep_collected_before_any_run_ended_says_so_in_its_pictures(tmp_path):
-    from cifar_onecycle.report import NOTHING_YET, plot_sweep, plot_sweep_curves
+    from cifar_onecycle.sweep_report import NOTHING_YET, plot_sweep, plot_sweep_curves
 
     def said(fig):
         return [NOTHING_YET in [t.get_text() for t in ax.texts] for ax in fig.axes]
@@ -262,7 +262,7 @@ def test_the_table_and_statistics_are_those_computed_by_hand(tmp_path):
 
 def test_a_sweep_without_a_holdout_says_its_numbers_are_the_test_sets_and_shows_the_lrs_found():
     from cifar_onecycle.cli import sweep_table
-    from cifar_onecycle.report import sweep_markdown, sweep_table_rows
+    from cifar_onecycle.sweep_report import sweep_markdown, sweep_table_rows
 
     acc = {"n": 2, "mean": 0.9, "std": 0.01, "sem": 0.007}
     stats = {"selection": "final_test_acc", "vary": {"lr_max": [0.2, "auto"]}, "settings": ["lr_max"],
@@ -290,7 +290,7 @@ def write_metrics(folder, point, seed, rows):
 
 
 def test_the_curves_are_each_points_mean_over_the_runs_it_trained(tmp_path):
-    from cifar_onecycle.report import plot_sweep_curves
+    from cifar_onecycle.sweep_report import plot_sweep_curves
 
     plan = Plan({}, first_seed=0, seeds=2, listed=[{"lr_max": 0.04}, {"tta_translate": 1}, {"flip": False}])
     folder = SweepFolder(tmp_path / "sw")
@@ -324,7 +324,7 @@ def test_the_curves_are_each_points_mean_over_the_runs_it_trained(tmp_path):
 
 
 def test_a_point_evaluated_on_the_test_set_draws_no_curve_among_validation_ones(tmp_path):
-    from cifar_onecycle.report import plot_sweep_curves
+    from cifar_onecycle.sweep_report import plot_sweep_curves
 
     plan = Plan({}, first_seed=0, seeds=1, listed=[{"holdout": 0}])  # the recipe holds 20 images out
     folder = SweepFolder(tmp_path / "sw")

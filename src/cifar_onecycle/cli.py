@@ -609,8 +609,8 @@ def _print_sweep_dry_run(planned: SweepDryRun) -> int:
 
 
 def sweep_table(stats: dict[str, Any]) -> str:
-    """sweep.json's points as a short table (``report.sweep_table_rows``)."""
-    from .report import sweep_table_rows
+    """sweep.json's points as a short table (``sweep_report.sweep_table_rows``)."""
+    from .sweep_report import sweep_table_rows
 
     return aligned(sweep_table_rows(stats, short=True))
 

@@ -154,7 +154,8 @@ def write_seeds_results(folder: RunFolder, seeds: list[int], summary: dict[str, 
     """summary.json over the seeds, curves.png (each seed's curves and their mean: the runs with a
     metrics.csv) and seeds.md (the table and the picture). The metrics are read before anything is
     written: a damaged one leaves all as they were."""
-    from .report import plot_seed_curves, save_png, seeds_markdown
+    from .report import save_png
+    from .sweep_report import plot_seed_curves, seeds_markdown
 
     runs = {seed: RunFolder.inside(folder.path, f"seed{seed}") for seed in seeds}
     histories = {seed: run.read_metrics() for seed, run in runs.items() if run.has(METRICS)}

@@ -60,12 +60,12 @@ from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting
 from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, read_capped, refuse_a_file, writable_folder
 from .recipe import DATA_FIELDS, Recipe, as_recipe, load_recipe
-from .report import MAX_CURVES
 from .results import mean_curve
 from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, SWEEP_PLAN, RunFolder
 from .run_setup import fit_to_data
 from .signals import StopSignals, signals_for_tests
 from .sweep_plan import EVALUATION_ONLY, KINDS, Plan, Point, format_value
+from .sweep_report import MAX_CURVES
 from .training import RunOptions, data_folder, load_data, train_folder
 
 TABLE, STATS, PICTURE, CURVES, PAGE = "sweep.csv", "sweep.json", "sweep.png", "sweep_curves.png", "sweep.md"
@@ -209,7 +209,8 @@ class SweepFolder:
         stats = sweep_stats(plan, rows, selection_accuracy(base), remaining)
         atomic_write(self.path / TABLE, sweep_csv(plan, rows))
         atomic_write(self.path / STATS, json.dumps(stats, indent=1) + "\n")
-        from .report import plot_sweep, plot_sweep_curves, save_png, sweep_markdown
+        from .report import save_png
+        from .sweep_report import plot_sweep, plot_sweep_curves, sweep_markdown
 
         save_png(plot_sweep(plan, rows, stats), self.path / PICTURE)
         save_png(plot_sweep_curves(plan, curves, stats), self.path / CURVES)
