@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_onecycle.report import markdown_table
-from cifar_onecycle.seeds import spread
+from cifar_onecycle.results import spread
 from cifar_onecycle.sweep_report import sweep_table_rows
 from device_run import RECIPES
 from recipes import TARGETS, pct  # TARGETS: points against dawnbench's mean on the proxy data

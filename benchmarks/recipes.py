@@ -35,10 +35,11 @@ def setting(text: str) -> tuple[str, Any]:
 
 
 def pct(s: dict[str, Any] | None, extremes: bool = True) -> str:
-    """A spread over seeds (``seeds.spread``) in percent: mean ± std, and (with ``extremes``) min to max."""
+    """A spread over seeds (``results.spread``) in percent: mean ± std (std None: one seed), and (with
+    ``extremes``) min to max."""
     if s is None:
         return "n/a"
-    shown = f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+    shown = f"{100 * s['mean']:.2f}" + ("" if s["std"] is None else f" ± {100 * s['std']:.2f}")
     return shown + (f" ({100 * s['min']:.2f} to {100 * s['max']:.2f})" if extremes else "")
 
 

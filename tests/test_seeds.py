@@ -6,9 +6,9 @@ import pytest
 from cifar_onecycle import Recipe
 from cifar_onecycle.cli import main
 from cifar_onecycle.errors import UserError
-from cifar_onecycle.results import EpochMetrics
+from cifar_onecycle.results import EpochMetrics, spread
 from cifar_onecycle.run_folder import RunFolder
-from cifar_onecycle.seeds import seeds_summary, spread, train_seeds, write_seeds_results
+from cifar_onecycle.seeds import seeds_summary, train_seeds, write_seeds_results
 from cifar_onecycle.sweep_report import plot_seed_curves, seeds_markdown
 from test_train import TINY
 
@@ -19,8 +19,18 @@ FLAGS = ["--epochs", "2", "--peak-epoch", "1", "--batch-size", "25", "--eval-bat
 def test_spread_is_sample_statistics():
     s = spread([0.90, 0.92, 0.94])
     assert s["mean"] == pytest.approx(0.92) and s["std"] == pytest.approx(0.02)
+    assert s["sem"] == pytest.approx(0.02 / 3 ** 0.5)
     assert (s["min"], s["max"], s["n"]) == (0.90, 0.94, 3)
-    assert spread([0.5])["std"] == 0.0
+    # one value has no spread (not a spread of 0), none not even a mean
+    assert spread([0.5]) == {"n": 1, "mean": 0.5, "std": None, "sem": None, "min": 0.5, "max": 0.5}
+    assert spread([]) == {"n": 0, "mean": None, "std": None, "sem": None, "min": None, "max": None}
+
+
+def test_the_last_line_gives_one_seed_no_spread():
+    from cifar_onecycle.cli import spread_in_words
+
+    assert spread_in_words(spread([0.90, 0.92])) == "mean 91.00% (std 1.41 points, min 90.00%, max 92.00%)"
+    assert spread_in_words(spread([0.9])) == "90.00% (one run)"
 
 
 def test_the_seeds_page_shows_each_seed_and_their_spread():
@@ -41,6 +51,7 @@ def test_the_seeds_page_shows_each_seed_and_their_spread():
     test_only = seeds_markdown(seeds_summary(Recipe(), [0], [{k: v for k, v in runs[0].items() if "val" not in k}]),
                                curves=False)
     assert "| seed | test % | test with flip TTA % |" in test_only and "curves.png" not in test_only
+    assert "| mean ± std | 90.00 | 91.00 |" in test_only  # one seed: a mean, no spread
     assert "Choose a setting on the validation accuracy" not in test_only
 
 

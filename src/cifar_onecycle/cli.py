@@ -301,11 +301,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         # train_seeds refuses a count below 1 (``args.seeds or 1`` would have run 1 for --seeds 0)
         over_seeds = train_seeds(recipe, 1 if args.seeds is None else args.seeds, **options).summary
         if _is_main():
-            val = (f"validation accuracy {_spread(over_seeds['final_val_acc'])}; "
+            val = (f"validation accuracy {spread_in_words(over_seeds['final_val_acc'])}; "
                    if over_seeds.get("final_val_acc") else "")
             print(f"over {over_seeds['runs']} seeds {over_seeds['seeds'][0]}..{over_seeds['seeds'][-1]}: final "
-                  f"{val}test accuracy {_spread(over_seeds['final_test_acc'])}, with flip TTA "
-                  f"{_spread(over_seeds['final_test_acc_tta'])}; run folder: {out} (summary.json, curves.png, "
+                  f"{val}test accuracy {spread_in_words(over_seeds['final_test_acc'])}, with flip TTA "
+                  f"{spread_in_words(over_seeds['final_test_acc_tta'])}; run folder: {out} (summary.json, curves.png, "
                   f"seeds.md, seed<k>/)")
         return 0
     summary = train(recipe, **options).summary
@@ -362,7 +362,10 @@ def _print_dry_run(recipe: Recipe, args: argparse.Namespace, auto: list[str]) ->
     return 0
 
 
-def _spread(values: dict[str, Any]) -> str:
+def spread_in_words(values: dict[str, Any]) -> str:
+    """A set of seeds' accuracy (``results.spread``) as its last line gives it."""
+    if values["std"] is None:  # one seed: no spread to give
+        return f"{values['mean']:.2%} (one run)"
     return (f"mean {values['mean']:.2%} (std {100 * values['std']:.2f} points, min {values['min']:.2%}, "
             f"max {values['max']:.2%})")
 

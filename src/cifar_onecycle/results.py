@@ -6,6 +6,7 @@ import dataclasses
 import io
 import math
 import os
+import statistics
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -164,6 +165,18 @@ _SUMMARY_REALS = ("total_seconds", "lr_min", "lr_max", "final_test_loss", "final
 _SUMMARY_TEXTS = ("device", "precision", "torch", "cifar_onecycle", "git_commit", "data_dir", "dataset",
                   "weights_from")
 _SUMMARY_REQUIRED = ("final_test_acc", "total_seconds", "steps_per_epoch")
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Runs' final accuracies summarised, as sweep.json and a set of seeds' summary.json give them:
+    n, mean, the sample standard deviation (n - 1: one run's spread), the mean's standard error
+    (std over the square root of n), min and max; std and sem None below two values, and all but n
+    None for none."""
+    n = len(values)
+    std = statistics.stdev(values) if n > 1 else None
+    return {"n": n, "mean": statistics.fmean(values) if n else None, "std": std,
+            "sem": std / math.sqrt(n) if std is not None else None,
+            "min": min(values) if n else None, "max": max(values) if n else None}
 
 
 def mean_curve(histories: Iterable[Sequence[EpochMetrics]]) -> list[tuple[int, float, float]]:

@@ -3,14 +3,14 @@ their final test accuracies: one run's number says little when seeds differ by a
 
 The folder of a multi-seed run holds recipe.toml (the recipe with the first seed), seeds.json (which
 seeds), a sub-folder per seed (``seed<k>/``, an ordinary run folder) and, at the end, summary.json
-with the mean, standard deviation, min and max over the runs, curves.png (each seed's curves and
-their mean) and seeds.md (the table and the picture, a page for a README). Only the last epoch of
-each run counts: no best epoch, no best seed.
+with each final accuracy's ``results.spread`` over the runs (mean, standard deviation, standard
+error, min and max) and its values, curves.png (each seed's curves and their mean) and seeds.md
+(the table and the picture, a page for a README). Only the last epoch of each run counts: no best
+epoch, no best seed.
 """
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from .distributed import init_distributed
 from .errors import Interrupted
 from .files import FolderLock, atomic_write
 from .recipe import Recipe, as_recipe, check_seed_range
+from .results import spread
 from .run_folder import METRICS, SEEDS, SEEDS_MD, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .signals import signals_for_tests
@@ -47,18 +48,12 @@ class SeedsResult:
     run_dir: Path | None = None
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (n - 1; 0 for one value), min and max of ``values``."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values), "values": values}
-
-
 def seeds_summary(recipe: Recipe, seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """summary.json of a multi-seed run, from the runs' own summaries (in seed order)."""
     out: dict[str, Any] = {"seeds": seeds, "runs": len(runs), "epochs": recipe.epochs}
     for name in ACCURACIES:
         values = [r[name] for r in runs if r.get(name) is not None]
-        out[name] = spread(values) if values and len(values) == len(runs) else None
+        out[name] = {**spread(values), "values": values} if values and len(values) == len(runs) else None
     first = runs[0]
     for key in ("test_images", "train_images", "parameters", "device", "precision", "torch", "cifar_onecycle",
                 "git_commit", "data_dir"):

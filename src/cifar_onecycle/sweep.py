@@ -41,7 +41,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting
 from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, read_capped, refuse_a_file, writable_folder
 from .recipe import DATA_FIELDS, Recipe, as_recipe, load_recipe
-from .results import mean_curve
+from .results import mean_curve, spread
 from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, SWEEP_PLAN, RunFolder
 from .run_setup import fit_to_data
 from .signals import StopSignals, signals_for_tests
@@ -242,19 +241,11 @@ def sweep_csv(plan: Plan, rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def mean_and_error(values: list[float]) -> dict[str, Any]:
-    """n, mean, sample standard deviation and standard error of the mean (None where undefined)."""
-    n = len(values)
-    std = statistics.stdev(values) if n > 1 else None
-    return {"n": n, "mean": statistics.fmean(values) if n else None, "std": std,
-            "sem": std / math.sqrt(n) if std is not None else None}
-
-
 def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remaining: int) -> dict[str, Any]:
-    """sweep.json: per point, each accuracy's n, mean, std and standard error over its finished runs
-    (runs that failed are counted apart, never averaged in), and the difference from the baseline
-    point paired by seed (over the seeds both finished); the LRs ``auto`` found, and the points
-    whose weights a point's runs evaluated again."""
+    """sweep.json: per point, each accuracy's ``spread`` over its finished runs (runs that failed
+    are counted apart, never averaged in), and the difference from the baseline point paired by
+    seed (over the seeds both finished); the LRs ``auto`` found, and the points whose weights a
+    point's runs evaluated again."""
     baseline = plan.baseline_point
     by_point: dict[str, dict[int, dict[str, Any]]] = {}
     for row in rows:
@@ -271,12 +262,12 @@ def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remainin
             values = [r[name] for r in finished.values() if r.get(name) is not None]
             if not values:
                 continue
-            entry[name] = mean_and_error(values)
+            entry[name] = spread(values)
             if baseline is not None and point != baseline:
                 base_runs = by_point.get(baseline.name, {})
                 diffs = [r[name] - base_runs[s][name] for s, r in finished.items()
                          if s in base_runs and base_runs[s].get(name) is not None and r.get(name) is not None]
-                entry[name]["paired_difference"] = mean_and_error(diffs)
+                entry[name]["paired_difference"] = spread(diffs)
         if point.found:  # the LRs the range test found, seed by seed
             entry["found"] = {k: [r[k + "_used"] for r in finished.values()] for k in point.found}
         twins = sorted({r["weights_from"].rsplit("/", 1)[0] for r in runs.values() if r.get("weights_from")})

@@ -216,7 +216,9 @@ def seeds_markdown(summary: dict[str, Any], curves: bool = True) -> str:
              f"seeds {seed_list[0]} to {seed_list[-1]}" if seed_list else "its seeds")
     table = [["seed", *(SEED_COLUMNS[key] for key in shown)],
              *([str(run["seed"]), *(f"{100 * run[key]:.2f}" for key in shown)] for run in runs),
-             ["mean ± std", *(f"{100 * summary[key]['mean']:.2f} ± {100 * summary[key]['std']:.2f}" for key in shown)],
+             ["mean ± std", *(f"{100 * summary[key]['mean']:.2f}" + ("" if summary[key]["std"] is None else
+                                                                       f" ± {100 * summary[key]['std']:.2f}")
+                              for key in shown)],
              ["min to max", *(f"{100 * summary[key]['min']:.2f} to {100 * summary[key]['max']:.2f}" for key in shown)]]
     lines = [f"# The recipe over {seeds}", "",
              f"`recipe.toml` trained once a seed, each run in its folder (`seedK/`): {summary.get('epochs', '?')} "
