@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_onecycle.report import markdown_table
-from cifar_onecycle.results import spread
-from cifar_onecycle.sweep_report import sweep_table_rows
+from cifar_onecycle.results import SPLIT_NAMES, split_of, spread
+from cifar_onecycle.sweep_report import seeds_in_words, sweep_table_rows
 from device_run import RECIPES
 from recipes import TARGETS, pct  # TARGETS: points against dawnbench's mean on the proxy data
 
@@ -259,11 +259,10 @@ def sweeps_section(folder: Path) -> list[str]:
     lines: list[str] = []
     for path in sorted((folder / "sweeps").glob("*/sweep.json")):
         stats, name = json.loads(path.read_text()), path.parent.name
-        seeds = stats["seeds"]
-        lines += [f"### `{name}`: {', '.join(stats.get('settings', stats['vary']))}, seeds {seeds[0]} to {seeds[-1]}, "
-                  f"baseline {stats['baseline'] or 'none'}", "",
-                  f"Choose on {stats['selection']}; mean % over the runs that finished (standard error); the paired "
-                  "difference is by seed, in points.", "", *markdown_table(sweep_table_rows(stats))]
+        settings, words = ", ".join(stats.get("settings", stats["vary"])), SPLIT_NAMES[split_of(stats["selection"])]
+        lines += [f"### `{name}`: {settings}, {seeds_in_words(stats['seeds'])}, baseline {stats['baseline'] or 'none'}",
+                  "", f"Choose on the {words} accuracy; mean % over the runs that finished (standard error); the "
+                  "paired difference is by seed, in points.", "", *markdown_table(sweep_table_rows(stats))]
         if stats["remaining_runs"]:
             lines.append(f"\n{stats['remaining_runs']} runs of this sweep were not trained (the budget).")
         lines += ["", f"![{name}](sweeps/{name}/sweep.png)", "",

@@ -45,13 +45,16 @@ def test_the_seeds_page_shows_each_seed_and_their_spread():
         "| 3 | 80.00 | 82.00 | 90.00 | 91.00 |",
         "| 4 | 84.00 | 85.00 | 92.00 | 92.50 |",
         "| mean ± std | 82.00 ± 2.83 | 83.50 ± 2.12 | 91.00 ± 1.41 | 91.75 ± 1.06 |",
+        "| standard error of the mean | 2.00 | 1.50 | 1.00 | 0.75 |",
         "| min to max | 80.00 to 84.00 | 82.00 to 85.00 | 90.00 to 92.00 | 91.00 to 92.50 |"]
     assert page.startswith("# The recipe over seeds 3 to 4") and "21.0 s of runs" in page and "](curves.png)" in page
     # without a holdout, the test columns alone; a run without a weight average has no column for it
-    test_only = seeds_markdown(seeds_summary(Recipe(), [0], [{k: v for k, v in runs[0].items() if "val" not in k}]),
-                               curves=False)
+    one_test_run = [{k: v for k, v in runs[0].items() if "val" not in k}]
+    test_only = seeds_markdown(seeds_summary(Recipe().with_epochs(1), [0], one_test_run), curves=False)
     assert "| seed | test % | test with flip TTA % |" in test_only and "curves.png" not in test_only
     assert "| mean ± std | 90.00 | 91.00 |" in test_only  # one seed: a mean, no spread
+    assert "| standard error of the mean | - | - |" in test_only and "`): 1 epoch on" in test_only
+    assert test_only.startswith("# The recipe over seed 0\n")
     assert "Choose a setting on the validation accuracy" not in test_only
 
 

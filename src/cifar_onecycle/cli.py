@@ -266,6 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .results import SPLIT_NAMES
     from .run_folder import SEEDS
     from .seeds import final_accuracies, train_seeds
+    from .sweep_report import seeds_in_words
     from .training import train
 
     auto = [name for name in ("lr_max", "lr_min") if getattr(args, name, None) == "auto"]
@@ -303,7 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if _is_main():
             val = (f"validation accuracy {spread_in_words(over_seeds['final_val_acc'])}; "
                    if over_seeds.get("final_val_acc") else "")
-            print(f"over {over_seeds['runs']} seeds {over_seeds['seeds'][0]}..{over_seeds['seeds'][-1]}: final "
+            print(f"over {seeds_in_words(over_seeds['seeds'])}: final "
                   f"{val}test accuracy {spread_in_words(over_seeds['final_test_acc'])}, with flip TTA "
                   f"{spread_in_words(over_seeds['final_test_acc_tta'])}; run folder: {out} (summary.json, curves.png, "
                   f"seeds.md, seed<k>/)")
@@ -577,10 +578,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _print_sweep_dry_run(planned: SweepDryRun) -> int:
     from .clock import format_seconds
+    from .sweep_report import seeds_in_words
 
     plan = planned.plan
     first = next((p.run for p in planned.points if p.run), None)
-    seeds = f"seed {plan.first_seed}" if plan.seeds == 1 else f"seeds {plan.first_seed} to {plan.seed_range[-1]}"
+    seeds = seeds_in_words(plan.seed_range)
     ended = f", {planned.ended} ended in the sweep's folder" if planned.ended else ""
     print("dry run: nothing trained or written")
     if first:

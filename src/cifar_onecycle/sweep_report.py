@@ -118,12 +118,17 @@ def say_when_empty(fig: Any, empty: bool) -> Any:
     return fig
 
 
+def seeds_in_words(seeds: Sequence[int]) -> str:
+    """A range of seeds as pages and lines name it: "seed 3", or "seeds 3 to 7"."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]} to {seeds[-1]}"
+
+
 def sweep_words(plan: Plan, selection: str) -> tuple[str, str]:
     """The accuracy a sweep's picture shows, in words, and the picture's title."""
     words = SPLIT_NAMES[split_of(selection)]
-    return words, (f"{words} accuracy, seed {plan.first_seed}" if plan.seeds == 1 else
-                   f"{words} accuracy over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}\n"
-                   f"dots are runs, bars the standard error")
+    seeds = seeds_in_words(plan.seed_range)
+    return words, (f"{words} accuracy, {seeds}" if plan.seeds == 1 else
+                   f"{words} accuracy over {seeds}\ndots are runs, bars the standard error")
 
 
 def sweep_table_rows(stats: dict[str, Any], short: bool = False) -> list[list[str]]:
@@ -171,7 +176,7 @@ def sweep_markdown(stats: dict[str, Any]) -> str:
     split = split_of(stats["selection"])
     words, on_val = SPLIT_NAMES[split], split == "val"
     seeds = stats["seeds"]
-    over = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]} to {seeds[-1]}"
+    over = seeds_in_words(seeds)
     what = (f"a grid of {', '.join(stats['vary'])}" if stats["vary"] else
             f"a list of changes to the recipe ({', '.join(stats['settings'])})")
     choose = ("Choose on the validation accuracy (training images the recipe holds out, the same for every "
@@ -206,26 +211,32 @@ SEED_COLUMNS = {"final_val_acc": "validation %", "final_val_acc_tta": "validatio
 
 def seeds_markdown(summary: dict[str, Any], curves: bool = True) -> str:
     """seeds.md: a set of seeds' final accuracies (``seeds.seeds_summary``), a row a seed, then
-    their mean with the standard deviation of one run and their range; with ``curves``, the set's
-    curves.png. A page to paste into a README."""
+    their mean with the standard deviation of one run, the mean's standard error and their range;
+    with ``curves``, the set's curves.png. A page to paste into a README."""
     runs = summary.get("per_run") or []
     shown = [key for key in SEED_COLUMNS if summary.get(key)]  # None: not measured in every run
     on_val = "final_val_acc" in shown
     seed_list = summary.get("seeds") or []
-    seeds = (f"seed {seed_list[0]}" if len(seed_list) == 1 else
-             f"seeds {seed_list[0]} to {seed_list[-1]}" if seed_list else "its seeds")
+    seeds = seeds_in_words(seed_list) if seed_list else "its seeds"
+
+    def pct(key: str, stat: str) -> str:
+        value = summary[key].get(stat)
+        return "-" if value is None else f"{100 * value:.2f}"  # std and sem: none for one seed
+
     table = [["seed", *(SEED_COLUMNS[key] for key in shown)],
              *([str(run["seed"]), *(f"{100 * run[key]:.2f}" for key in shown)] for run in runs),
-             ["mean ± std", *(f"{100 * summary[key]['mean']:.2f}" + ("" if summary[key]["std"] is None else
-                                                                       f" ± {100 * summary[key]['std']:.2f}")
+             ["mean ± std", *(pct(key, "mean") + ("" if summary[key]["std"] is None else f" ± {pct(key, 'std')}")
                               for key in shown)],
-             ["min to max", *(f"{100 * summary[key]['min']:.2f} to {100 * summary[key]['max']:.2f}" for key in shown)]]
+             ["standard error of the mean", *(pct(key, "sem") for key in shown)],
+             ["min to max", *(f"{pct(key, 'min')} to {pct(key, 'max')}" for key in shown)]]
+    epochs = summary.get("epochs", "?")
     lines = [f"# The recipe over {seeds}", "",
-             f"`recipe.toml` trained once a seed, each run in its folder (`seedK/`): {summary.get('epochs', '?')} "
-             f"epochs on {summary.get('train_images', '?')} training images, {summary.get('device', '?')}, "
-             f"{summary.get('precision', '?')}; {summary.get('total_seconds', '?')} s of runs in all. Only the last "
-             "epoch of each run counts (no best epoch, no best seed); the standard deviation is one run's spread, "
-             "the mean's standard error that over the square root of the runs."
+             f"`recipe.toml` trained once a seed, each run in its folder (`seedK/`): {epochs} "
+             f"epoch{'' if epochs == 1 else 's'} on {summary.get('train_images', '?')} training images, "
+             f"{summary.get('device', '?')}, {summary.get('precision', '?')}; {summary.get('total_seconds', '?')} s "
+             "of runs in all. Only the last epoch of each run counts (no best epoch, no best seed); the standard "
+             "deviation is one run's spread, the standard error the mean's (the standard deviation over the square "
+             "root of the runs)."
              + (" Choose a setting on the validation accuracy (training images held out); report the test "
                 "accuracy." if on_val else ""), "", *markdown_table(table), ""]
     if curves:
@@ -271,8 +282,7 @@ def plot_sweep_curves(plan: Plan, curves: dict[str, list[tuple[int, float, float
             label += f" (loss only: evaluated on the {SPLIT_NAMES[other]} set)"
         lines.append((label, [epoch for epoch, _, _ in rows], [loss for _, loss, _ in rows],
                       [acc for _, _, acc in rows], {"marker": ".", **style}))
-    seeds = (f"seed {plan.first_seed}" if plan.seeds == 1 else
-             f"mean over seeds {plan.first_seed} to {plan.first_seed + plan.seeds - 1}")
+    seeds = seeds_in_words(plan.seed_range) if plan.seeds == 1 else f"mean over {seeds_in_words(plan.seed_range)}"
     shown = (f" (the first {MAX_CURVES} points with runs, of {len(plan.points)})"
              if len(curves) == MAX_CURVES < len(plan.points) else "")
     return plot_curve_pair(lines, f"Training loss, {seeds}", f"{words.capitalize()} accuracy{shown}")
@@ -296,7 +306,7 @@ def plot_seed_curves(histories: Mapping[int, Sequence[Any]]) -> Any:
     lines.append((f"mean of {len(seeds)}", [epoch for epoch, _, _ in mean], [loss for _, loss, _ in mean],
                   [acc for _, _, acc in mean], {"color": "black", "lw": 2, "marker": "."}))
     split = SPLIT_NAMES[histories[seeds[0]][-1].split]
-    named = f"seeds {seeds[0]} to {seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    named = seeds_in_words(seeds)
     shown = f" (lines: the first {MAX_SEED_LINES})" if len(seeds) > MAX_SEED_LINES else ""
     return plot_curve_pair(lines, f"Training loss, {named}", f"{split.capitalize()} accuracy{shown}")
 
