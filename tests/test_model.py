@@ -70,6 +70,30 @@ def test_summary_is_the_seed_table_line_for_line():
     assert round(s.params_mb, 2) == 25.07 and round(s.total_mb, 2) == 29.97
 
 
+def test_the_receptive_field_is_the_one_computed_by_hand(capsys):
+    # r_out = r_in + (kernel - 1) x jump_in and jump_out = jump_in x stride, through the prep layer,
+    # layer 1 and its residual branch, layer 2, layer 3 and its branch, and the max-pool of 4
+    s = summarize(ResNet9())
+    assert [(r.name, r.kernel, r.stride, r.output_size, r.jump, r.receptive_field) for r in s.receptive_fields] == [
+        ("Conv2d-1", 3, 1, 32, 1, 3), ("Conv2d-3", 3, 1, 32, 1, 5), ("MaxPool2d-4", 2, 2, 16, 2, 6),
+        ("Conv2d-6", 3, 1, 16, 2, 10), ("Conv2d-8", 3, 1, 16, 2, 14), ("Conv2d-10", 3, 1, 16, 2, 18),
+        ("MaxPool2d-11", 2, 2, 8, 4, 20), ("Conv2d-13", 3, 1, 8, 4, 28), ("MaxPool2d-14", 2, 2, 4, 8, 32),
+        ("Conv2d-16", 3, 1, 4, 8, 48), ("Conv2d-18", 3, 1, 4, 8, 64), ("MaxPool2d-20", 4, 4, 1, 32, 88)]
+    from cifar_onecycle.cli import main
+
+    assert main(["summary", "--receptive-field"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:len(SEED_TABLE.splitlines())] == SEED_TABLE.splitlines()
+    assert "           Conv2d-13        3        1        1        8        4               28" in printed
+    assert printed[-1] == "The receptive field reaches the input's 32 pixels at MaxPool2d-14; the last layer's is 88."
+    # dilation widens a kernel's reach; a padding given as a word is shown as given
+    nn = torch.nn
+    dilated = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, dilation=2, padding="same"))
+    rows = summarize(dilated).receptive_fields
+    assert [(r.padding, r.output_size, r.jump, r.receptive_field) for r in rows] == [(0, 15, 2, 3), ("same", 15, 2, 11)]
+    assert summarize(dilated).receptive_field_table().endswith("stays below the input's 32 pixels.")
+
+
 def reference_forward(params: dict, x: torch.Tensor, training: bool, logit_scale: float = 1.0) -> torch.Tensor:
     """The seed's network written out with functional calls, in the seed's order, from the weights
     alone: PrepLayer conv-BN-ReLU; Layer1 conv-pool-BN-ReLU plus (conv-BN-ReLU)x2; Layer2

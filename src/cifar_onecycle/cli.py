@@ -236,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_device_flags(predict_cmd)
 
-    sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
+    summary_cmd = sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
+    summary_cmd.add_argument("--receptive-field", action="store_true",
+                             help="also each convolution's and max-pool's jump and receptive field, in the order "
+                                  "they run (a residual branch's on top of its layer: the deepest path)")
     return parser
 
 
@@ -630,7 +633,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .model import ResNet9
     from .summary import summarize
 
-    print(summarize(ResNet9()).table())
+    summary = summarize(ResNet9())
+    print(summary.table())
+    if args.receptive_field:
+        print(f"\nReceptive field, in pixels of the {summary.input_size}x{summary.input_size} input:")
+        print(summary.receptive_field_table())
     return 0
 
 

@@ -3,6 +3,13 @@
 torchinfo walks the model with a real forward pass; this module only lays its leaf layers out the
 way the seed printed them. Sizes are in MB of 2**20 bytes, as torchsummary counted: the
 forward/backward size is twice the float32 size of every leaf layer's output for one image.
+
+The receptive field table is the one a course has students fill in by hand: for each convolution
+and max-pool, in the order they run, the jump (input pixels between neighbouring outputs: the
+product of the strides so far) and the receptive field, r_out = r_in + (kernel - 1) x dilation x
+jump_in. The layers are taken in call order, so a residual branch's convolutions count on top of the
+layer it branches from: that is the deepest path, and the largest receptive field, since the Add's
+skip only shortens it. A network with parallel branches that are not residual would need its graph.
 """
 from __future__ import annotations
 
@@ -22,6 +29,17 @@ class SummaryRow:
 
 
 @dataclass(frozen=True)
+class ReceptiveFieldRow:
+    name: str            # the summary table's name of the layer, e.g. "Conv2d-1"
+    kernel: int
+    stride: int
+    padding: int | str   # a convolution's may be "same" or "valid"
+    output_size: int     # the output's height (the seed's images and maps are square)
+    jump: int            # input pixels between neighbouring outputs
+    receptive_field: int  # input pixels (a side) that one output sees
+
+
+@dataclass(frozen=True)
 class ModelSummary:
     rows: list[SummaryRow]
     total_params: int
@@ -29,6 +47,8 @@ class ModelSummary:
     input_mb: float
     forward_backward_mb: float
     params_mb: float
+    receptive_fields: list[ReceptiveFieldRow]
+    input_size: int      # the input's height
 
     @property
     def total_mb(self) -> float:
@@ -53,12 +73,33 @@ class ModelSummary:
                   rule]
         return "\n".join(lines)
 
+    def receptive_field_table(self) -> str:
+        """A row per convolution and max-pool: kernel, stride, padding, output size, jump and
+        receptive field, named as in ``table``; then where the field first covers the input."""
+        header = ("Layer (type)", "kernel", "stride", "padding", "output", "jump", "receptive field")
+        lines = [f"{header[0]:>20}" + "".join(f"{h:>9}" for h in header[1:-1]) + f"{header[-1]:>17}"]
+        for r in self.receptive_fields:
+            lines.append(f"{r.name:>20}" + "".join(f"{v:>9}" for v in (r.kernel, r.stride, r.padding, r.output_size,
+                                                                      r.jump)) + f"{r.receptive_field:>17}")
+        covers = next((r for r in self.receptive_fields if r.receptive_field >= self.input_size), None)
+        lines.append(f"The receptive field reaches the input's {self.input_size} pixels at {covers.name}; the last "
+                     f"layer's is {self.receptive_fields[-1].receptive_field}." if covers else
+                     f"The receptive field stays below the input's {self.input_size} pixels.")
+        return "\n".join(lines)
+
+
+def side(value: int | tuple[int, ...]) -> int:
+    """A layer's kernel, stride, padding or dilation along the height (an int, or a tuple of them)."""
+    return value if isinstance(value, int) else value[0]
+
 
 def summarize(model: torch.nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> ModelSummary:
     """Run one image through ``model`` (on the CPU, in eval mode) and tabulate its leaf layers."""
     info = torchinfo.summary(model, input_size=(1, *input_size), device="cpu", verbose=0,
                              mode="eval", depth=100)
     rows: list[SummaryRow] = []
+    fields: list[ReceptiveFieldRow] = []
+    field, jump = 1, 1  # an input pixel sees itself
     elements = 0
     for layer in info.summary_list:
         if not layer.is_leaf_layer or not layer.executed:
@@ -67,9 +108,16 @@ def summarize(model: torch.nn.Module, input_size: tuple[int, int, int] = (3, 32,
         rows.append(SummaryRow(f"{layer.class_name}-{len(rows) + 1}", (-1, *shape[1:]),
                                sum(p.numel() for p in layer.module.parameters(recurse=False))))
         elements += int(torch.tensor(shape[1:]).prod())
+        module = layer.module
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            kernel, stride = side(module.kernel_size), side(module.stride)
+            field += (kernel - 1) * side(module.dilation) * jump
+            jump *= stride
+            padding = module.padding if isinstance(module.padding, str) else side(module.padding)
+            fields.append(ReceptiveFieldRow(rows[-1].name, kernel, stride, padding, shape[2], jump, field))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelSummary(rows, total, trainable,
                         input_mb=4 * int(torch.tensor(input_size).prod()) / MB,
                         forward_backward_mb=2 * 4 * elements / MB,
-                        params_mb=4 * total / MB)
+                        params_mb=4 * total / MB, receptive_fields=fields, input_size=input_size[1])
