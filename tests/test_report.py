@@ -49,6 +49,32 @@ def test_report_md_and_per_class_accuracy(run):
     assert len(per_class) == 10 and all(0 <= v <= 1 for v in per_class.values())
     # the synthetic test set has 3 images per class: per-class accuracies average to the accuracy
     assert sum(per_class.values()) / 10 == pytest.approx(result.final_test_acc)
+    # report.md's table of classes says the same, class by class
+    start = md.index("### Accuracy by class")
+    table = [line.split(" | ") for line in md[start:].splitlines() if line.startswith("| ")][2:]
+    assert [(name.lstrip("| "), images, float(acc)) for name, images, acc, _ in table] == [
+        (name, "3", pytest.approx(100 * acc, abs=0.005)) for name, acc in per_class.items()]
+
+
+def test_the_table_of_classes_names_each_class_and_what_it_is_taken_for():
+    from cifar_onecycle.report import class_rows
+
+    # rows: true class; a: 6 of 8 right, 2 taken for b; b: 9 of 10, 1 taken for a; c: none in the test set
+    cm = torch.tensor([[6, 2, 0], [1, 9, 0], [0, 0, 0]])
+    assert class_rows(cm, ["a", "b", "c"]) == [["class", "test images", "accuracy %", "most often taken for"],
+                                               ["a", "8", "75.00", "b (25.0%)"], ["b", "10", "90.00", "a (10.0%)"],
+                                               ["c", "0", "-", "-"]]
+    assert class_rows(torch.tensor([[4, 0], [0, 5]]), ["a", "b"])[1:] == [["a", "4", "100.00", "-"],
+                                                                          ["b", "5", "100.00", "-"]]
+
+
+def test_the_reports_model_table_has_the_runs_outputs():
+    from cifar_onecycle.report import model_table
+
+    assert "Total params: 6,573,130" in model_table(Recipe())
+    table = model_table(Recipe(dataset="cifar100", classes=tuple(f"c{i}" for i in range(100))))
+    # 512 x 100 weights and 100 biases in place of 512 x 10 and 10
+    assert "Linear-21                  [-1, 100]          51,300" in table and "Total params: 6,619,300" in table
 
 
 @pytest.mark.slow

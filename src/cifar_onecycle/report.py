@@ -150,6 +150,30 @@ DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "folder": "A f
 CONFUSION_COUNTS_UP_TO = 20
 
 
+def class_rows(cm: torch.Tensor, classes: Sequence[str]) -> list[list[str]]:
+    """The confusion matrix ``cm`` (rows: true class) as a table, its header first: a row a class
+    with its test images, its accuracy in % and the class its images are most often taken for (the
+    share of its images in brackets; "-" where none was mistaken)."""
+    table = [["class", "test images", "accuracy %", "most often taken for"]]
+    for i, name in enumerate(classes):
+        images = int(cm[i].sum())
+        wrong = cm[i].clone()
+        wrong[i] = 0
+        j = int(wrong.argmax())
+        taken = f"{classes[j]} ({100 * int(wrong[j]) / images:.1f}%)" if int(wrong[j]) else "-"
+        table.append([name, str(images), f"{100 * int(cm[i, i]) / images:.2f}" if images else "-", taken])
+    return table
+
+
+def model_table(recipe: Recipe) -> str:
+    """The summary table of the network ``recipe`` trains: the seed's, with as many outputs as its
+    data has classes."""
+    from .model import ResNet9
+    from .summary import summarize
+
+    return summarize(ResNet9(num_classes=recipe.num_classes)).table()
+
+
 def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any = None) -> Any:
     """The confusion matrix with per-class accuracy in the row labels, and counts in the cells up to
     ``CONFUSION_COUNTS_UP_TO`` classes (the figure and its labels scale with the classes)."""
@@ -424,9 +448,6 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     ``precision``: the run's evaluation's, so that the mistakes and the confusion matrix count what
     the reported accuracy counted. ``probabilities``: the model's on the test images, when the
     final evaluation kept them (``Scores.probabilities``; else one more pass computes them)."""
-    from .model import ResNet9
-    from .summary import summarize
-
     run_dir = Path(run_dir)
     save_png(plot_curves(history), run_dir / CURVES_PNG)
     save_png(plot_lr_schedule(recipe, steps_per_epoch).figure, run_dir / LR_SCHEDULE_PNG)
@@ -446,8 +467,8 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
 
     per_class = {c: int(cm[i, i]) / max(int(cm[i].sum()), 1) for i, c in enumerate(recipe.class_names)}
     summary = {**summary, "per_class_accuracy": per_class}
-    atomic_write(run_dir / REPORT_MD, report_markdown(recipe, history, summary, summarize(ResNet9()).table(),
-                                                      steps, run_dir))
+    atomic_write(run_dir / REPORT_MD, report_markdown(recipe, history, summary, model_table(recipe), steps, run_dir,
+                                                      class_rows(cm, classes)))
     return summary
 
 
@@ -470,8 +491,9 @@ def _extras(summary: dict[str, Any], recipe: Recipe) -> str:
 
 
 def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, Any], table: str,
-                    transforms: Sequence[str], run_dir: Path) -> str:
-    """A README-style page in the seed's order: model, One Cycle settings, transforms, results, graphs."""
+                    transforms: Sequence[str], run_dir: Path, classes: list[list[str]] | None = None) -> str:
+    """A README-style page in the seed's order: model, One Cycle settings, transforms, results (with
+    ``classes``, ``class_rows``' table), graphs."""
     best = max(history, key=lambda h: h.eval_acc)
     split = history[-1].split
     found = summary.get("lr_found") or {}
@@ -507,6 +529,8 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
         *[f"| {h.epoch}{' (best)' if h.epoch == best.epoch else ''} | {h.lr:.5f} | {h.train_loss:.4f} | "
           f"{100 * h.train_acc:.2f}% | {h.eval_loss:.4f} | {100 * h.eval_acc:.2f}% |" for h in history], "",
+        *(["### Accuracy by class", "", "On the test set, after the last epoch (no TTA).", "",
+           *markdown_table(classes), ""] if classes else []),
         "## Graphs", "",
         f"![Loss and accuracy]({CURVES_PNG})", "", f"![LR schedule]({LR_SCHEDULE_PNG})", "",
     ]
