@@ -47,9 +47,8 @@ def accuracy_section(folder: Path) -> list[str]:
     stats = {name: {key: spread([r[key] for r in found[name]]) for key in ("final_test_acc", "final_test_acc_tta")}
              for name in RECIPES if name in found}
     base = stats.get("dawnbench")
-    lines = ["| recipe | seeds | test accuracy % (mean ± std) | min to max | with flip TTA % (mean ± std) | "
-             "minus dawnbench, points | proxy target | training s (mean) | wall s (mean) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = [["recipe", "seeds", "test accuracy % (mean ± std)", "min to max", "with flip TTA % (mean ± std)",
+              "minus dawnbench, points", "proxy target", "training s (mean)", "wall s (mean)"]]
     for name, s in stats.items():
         acc = s["final_test_acc"]
         diff, target = "", ""
@@ -59,21 +58,19 @@ def accuracy_section(folder: Path) -> list[str]:
             if name in TARGETS:
                 target = f">= {TARGETS[name]:+.1f}: {'met' if d >= TARGETS[name] else 'NOT met'}"
         seeds = ", ".join(str(r["seed"]) for r in found[name])
-        lines.append(f"| `{name}` | {seeds} | {pct(acc, extremes=False)} | "
-                     f"{100 * acc['min']:.2f} to {100 * acc['max']:.2f} | "
-                     f"{pct(s['final_test_acc_tta'], extremes=False)} | {diff} | {target} | "
-                     f"{statistics.fmean(r['train_seconds'] for r in found[name]):.1f} | "
-                     f"{statistics.fmean(r['total_seconds'] for r in found[name]):.1f} |")
-    lines += ["", "Every run (last epoch; `without average` is `best`'s trained weights alone, without the weight "
-              "average):", "", "| recipe | seed | test % | flip TTA % | without average % | training s | wall s |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+        table.append([f"`{name}`", seeds, pct(acc, extremes=False), f"{100 * acc['min']:.2f} to {100 * acc['max']:.2f}",
+                      pct(s["final_test_acc_tta"], extremes=False), diff, target,
+                      f"{statistics.fmean(r['train_seconds'] for r in found[name]):.1f}",
+                      f"{statistics.fmean(r['total_seconds'] for r in found[name]):.1f}"])
+    every = [["recipe", "seed", "test %", "flip TTA %", "without average %", "training s", "wall s"]]
     for name in stats:
         for r in found[name]:
             alone = r.get("final_test_acc_without_ema")
-            lines.append(f"| `{name}` | {r['seed']} | {100 * r['final_test_acc']:.2f} | "
-                         f"{100 * r['final_test_acc_tta']:.2f} | {'' if alone is None else f'{100 * alone:.2f}'} | "
-                         f"{r['train_seconds']:.1f} | {r['total_seconds']:.1f} |")
-    return lines
+            every.append([f"`{name}`", str(r["seed"]), f"{100 * r['final_test_acc']:.2f}",
+                          f"{100 * r['final_test_acc_tta']:.2f}", "" if alone is None else f"{100 * alone:.2f}",
+                          f"{r['train_seconds']:.1f}", f"{r['total_seconds']:.1f}"])
+    return [*markdown_table(table), "", "Every run (last epoch; `without average` is `best`'s trained weights alone, "
+            "without the weight average):", "", *markdown_table(every)]
 
 
 def timing_section(folder: Path) -> list[str]:
@@ -82,24 +79,25 @@ def timing_section(folder: Path) -> list[str]:
         return []
     t = json.loads(path.read_text())["compiled_seed"]
     eager = runs(folder, "accuracy").get("seed", [])
-    lines = ["| what | seconds |", "| --- | --- |",
-             f"| training time, sum of the 24 epochs' `train_seconds` | {t['train_seconds_total']:.2f} |",
-             f"| of which compilation and warm-up (first epoch minus the median epoch) | "
-             f"{t['compile_and_warmup_seconds']:.2f} |",
-             f"| training time without compilation (first epoch counted at the median) | "
-             f"{t['train_seconds_without_compile']:.2f} |",
-             f"| median epoch | {t['median_epoch_seconds']:.3f} |",
-             f"| wall clock of the run, evaluation after every epoch included | {t['wall_seconds']:.2f} |"]
+    table = [["what", "seconds"],
+             ["training time, sum of the 24 epochs' `train_seconds`", f"{t['train_seconds_total']:.2f}"],
+             ["of which compilation and warm-up (first epoch minus the median epoch)",
+              f"{t['compile_and_warmup_seconds']:.2f}"],
+             ["training time without compilation (first epoch counted at the median)",
+              f"{t['train_seconds_without_compile']:.2f}"],
+             ["median epoch", f"{t['median_epoch_seconds']:.3f}"],
+             ["wall clock of the run, evaluation after every epoch included", f"{t['wall_seconds']:.2f}"]]
     if eager:
-        lines.append(f"| the same recipe eager (mean of {len(eager)} seeds, accuracy stage) | "
-                     f"{statistics.fmean(r['train_seconds'] for r in eager):.2f} |")
-    lines += ["", f"Test accuracy of the compiled run: {100 * t['final_test_acc']:.2f}%."]
+        table.append([f"the same recipe eager (mean of {len(eager)} seeds, accuracy stage)",
+                      f"{statistics.fmean(r['train_seconds'] for r in eager):.2f}"])
+    lines = [*markdown_table(table), "", f"Test accuracy of the compiled run: {100 * t['final_test_acc']:.2f}%."]
     if "bare_compiled_images_per_second" in t:
         bare = {k: statistics.median(t[f"bare_{k}_images_per_second"]) for k in ("eager", "compiled")}
-        lines += ["", "| step | images/s (median of 3 blocks) |", "| --- | --- |",
-                  f"| whole loop, compiled (median epoch) | {t['whole_loop_images_per_second_median']:.0f} |",
-                  f"| bare step, compiled | {bare['compiled']:.0f} |",
-                  f"| bare step, eager | {bare['eager']:.0f} |", "",
+        lines += ["", *markdown_table([["step", "images/s (median of 3 blocks)"],
+                                       ["whole loop, compiled (median epoch)",
+                                        f"{t['whole_loop_images_per_second_median']:.0f}"],
+                                       ["bare step, compiled", f"{bare['compiled']:.0f}"],
+                                       ["bare step, eager", f"{bare['eager']:.0f}"]]), "",
                   f"Whole loop / bare compiled step: **{t['ratio_whole_over_bare_compiled']:.3f}** "
                   f"(blocks: {', '.join(f'{v:.0f}' for v in t['bare_compiled_images_per_second'])} img/s)."]
     return lines
@@ -121,10 +119,9 @@ def profile_section(folder: Path) -> list[str]:
                   f"torch.profiler: {p['training_gflop_per_image']:.2f} GFLOP an image (convolutions and the linear "
                   f"layer, x3 for training); {kernels}"
                   f"({p['achieved_tflops_wall']:.1f} over the wall clock with the profiler on).", "",
-                  "| share of kernel time | calls | kernel |", "| --- | --- | --- |"]
-        for row in p["top"][:12]:
-            lines.append(f"| {100 * row['share']:.1f}% | {row['calls']} | `{row['name'][:90]}` |")
-        lines.append("")
+                  *markdown_table([["share of kernel time", "calls", "kernel"],
+                                   *([f"{100 * row['share']:.1f}%", str(row["calls"]), f"`{row['name'][:90]}`"]
+                                     for row in p["top"][:12])]), ""]
     return lines
 
 
@@ -139,11 +136,10 @@ def speed_section(folder: Path) -> list[str]:
     bare = {b["variant"]: b for b in speed["bare"]}
     lines = ["The bare step (forward, backward, SGD on one fixed batch of 512), one lever at a time (the "
              "variants the call chose from `BARE_VARIANTS`). Median of 5 timed blocks after 3 warm-up steps:", "",
-             "| variant | images/s (median) | blocks, images/s | 24 epochs at this speed, s |",
-             "| --- | --- | --- | --- |"]
-    for b in speed["bare"]:
-        lines.append(f"| {b['variant']} | {b['median']:.0f} | {', '.join(f'{r:.0f}' for r in b['images_per_second'])} "
-                     f"| {IMAGES_PER_RUN / b['median']:.2f} |")
+             *markdown_table([["variant", "images/s (median)", "blocks, images/s", "24 epochs at this speed, s"],
+                              *([b["variant"], f"{b['median']:.0f}",
+                                 ", ".join(f"{r:.0f}" for r in b["images_per_second"]),
+                                 f"{IMAGES_PER_RUN / b['median']:.2f}"] for b in speed["bare"])])]
     if "augmentation_epoch_seconds_one_batch_at_a_time" in speed:
         lines += ["", "The augmentation alone (shuffle, draws, gather, crop, flip, normalise, CutOut of one epoch's "
                   "batches), s an epoch: one batch at a time "
@@ -155,16 +151,17 @@ def speed_section(folder: Path) -> list[str]:
                   f"batches): {', '.join(f'{t:.3f}' for t in speed['augmentation_epoch_seconds'])} s an epoch."]
     lines += ["", "The whole loop, `seed` recipe, 24 epochs, seed 0, with the library's CUDA defaults of the time "
               "(fused SGD, one host synchronisation an epoch; cuDNN as in the matching bare variant); "
-              "compilation time shows only where the bare variants had not compiled the same graphs first:", "",
-              "| loop | training s | of which compilation and warm-up | training s without it | median epoch s | "
-              "wall s | test % | whole loop / bare step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "compilation time shows only where the bare variants had not compiled the same graphs first:", ""]
+    loops = [["loop", "training s", "of which compilation and warm-up", "training s without it", "median epoch s",
+              "wall s", "test %", "whole loop / bare step"]]
     for loop in speed["loops"]:
         match = bare.get(loop["bare_variant"])
         ratio = f"{loop['whole_loop_images_per_second_median'] / match['median']:.3f}" if match else ""
-        lines.append(f"| {loop['variant']} | {loop['train_seconds_total']:.2f} | "
-                     f"{loop['compile_and_warmup_seconds']:.2f} "
-                     f"| {loop['train_seconds_without_compile']:.2f} | {loop['median_epoch_seconds']:.3f} | "
-                     f"{loop['wall_seconds']:.2f} | {100 * loop['final_test_acc']:.2f} | {ratio} |")
+        loops.append([loop["variant"], f"{loop['train_seconds_total']:.2f}",
+                      f"{loop['compile_and_warmup_seconds']:.2f}", f"{loop['train_seconds_without_compile']:.2f}",
+                      f"{loop['median_epoch_seconds']:.3f}",
+                      f"{loop['wall_seconds']:.2f}", f"{100 * loop['final_test_acc']:.2f}", ratio])
+    lines += markdown_table(loops)
     again = [r for name, rs in runs(folder, "speed").items() for r in rs if r["seed"] != 0]
     for r in again:
         lines += ["", f"The fastest compiled loop again with seed {r['seed']}: {100 * r['final_test_acc']:.2f}% "
