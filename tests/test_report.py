@@ -75,6 +75,9 @@ def test_the_reports_model_table_has_the_runs_outputs():
     table = model_table(Recipe(dataset="cifar100", classes=tuple(f"c{i}" for i in range(100))))
     # 512 x 100 weights and 100 biases in place of 512 x 10 and 10
     assert "Linear-21                  [-1, 100]          51,300" in table and "Total params: 6,619,300" in table
+    # and the receptive field, its last row the final max-pool's
+    assert table.endswith("        MaxPool2d-20        4        4        0        1       32               88\n"
+                          "The receptive field reaches the input's 32 pixels at MaxPool2d-14; the last layer's is 88.")
 
 
 @pytest.mark.slow

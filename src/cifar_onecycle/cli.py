@@ -636,8 +636,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     summary = summarize(ResNet9())
     print(summary.table())
     if args.receptive_field:
-        print(f"\nReceptive field, in pixels of the {summary.input_size}x{summary.input_size} input:")
-        print(summary.receptive_field_table())
+        print("\n" + summary.receptive_field_table())
     return 0
 
 

@@ -166,12 +166,13 @@ def class_rows(cm: torch.Tensor, classes: Sequence[str]) -> list[list[str]]:
 
 
 def model_table(recipe: Recipe) -> str:
-    """The summary table of the network ``recipe`` trains: the seed's, with as many outputs as its
-    data has classes."""
+    """The summary table of the network ``recipe`` trains (the seed's, with as many outputs as its
+    data has classes), and its receptive field table."""
     from .model import ResNet9
     from .summary import summarize
 
-    return summarize(ResNet9(num_classes=recipe.num_classes)).table()
+    summary = summarize(ResNet9(num_classes=recipe.num_classes))
+    return summary.table() + "\n\n" + summary.receptive_field_table()
 
 
 def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any = None) -> Any:

@@ -74,10 +74,11 @@ class ModelSummary:
         return "\n".join(lines)
 
     def receptive_field_table(self) -> str:
-        """A row per convolution and max-pool: kernel, stride, padding, output size, jump and
-        receptive field, named as in ``table``; then where the field first covers the input."""
+        """A title, then a row per convolution and max-pool: kernel, stride, padding, output size,
+        jump and receptive field, named as in ``table``; then where the field first covers the input."""
         header = ("Layer (type)", "kernel", "stride", "padding", "output", "jump", "receptive field")
-        lines = [f"{header[0]:>20}" + "".join(f"{h:>9}" for h in header[1:-1]) + f"{header[-1]:>17}"]
+        lines = [f"Receptive field, in pixels of the {self.input_size}x{self.input_size} input:",
+                 f"{header[0]:>20}" + "".join(f"{h:>9}" for h in header[1:-1]) + f"{header[-1]:>17}"]
         for r in self.receptive_fields:
             lines.append(f"{r.name:>20}" + "".join(f"{v:>9}" for v in (r.kernel, r.stride, r.padding, r.output_size,
                                                                       r.jump)) + f"{r.receptive_field:>17}")
