@@ -39,7 +39,11 @@ def test_the_notebook_runs_in_a_real_kernel(proxy_dir, tmp_path):
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) >= 7  # augmentation, two range-test graphs, curves, LR schedule, mistakes, Grad-CAM
+    # augmentation, two range-test graphs, curves, LR schedule, mistakes, confusion matrix, Grad-CAM
+    assert len(figures) >= 8
+    by_class = next(c for c in nb.cells if "class_rows(" in c.source)
+    printed_classes = "".join(o.get("text", "") for o in by_class.outputs if o.output_type == "stream").splitlines()
+    assert len(printed_classes) == 10 and all("most often taken for" in line for line in printed_classes)
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
     check = json.loads(printed.split("CHECK ", 1)[1])
     assert check["acc"] > 0.2 and check["acc_tta"] > 0.2  # chance is 0.1
