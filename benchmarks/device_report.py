@@ -22,6 +22,7 @@ from typing import Any
 
 from cifar_onecycle.report import markdown_table
 from cifar_onecycle.results import SPLIT_NAMES, split_of, spread
+from cifar_onecycle.sweep import CURVES, PICTURE
 from cifar_onecycle.sweep_report import seeds_in_words, sweep_table_rows
 from device_run import RECIPES
 from recipes import TARGETS, pct  # TARGETS: points against dawnbench's mean on the proxy data
@@ -262,8 +263,7 @@ def sweeps_section(folder: Path) -> list[str]:
                   "paired difference is by seed, in points.", "", *markdown_table(sweep_table_rows(stats))]
         if stats["remaining_runs"]:
             lines.append(f"\n{stats['remaining_runs']} runs of this sweep were not trained (the budget).")
-        lines += ["", f"![{name}](sweeps/{name}/sweep.png)", "",
-                  f"![{name}, curves](sweeps/{name}/sweep_curves.png)", ""]
+        lines += ["", f"![{name}](sweeps/{name}/{PICTURE})", "", f"![{name}, curves](sweeps/{name}/{CURVES})", ""]
     return lines
 
 

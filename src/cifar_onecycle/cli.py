@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "its recipe")
     train_cmd.add_argument("--seeds", type=int, metavar="N",
                            help="train N times with seeds --seed .. --seed+N-1, each in RUN_DIR/seed<k>/, and "
-                                "write the mean, std, min and max of the final test accuracy (with and without flip "
-                                "TTA) to RUN_DIR/summary.json, and a table of them to RUN_DIR/seeds.md")
+                                "write the mean, std, standard error, min and max of the final test accuracy (with and "
+                                "without flip TTA) to RUN_DIR/summary.json, and a table of them to RUN_DIR/seeds.md")
     train_cmd.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     train_cmd.add_argument("--no-checkpoint", action="store_true",
                            help="write no checkpoint.pt (a run that only measures: it cannot be resumed, and a "

@@ -150,18 +150,24 @@ DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "folder": "A f
 CONFUSION_COUNTS_UP_TO = 20
 
 
+def class_accuracies(cm: torch.Tensor) -> list[float]:
+    """Each class's accuracy from the confusion matrix ``cm`` (rows: true class): its diagonal count
+    over its row's, 0 for a class without images."""
+    return [int(cm[i, i]) / max(int(cm[i].sum()), 1) for i in range(len(cm))]
+
+
 def class_rows(cm: torch.Tensor, classes: Sequence[str]) -> list[list[str]]:
     """The confusion matrix ``cm`` (rows: true class) as a table, its header first: a row a class
     with its test images, its accuracy in % and the class its images are most often taken for (the
     share of its images in brackets; "-" where none was mistaken)."""
     table = [["class", "test images", "accuracy %", "most often taken for"]]
-    for i, name in enumerate(classes):
+    for i, (name, accuracy) in enumerate(zip(classes, class_accuracies(cm), strict=True)):
         images = int(cm[i].sum())
         wrong = cm[i].clone()
         wrong[i] = 0
         j = int(wrong.argmax())
         taken = f"{classes[j]} ({100 * int(wrong[j]) / images:.1f}%)" if int(wrong[j]) else "-"
-        table.append([name, str(images), f"{100 * int(cm[i, i]) / images:.2f}" if images else "-", taken])
+        table.append([name, str(images), f"{100 * accuracy:.2f}" if images else "-", taken])
     return table
 
 
@@ -182,7 +188,7 @@ def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any =
     side = 6.5 if n <= CONFUSION_COUNTS_UP_TO else min(6.5 + 0.12 * n, 30.0)
     ax = ax if ax is not None else new_axes((side + 1, side))
     ax.imshow(cm.numpy(), cmap="Blues")
-    acc = (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
+    acc = class_accuracies(cm)
     font = 8 if n <= CONFUSION_COUNTS_UP_TO else max(3, min(8, 600 / n))
     ax.set_xticks(range(n), classes, rotation=45 if n <= CONFUSION_COUNTS_UP_TO else 90, ha="right", fontsize=font)
     ax.set_yticks(range(n), [f"{c} ({100 * a:.1f}%)" for c, a in zip(classes, acc, strict=False)], fontsize=font)
@@ -466,7 +472,7 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     save_png(plot_augmentation(recipe, train_images), run_dir / AUGMENT_PNG)
     steps = augmentation_steps(recipe)
 
-    per_class = {c: int(cm[i, i]) / max(int(cm[i].sum()), 1) for i, c in enumerate(recipe.class_names)}
+    per_class = dict(zip(recipe.class_names, class_accuracies(cm), strict=True))
     summary = {**summary, "per_class_accuracy": per_class}
     atomic_write(run_dir / REPORT_MD, report_markdown(recipe, history, summary, model_table(recipe), steps, run_dir,
                                                       class_rows(cm, classes)))

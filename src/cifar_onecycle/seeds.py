@@ -26,12 +26,11 @@ from .errors import Interrupted
 from .files import FolderLock, atomic_write
 from .recipe import Recipe, as_recipe, check_seed_range
 from .results import spread
-from .run_folder import METRICS, SEEDS, SEEDS_MD, SUMMARY, RunFolder
+from .run_folder import CURVES_PNG, METRICS, SEEDS, SEEDS_MD, SUMMARY, RunFolder
 from .run_setup import fit_to_data
 from .signals import signals_for_tests
 from .training import RunOptions, check_same_recipe, data_folder, load_data, run_device, train_folder
 
-SEED_CURVES = "curves.png"  # in a set of seeds' folder: each seed's curves and their mean
 # The accuracies summarised over seeds; the validation ones are None in runs without a holdout, the
 # last of each split in runs without a weight average.
 ACCURACIES = ("final_test_acc", "final_test_acc_tta", "final_train_acc", "final_test_acc_without_ema",
@@ -156,5 +155,5 @@ def write_seeds_results(folder: RunFolder, seeds: list[int], summary: dict[str, 
     histories = {seed: run.read_metrics() for seed, run in runs.items() if run.has(METRICS)}
     folder.write_summary(summary)
     if histories:
-        save_png(plot_seed_curves(histories), folder.path / SEED_CURVES)
+        save_png(plot_seed_curves(histories), folder.path / CURVES_PNG)  # each seed's curves and their mean
     atomic_write(folder.path / SEEDS_MD, seeds_markdown(summary, curves=bool(histories)))

@@ -13,6 +13,7 @@ from typing import Any
 
 from .report import markdown_table, new_figure, whole_epochs
 from .results import SPLIT_NAMES, mean_curve, split_of
+from .run_folder import CURVES_PNG
 from .sweep_plan import AUTO, LOG_SETTINGS, Plan, Point, format_point, format_value
 
 # A sweep's curves picture draws its first points only: past a couple of dozen lines no colour
@@ -198,8 +199,10 @@ def sweep_markdown(stats: dict[str, Any]) -> str:
     if left:
         lines += [f"{left} run{' has' if left == 1 else 's have'} not ended: the same `cifar-onecycle sweep` "
                   "command goes on with them.", ""]
-    lines += [f"![final {words} accuracy against the setting](sweep.png)", "",
-              f"![training loss and {words} accuracy per epoch](sweep_curves.png)", ""]
+    from .sweep import CURVES, PICTURE  # sweep.py draws with this module: imported here, not at its top
+
+    lines += [f"![final {words} accuracy against the setting]({PICTURE})", "",
+              f"![training loss and {words} accuracy per epoch]({CURVES})", ""]
     return "\n".join(lines)
 
 
@@ -240,7 +243,7 @@ def seeds_markdown(summary: dict[str, Any], curves: bool = True) -> str:
              + (" Choose a setting on the validation accuracy (training images held out); report the test "
                 "accuracy." if on_val else ""), "", *markdown_table(table), ""]
     if curves:
-        lines += ["![each seed's training loss and accuracy per epoch, and their mean](curves.png)", ""]
+        lines += [f"![each seed's training loss and accuracy per epoch, and their mean]({CURVES_PNG})", ""]
     return "\n".join(lines)
 
 
