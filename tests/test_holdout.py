@@ -168,6 +168,16 @@ def test_evaluate_on_the_validation_split_gives_the_runs_own_numbers(cifar_dir, 
     assert capsys.readouterr().out.startswith("validation accuracy ")
     assert main(["evaluate", str(out), "--split", "val", "--tta"]) == 0
     assert f"flip TTA; without it {val['accuracy']:.2%}, loss {val['loss']:.4f})" in capsys.readouterr().out
+    # --per-class: the run's own per-class accuracy on the test set; on the validation split a table
+    # whose classes' images add up to the split and whose accuracies, so weighed, to its accuracy.
+    assert evaluated("--per-class")["per_class_accuracy"] == summary["per_class_accuracy"]
+    assert main(["evaluate", str(out), "--split", "val", "--tta", "--per-class"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "by class, without TTA:" and lines[2].split()[:3] == ["class", "validation", "images"]
+    rows = [line.split() for line in lines[3:]]
+    assert [row[0] for row in rows] == list(Recipe(**TINY).class_names)
+    assert sum(int(row[1]) for row in rows) == 20
+    assert sum(int(row[1]) * float(row[2]) for row in rows) / 20 == pytest.approx(100 * val["accuracy"])
 
 
 @pytest.mark.parametrize("holdout, flags, message", [

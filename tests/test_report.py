@@ -325,6 +325,20 @@ def test_a_cycling_momentum_is_drawn_beside_the_lr_and_named_in_the_report(tmp_p
                                                              ["crop"], tmp_path)
 
 
+def test_the_reports_counts_of_images_read_as_the_rest_of_the_page(tmp_path):
+    from cifar_onecycle.report import report_markdown
+    from cifar_onecycle.results import EpochMetrics
+
+    history = [EpochMetrics(1, 0.05, 2.0, 0.3, 1.9, 0.35, 1.0, 100.0)]
+    summary = {"final_test_acc": 0.35, "test_images": 10000, "final_val_acc": 0.4, "val_images": 5000}
+    md = report_markdown(Recipe(holdout=5000), history, summary, "table", ["crop"], tmp_path)
+    assert "Test images: 10,000." in md and "On the 5,000 held-out validation images" in md
+    # a summary.json from elsewhere may hold anything there
+    md = report_markdown(Recipe(holdout=5000), history, summary | {"test_images": "x", "val_images": True}, "table",
+                         ["crop"], tmp_path)
+    assert "Test images: ?." in md and "On the ? held-out validation images" in md
+
+
 
 @pytest.mark.parametrize("lookahead,bn_batches", [(False, 0), (True, 0), (True, 2)])
 def test_the_report_says_whether_the_trained_weights_score_apart_from_the_average(tmp_path, lookahead, bn_batches):

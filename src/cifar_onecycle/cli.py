@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--tta-translate", type=int, metavar="N",
                               help="with --tta: also average the image shifted N pixels up-left and down-right, "
                                    "each with its mirror (default: the run's own tta_translate)")
+    evaluate_cmd.add_argument("--per-class", action="store_true",
+                              help="also each class's images, accuracy and the class its images are most often "
+                                   "taken for (without TTA, as a run's report.md)")
 
     lr_find_cmd = sub.add_parser("lr-find", parents=[common],
                                  help="LR range test: loss against a growing LR, with graphs")
@@ -405,6 +408,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
     from .datasets import check_classes
     from .evaluation import evaluate_recipe
+    from .report import class_accuracies, class_rows, confusion_matrix
     from .results import SPLIT_NAMES
     from .run_folder import SUMMARY, RunFolder
     from .run_setup import split_images
@@ -431,19 +435,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_classes(recipe, data, f"--dataset {source.dataset} in {args.data_dir or (recorded or ['data'])[0]}")
     images, labels = split_images(recipe, data, args.split)  # with val, the images the run validated on
     # With TTA the same pass scores the images without it too: its unshifted forward is theirs.
-    scores = evaluate_recipe(model, images.to(device), labels.to(device), recipe, precision, tta=args.tta)
+    scores = evaluate_recipe(model, images.to(device), labels.to(device), recipe, precision, tta=args.tta,
+                             keep_probabilities=args.per_class)
     loss, acc = scores.loss_and_acc(args.tta)
     n = len(images)
+    cm = None if scores.probabilities is None else confusion_matrix(
+        labels.cpu(), scores.probabilities.argmax(1), recipe.num_classes)
     if args.json:
         print(json.dumps({"split": args.split, "accuracy": acc, "loss": loss, "images": n, "tta": args.tta,
                           "tta_translate": recipe.tta_translate if args.tta else 0}
-                         | ({"accuracy_without_tta": scores.acc, "loss_without_tta": scores.loss} if args.tta else {})))
-    else:
-        print(f"{SPLIT_NAMES[args.split]} accuracy {acc:.2%}  loss {loss:.4f}  on {n} images "
-              f"({device.type}, {precision}"
-              + (f", TTA: mirror and {recipe.tta_translate}-pixel shifts" if args.tta and recipe.tta_translate
-                 else ", flip TTA" if args.tta else "")
-              + (f"; without it {scores.acc:.2%}, loss {scores.loss:.4f}" if args.tta else "") + ")")
+                         | ({"accuracy_without_tta": scores.acc, "loss_without_tta": scores.loss} if args.tta else {})
+                         | ({"per_class_accuracy": dict(zip(recipe.class_names, class_accuracies(cm), strict=True))}
+                            if cm is not None else {})))
+        return 0
+    print(f"{SPLIT_NAMES[args.split]} accuracy {acc:.2%}  loss {loss:.4f}  on {n:,} images "
+          f"({device.type}, {precision}"
+          + (f", TTA: mirror and {recipe.tta_translate}-pixel shifts" if args.tta and recipe.tta_translate
+             else ", flip TTA" if args.tta else "")
+          + (f"; without it {scores.acc:.2%}, loss {scores.loss:.4f}" if args.tta else "") + ")")
+    if cm is not None:
+        print(("by class, without TTA:\n" if args.tta else "")
+              + aligned(class_rows(cm, [one_line(name) for name in recipe.class_names], SPLIT_NAMES[args.split])))
     return 0
 
 

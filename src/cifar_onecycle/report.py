@@ -156,11 +156,12 @@ def class_accuracies(cm: torch.Tensor) -> list[float]:
     return [int(cm[i, i]) / max(int(cm[i].sum()), 1) for i in range(len(cm))]
 
 
-def class_rows(cm: torch.Tensor, classes: Sequence[str]) -> list[list[str]]:
-    """The confusion matrix ``cm`` (rows: true class) as a table, its header first: a row a class
-    with its test images, its accuracy in % and the class its images are most often taken for (the
-    share of its images in brackets; "-" where none was mistaken)."""
-    table = [["class", "test images", "accuracy %", "most often taken for"]]
+def class_rows(cm: torch.Tensor, classes: Sequence[str], split: str = "test") -> list[list[str]]:
+    """The confusion matrix ``cm`` (rows: true class) of the ``split`` images (its name in words:
+    test, validation) as a table, its header first: a row a class with its images, its accuracy in
+    % and the class its images are most often taken for (the share of its images in brackets; "-"
+    where none was mistaken)."""
+    table = [["class", f"{split} images", "accuracy %", "most often taken for"]]
     for i, (name, accuracy) in enumerate(zip(classes, class_accuracies(cm), strict=True)):
         images = int(cm[i].sum())
         wrong = cm[i].clone()
@@ -479,13 +480,18 @@ def write_report(run_dir: str | Path, model: torch.nn.Module, recipe: Recipe, hi
     return summary
 
 
+def _count(n: Any) -> str:
+    """A count read from summary.json, with thousands separators; "?" for anything else."""
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else "?"
+
+
 def _extras(summary: dict[str, Any], recipe: Recipe) -> str:
     """The final test accuracy with flip TTA, and without the weight average, when the summary has
     them (with lookahead the trained weights end as the average, unless its BatchNorm statistics
     were recomputed); and the validation split's, with a holdout."""
     text = ""
     if summary.get("final_val_acc") is not None:
-        text += (f" On the {summary.get('val_images', '?')} held-out validation images (the holdout, "
+        text += (f" On the {_count(summary.get('val_images'))} held-out validation images (the holdout, "
                  f"evaluated each epoch): {100 * summary['final_val_acc']:.2f}%.")
     if summary.get("final_test_acc_tta") is not None:
         text += f" With flip TTA: {100 * summary['final_test_acc_tta']:.2f}%."
@@ -530,7 +536,7 @@ def report_markdown(recipe: Recipe, history: Sequence[Any], summary: dict[str, A
         "## Accuracy", "",
         f"**{100 * summary['final_test_acc']:.2f}%** on the test set after the last epoch ({recipe.epochs}); "
         f"best {SPLIT_NAMES[split]} accuracy {100 * best.eval_acc:.2f}% in epoch {best.epoch}. Test images: "
-        f"{summary.get('test_images', '?')}. Device: {summary.get('device', '?')}, {summary.get('precision', '?')}."
+        f"{_count(summary.get('test_images'))}. Device: {summary.get('device', '?')}, {summary.get('precision', '?')}."
         + _extras(summary, recipe), "",
         f"| epoch | LR | train loss | train acc | {split} loss | {split} acc |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
