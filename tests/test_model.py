@@ -70,6 +70,19 @@ def test_summary_is_the_seed_table_line_for_line():
     assert round(s.params_mb, 2) == 25.07 and round(s.total_mb, 2) == 29.97
 
 
+def test_summary_of_the_network_for_other_class_counts(capsys):
+    from cifar_onecycle.cli import main
+
+    assert main(["summary", "--classes", "100"]) == 0  # CIFAR-100: 512 x 100 weights and 100 biases more
+    printed = capsys.readouterr().out.splitlines()
+    seed = SEED_TABLE.splitlines()
+    assert "           Linear-21                  [-1, 100]          51,300" in printed
+    assert "Total params: 6,619,300" in printed and printed[:22] == seed[:22]  # the rest is the seed's
+    for n in (1, 10_001):
+        assert main(["summary", "--classes", str(n)]) == 2
+        assert capsys.readouterr().err == f"cifar-onecycle: error: --classes {n}: a network for 2 to 10,000 classes\n"
+
+
 def test_the_receptive_field_is_the_one_computed_by_hand(capsys):
     # r_out = r_in + (kernel - 1) x jump_in and jump_out = jump_in x stride, through the prep layer,
     # layer 1 and its residual branch, layer 2, layer 3 and its branch, and the max-pool of 4

@@ -22,7 +22,7 @@ from . import __version__
 from .distributed import launch_rank, shutdown
 from .errors import UserError, one_line
 from .files import FolderLock, writable_folder
-from .recipe import Recipe, check_seed_range, load_recipe
+from .recipe import MAX_CLASSES, Recipe, check_seed_range, load_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary_cmd.add_argument("--receptive-field", action="store_true",
                              help="also each convolution's and max-pool's jump and receptive field, in the order "
                                   "they run (a residual branch's on top of its layer: the deepest path)")
+    summary_cmd.add_argument("--classes", type=int, default=10, metavar="N",
+                             help="the network with N outputs, as trained on N classes (CIFAR-100: 100; a folder: "
+                                  "its class folders) (default: 10, the seed's)")
     return parser
 
 
@@ -645,7 +648,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .model import ResNet9
     from .summary import summarize
 
-    summary = summarize(ResNet9())
+    if not 2 <= args.classes <= MAX_CLASSES:
+        raise UserError(f"--classes {args.classes}: a network for 2 to {MAX_CLASSES:,} classes")
+    summary = summarize(ResNet9(num_classes=args.classes))
     print(summary.table())
     if args.receptive_field:
         print("\n" + summary.receptive_field_table())
