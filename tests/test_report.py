@@ -197,6 +197,47 @@ def test_predict_a_folder_predicts_its_images_in_order_in_batches(run, tmp_path,
     assert err == f"cifar-onecycle: error: {tmp_path / 'empty'}: no images (PNG, JPEG, WebP, BMP or GIF) in it", err
 
 
+def test_predict_draws_where_the_model_looked_for_the_class_it_predicts(run, tmp_path, capsys):
+    from cifar_onecycle.augment import normalize
+    from cifar_onecycle.checkpoint import load_weights
+    from cifar_onecycle.predict import GRADCAM_IMAGES, gradcam_figure, predict_files
+
+    result, _ = run
+    (tmp_path / "cat").mkdir()
+    paths = []
+    for i in range(GRADCAM_IMAGES + 1):
+        paths.append(tmp_path / "cat" / f"{i:02d}.png")
+        Image.new("RGB", (48, 40), (7 * i, 255 - 7 * i, 90)).save(paths[-1])
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    cam = tmp_path / "cam.png"
+    assert main(["predict", str(result.run_dir), str(bad), str(tmp_path / "cat"), "--gradcam", str(cam),
+                 "--device", "cpu"]) == 2  # the bad file
+    assert capsys.readouterr().out.splitlines()[-1] == f"Grad-CAM of {GRADCAM_IMAGES} images: {cam}"
+    with Image.open(cam) as img:
+        img.verify()
+    # the figure: the first 32 images read, each under its Grad-CAM for the class predicted
+    model, recipe = load_weights(result.run_dir)
+    predictions = list(predict_files(model, [str(bad), *map(str, paths)], recipe.class_names, recipe.normalization))
+    axes = [ax for ax in gradcam_figure(model, predictions, recipe.normalization).axes if ax.images]
+    assert len(axes) == GRADCAM_IMAGES
+    for ax, p in zip(axes, predictions[1:], strict=False):
+        name, probability = p.top[0]
+        assert ax.get_title() == f"cat/{p.path[-6:]}\n{name} {probability:.0%}"
+        x = normalize(p.image[None], normalization=recipe.normalization)
+        expected = grad_cam(model, model.layer3, x, torch.tensor([recipe.class_names.index(name)]))[0]
+        assert torch.allclose(torch.as_tensor(ax.images[1].get_array()), expected, atol=1e-6)
+    # with --json the output stays JSON lines; a name that is not a PNG's, or in no folder, is refused first
+    assert main(["predict", str(result.run_dir), str(paths[0]), "--gradcam", str(cam), "--json"]) == 0
+    assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == [str(paths[0])]
+    for name in ("cam.jpg", "missing/cam.png", "cat"):
+        assert main(["predict", str(result.run_dir), str(paths[0]), "--gradcam", str(tmp_path / name)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == (
+            f"cifar-onecycle: error: --gradcam {tmp_path / name}: give a .png file's name in a folder that exists\n")
+    assert not (tmp_path / "cam.jpg").exists()
+
+
 def test_tensorboard_scalars_or_a_clear_error(tmp_path, capsys):
     from conftest import write_cifar
 

@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+",
                              help="image files, or folders: the images in them and their sub-folders, sorted")
     predict_cmd.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict_cmd.add_argument("--gradcam", metavar="FILE.png",
+                             help="also a picture of where the model looked: the first 32 images predicted, each "
+                                  "as the model sees it (32x32) under its Grad-CAM at layer 3 for the predicted "
+                                  "class, with the class's probability")
     _add_device_flags(predict_cmd)
 
     summary_cmd = sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
@@ -523,14 +527,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_weights
     from .device import resolve_device
-    from .predict import image_paths, predict_files
+    from .predict import GRADCAM_IMAGES, Prediction, gradcam_figure, image_paths, predict_files
+    from .report import save_png
     from .run_folder import RunFolder
 
+    picture = Path(args.gradcam) if args.gradcam else None
+    if picture is not None and (picture.suffix.lower() != ".png" or picture.is_dir() or not picture.parent.is_dir()):
+        raise UserError(f"--gradcam {args.gradcam}: give a .png file's name in a folder that exists")
     RunFolder(args.weights).check_usable()
     model, recipe = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
     failed = 0
+    drawn: list[Prediction] = []
     for p in predict_files(model, image_paths(args.images), recipe.class_names, recipe.normalization):
+        if picture is not None and p.top and len(drawn) < GRADCAM_IMAGES:
+            drawn.append(p)
         if p.error or p.top is None:
             failed += 1
             print(f"{PROG}: error: {one_line(str(p.error))}", file=sys.stderr)
@@ -541,6 +552,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                               "top3": [{"class": c, "probability": v} for c, v in p.top]}, allow_nan=False))
         else:
             print(one_line(f"{p.path}: {p.top[0][0]}  (" + ", ".join(f"{c} {v:.1%}" for c, v in p.top) + ")"))
+    figure = gradcam_figure(model, drawn, recipe.normalization) if picture is not None else None
+    if picture is not None and figure is not None:
+        save_png(figure, picture)
+        if not args.json:
+            print(one_line(f"Grad-CAM of {len(drawn)} image{'s' if len(drawn) > 1 else ''}: {picture}"))
     return 2 if failed else 0
 
 

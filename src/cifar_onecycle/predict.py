@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,12 +14,16 @@ from .errors import UserError
 from .images import load_images
 from .recipe import CIFAR10_CLASSES
 
+# Grad-CAM pictures of predictions draw at most this many images (8 rows of 4).
+GRADCAM_IMAGES = 32
+
 
 @dataclass
 class Prediction:
     path: str
     top: list[tuple[str, float]] | None = None   # (class, probability), best first
     error: str | None = None
+    image: torch.Tensor | None = None  # uint8 3x32x32, as the model saw it (3 KB)
 
 
 def image_paths(paths: Sequence[str | Path]) -> list[str]:
@@ -64,7 +69,7 @@ def _predict_batch(model: torch.nn.Module, paths: Sequence[str | Path], classes:
             out.append(Prediction(str(p), error=str(image)))
         else:
             images.append((len(out), image))
-            out.append(Prediction(str(p)))
+            out.append(Prediction(str(p), image=image))
     if not images:
         return out
     probabilities = predict_probabilities(model, torch.stack([image for _, image in images]),
@@ -76,3 +81,24 @@ def _predict_batch(model: torch.nn.Module, paths: Sequence[str | Path], classes:
         values, idx = probs.topk(min(top_k, len(classes)))
         out[i].top = [(classes[k], v) for k, v in zip(idx.tolist(), values.tolist(), strict=True)]
     return out
+
+
+def gradcam_figure(model: torch.nn.Module, predictions: Sequence[Prediction],
+                   normalization: Normalization = CIFAR10_NORMALIZATION) -> Any:
+    """The first ``GRADCAM_IMAGES`` of ``predictions`` that have a class, each as the model saw it
+    (32x32) under its Grad-CAM for that class, captioned with its file's name (and its folder's: a
+    class folder's images share names) and the class's probability (``report.gradcam_grid``); None when none has one."""
+    from .errors import one_line
+    from .report import gradcam_grid
+
+    shown = [(p.path, p.top[0], p.image) for p in predictions if p.top and p.image is not None][:GRADCAM_IMAGES]
+    if not shown:
+        return None
+    titles = [f"{_short(one_line('/'.join(Path(path).parts[-2:])))}\n{one_line(name)} {probability:.0%}"
+              for path, (name, probability), _ in shown]
+    return gradcam_grid(model, torch.stack([image for *_, image in shown]), titles, normalization)
+
+
+def _short(text: str, width: int = 22) -> str:
+    """``text`` cut to ``width`` characters from the left, where a path's file name is."""
+    return text if len(text) <= width else "..." + text[-(width - 3):]

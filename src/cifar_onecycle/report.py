@@ -307,20 +307,27 @@ def plot_gradcam(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
                  normalization: Normalization = CIFAR10_NORMALIZATION) -> Any:
     """Grad-CAM at the last residual block (layer 3) for the ``count`` most confident mistakes, over
     the images; returns the figure."""
-    from .model import ResNet9
-
     probs = probabilities if probabilities is not None else predict_probabilities(
         model, images, normalization=normalization)
     predicted = probs.argmax(1)
     labels = labels.cpu()
     shown = most_confident_mistakes(probs, labels)[:count]
-    device = next(model.parameters()).device
-    x = normalize(images[shown.to(images.device)].to(device), normalization=normalization)
+    titles = [f"pred: {classes[int(predicted[i])]}\ntrue: {classes[int(labels[i])]}" for i in shown.tolist()]
+    return gradcam_grid(model, images[shown.to(images.device)], titles, normalization, fig)
+
+
+def gradcam_grid(model: torch.nn.Module, images: torch.Tensor, titles: Sequence[str],
+                 normalization: Normalization = CIFAR10_NORMALIZATION, fig: Any = None) -> Any:
+    """uint8 NCHW ``images``, each captioned by its ``titles`` and overlaid with its Grad-CAM for the
+    class the model predicts, at the last residual block (layer 3; another model's last child);
+    returns the figure."""
+    from .model import ResNet9
+
+    x = normalize(images.to(next(model.parameters()).device), normalization=normalization)
     layer = model.layer3 if isinstance(model, ResNet9) else list(model.children())[-1]
     cams = grad_cam(model, layer, x).cpu()
-    return image_grid(to_display(x, normalization),
-                      [f"pred: {classes[int(predicted[i])]}\ntrue: {classes[int(labels[i])]}" for i in shown.tolist()],
-                      ncols=4, title="Grad-CAM at the last residual block (layer 3), for the predicted class",
+    return image_grid(to_display(x, normalization), titles, ncols=4,
+                      title="Grad-CAM at the last residual block (layer 3), for the predicted class",
                       overlays=cams, fig=fig)
 
 
