@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .augment import CIFAR10_NORMALIZATION, Normalization
-from .errors import UserError
+from .errors import UserError, one_line
 from .images import load_images
 from .recipe import CIFAR10_CLASSES
 
@@ -87,8 +87,8 @@ def gradcam_figure(model: torch.nn.Module, predictions: Sequence[Prediction],
                    normalization: Normalization = CIFAR10_NORMALIZATION) -> Any:
     """The first ``GRADCAM_IMAGES`` of ``predictions`` that have a class, each as the model saw it
     (32x32) under its Grad-CAM for that class, captioned with its file's name (and its folder's: a
-    class folder's images share names) and the class's probability (``report.gradcam_grid``); None when none has one."""
-    from .errors import one_line
+    class folder's images share names) and the class's probability (``report.gradcam_grid``); None
+    when none has one."""
     from .report import gradcam_grid
 
     shown = [(p.path, p.top[0], p.image) for p in predictions if p.top and p.image is not None][:GRADCAM_IMAGES]
