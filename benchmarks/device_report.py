@@ -6,8 +6,8 @@ Reads the run folders (``<stage>/<recipe>/seed<k>/summary.json``), ``timing.json
 ``profile.json`` and ``progress.jsonl`` there and writes ``README.md`` beside them: the recipes'
 last-epoch test accuracy over seeds against the proxy targets, the compiled timing, the bare step,
 the top kernels, the LRMAX points, each sweep's table (from its sweep.json and sweep.csv) and
-picture, the workers' timing and the torchrun run. Nothing is typed in by hand: rerun it after
-adding runs (a second call's files unpacked into the same folder).
+picture, the workers' timing, the torchrun run and the fp16 run. Nothing is typed in by hand:
+rerun it after adding runs (a second call's files unpacked into the same folder).
 It reads the files of the current ``device_run.py``; the READMEs of older folders (gpu-h200,
 gpu-h200-levers, gpu-h100) are kept as their own code generated them, not regenerated.
 """
@@ -292,6 +292,29 @@ def torchrun_section(folder: Path) -> list[str]:
             "`torchrun/seed.log`."]
 
 
+def fp16_section(folder: Path) -> list[str]:
+    """The fp16 run beside its bf16 twin: the ``lr`` sweep's run at the seed's LRMAX, seed 0."""
+    summary_path = folder / "fp16" / "seed" / "seed0" / "summary.json"
+    if not (folder / "fp16").is_dir():
+        return []
+    if not summary_path.is_file():
+        return ["The run did not finish; its output is `fp16/seed.log`."]
+
+    def scores(summary: dict[str, Any]) -> str:
+        return (f"validation accuracy {100 * summary['final_val_acc']:.2f}%, "
+                f"test {100 * summary['final_test_acc']:.2f}%, {summary['total_seconds']:.1f} s in all")
+
+    summary = json.loads(summary_path.read_text())
+    lines = [f"`cifar-onecycle train --recipe seed --precision {summary['precision']} --holdout 5000`, seed 0, "
+             f"epochs: {summary['epochs']}; on {summary.get('device')}: {scores(summary)}. "
+             "Its output: `fp16/seed.log`."]
+    twin = folder / "sweeps" / "lr" / "lr_max=0.2" / "seed0" / "summary.json"
+    if twin.is_file():
+        bf16 = json.loads(twin.read_text())
+        lines.append(f"The same run in {bf16['precision']} (the `lr` sweep's lr_max=0.2, seed 0): {scores(bf16)}.")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
@@ -321,7 +344,8 @@ def main() -> None:
                 ("LRMAX points (`seed` recipe; an accuracy stage's runs count at their LRMAX, 0.2)", lr_section),
                 ("Sweeps (`cifar-onecycle sweep`, on the validation split)", sweeps_section),
                 ("Two workers on one GPU", workers_section),
-                ("torchrun (NCCL)", torchrun_section))
+                ("torchrun (NCCL)", torchrun_section),
+                ("fp16 with loss scaling (the path of GPUs without bf16)", fp16_section))
     for title, section in sections:
         lines = section(folder)
         if lines:  # a call that did not run the stage has no section

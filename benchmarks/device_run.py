@@ -37,6 +37,7 @@ after the budget, and goes on where an earlier call stopped (on the same machine
 ``--sweeps-from``); its sweeps take ``--sweep-workers``. ``workers``: one small sweep with 1 worker and
 with 2 sharing the GPU, timed; the faster count is kept on the machine for the sweeps stage (run it first).
 ``torchrun``: two epochs under ``torchrun --nproc-per-node 1`` with ``--sync-bn`` and a holdout.
+``fp16``: the ``seed`` recipe in fp16 (loss scaling: a T4's path) with the sweeps' holdout, seed 0.
 ``best2`` (after ``sweeps`` with ``best-stage1.txt``) and ``final``: stage 2 of `best`'s selection
 and its final comparison, each derived from the ended sweep before it (``stage1``, ``stage2``) by
 ``best_selection.py``'s rules and run as the sweep ``stage2`` or ``final``.
@@ -744,6 +745,20 @@ def stage_torchrun(extra: list[str], data_dir: Path, results: Results, clock: Cl
                                  "--no-checkpoint", "--overwrite", "--out", str(out)], results, clock)
 
 
+def stage_fp16(extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
+    """The ``seed`` recipe in fp16 with loss scaling, seed 0, ``--holdout 5000``: the path ``--precision
+    auto`` takes on GPUs without bf16 (a T4, Colab's), never run on a GPU before; its bf16 twin is the
+    ``lr`` sweep's ``lr_max=0.2`` seed 0. On a CPU, which refuses fp16, the same run in fp32 checks
+    the stage alone."""
+    import torch
+
+    precision = "fp16" if torch.cuda.is_available() else "fp32"
+    out = results.runs / "fp16" / "seed" / "seed0"
+    run_cli("fp16", "seed", ["train", "--recipe", "seed", "--precision", precision, "--holdout", "5000", *extra,
+                             "--data-dir", str(data_dir), "--no-download", "--quiet", "--no-report",
+                             "--no-checkpoint", "--overwrite", "--out", str(out)], results, clock)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the folder that comes back ($OUT)")
@@ -760,7 +775,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--stages", default="smoke,accuracy,compiled,profile,lr_points",
                     help="in order; also 'speed' (the speed levers, one by one), 'sweeps', 'best2', 'final', "
-                         "'workers', 'torchrun'")
+                         "'workers', 'torchrun', 'fp16'")
     ap.add_argument("--results-name", help="the top folder in runs.tar.gz (default: gpu-<card>)")
     ap.add_argument("--lr-point-seeds", type=int, default=1, help="seeds of the LRMAX points (from 0)")
     ap.add_argument("--lr-points", default="0.05,0.1,0.4,0.8", help="LRMAX values of the seed recipe, seed 0")
@@ -859,6 +874,7 @@ def main() -> None:
                                        args.sweeps_from, args.sweep_workers),
         "workers": lambda: stage_workers(shlex.split(args.workers_sweep), extra, data_dir, results, clock),
         "torchrun": lambda: stage_torchrun(extra, data_dir, results, clock),
+        "fp16": lambda: stage_fp16(extra, data_dir, results, clock),
         "speed": lambda: stage_speed(recipe_for, data, data_dir, results, clock, args.bare_steps,
                                      15.0 if "profile" in stages else 0.0,
                                      [int(i) for i in args.bare_variants.split(",")]),
