@@ -201,6 +201,36 @@ def test_resume_with_a_weight_average_and_a_cycling_momentum_is_bit_identical(tm
     assert "test_acc_tta" in (run / "metrics.csv").read_text().splitlines()[0]
 
 
+def test_the_loss_scalers_state_goes_into_the_checkpoint_and_comes_back():
+    # fp16 (a GPU without bf16) trains through a loss scaler whose scale and growth count are state
+    # of the run: a resumed run must take them up, not start them again. fp16 itself is CUDA's (the
+    # CLI refuses it on a CPU); the scaler is the same on the CPU, so a CPU scaler stands in for it.
+    from dataclasses import replace
+
+    from cifar_onecycle.data import Cifar10
+    from cifar_onecycle.run_setup import setup_run
+    from cifar_onecycle.state import TrainState
+
+    data = Cifar10(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.arange(40) % 10,
+                   torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10))
+
+    def with_scaler(init_scale):
+        setup = setup_run(RECIPE, data)
+        return replace(setup, scaler=torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=5))
+
+    trained = with_scaler(1024.0)
+    order = trained.shuffle()
+    for step in range(3):
+        batch = order[10 * step:10 * step + 10]
+        trained.step(trained.train_images[batch].float() / 255, trained.train_labels[batch], 0.01)
+    checkpoint = TrainState().to_checkpoint(trained)
+    assert checkpoint["scaler"]["_growth_tracker"] == 3 and checkpoint["scaler"]["scale"] == 1024.0
+    resumed = with_scaler(65536.0)
+    TrainState.from_checkpoint(checkpoint, resumed)
+    assert resumed.scaler.state_dict() == trained.scaler.state_dict()
+    assert TrainState().to_checkpoint(setup_run(RECIPE, data))["scaler"] is None  # fp32: no scaler to keep
+
+
 def test_resume_refuses_recipe_changes_and_finished_runs(reference, tmp_path, capsys):
     data, ref = reference
     killed = tmp_path / "killed"  # between its last checkpoint and its summary: a resume finishes it,
