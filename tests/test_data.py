@@ -32,6 +32,16 @@ def test_loads_the_official_layout(cifar_dir):
     assert np.array_equal(d.train_images[:20].numpy().reshape(20, 3072), raw[b"data"])
 
 
+def test_the_batches_own_folder_given_for_its_parent_is_read(cifar_dir):
+    # a common slip: --data-dir DIR/cifar-10-batches-py where DIR was meant
+    assert ensure_cifar10(cifar_dir / "cifar-10-batches-py", download=False) == cifar_dir / "cifar-10-batches-py"
+    d = load_cifar10(cifar_dir / "cifar-10-batches-py", download=False)
+    assert np.array_equal(d.train_images.numpy(), load_cifar10(cifar_dir, download=False).train_images.numpy())
+    (cifar_dir / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DatasetError, match="cifar-10-batches-py: missing test_batch"):
+        ensure_cifar10(cifar_dir / "cifar-10-batches-py", download=False)
+
+
 def test_hostile_pickle_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     folder = write_cifar(tmp_path / "data")

@@ -209,8 +209,7 @@ def ensure_source(data_dir: Path, source: Source, download: bool = True,
         return _ensure(data_dir, source, download, progress)
     except OSError as e:  # a folder that cannot be listed or created: the cause is the path given
         raise DatasetError(f"{as_setting('data_dir')} {data_dir}: cannot use it ({e.strerror or e}); give a folder "
-                           f"you can read "
-                           f"and write") from None
+                           f"you can read and write") from None
 
 
 def _ensure(data_dir: Path, source: Source, download: bool, progress: Callable[[int, int], None] | None) -> Path:
@@ -218,6 +217,8 @@ def _ensure(data_dir: Path, source: Source, download: bool, progress: Callable[[
         raise DatasetError(f"{as_setting('data_dir')} {data_dir}: is a file, not a folder; give the folder that holds "
                            f"'{source.folder}/' or '{source.archive}', or where the download should go")
     folder = data_dir / source.folder
+    if not folder.is_dir() and data_dir.name == source.folder:  # the batches' own folder, given for its parent
+        folder = data_dir
     if folder.is_dir():
         missing = _missing(folder, source)
         if missing:
