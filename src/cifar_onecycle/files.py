@@ -49,7 +49,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         raise WriteError(path, e.strerror or str(e)) from None
     try:
         with os.fdopen(fd, "wb") as f:  # owns the descriptor from here: closed on every path
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable
+            if hasattr(os, "fchmod"):  # not on Windows (before Python 3.13), whose files have no such bits
+                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a run folder should be readable
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -59,7 +60,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         if isinstance(e, OSError):  # a full disk, mostly: the user's to fix, and nothing was lost
             raise WriteError(path, e.strerror or str(e)) from None
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # Windows opens no folder (and journals the rename itself)
+        return
     try:
         os.fsync(folder)
     finally:
