@@ -40,7 +40,12 @@ def test_the_notebook_runs_in_a_real_kernel(proxy_dir, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     # augmentation, two range-test graphs, curves, LR schedule, mistakes, confusion matrix, Grad-CAM
-    assert len(figures) >= 8
+    # of the mistakes and of the images read from files
+    assert len(figures) >= 9
+    own = next(c for c in nb.cells if "gradcam_figure(" in c.source)
+    printed_files = "".join(o.get("text", "") for o in own.outputs if o.output_type == "stream").splitlines()
+    assert [line.split()[0] for line in printed_files] == [f"photo{i}.png" for i in range(4)]
+    assert any("image/png" in o.get("data", {}) for o in own.outputs)
     by_class = next(c for c in nb.cells if "class_rows(" in c.source)
     printed_classes = "".join(o.get("text", "") for o in by_class.outputs if o.output_type == "stream").splitlines()
     assert len(printed_classes) == 10 and all("most often taken for" in line for line in printed_classes)
