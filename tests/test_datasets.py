@@ -176,6 +176,8 @@ def test_a_folder_of_mixed_sizes_modes_and_formats_reads_as_a_viewer_shows_it(tm
     ("one-class", "1 class folders; give 2"),
     ("no-test", "no test/ folder"),
     ("name-not-utf8", "has a name that is not UTF-8"),
+    ("train-given", "/d/train: no train/ folder; a folder of images holds train/<class>/ and test/<class>/ "
+                    "(give its parent, "),
 ])
 def test_a_folder_that_cannot_be_a_data_set_is_one_line(tmp_path, capsys, case, message):
     root = folder(tmp_path / "d", classes=("cat", "dog", "owl"), test_classes=("cat", "dog"))
@@ -190,6 +192,8 @@ def test_a_folder_that_cannot_be_a_data_set_is_one_line(tmp_path, capsys, case, 
         (root / "train" / "owl" / "0.png").write_bytes(b"not a png at all")
     elif case == "one-class":
         root = folder(tmp_path / "e", classes=("cat",))
+    elif case == "train-given":  # the split's folder given for the data set's
+        root = root / "train"
     elif case == "name-not-utf8":  # a Linux file name may be any bytes; recipe.toml is UTF-8
         root = folder(tmp_path / "g", classes=("cat", "dog", "owl\udcff"))
     else:

@@ -79,8 +79,10 @@ def list_split(root: Path, split: str) -> Listing:
     """The classes and image files of ``root/split``, every refusal a one-line ``DatasetError``."""
     base = root / split
     if not base.is_dir():
+        inside = root.name in ("train", "test") and (root.parent / split).is_dir()  # a split given for its parent
+        hint = f" (give its parent, {root.parent})" if inside else ""
         raise DatasetError(f"{as_setting('data_dir')} {root}: no {split}/ folder; a folder of images holds "
-                           f"train/<class>/ and test/<class>/")
+                           f"train/<class>/ and test/<class>/{hint}")
     classes = tuple(sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")))
     if not 2 <= len(classes) <= MAX_CLASSES:
         raise DatasetError(f"{base}: {len(classes)} class folders; give 2 to {MAX_CLASSES:,}")
