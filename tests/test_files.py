@@ -41,15 +41,18 @@ def test_a_run_writes_its_files_without_the_calls_windows_lacks(cifar_dir, tmp_p
     from cifar_onecycle import Recipe, train
     from cifar_onecycle.run_folder import RunFolder
 
-    real_open = os.open
+    real_open, binary, reads = os.open, 0x8000, {}  # Windows' O_BINARY; without it a read is in text mode
 
     def no_folders(path, flags, *args, **kwargs):
         if os.path.isdir(path):
             raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            reads[os.path.basename(path)] = bool(flags & binary)
+        return real_open(path, flags & ~binary, *args, **kwargs)
 
     monkeypatch.delattr(os, "fchmod")
     monkeypatch.setattr(os, "open", no_folders)
+    monkeypatch.setattr(os, "O_BINARY", binary, raising=False)
     monkeypatch.setattr(files, "fcntl", None)
     recipe = Recipe(epochs=2, peak_epoch=1, batch_size=10, train_subset=40, eval_batch_size=16, device="cpu",
                     precision="fp32", lr_max=0.02, logit_scale=0.125)
@@ -60,6 +63,12 @@ def test_a_run_writes_its_files_without_the_calls_windows_lacks(cifar_dir, tmp_p
     assert {"recipe.toml", "metrics.csv", "model.safetensors", "checkpoint.pt", "report.md", "curves.png"} <= set(
         os.listdir(tmp_path / "run"))
     assert not [name for name in os.listdir(tmp_path / "run") if name.endswith(".tmp")]
+    # and read back, every file in binary mode: the data's batches, the weights, the recipe, the summary
+    from cifar_onecycle.checkpoint import load_weights
+
+    assert load_weights(tmp_path / "run")[1] == result.recipe
+    assert {"data_batch_1", "test_batch", "model.safetensors"} <= reads.keys()
+    assert [name for name, in_binary in reads.items() if not in_binary] == []
 
 
 def test_metrics_csv_is_read_back_by_column_name():

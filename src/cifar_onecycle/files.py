@@ -80,7 +80,8 @@ def open_regular(path: str | Path) -> BinaryIO:
     """``path`` opened for reading, if it is a regular file. Opened without blocking and checked
     before any read: a FIFO would block the open (or the first read) until something writes to it,
     and a device can be read for ever. Anything else is an OSError (``strerror`` says what)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    # O_BINARY: Windows opens a descriptor in text mode otherwise (CRLF read as LF, a 0x1A byte as the end)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
