@@ -34,9 +34,10 @@ def test_a_failed_write_closes_and_removes_its_temporary_file(tmp_path, monkeypa
 
 
 def test_a_run_writes_its_files_without_the_calls_windows_lacks(cifar_dir, tmp_path, monkeypatch):
-    # Windows (Python before 3.13) has no os.fchmod and no fcntl, and cannot open a folder: a run
-    # there must still write every file. Taken away here, on Linux: no Windows machine runs this
-    # suite, so this is the check there is, not a claim that Windows was tried.
+    # Windows (Python before 3.13) has no os.fchmod and no fcntl, cannot open a folder, and opens a
+    # descriptor in text mode without O_BINARY: a run there must still write every file and read
+    # them as bytes. Imitated here, on Linux: no Windows machine runs this suite, so this is the
+    # check there is, not a claim that Windows was tried.
     import cifar_onecycle.files as files
     from cifar_onecycle import Recipe, train
     from cifar_onecycle.run_folder import RunFolder

@@ -553,7 +553,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(one_line(f"{p.path}: {p.top[0][0]}  (" + ", ".join(f"{c} {v:.1%}" for c, v in p.top) + ")"))
     figure = gradcam_figure(model, drawn, recipe.normalization) if picture is not None else None
-    if picture is not None and figure is not None:
+    if picture is not None and figure is not None:  # no figure when no image was predicted
         save_png(figure, picture)
         if not args.json:
             print(one_line(f"Grad-CAM of {len(drawn)} image{'s' if len(drawn) > 1 else ''}: {picture}"))
