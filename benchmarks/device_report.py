@@ -278,13 +278,21 @@ def workers_section(folder: Path) -> list[str]:
             f"(ratio {timing['two_over_one']:.3f})."]
 
 
-def torchrun_section(folder: Path) -> list[str]:
-    summary_path = folder / "torchrun" / "seed" / "seed0" / "summary.json"
-    if not (folder / "torchrun").is_dir():
-        return []
+def stage_run(folder: Path, stage: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The summary.json of a stage's one run (``STAGE/seed/seed0``), else what its section says
+    instead: nothing when the stage did not run, where its output is when the run did not finish."""
+    summary_path = folder / stage / "seed" / "seed0" / "summary.json"
+    if not (folder / stage).is_dir():
+        return None, []
     if not summary_path.is_file():
-        return ["The run did not finish; its output is `torchrun/seed.log`."]
-    summary = json.loads(summary_path.read_text())
+        return None, [f"The run did not finish; its output is `{stage}/seed.log`."]
+    return json.loads(summary_path.read_text()), []
+
+
+def torchrun_section(folder: Path) -> list[str]:
+    summary, instead = stage_run(folder, "torchrun")
+    if summary is None:
+        return instead
     sync_bn = " --sync-bn" if str(summary.get("device")).startswith("cuda") else ""  # refused on a CPU
     return [f"`torchrun --standalone --nproc-per-node 1 -m cifar_onecycle train{sync_bn} --holdout 5000`, "
             f"epochs: {summary['epochs']}; finished on {summary.get('device')}, validation accuracy "
@@ -294,17 +302,14 @@ def torchrun_section(folder: Path) -> list[str]:
 
 def fp16_section(folder: Path) -> list[str]:
     """The fp16 run beside its bf16 twin: the ``lr`` sweep's run at the seed's LRMAX, seed 0."""
-    summary_path = folder / "fp16" / "seed" / "seed0" / "summary.json"
-    if not (folder / "fp16").is_dir():
-        return []
-    if not summary_path.is_file():
-        return ["The run did not finish; its output is `fp16/seed.log`."]
+    summary, instead = stage_run(folder, "fp16")
+    if summary is None:
+        return instead
 
     def scores(summary: dict[str, Any]) -> str:
         return (f"validation accuracy {100 * summary['final_val_acc']:.2f}%, "
                 f"test {100 * summary['final_test_acc']:.2f}%, {summary['total_seconds']:.1f} s in all")
 
-    summary = json.loads(summary_path.read_text())
     lines = [f"`cifar-onecycle train --recipe seed --precision {summary['precision']} --holdout 5000`, seed 0, "
              f"epochs: {summary['epochs']}; on {summary.get('device')}: {scores(summary)}. "
              "Its output: `fp16/seed.log`."]
