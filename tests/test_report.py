@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,3 +397,35 @@ def test_the_report_says_whether_the_trained_weights_score_apart_from_the_averag
         assert "which lookahead wrote back into the trained weights" in md and "alone score" not in md
     else:
         assert "the trained weights alone score 33.00%" in md
+
+
+def test_predict_refuses_a_gradcam_folder_it_cannot_write_before_reading_any_image(run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import tempfile
+
+    result, _ = run
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / ".write-test").write_text("the user's")
+    # the proof that the folder can be written leaves the files there as they were
+    assert main(["predict", str(result.run_dir), str(image), "--gradcam", str(shared / "cam.png")]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in shared.iterdir()) == [".write-test", "cam.png"]
+    assert (shared / ".write-test").read_text() == "the user's"
+    mkstemp = tempfile.mkstemp
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def no_permission(*args, dir=None, **kwargs):  # as chmod 555 would, for a user other than root
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(13, "Permission denied")
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_permission)
+    assert main(["predict", str(result.run_dir), str(image), "--gradcam", str(locked / "cam.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"cifar-onecycle: error: --gradcam {locked}: cannot write there (Permission denied); choose another folder\n")
+    assert list(locked.iterdir()) == []

@@ -534,6 +534,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     picture = Path(args.gradcam) if args.gradcam else None
     if picture is not None and (picture.suffix.lower() != ".png" or picture.is_dir() or not picture.parent.is_dir()):
         raise UserError(f"--gradcam {args.gradcam}: give a .png file's name in a folder that exists")
+    if picture is not None:  # before the images are read: a picture that cannot be saved is a wasted pass
+        writable_folder(picture.parent, "gradcam", create=False)
     RunFolder(args.weights).check_usable()
     model, recipe = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
