@@ -14,6 +14,7 @@ from cifar_onecycle.sweep_plan import parse_point, parse_vary
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TORCHRUN_FLAGS = {"--standalone", "--nproc-per-node"}  # torchrun's own, before `-m cifar_onecycle`
+PYTEST_FLAGS = {"--dist"}  # pytest-xdist's, in "Tests"
 
 
 def readme_commands(text: str) -> list[str]:
@@ -51,7 +52,7 @@ def test_the_readme_reads_its_commands_as_printed():
 
 def test_every_flag_the_readme_names_is_one_of_the_commands():
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README.read_text()))
-    assert named - TORCHRUN_FLAGS - all_flags(cli.build_parser()) == set()
+    assert named - TORCHRUN_FLAGS - PYTEST_FLAGS - all_flags(cli.build_parser()) == set()
 
 
 @pytest.mark.parametrize("command", readme_commands(README.read_text()))
