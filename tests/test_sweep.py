@@ -1,6 +1,7 @@
 """cifar-onecycle sweep: the grid and its folders, the table and statistics, resuming, refusing another
 sweep on the same folder, diverged runs, commands for a scheduler and --collect."""
 import csv
+import importlib
 import json
 import math
 import os
@@ -525,6 +526,35 @@ def test_a_stop_reaches_each_worker_once(cifar_dir, tmp_path, monkeypatch):
         sweep(SMALL, {"lr_max": [0.01, 0.02]}, 1, out=tmp_path / "sw", data_dir=cifar_dir, download=False,
               progress=False, workers=2)
     assert signals == {0: [signal.SIGINT], 1: [signal.SIGINT]}
+
+
+def test_on_windows_a_stop_is_left_to_the_console(cifar_dir, tmp_path, monkeypatch):
+    """Windows gives each process of the console its own Ctrl-C, and its Popen.send_signal refuses
+    SIGINT: the workers stop by themselves, and the sweep sends nothing. Stand-ins imitate both."""
+    sweep_module = importlib.import_module("cifar_onecycle.sweep")  # the package's `sweep` is the function
+    workers: list = []
+
+    class WindowsWorker:
+        def __init__(self, command, **kwargs):
+            self.stopped_at = None
+            workers.append(self)
+            if len(workers) == 2:  # both have started: the user presses Ctrl-C, which the console gives all
+                for worker in workers:
+                    worker.stopped_at = time.monotonic()
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def send_signal(self, sig):
+            raise ValueError(f"Unsupported signal: {sig}")  # as Windows' Popen says of SIGINT
+
+        def poll(self):
+            return 130 if self.stopped_at and time.monotonic() - self.stopped_at > 0.5 else None
+
+    monkeypatch.setattr(subprocess, "Popen", WindowsWorker)
+    monkeypatch.setattr(sweep_module, "PASS_SIGNALS_ON", False)
+    with pytest.raises(Interrupted, match="stopped by SIGINT"):
+        sweep(SMALL, {"lr_max": [0.01, 0.02]}, 1, out=tmp_path / "sw", data_dir=cifar_dir, download=False,
+              progress=False, workers=2)
+    assert len(workers) == 2
 
 
 @pytest.mark.slow

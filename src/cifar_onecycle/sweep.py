@@ -538,8 +538,8 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
                 if not queue or len(running) >= workers or stop() or failure is not None:
                     if stop():
                         for process, *_ in running.values():
-                            if process.poll() is None and process not in stopping:
-                                process.send_signal(stop_signal(stop.received))
+                            if process not in stopping:
+                                pass_on(process, stop.received)
                                 stopping.add(process)
                     time.sleep(0.2)
                 for slot, (process, err, seed, point, started) in list(running.items()):
@@ -564,7 +564,7 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
                     break
         except KeyboardInterrupt:  # a second signal: stop every run at once
             for process, *_ in running.values():
-                process.send_signal(stop_signal("SIGINT"))
+                pass_on(process, "SIGINT")
             raise
     if stop():
         saved = ("each run that had started saved its checkpoint" if options.checkpoints else
@@ -574,7 +574,15 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
         raise UserError(f"sweep {folder.path}: {failure}")
 
 
-def stop_signal(name: str | None) -> int:
+# On Windows the workers share this process's console (start_new_session is POSIX's), which gives
+# each its own Ctrl-C, and Popen.send_signal there refuses SIGINT (a ValueError) and makes SIGTERM a
+# TerminateProcess, a kill before the checkpoint: a stop is passed on on POSIX only.
+PASS_SIGNALS_ON = os.name != "nt"
+
+
+def pass_on(process: subprocess.Popen, name: str | None) -> None:
+    """Send a running worker ``process`` the stop signal ``name`` (default SIGINT) this process got."""
     import signal
 
-    return int(signal.Signals[name or "SIGINT"])
+    if PASS_SIGNALS_ON and process.poll() is None:
+        process.send_signal(int(signal.Signals[name or "SIGINT"]))
