@@ -1,7 +1,9 @@
 """The README is the user's manual: its commands must run as printed, so each one is checked against
-the command line and the recipes as they are now (parsed and its recipe built; nothing trained)."""
+the command line and the recipes as they are now (parsed and its recipe built; nothing trained). The
+notebook's text cells are held to the same."""
 import argparse
 import importlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -13,6 +15,7 @@ from cifar_onecycle.sweep import make_plan
 from cifar_onecycle.sweep_plan import parse_point, parse_vary
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+NOTEBOOK = README.parent / "examples" / "quickstart.ipynb"
 TORCHRUN_FLAGS = {"--standalone", "--nproc-per-node"}  # torchrun's own, before `-m cifar_onecycle`
 PYTEST_FLAGS = {"--dist"}  # pytest-xdist's, in "Tests"
 
@@ -33,6 +36,11 @@ def readme_commands(text: str) -> list[str]:
     return commands
 
 
+def notebook_text() -> str:
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    return "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+
+
 def all_flags(parser: argparse.ArgumentParser) -> set[str]:
     flags = set()
     for action in parser._actions:
@@ -51,11 +59,11 @@ def test_the_readme_reads_its_commands_as_printed():
 
 
 def test_every_flag_the_readme_names_is_one_of_the_commands():
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README.read_text()))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README.read_text() + notebook_text()))
     assert named - TORCHRUN_FLAGS - PYTEST_FLAGS - all_flags(cli.build_parser()) == set()
 
 
-@pytest.mark.parametrize("command", readme_commands(README.read_text()))
+@pytest.mark.parametrize("command", readme_commands(README.read_text()) + readme_commands(notebook_text()))
 def test_each_readme_command_parses_and_makes_its_recipe(command):
     words = shlex.split(command)[1:]
     if "--help" in words:
