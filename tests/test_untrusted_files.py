@@ -297,3 +297,26 @@ def test_json_from_a_file_is_bounded_in_depth_and_digits(tmp_path, capsys):
     assert main(["report", str(run.path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "nested more than 32 deep" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_image_pillow_refuses_is_named_with_pillows_reason(tmp_path, capsys):
+    """A PNG whose text chunk would decompress to 100 MB (Pillow stops at 1 MB): the line says what
+    is wrong, in Pillow's words, cut short; a file that is no image at all says just that."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = tmp_path / "plain.png"
+    Image.new("RGB", (32, 32)).save(png)
+    raw = png.read_bytes()  # the signature (8 bytes) and IHDR (25) first
+    bomb = chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * (100 << 20), 9))
+    (tmp_path / "text-bomb.png").write_bytes(raw[:33] + bomb + raw[33:])
+    (tmp_path / "no-image.png").write_bytes(b"not an image")
+    for name, reason in (("text-bomb.png", "(ValueError: Decompressed data too large"),
+                         ("no-image.png", "(UnidentifiedImageError)\n")):  # its words would repeat the path
+        assert main(["predict", str(weights_folder(tmp_path / "run")), str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cifar-onecycle: error: {tmp_path / name}: not an image Pillow can read {reason}"), err
+        assert err.count("\n") == 1 and len(err) < len(str(tmp_path / name)) + 300

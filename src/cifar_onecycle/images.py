@@ -31,6 +31,8 @@ PIXELS_AT_ONCE = 64_000_000
 # its lock (the proxy's 1 KB JPEGs: 1.5 times the time). The two break even at a JPEG of 256 pixels
 # a side, about 16 KB (benchmarks/results/README.md, "A folder of images").
 THREADED_BYTES = 16 * 1024
+# Pillow's reason for refusing a file is shown cut to this many characters: it may quote the file
+MAX_REASON = 200
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -137,7 +139,11 @@ def _read(path: str | Path, budget: _PixelBudget) -> torch.Tensor:
                         f"against decompression bombs; give a smaller copy") from None
     except (UnidentifiedImageError, SyntaxError, ValueError, EOFError,
             struct.error) as e:  # Pillow's decoders signal a malformed file with each of these
-        raise UserError(f"{path}: not an image Pillow can read ({type(e).__name__})") from None
+        # Pillow's words say what is wrong ("broken PNG file", a text chunk too large to decompress);
+        # an UnidentifiedImageError's only repeat the path
+        words = "" if isinstance(e, UnidentifiedImageError) else str(e)[:MAX_REASON]
+        raise UserError(f"{path}: not an image Pillow can read ({type(e).__name__}"
+                        + (f": {words})" if words else ")")) from None
     except OSError as e:
         raise UserError(f"{path}: cannot read the image ({e.strerror or e})") from None
     pixels = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8)
