@@ -576,7 +576,7 @@ def run_workers(folder: SweepFolder, todo: list[tuple[int, Point]], workers: int
 
 # On Windows the workers share this process's console (start_new_session is POSIX's), which gives
 # each its own Ctrl-C, and Popen.send_signal there refuses SIGINT (a ValueError) and makes SIGTERM a
-# TerminateProcess, a kill before the checkpoint: a stop is passed on on POSIX only.
+# TerminateProcess, a kill before the checkpoint: only on POSIX is a stop passed on.
 PASS_SIGNALS_ON = os.name != "nt"
 
 
