@@ -731,18 +731,23 @@ def stage_workers(args: list[str], extra: list[str], data_dir: Path, results: Re
     say(f"workers: 1 worker {walls[1]:.0f} s, 2 workers {walls[2]:.0f} s: the sweeps take {chosen}")
 
 
+def single_run(stage: str, command: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
+    """A stage's one run of the ``seed`` recipe, ``command`` (a ``train`` command, its data and output
+    flags left out), into ``STAGE/seed/seed0`` (where device_report.stage_run reads it), measuring only."""
+    out = results.runs / stage / "seed" / "seed0"
+    run_cli(stage, "seed", [*command, "--data-dir", str(data_dir), "--no-download", "--quiet", "--no-report",
+                            "--no-checkpoint", "--overwrite", "--out", str(out)], results, clock)
+
+
 def stage_torchrun(extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
     """A short run under ``torchrun --nproc-per-node 1`` (NCCL on a GPU: the process group and the
     rank-0 writer; DDP and SyncBatchNorm need two GPUs, NCCL refusing two ranks on one), with a holdout."""
     import torch
 
-    out = results.runs / "torchrun" / "seed" / "seed0"
-    run_cli("torchrun", "seed", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                                 "-m", "cifar_onecycle", "train", "--recipe", "seed", "--epochs", "2",
-                                 "--peak-epoch", "1", "--holdout", "5000",
-                                 *(["--sync-bn"] if torch.cuda.is_available() else []), *extra,
-                                 "--data-dir", str(data_dir), "--no-download", "--quiet", "--no-report",
-                                 "--no-checkpoint", "--overwrite", "--out", str(out)], results, clock)
+    single_run("torchrun", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                            "-m", "cifar_onecycle", "train", "--recipe", "seed", "--epochs", "2", "--peak-epoch", "1",
+                            "--holdout", "5000", *(["--sync-bn"] if torch.cuda.is_available() else []), *extra],
+               data_dir, results, clock)
 
 
 def stage_fp16(extra: list[str], data_dir: Path, results: Results, clock: Clock) -> None:
@@ -753,10 +758,8 @@ def stage_fp16(extra: list[str], data_dir: Path, results: Results, clock: Clock)
     import torch
 
     precision = "fp16" if torch.cuda.is_available() else "fp32"
-    out = results.runs / "fp16" / "seed" / "seed0"
-    run_cli("fp16", "seed", ["train", "--recipe", "seed", "--precision", precision, "--holdout", "5000", *extra,
-                             "--data-dir", str(data_dir), "--no-download", "--quiet", "--no-report",
-                             "--no-checkpoint", "--overwrite", "--out", str(out)], results, clock)
+    single_run("fp16", ["train", "--recipe", "seed", "--precision", precision, "--holdout", "5000", *extra],
+               data_dir, results, clock)
 
 
 def parse_args() -> argparse.Namespace:
