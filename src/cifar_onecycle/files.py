@@ -168,17 +168,15 @@ def refuse_a_file(path: Path, setting: str = "out") -> None:
 
 
 def writable_folder(path: str | Path, setting: str = "out", create: bool = True) -> Path:
-    """Create the folder ``path`` if needed (with ``create``; else it must exist) and prove a file can
-    be written there, before any work whose results would go there; a UserError naming ``setting``
-    otherwise. The proof is a file of a name no other file has, removed at once: the folder may be
-    the user's own (a picture's), whose files must stay as they were."""
+    """Create the folder ``path`` if needed (with ``create``; else a missing one cannot be written)
+    and prove a file can be written there, before any work whose results would go there; a UserError
+    naming ``setting`` otherwise. The proof is a file of a name no other file has, removed at once:
+    the folder may be the user's own (a picture's), whose files must stay as they were."""
     path = Path(path)
     try:
         refuse_a_file(path, setting)
         if create:
             path.mkdir(parents=True, exist_ok=True)
-        elif not path.is_dir():
-            raise UserError(f"{as_setting(setting)} {path}: no such folder; create it or choose another")
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
         os.close(fd)
         os.unlink(probe)
