@@ -320,3 +320,30 @@ def test_an_image_pillow_refuses_is_named_with_pillows_reason(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"cifar-onecycle: error: {tmp_path / name}: not an image Pillow can read {reason}"), err
         assert err.count("\n") == 1 and len(err) < len(str(tmp_path / name)) + 300
+
+
+def test_a_name_from_outside_is_drawn_as_itself(tmp_path):
+    # Between two dollar signs matplotlib reads a formula: a class folder or image file named
+    # "$\frac$" raised ValueError as its picture was saved (a run's report at its end, predict --gradcam).
+    from cifar_onecycle.augment import CIFAR10_NORMALIZATION
+    from cifar_onecycle.predict import gradcam_figure, predict_files
+    from cifar_onecycle.report import plot_confusion, plot_misclassified, save_png
+
+    classes = ["$\\frac$", "x$_1$"]
+    model = ResNet9(num_classes=2).eval()
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.tensor([0, 1])
+    mistaken = plot_misclassified(model, images, labels, classes=classes,
+                                  probabilities=torch.tensor([[0.1, 0.9], [0.8, 0.2]]))
+    save_png(mistaken, tmp_path / "misclassified.png")
+    assert mistaken.axes[0].get_title() == "true: \\$\\frac\\$\npred: x\\$_1\\$ (90%)"
+    confusion = plot_confusion(torch.tensor([[1, 0], [1, 0]]), classes)
+    save_png(confusion.figure, tmp_path / "confusion.png")
+    assert [t.get_text() for t in confusion.get_xticklabels()] == ["\\$\\frac\\$", "x\\$_1\\$"]
+    (tmp_path / "a$b").mkdir()
+    photo = tmp_path / "a$b" / "$\\frac$.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(photo)
+    predictions = list(predict_files(model, [str(photo)], classes, CIFAR10_NORMALIZATION))
+    cam = gradcam_figure(model, predictions, CIFAR10_NORMALIZATION)
+    save_png(cam, tmp_path / "cam.png")
+    assert cam.axes[0].get_title().startswith("a\\$b/\\$\\frac\\$.png\n")

@@ -89,12 +89,12 @@ def gradcam_figure(model: torch.nn.Module, predictions: Sequence[Prediction],
     (32x32) under its Grad-CAM for that class, captioned with its file's name (and its folder's: a
     class folder's images share names) and the class's probability (``report.gradcam_grid``); None
     when none has one."""
-    from .report import gradcam_grid
+    from .report import drawn, gradcam_grid
 
     shown = [(p.path, p.top[0], p.image) for p in predictions if p.top and p.image is not None][:GRADCAM_IMAGES]
     if not shown:
         return None
-    titles = [f"{_short(one_line('/'.join(Path(path).parts[-2:])))}\n{one_line(name)} {probability:.0%}"
+    titles = [f"{drawn(_short(one_line('/'.join(Path(path).parts[-2:]))))}\n{drawn(name)} {probability:.0%}"
               for path, (name, probability), _ in shown]
     return gradcam_grid(model, torch.stack([image for *_, image in shown]), titles, normalization)
 

@@ -53,6 +53,14 @@ def new_axes(figsize: tuple[float, float] = (6, 4)) -> Any:
     return new_figure(figsize).subplots()
 
 
+def drawn(text: str) -> str:
+    """Text from outside (a file's, a folder's or a class's name) as matplotlib will draw it, as
+    itself: on one line (``one_line``), its dollar signs escaped. matplotlib reads the text between
+    two of them as a formula: ``a$x_1$`` would lose its underscore, and ``$\\frac$`` raises
+    ValueError when the figure is saved, at a run's end, after all its training."""
+    return one_line(text).replace("$", "\\$")
+
+
 def save_png(fig: Any, path: Path) -> None:
     """The figure as a PNG, written atomically."""
     buf = io.BytesIO()
@@ -191,8 +199,9 @@ def plot_confusion(cm: torch.Tensor, classes: Sequence[str] = CLASSES, ax: Any =
     ax.imshow(cm.numpy(), cmap="Blues")
     acc = class_accuracies(cm)
     font = 8 if n <= CONFUSION_COUNTS_UP_TO else max(3, min(8, 600 / n))
-    ax.set_xticks(range(n), classes, rotation=45 if n <= CONFUSION_COUNTS_UP_TO else 90, ha="right", fontsize=font)
-    ax.set_yticks(range(n), [f"{c} ({100 * a:.1f}%)" for c, a in zip(classes, acc, strict=False)], fontsize=font)
+    names = [drawn(c) for c in classes]
+    ax.set_xticks(range(n), names, rotation=45 if n <= CONFUSION_COUNTS_UP_TO else 90, ha="right", fontsize=font)
+    ax.set_yticks(range(n), [f"{c} ({100 * a:.1f}%)" for c, a in zip(names, acc, strict=False)], fontsize=font)
     high = cm.max().item() / 2
     for i in range(n if n <= CONFUSION_COUNTS_UP_TO else 0):
         for j in range(n):
@@ -296,7 +305,7 @@ def plot_misclassified(model: torch.nn.Module, images: torch.Tensor, labels: tor
     wrong = most_confident_mistakes(probs, labels)
     shown = wrong[:count]
     real = images[shown.to(images.device)].float().div(255).permute(0, 2, 3, 1).cpu()
-    return image_grid(real, [f"true: {classes[int(labels[i])]}\npred: {classes[int(predicted[i])]} "
+    return image_grid(real, [f"true: {drawn(classes[int(labels[i])])}\npred: {drawn(classes[int(predicted[i])])} "
                              f"({100 * confidence[i]:.0f}%)"
                              for i in shown.tolist()],
                       title=f"Misclassified test images ({len(wrong)} of {len(labels)}), most confident first", fig=fig)
@@ -312,15 +321,16 @@ def plot_gradcam(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     predicted = probs.argmax(1)
     labels = labels.cpu()
     shown = most_confident_mistakes(probs, labels)[:count]
-    titles = [f"pred: {classes[int(predicted[i])]}\ntrue: {classes[int(labels[i])]}" for i in shown.tolist()]
+    titles = [f"pred: {drawn(classes[int(predicted[i])])}\ntrue: {drawn(classes[int(labels[i])])}"
+              for i in shown.tolist()]
     return gradcam_grid(model, images[shown.to(images.device)], titles, normalization, fig)
 
 
 def gradcam_grid(model: torch.nn.Module, images: torch.Tensor, titles: Sequence[str],
                  normalization: Normalization = CIFAR10_NORMALIZATION, fig: Any = None) -> Any:
-    """uint8 NCHW ``images``, each captioned by its ``titles`` and overlaid with its Grad-CAM for the
-    class the model predicts, at the last residual block (layer 3; another model's last child);
-    returns the figure."""
+    """uint8 NCHW ``images``, each captioned by its ``titles`` (names from outside ``drawn``) and
+    overlaid with its Grad-CAM for the class the model predicts, at the last residual block (layer
+    3; another model's last child); returns the figure."""
     from .model import ResNet9
 
     x = normalize(images.to(next(model.parameters()).device), normalization=normalization)
