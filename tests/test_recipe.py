@@ -40,12 +40,15 @@ def test_toml_overrides_defaults_and_ints_become_floats(tmp_path):
     ("epochs = 'ten'\n", "epochs must be int"),
     ("flip = 1\n", "flip must be bool"),
     ("epochs = [\n", "not valid TOML"),
+    ("epochs = 20000\n", "epochs must be at most 10,000"),
 ])
 def test_bad_toml(tmp_path, text, message):
     p = tmp_path / "r.toml"
     p.write_text(text)
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(RecipeError, match=message) as refused:
         load_recipe(p)
+    assert str(refused.value).startswith(f"{p}: ")  # the file named once: a run folder's may be someone else's
+    assert str(p) not in str(refused.value)[len(str(p)):]
 
 
 @pytest.mark.parametrize("changes, message", [

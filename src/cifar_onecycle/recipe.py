@@ -491,8 +491,12 @@ def check_flat(text: str, source: str) -> None:
 
 def _over(base: Recipe | None, values: dict[str, Any], source: str) -> Recipe:
     """A recipe file's ``values`` over ``base``. A file may give lr_min and lr_min_div together only
-    as recipe.toml writes them, agreeing (lr_min = lr_max / lr_min_div): otherwise one would be lost."""
-    recipe = Recipe.from_dict({**(base or Recipe()).to_dict(), **values}, source=source)
+    as recipe.toml writes them, agreeing (lr_min = lr_max / lr_min_div): otherwise one would be lost.
+    An impossible value is named with its file: a run folder's recipe.toml may be someone else's."""
+    try:
+        recipe = Recipe.from_dict({**(base or Recipe()).to_dict(), **values}, source=source)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {str(e).removeprefix(f'{source}: ').removeprefix('recipe: ')}") from None
     given = values.get("lr_min")
     if "lr_min_div" in values and recipe.lr_min_div > 0 and given is not None and given != recipe.lr_min:
         raise RecipeError(f"{source}: lr_min {given!r} and lr_min_div {recipe.lr_min_div:g} disagree (lr_max / "
