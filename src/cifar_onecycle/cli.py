@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -242,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "as the model sees it (32x32) under its Grad-CAM at layer 3 for the predicted "
                                   "class, with the class's probability")
     _add_device_flags(predict_cmd)
+
+    compare_cmd = sub.add_parser("compare", parents=[common],
+                                 help="runs side by side: the settings that differ, final accuracies, each one's "
+                                      "difference from the first paired by seed, and their curves")
+    compare_cmd.add_argument("runs", metavar="RUN_DIR", nargs="+",
+                             help="run folders (train --out), sets of seeds' (--seeds) or sweep points' "
+                                  "(SWEEP_DIR/POINT); the first is the baseline")
+    compare_cmd.add_argument("--picture", metavar="FILE.png",
+                             help="also the runs' training loss and accuracy per epoch in one picture")
+    compare_cmd.add_argument("--json", action="store_true", help="the numbers as one JSON object")
 
     summary_cmd = sub.add_parser("summary", parents=[common], help="print the model summary table (as in the seed)")
     summary_cmd.add_argument("--receptive-field", action="store_true",
@@ -531,11 +542,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .report import save_png
     from .run_folder import RunFolder
 
-    picture = Path(args.gradcam) if args.gradcam else None
-    if picture is not None and (picture.suffix.lower() != ".png" or picture.is_dir() or not picture.parent.is_dir()):
-        raise UserError(f"--gradcam {args.gradcam}: give a .png file's name in a folder that exists")
-    if picture is not None:  # before the images are read: a picture that cannot be saved is a wasted pass
-        writable_folder(picture.parent, "gradcam", create=False)
+    picture = _picture(args.gradcam, "gradcam")
     RunFolder(args.weights).check_usable()
     model, recipe = load_weights(args.weights)
     model = model.to(resolve_device(args.device))
@@ -560,6 +567,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not args.json:
             print(one_line(f"Grad-CAM of {len(drawn)} image{'s' if len(drawn) > 1 else ''}: {picture}"))
     return 2 if failed else 0
+
+
+def _picture(name: str | None, setting: str) -> Path | None:
+    """The PNG file a command is to draw, checked before its work: a picture that cannot be saved
+    would waste it."""
+    if name is None:
+        return None
+    picture = Path(name)
+    if picture.suffix.lower() != ".png" or picture.is_dir() or not picture.parent.is_dir():
+        raise UserError(f"{_flag(setting)} {name}: give a .png file's name in a folder that exists")
+    writable_folder(picture.parent, setting, create=False)
+    return picture
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .report import save_png
+    from .results import SPLIT_NAMES, split_of
+
+    picture = _picture(args.picture, "picture")
+    comparison = compare(args.runs)
+    if picture is not None:
+        save_png(comparison.figure(), picture)
+    if args.json:  # allow_nan=False: what is not JSON fails here, not in the reader
+        print(json.dumps(comparison.stats, allow_nan=False))
+        return 0
+    if comparison.folder is not None:
+        print(one_line(f"runs in {comparison.folder}{os.sep}"))
+    print(aligned([[one_line(cell) for cell in row] for row in comparison.table()]))
+    split = split_of(comparison.stats["selection"])
+    print(f"\nMeans over the runs that finished, in %, their standard error in brackets; \"vs baseline\": the "
+          f"difference in {SPLIT_NAMES[split]} accuracy from the first run, paired by seed.")
+    if split == "test":
+        print("These are test accuracies: choosing a setting on them tunes it to the test set; runs trained with "
+              "--holdout N are compared on the images they held out.")
+    if picture is not None:
+        print(one_line(f"curves: {picture}"))
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -709,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "lr-find": cmd_lr_find, "report": cmd_report,
-                    "predict": cmd_predict, "summary": cmd_summary, "sweep": cmd_sweep}
+                    "predict": cmd_predict, "summary": cmd_summary, "sweep": cmd_sweep, "compare": cmd_compare}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:
