@@ -598,7 +598,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(aligned([[one_line(cell) for cell in row] for row in comparison.table()]))
     split = split_of(comparison.stats["selection"])
     print(f"\nMeans over the runs that finished, in %, their standard error in brackets; \"vs baseline\": the "
-          f"difference in {SPLIT_NAMES[split]} accuracy from the first run, paired by seed.")
+          f"difference in {SPLIT_NAMES[split]} accuracy from the first run, paired by seed (-: no seed finished in "
+          f"both).")
     if split == "test":
         print("These are test accuracies: choosing a setting on them tunes it to the test set; runs trained with "
               "--holdout N are compared on the images they held out.")
