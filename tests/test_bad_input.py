@@ -244,3 +244,14 @@ def test_a_run_that_failed_or_has_not_finished_says_what_to_do(tmp_path, capsys,
         assert main([str(folder) if arg == "RUN" else arg for arg in command]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"cifar-onecycle: error: {expected[folder]}", err
+
+
+@pytest.mark.parametrize("args", [["evaluate", "{long}"], ["report", "{long}"], ["predict", "{long}", "x.png"],
+                                  ["train", "--resume", "{long}"], ["sweep", "--collect", "{long}"],
+                                  ["compare", "{long}", "{here}"]])
+def test_a_folder_name_too_long_for_the_system_is_one_line(tmp_path, capsys, args):
+    long = str(tmp_path / ("x" * 300))  # 255 bytes a name on Linux and macOS
+    assert main([a.format(long=long, here=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cifar-onecycle: error: {long}") and len(err.splitlines()) == 1, err
+    assert err.rstrip().endswith(": File name too long; give a shorter name"), err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -767,6 +768,14 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"\n{_prog()}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file system's refusal of a path given (a name too long, a folder that
+        # cannot be searched) where no check foresaw it: the path and the system's reason, on one line
+        if e.filename is None or args.debug:
+            raise
+        hint = {errno.ENAMETOOLONG: "; give a shorter name", errno.EACCES: "; check its permissions",
+                errno.EPERM: "; check its permissions"}.get(e.errno or 0, "")
+        print(f"{_prog()}: error: {one_line(str(e.filename))}: {e.strerror or e}{hint}", file=sys.stderr)
+        return 2
     except Exception as e:  # running out of memory is the one runtime failure a flag can fix
         if not _out_of_memory(e) or args.debug:
             raise
