@@ -51,6 +51,16 @@ def test_bad_toml(tmp_path, text, message):
     assert str(p) not in str(refused.value)[len(str(p)):]
 
 
+def test_a_runs_folder_given_for_its_recipe_names_the_file_to_give(tmp_path):
+    run = tmp_path / "run"  # README: --recipe RUN_DIR/recipe.toml repeats a run; RUN_DIR is an easy slip
+    run.mkdir()
+    (run / "recipe.toml").write_text(Recipe().to_toml())
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(run)
+    assert str(refused.value) == f"{run}: a run's folder, not a recipe file; give its recipe: {run / 'recipe.toml'}"
+    assert load_recipe(run / "recipe.toml") == Recipe()
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(peak_epoch=25), "peak_epoch 25 must lie in"),
     (dict(epochs=2), "peak_epoch 5 must lie in"),

@@ -416,6 +416,8 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
         return _over(base, tomllib.loads(text), f"recipe {path}")
     path = Path(path)
     try:
+        if path.is_dir() and (path / "recipe.toml").is_file():  # a run's folder for its recipe.toml
+            raise RecipeError(f"{path}: a run's folder, not a recipe file; give its recipe: {path / 'recipe.toml'}")
         text = read_capped(path, MAX_TEXT_BYTES, "recipe file", "give a recipe TOML file").decode()
         check_flat(text, str(path))
         values = tomllib.loads(text)
