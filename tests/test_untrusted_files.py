@@ -347,3 +347,12 @@ def test_a_name_from_outside_is_drawn_as_itself(tmp_path):
     cam = gradcam_figure(model, predictions, CIFAR10_NORMALIZATION)
     save_png(cam, tmp_path / "cam.png")
     assert cam.axes[0].get_title().startswith("a\\$b/\\$\\frac\\$.png\n")
+
+
+def test_a_name_from_outside_stays_in_its_cell_of_a_page(tmp_path):
+    from cifar_onecycle.report import markdown_table
+
+    # report.md, seeds.md and sweep.md are pages for a README: a "|" would end the cell, and GitHub
+    # reads the text between two "$" as a formula
+    assert markdown_table([["class", "taken for"], ["c|d", "$x_1$"]]) == [
+        "| class | taken for |", "| --- | --- |", "| c\\|d | \\$x_1\\$ |"]

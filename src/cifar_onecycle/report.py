@@ -457,9 +457,10 @@ def lr_find_figure(result: LRFinderResult) -> Any:
 
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """A Markdown table of ``rows``, the header first (a ``|`` in a cell escaped)."""
+    """A Markdown table of ``rows``, the header first; a ``|`` in a cell escaped (it would end the
+    cell), and a ``$`` (GitHub reads the text between two as a formula: a class named ``$x_1$``)."""
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+        return "| " + " | ".join(cell.replace("|", "\\|").replace("$", "\\$") for cell in cells) + " |"
 
     return [line(rows[0]), "| " + " | ".join("---" for _ in rows[0]) + " |", *map(line, rows[1:])]
 
