@@ -52,12 +52,12 @@ def test_the_table_and_the_curves_are_those_computed_by_hand(tmp_path):
     # smooth, seeds 0 and 1: 0.85, 0.83; paired with base +5 and -1: mean +2, std 4.24, sem 3.
     # one, seed 1: 0.90 against base's 0.84.
     assert comparison.table() == [
-        ["run", "lr_max", "label_smoothing", "runs", "test % (sem)", "vs baseline (sem)",
+        ["run", "lr_max", "label_smoothing", "seeds", "runs", "test % (sem)", "vs baseline (sem)",
          "test with flip TTA % (sem)", "time a run"],
-        ["base", "0.2", "0.0", "4 (1 diverged)", "82.00 (1.15)", "baseline", "83.00 (1.15)", "2 min"],
-        ["smooth", "0.2", "0.2", "3 (1 unfinished)", "84.00 (1.00)", "+2.00 (3.00)", "85.00 (1.00)", "3 min"],
-        ["one", "0.4", "0.2", "1", "90.00", "+6.00", "91.00", "30 s"],
-        ["diverged", "4.0", "0.2", "1 (1 diverged)", "-", "-", "-", "-"]]
+        ["base", "0.2", "0.0", "0-3", "4 (1 diverged)", "82.00 (1.15)", "baseline", "83.00 (1.15)", "2 min"],
+        ["smooth", "0.2", "0.2", "0-2", "3 (1 unfinished)", "84.00 (1.00)", "+2.00 (3.00)", "85.00 (1.00)", "3 min"],
+        ["one", "0.4", "0.2", "1", "1", "90.00", "+6.00", "91.00", "30 s"],
+        ["diverged", "4.0", "0.2", "0", "1 (1 diverged)", "-", "-", "-", "-"]]
     smooth_stats = comparison.stats["points"][1]
     assert smooth_stats["seeds"] == [0, 1, 2] and smooth_stats["outcomes"] == {"finished": 2, "unfinished": 1}
     assert smooth_stats["final_test_acc"]["paired_difference"]["n"] == 2
@@ -72,16 +72,23 @@ def test_the_table_and_the_curves_are_those_computed_by_hand(tmp_path):
     assert accuracy.get_title() == "Test accuracy"
 
 
+def test_seeds_are_named_in_a_cell():
+    from cifar_onecycle.compare import seed_list
+
+    assert [seed_list(s) for s in ([0], [0, 1, 2, 3], [0, 2, 5], [1, 3, 5, 7, 9, 11, 13])] == [
+        "0", "0-3", "0, 2, 5", "1, 3, 5, 7, 9 and 2 more"]
+
+
 def test_runs_that_all_hold_images_out_are_compared_on_them(tmp_path, capsys):
     write_run(tmp_path / "a", BASE.replace(holdout=100), 0.80, losses=(1.0,), val=0.70)
     write_run(tmp_path / "b", BASE.replace(holdout=100, flip=False), 0.82, losses=(2.0,), val=0.75)
     write_run(tmp_path / "c", BASE, 0.81, losses=(1.0,))
     both = compare([tmp_path / "a", tmp_path / "b"])
     assert both.stats["selection"] == "final_val_acc"
-    assert both.table()[0][3:5] == ["validation % (sem)", "vs baseline (sem)"]
-    assert both.table()[2][2:5] == ["1", "75.00", "+5.00"]
+    assert both.table()[0][4:6] == ["validation % (sem)", "vs baseline (sem)"]
+    assert both.table()[2][3:6] == ["1", "75.00", "+5.00"]
     mixed = compare([tmp_path / "a", tmp_path / "c"])  # a run without a holdout: the test set's
-    assert mixed.stats["selection"] == "final_test_acc" and mixed.table()[2][3:5] == ["81.00", "+1.00"]
+    assert mixed.stats["selection"] == "final_test_acc" and mixed.table()[2][4:6] == ["81.00", "+1.00"]
     accuracy = mixed.figure().axes[1]
     assert [line.get_label() for line in accuracy.get_lines()] == [
         "a: holdout=100 (baseline) (validation)", "c: holdout=0 (test)"]

@@ -28,7 +28,8 @@ from .sweep_plan import format_value
 # tells them apart.
 MAX_COMPARED = 20
 SEED_FOLDER = re.compile(r"seed(0|[1-9][0-9]{0,9})")  # a set's runs, as train --seeds and sweep name them
-# The settings never shown as a difference: the seed is the runs' own column, and the data's classes
+MAX_SEEDS_NAMED = 5  # a table's cell of seeds that do not run on names this many
+# The settings never shown as a difference: the seed has a column of its own, and the data's classes
 # and statistics follow its data set (a list of 100 names is no table cell).
 NOT_COMPARED = ("seed", *DATA_FIELDS)
 
@@ -60,16 +61,18 @@ class Comparison:
 
     def table(self) -> list[list[str]]:
         """The table ``compare`` prints, its header first: a row a run, the settings that differ,
-        the runs (those that did not finish counted by outcome), each accuracy's mean in % with its
-        standard error in brackets, the difference from the first run and the time of a run."""
+        their seeds, the runs (those that did not finish counted by outcome), each accuracy's mean
+        in % with its standard error in brackets, the difference from the first run and the time of
+        a run."""
         from .clock import format_seconds
         from .sweep_report import sweep_table_rows
 
         rows = sweep_table_rows(self.stats)
-        table = [["run", *self.settings, *rows[0][1:], "time a run"]]
+        table = [["run", *self.settings, "seeds", *rows[0][1:], "time a run"]]
         for run, row in zip(self.runs, rows[1:], strict=True):
             seconds = sum(run.seconds) / len(run.seconds) if run.seconds else None
-            table.append([row[0], *(format_value(getattr(run.recipe, k)) for k in self.settings), *row[1:],
+            table.append([row[0], *(format_value(getattr(run.recipe, k)) for k in self.settings),
+                          seed_list(sorted(run.outcomes)), *row[1:],
                           format_seconds(seconds) if seconds is not None else "-"])
         return table
 
@@ -115,6 +118,15 @@ def compare(folders: Sequence[str | Path]) -> Comparison:
                 and len({format_value(getattr(run.recipe, f.name)) for run in runs}) > 1]
     selection = selection_accuracy(runs[0].recipe) if all(run.recipe.holdout for run in runs) else "final_test_acc"
     return Comparison(runs, settings, comparison_stats(runs, settings, selection), common)
+
+
+def seed_list(seeds: list[int]) -> str:
+    """Seeds for a table's cell: ``0``, ``0-3`` when they run on, else ``0, 2, 5`` (the first
+    ``MAX_SEEDS_NAMED``, then how many more)."""
+    if len(seeds) > 1 and seeds[-1] - seeds[0] == len(seeds) - 1:
+        return f"{seeds[0]}-{seeds[-1]}"
+    more = len(seeds) - MAX_SEEDS_NAMED
+    return ", ".join(map(str, seeds[:MAX_SEEDS_NAMED])) + (f" and {more} more" if more > 0 else "")
 
 
 def short_names(folders: list[str]) -> tuple[str | None, list[str]]:
