@@ -153,7 +153,8 @@ def read_compared(folder: str | Path, name: str | None = None) -> ComparedRun:
         raise UserError(f"{folder}: a sweep's folder, whose sweep.md and sweep_curves.png compare its points; "
                         f"give its points' folders ({path / 'POINT'}) to compare them with other runs")
     if kind is None and RunFolder(path).has(RECIPE):
-        runs = {RunFolder(path).read_recipe().seed: RunFolder(path)}
+        recipe = RunFolder(path).read_recipe()
+        runs = {recipe.seed: RunFolder(path)}
     else:  # a set of seeds, or a sweep point: its seed<k>/ runs
         found = sorted((int(m[1]), entry) for entry in path.iterdir()
                        if (m := SEED_FOLDER.fullmatch(entry.name)) and (entry / RECIPE).is_file())
@@ -161,7 +162,7 @@ def read_compared(folder: str | Path, name: str | None = None) -> ComparedRun:
             raise UserError(f"{folder}: no run in it (no {RECIPE}, and no seed<k>/ folder with one); give a run's "
                             f"folder (train --out), a set of seeds' (train --seeds) or a sweep point's")
         runs = {seed: RunFolder(entry) for seed, entry in found}
-    recipe = next(iter(runs.values())).read_recipe()
+        recipe = runs[found[0][0]].read_recipe()
     outcomes, finals, seconds, histories = {}, {}, [], []
     for seed, run in runs.items():
         if run.has(SUMMARY):
