@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import UserError
 from .recipe import DATA_FIELDS, Recipe
-from .results import SPLIT_NAMES, mean_curve, spread
+from .results import SPLIT_NAMES, mean_curve, paired_difference, spread
 from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, RunFolder
 from .sweep import ACCURACIES, selection_accuracy
 from .sweep_plan import format_value
@@ -195,9 +195,8 @@ def comparison_stats(runs: list[ComparedRun], settings: list[str], selection: st
                 continue
             entry[name] = spread(list(values.values()))
             if run is not base:
-                entry[name]["paired_difference"] = spread(
-                    [value - base.finals[seed][name] for seed, value in values.items()
-                     if name in base.finals.get(seed, {})])
+                entry[name]["paired_difference"] = paired_difference(
+                    values, {seed: final.get(name) for seed, final in base.finals.items()})
         entry["seconds"] = spread(run.seconds)
         points.append(entry)
     return {"selection": selection, "settings": settings, "baseline": base.name, "points": points}

@@ -8,7 +8,7 @@ import math
 import os
 import statistics
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,6 +177,14 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "mean": statistics.fmean(values) if n else None, "std": std,
             "sem": std / math.sqrt(n) if std is not None else None,
             "min": min(values) if n else None, "max": max(values) if n else None}
+
+
+def paired_difference(values: Mapping[int, float | None], baseline: Mapping[int, float | None]) -> dict[str, Any]:
+    """The differences of ``values`` from ``baseline``, both by seed, over the seeds that have a
+    value in both, summarised as ``spread`` does: a sweep's point against its baseline, a compared
+    run against the first."""
+    return spread([value - base for seed, value in values.items()
+                   if value is not None and (base := baseline.get(seed)) is not None])
 
 
 def mean_curve(histories: Iterable[Sequence[EpochMetrics]]) -> list[tuple[int, float, float]]:

@@ -59,7 +59,7 @@ from .device import resolve_placement
 from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting
 from .files import MAX_TEXT_BYTES, FolderLock, atomic_write, read_capped, refuse_a_file, writable_folder
 from .recipe import DATA_FIELDS, Recipe, as_recipe, load_recipe
-from .results import mean_curve, spread
+from .results import mean_curve, paired_difference, spread
 from .run_folder import FAILED, METRICS, RECIPE, SUMMARY, SWEEP_PLAN, RunFolder
 from .run_setup import fit_to_data
 from .signals import StopSignals, signals_for_tests
@@ -265,9 +265,8 @@ def sweep_stats(plan: Plan, rows: list[dict[str, Any]], selection: str, remainin
             entry[name] = spread(values)
             if baseline is not None and point != baseline:
                 base_runs = by_point.get(baseline.name, {})
-                diffs = [r[name] - base_runs[s][name] for s, r in finished.items()
-                         if s in base_runs and base_runs[s].get(name) is not None and r.get(name) is not None]
-                entry[name]["paired_difference"] = spread(diffs)
+                entry[name]["paired_difference"] = paired_difference(
+                    {s: r.get(name) for s, r in finished.items()}, {s: r.get(name) for s, r in base_runs.items()})
         if point.found:  # the LRs the range test found, seed by seed
             entry["found"] = {k: [r[k + "_used"] for r in finished.values()] for k in point.found}
         twins = sorted({r["weights_from"].rsplit("/", 1)[0] for r in runs.values() if r.get("weights_from")})
