@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .data import LabelledImages
 from .distributed import all_reduce_sum, init_distributed
 from .errors import NoLRFound, RecipeError, UserError, as_setting
+from .host_memory import freed_memory_kept
 from .recipe import Recipe, as_recipe, short_number
 from .run_setup import RunSetup, setup_run
 from .step import train_step
@@ -375,8 +376,9 @@ def lr_range_test(recipe: Recipe | str | Path | None, data: LabelledImages, mode
     smooth, diverge, method, patience).
     """
     recipe = as_recipe(recipe)
-    return _sweeps(setup_run(recipe, data, init_distributed(recipe.device)), modes, progress, epochs=epochs,
-                      num_iter=num_iter, **sweep)
+    with freed_memory_kept():
+        return _sweeps(setup_run(recipe, data, init_distributed(recipe.device)), modes, progress, epochs=epochs,
+                       num_iter=num_iter, **sweep)
 
 
 def _sweeps(setup: RunSetup, modes: Sequence[str] = ("exp",), progress: bool = True, *,

@@ -24,6 +24,7 @@ from .distributed import Dist, all_reduce_sum, init_distributed, wait_for_ranks
 from .errors import DivergenceError, Interrupted, NoLRFound, UserError, as_setting, one_line
 from .evaluation import EvaluationStopped
 from .files import FolderLock
+from .host_memory import freed_memory_kept
 from .lr_finder import find_lr_bounds
 from .recipe import DATA_FIELDS, Recipe, as_recipe
 from .report import write_report
@@ -90,6 +91,7 @@ def train(recipe: Recipe | str | Path | None = None, *, data: LabelledImages | N
     test_signals = signals_for_tests()
     board_class = tensorboard_writer(out or resume) if tensorboard and dist.main else None  # refused before any work
     with contextlib.ExitStack() as held:  # the run folder, held from its creation or resume to the end
+        held.enter_context(freed_memory_kept())
         setup, state, folder = start_run(recipe, options, data, dist, test_signals, started, held)
         recipe = setup.recipe
         board = board_class(log_dir=str(folder.path / TENSORBOARD)) if board_class and folder else None
