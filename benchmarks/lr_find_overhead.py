@@ -19,6 +19,7 @@ import torch
 
 from cifar_onecycle import Cifar10, Recipe
 from cifar_onecycle.device import device_name, synchronize
+from cifar_onecycle.host_memory import freed_memory_kept
 from cifar_onecycle.lr_finder import find_lr
 from cifar_onecycle.run_setup import setup_run
 
@@ -37,25 +38,26 @@ def main() -> None:
                    torch.randint(0, 10, (n,), generator=g), torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
                    torch.zeros(1, dtype=torch.int64))
     recipe = Recipe(epochs=1, peak_epoch=1, batch_size=a.batch_size, device=a.device, precision=a.precision)
-    s = setup_run(recipe, data)
+    with freed_memory_kept():  # as train() and lr_range_test() keep it
+        s = setup_run(recipe, data)
 
-    def plain() -> float:
-        synchronize(s.device)
+        def plain() -> float:
+            synchronize(s.device)
+            t0 = time.perf_counter()
+            for inputs, targets in s.epoch():
+                s.step(inputs, targets, 1e-3)
+            synchronize(s.device)
+            return time.perf_counter() - t0
+
+        plain()  # warm-up
+        before = plain()
         t0 = time.perf_counter()
-        for inputs, targets in s.epoch():
-            s.step(inputs, targets, 1e-3)
+        r = find_lr(s.step_model, s.epoch, s.optimizer, mode="exp", start_lr=1e-5, end_lr=1e-2, num_iter=a.iters,
+                    autocast=s.autocast, scaler=s.scaler, loss_fn=s.loss_fn)
         synchronize(s.device)
-        return time.perf_counter() - t0
-
-    plain()  # warm-up
-    before = plain()
-    t0 = time.perf_counter()
-    r = find_lr(s.step_model, s.epoch, s.optimizer, mode="exp", start_lr=1e-5, end_lr=1e-2, num_iter=a.iters,
-                autocast=s.autocast, scaler=s.scaler, loss_fn=s.loss_fn)
-    synchronize(s.device)
-    finder = time.perf_counter() - t0
-    after = plain()
-    assert len(r.lrs) == a.iters, r.stopped
+        finder = time.perf_counter() - t0
+        after = plain()
+        assert len(r.lrs) == a.iters, r.stopped
     ratio = finder / ((before + after) / 2)
     print(f"device {device_name(s.device)}, precision {s.precision}, batch {a.batch_size}, {a.iters} iterations")
     print(f"plain steps: {before:.2f} s before, {after:.2f} s after; range test: {finder:.2f} s")

@@ -31,6 +31,7 @@ import torch
 from cifar_onecycle import Cifar10, Recipe, train
 from cifar_onecycle.augment import normalize
 from cifar_onecycle.device import device_name, resolve_device, resolve_placement, resolve_precision, synchronize
+from cifar_onecycle.host_memory import freed_memory_kept
 from cifar_onecycle.results import git_commit
 from cifar_onecycle.run_setup import setup_run
 from cifar_onecycle.step import make_optimizer
@@ -61,18 +62,19 @@ def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: 
                            fused: bool | None = None) -> list[float]:
     """Images per second of ``blocks`` timed blocks of ``steps`` bare steps, after ``warmup``
     untimed steps (with ``recipe.compile`` the first of them pays for the compilation)."""
-    step = bare_step(recipe, fused)
     device, _ = resolve_placement(recipe)
-    for _ in range(warmup):
-        step()
     rates = []
-    for _ in range(blocks):
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    with freed_memory_kept():  # as train() keeps it
+        step = bare_step(recipe, fused)
+        for _ in range(warmup):
             step()
-        synchronize(device)
-        rates.append(steps * recipe.batch_size / (time.perf_counter() - t0))
+        for _ in range(blocks):
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize(device)
+            rates.append(steps * recipe.batch_size / (time.perf_counter() - t0))
     return rates
 
 

@@ -26,11 +26,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-# mallopt's parameters, from glibc's malloc.h, and glibc's defaults (restored when the last run ends)
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-DEFAULT_TRIM_THRESHOLD = 128 * 1024
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (glibc's malloc.h)
 DEFAULT_MMAP_MAX = 65536
+# Any mallopt call stops glibc's threshold from climbing with the mapped blocks freed, as it does by
+# default up to 32 MB (and trimming at twice it): after a run it is left where a process that frees
+# big tensors brings it.
+MMAP_THRESHOLD_AFTER = 32 * 2**20
 KEEP_ALL = 2**31 - 1  # mallopt takes a C int
 
 _lock = threading.Lock()
@@ -52,8 +53,8 @@ def glibc() -> Any:
 
 @contextlib.contextmanager
 def freed_memory_kept() -> Iterator[None]:
-    """Within: freed host memory stays in the heap for reuse. After the outermost: glibc's
-    defaults again, and the heap's free memory handed back to the system."""
+    """Within: freed host memory stays in the heap for reuse. After the outermost: blocks over 32
+    MB mapped apart again, as by default, and the heap's free memory handed back to the system."""
     global _runs
     libc = glibc()
     with _lock:
@@ -68,5 +69,6 @@ def freed_memory_kept() -> Iterator[None]:
             _runs -= 1
             if libc is not None and _runs == 0:
                 libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_AFTER)
+                libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_AFTER)
                 libc.malloc_trim(0)

@@ -37,6 +37,7 @@ from .data import LabelledImages
 from .device import device_name, eval_batch, resolve_placement, synchronize
 from .distributed import init_distributed
 from .evaluation import evaluate_recipe
+from .host_memory import freed_memory_kept
 from .lr_finder import auto_modes, sweep_iterations
 from .recipe import Recipe, as_recipe
 from .run_setup import RunSetup, setup_run
@@ -133,20 +134,21 @@ def dry_run(recipe: Recipe | str | Path | None = None, *, data: LabelledImages |
     resolve_placement(recipe)  # a device this machine lacks: refused before loading anything
     if data is None:
         data = load_data(recipe, data_folder(data_dir, None), download, progress, signals_for_tests())
-    setup = setup_run(recipe, data, init_distributed(recipe.device), augment_images)
-    recipe, device = setup.recipe, setup.device
-    if timed is not None and step_work(timed.recipe) != step_work(recipe):
-        raise ValueError(f"timed: the plan of a run whose steps do other work than {recipe}'s")
-    range_test_steps = sum(sweep_iterations(mode, setup.steps_per_epoch)
-                           for mode in auto_modes(find_lr_max, find_lr_min))
-    eval_images, _ = setup.split(setup.epoch_split)
-    batch = min(eval_batch(recipe.eval_batch_size, device), len(eval_images))
-    if timed is None:
-        steps, flops = time_steps(setup), setup.flops_per_image
-    else:
-        steps, flops = timed.step_seconds, timed.flops_per_image
-    eval_seconds = (timed.eval_batch_seconds if timed is not None and timed.eval_batch_images == batch
-                    else time_evaluation(setup, batch))
+    with freed_memory_kept():  # as the run will train, or its steps are timed slower than they run
+        setup = setup_run(recipe, data, init_distributed(recipe.device), augment_images)
+        recipe, device = setup.recipe, setup.device
+        if timed is not None and step_work(timed.recipe) != step_work(recipe):
+            raise ValueError(f"timed: the plan of a run whose steps do other work than {recipe}'s")
+        range_test_steps = sum(sweep_iterations(mode, setup.steps_per_epoch)
+                               for mode in auto_modes(find_lr_max, find_lr_min))
+        eval_images, _ = setup.split(setup.epoch_split)
+        batch = min(eval_batch(recipe.eval_batch_size, device), len(eval_images))
+        if timed is None:
+            steps, flops = time_steps(setup), setup.flops_per_image
+        else:
+            steps, flops = timed.step_seconds, timed.flops_per_image
+        eval_seconds = (timed.eval_batch_seconds if timed is not None and timed.eval_batch_images == batch
+                        else time_evaluation(setup, batch))
     return RunPlan(recipe, device_name(device), setup.precision, len(setup.train_images),
                    0 if setup.val_images is None else len(setup.val_images), len(setup.test_images),
                    setup.steps_per_epoch, range_test_steps, flops, steps, batch, eval_seconds)
