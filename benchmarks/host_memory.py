@@ -33,20 +33,12 @@ SIDES = ("default", "kept")
 
 def child(side: str, steps: int, precision: str) -> None:
     """One side's run, its numbers as one JSON line on stdout."""
-    import torch
-
-    from cifar_onecycle import Cifar10, Recipe, train, training
+    from cifar_onecycle import train, training
+    from throughput import random_run
 
     if side != "kept":  # glibc's own behaviour, or the preloaded allocator's
         training.freed_memory_kept = contextlib.nullcontext  # type: ignore[assignment]
-    n = steps * 512
-    g = torch.Generator().manual_seed(0)
-    data = Cifar10(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                   torch.randint(0, 10, (n,), generator=g),
-                   torch.randint(0, 256, (500, 3, 32, 32), dtype=torch.uint8, generator=g),
-                   torch.randint(0, 10, (500,), generator=g))
-    # A small LR keeps random labels from diverging; the speed of a step does not depend on them.
-    recipe = Recipe(epochs=2, peak_epoch=1, train_subset=n, lr_max=0.01, device="cpu", precision=precision)
+    recipe, data = random_run(steps, 512, device="cpu", precision=precision)
     result = train(recipe, data=data, progress=False, report=False)
     last = result.history[-1]
     print(json.dumps({"side": side, "images_per_second": last.images_per_second,

@@ -78,6 +78,22 @@ def bare_images_per_second(recipe: Recipe, steps: int, blocks: int = 1, warmup: 
     return rates
 
 
+def random_run(steps: int, batch_size: int, device: str, precision: str,
+               compile: bool = False) -> tuple[Recipe, Cifar10]:
+    """A 2-epoch run of ``steps`` steps of ``batch_size`` an epoch on random pixels and labels (the
+    speed of a step does not depend on what the images show), and its data. A small LR keeps
+    random labels from diverging."""
+    n = steps * batch_size
+    recipe = Recipe(epochs=2, peak_epoch=1, batch_size=batch_size, train_subset=n, lr_max=0.01, device=device,
+                    precision=precision, compile=compile)
+    g = torch.Generator().manual_seed(0)
+    data = Cifar10(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                   torch.randint(0, 10, (n,), generator=g),
+                   torch.randint(0, 256, (500, 3, 32, 32), dtype=torch.uint8, generator=g),
+                   torch.randint(0, 10, (500,), generator=g))
+    return recipe, data
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -107,16 +123,7 @@ def main() -> None:
     else:
         steps = int(a.steps)
 
-    n = steps * a.batch_size
-    # Random pixels and labels: the speed of a step does not depend on what the images show. A small
-    # LR keeps random labels from diverging.
-    recipe = Recipe(epochs=2, peak_epoch=1, batch_size=a.batch_size, train_subset=n, lr_max=0.01,
-                    device=a.device, precision=a.precision, compile=a.compile)
-    g = torch.Generator().manual_seed(0)
-    data = Cifar10(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                   torch.randint(0, 10, (n,), generator=g),
-                   torch.randint(0, 256, (500, 3, 32, 32), dtype=torch.uint8, generator=g),
-                   torch.randint(0, 10, (500,), generator=g))
+    recipe, data = random_run(steps, a.batch_size, device=a.device, precision=a.precision, compile=a.compile)
     print(f"device {device_name(device)} ({cpu_model()}), precision {precision}, batch {a.batch_size}, "
           f"{steps} steps a block, {a.blocks} blocks of each side", flush=True)
     started = time.perf_counter()

@@ -148,13 +148,14 @@ def read_compared(folder: str | Path, name: str | None = None) -> ComparedRun:
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"{folder}: not a folder; give a run's folder (train --out)")
-    kind = RunFolder(path).set_of_runs()
+    given = RunFolder(path)
+    kind = given.set_of_runs()
     if kind == "a sweep":
         raise UserError(f"{folder}: a sweep's folder, whose sweep.md and sweep_curves.png compare its points; "
                         f"give its points' folders ({path / 'POINT'}) to compare them with other runs")
-    if kind is None and RunFolder(path).has(RECIPE):
-        recipe = RunFolder(path).read_recipe()
-        runs = {recipe.seed: RunFolder(path)}
+    if kind is None and given.has(RECIPE):
+        recipe = given.read_recipe()
+        runs = {recipe.seed: given}
     else:  # a set of seeds, or a sweep point: its seed<k>/ runs
         found = sorted((int(m[1]), entry) for entry in path.iterdir()
                        if (m := SEED_FOLDER.fullmatch(entry.name)) and (entry / RECIPE).is_file())
