@@ -1,6 +1,7 @@
 """The device and precision policy: where a run computes, in which arithmetic, how often it syncs."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -65,6 +66,25 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX (Intel Xeon since Sapphire Rapids) and oneDNN may use it (no
+    ``ONEDNN_MAX_CPU_ISA`` holding it below). Asks torch's private probe; a torch without it: False."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    held = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if probe is None or held and held.upper() not in ("ALL", "DEFAULT") and "AMX" not in held.upper():
+        return False
+    try:
+        return bool(probe())
+    except RuntimeError:
+        return False
+
+
+def matmul_weight_grad_pays(device: torch.device, precision: str) -> bool:
+    """Whether the convolutions' weight gradient on small images is faster as a matrix product
+    (``conv3x3``): in bf16 on a CPU with AMX only; oneDNN's own won everywhere else measured."""
+    return device.type == "cpu" and precision == "bf16" and cpu_has_amx()
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

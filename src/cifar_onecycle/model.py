@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv3x3 import Conv2d
+
 
 class ConvBN(nn.Module):
     """Conv 3x3 (stride 1, padding 1, no bias), an optional 2x2 max-pool, BatchNorm, then ReLU."""
 
     def __init__(self, c_in: int, c_out: int, pool: bool = False, bn_momentum: float = 0.1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv = Conv2d(c_in, c_out)
         self.pool = nn.MaxPool2d(2) if pool else None
         self.bn = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.ghost_batch = 0  # a setting, not a layer: the summary table stays the seed's
@@ -92,6 +94,13 @@ class ResNet9(nn.Module):
         for layer in self.modules():
             if isinstance(layer, ConvBN):
                 layer.ghost_batch = ghost_batch
+
+    def set_weight_grad_by_matmul(self, on: bool) -> None:
+        """Switch the convolutions' weight gradient on small images to a matrix product
+        (``conv3x3.Conv2d``; ``device.matmul_weight_grad_pays`` says where it is faster)."""
+        for layer in self.modules():
+            if isinstance(layer, Conv2d):
+                layer.weight_grad_by_matmul = on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .augment import DRAW_COLUMNS, draw_augmentation, epoch_batches, pad_reflect
 from .data import LabelledImages
 from .datasets import fit_recipe
-from .device import augment_at_once, autocast, resolve_placement
+from .device import augment_at_once, autocast, matmul_weight_grad_pays, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA, refresh_batchnorm
 from .errors import UserError, as_setting
@@ -226,7 +226,9 @@ def setup_run(recipe: Recipe, data: LabelledImages, dist: Dist | None = None,
     # Padding once here, not per batch, leaves each step a single gather for its crops.
     train_images = pad_reflect(kept_images.to(device), recipe.padding)
     torch.manual_seed(recipe.seed)  # the weights' initialisation
-    model: torch.nn.Module = recipe.model()
+    network = recipe.model()
+    network.set_weight_grad_by_matmul(matmul_weight_grad_pays(device, precision))
+    model: torch.nn.Module = network
     if recipe.sync_bn and dist.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # torch's stubs leave out Module.to's memory_format, which it takes at run time
