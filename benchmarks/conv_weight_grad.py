@@ -4,7 +4,8 @@ oneDNN's, on this CPU, in one run.
 1. Layers: each 3x3 convolution of the seed's network (its channels and image side) at the batch:
    the weight gradient by oneDNN's kernel (``torch.nn.grad.conv2d_weight``) and by
    ``conv3x3.matmul_weight_grad`` (patches and product), the median of ``--reps`` timings each,
-   channels_last, in ``--precision``.
+   channels_last, in ``--precision`` (``switched``: a layer small enough for the product when the
+   switch is on).
 2. Runs: ``cifar_onecycle.train`` on the seed's batch (2 epochs of ``--steps`` steps on random
    pixels; the second epoch's training images a second, as benchmarks/throughput.py reads it), with
    the switch on (every layer of at most ``MATMUL_WEIGHT_GRAD_PIXELS`` pixels) and off, alternating,
@@ -33,7 +34,7 @@ from cifar_onecycle import Cifar10, Recipe, run_setup, train
 from cifar_onecycle.conv3x3 import MATMUL_WEIGHT_GRAD_PIXELS, matmul_weight_grad
 from cifar_onecycle.device import cpu_has_amx, resolve_precision
 from cifar_onecycle.results import git_commit
-from throughput import cpu_model, random_run
+from throughput import cpu_model, random_run, ratio_summary
 
 # The seed's 3x3 convolutions: (channels in, channels out, image side), Layer3's residual pair last.
 LAYERS = ((3, 64, 32), (64, 128, 32), (128, 128, 16), (128, 256, 16), (256, 512, 8), (512, 512, 4))
@@ -99,10 +100,7 @@ def main() -> None:
             sides[side].append(rate)
             losses[side].append(loss)
             print(f"round {r + 1} {side:3s}: {rate:7.1f} images/s, training loss {loss:.4f}", flush=True)
-    ratios = [on / off for on, off in zip(sides["on"], sides["off"], strict=True)]
-    median = statistics.median(ratios)
-    print(f"ratio on/off: median {median:.3f}, spread {min(ratios):.3f} to {max(ratios):.3f} "
-          f"({time.perf_counter() - started:.0f} s)")
+    ratios = ratio_summary("on/off", [on / off for on, off in zip(sides["on"], sides["off"], strict=True)], started)
     out = a.out or Path(__file__).parent / "results" / f"conv-weight-grad-cpu-{precision}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -110,8 +108,7 @@ def main() -> None:
                    f"--batch-size {a.batch_size} --precision {a.precision}",
         "commit": git_commit(), "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
         "amx": cpu_has_amx(), "precision": precision, "batch_size": a.batch_size, "layers": layers,
-        "steps": a.steps, "images_per_second": sides, "train_loss": losses, "ratios": ratios,
-        "ratio_median": median, "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "steps": a.steps, "images_per_second": sides, "train_loss": losses, **ratios,
         "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
 
 

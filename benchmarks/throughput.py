@@ -94,6 +94,15 @@ def random_run(steps: int, batch_size: int, device: str, precision: str,
     return recipe, data
 
 
+def ratio_summary(name: str, ratios: list[float], started: float) -> dict:
+    """Print the median of ``ratios`` (``name``, say "whole/bare") and their spread, min to max, with
+    the seconds since ``started``; return them as the JSON files keep them."""
+    median = statistics.median(ratios)
+    print(f"ratio {name}: median {median:.3f}, spread {min(ratios):.3f} to {max(ratios):.3f} "
+          f"({time.perf_counter() - started:.0f} s)")
+    return {"ratios": ratios, "ratio_median": median, "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -134,10 +143,8 @@ def main() -> None:
         bare.append(bare_images_per_second(recipe, steps)[0])
         print(f"block {block + 1}: bare {bare[-2]:8.1f}, whole {whole[-1]:8.1f}, bare {bare[-1]:8.1f} img/s",
               flush=True)
-    ratios = [w / ((b0 + b1) / 2) for w, b0, b1 in zip(whole, bare, bare[1:], strict=False)]
-    median = statistics.median(ratios)
-    print(f"ratio whole/bare: median {median:.3f}, spread {min(ratios):.3f} to {max(ratios):.3f} "
-          f"({time.perf_counter() - started:.0f} s)")
+    each = [w / ((b0 + b1) / 2) for w, b0, b1 in zip(whole, bare, bare[1:], strict=False)]
+    ratios = ratio_summary("whole/bare", each, started)
     out = a.out or Path(__file__).parent / "results" / f"throughput-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -146,8 +153,7 @@ def main() -> None:
         ) + (" --compile" if a.compile else ""),
         "commit": git_commit(), "torch": torch.__version__, "device": device_name(device), "cpu": cpu_model(),
         "precision": precision, "batch_size": a.batch_size, "steps": steps, "blocks": a.blocks,
-        "bare_images_per_second": bare, "whole_images_per_second": whole, "ratios": ratios,
-        "ratio_median": median, "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "bare_images_per_second": bare, "whole_images_per_second": whole, **ratios,
         "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
 
 

@@ -5,9 +5,9 @@ channels in and out) runs at a third of its forward's speed on a CPU with AMX. T
 one matrix product, the output gradient's (images x pixels, out channels) against the input's 3x3
 patches (images x pixels, 9 x in channels), which AMX runs fast. Measured on 2 cores of an Intel
 Xeon with AMX at batch 512 (``benchmarks/conv_weight_grad.py``, benchmarks/results/README.md,
-"The weight gradient as a matrix product"): 512 to 512 channels at 4x4, oneDNN 150 ms, the product
-56 ms with its patches; at 8x8 (256 to 512) the product lost, 136 ms against 104 ms. Without AMX
-(oneDNN held to AVX512-BF16, or fp32) the product lost at every size.
+"The weight gradient as a matrix product"): 512 to 512 channels at 4x4, oneDNN 148 ms, the product
+56 ms with its patches; at 8x8 (256 to 512) the product lost, 143 ms against 107 ms. Without AMX
+(oneDNN held to AVX512-BF16), or in fp32, the product lost at every size.
 """
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         weight = self.weight
         device = x.device.type
-        if torch.is_autocast_enabled(device):  # autocast's casts, done here: it does not reach inside a Function
+        # autocast's casts, made here: the backward runs outside autocast and computes in the
+        # dtype of what the forward saved
+        if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             x, weight = x.to(dtype), weight.to(dtype)
         with torch.autocast(device, enabled=False):
