@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cifar_onecycle import Cifar10, Recipe
-from cifar_onecycle.conv3x3 import MATMUL_WEIGHT_GRAD_PIXELS, Conv2d, matmul_weight_grad
+from cifar_onecycle.conv3x3 import MATMUL_WEIGHT_GRAD_PIXELS, Conv2d, MatmulWeightGrad, matmul_weight_grad
 from cifar_onecycle.device import cpu_has_amx, matmul_weight_grad_pays
 from cifar_onecycle.run_setup import setup_run
 from test_train import TINY
@@ -32,7 +32,7 @@ def gradients(model, images, on, autocast):
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_a_switched_network_trains_with_the_same_gradients_in_fp64():
+def test_a_switched_network_trains_with_the_same_gradients_in_fp64(monkeypatch):
     torch.manual_seed(0)
     model = Recipe().model().double().to(memory_format=torch.channels_last)
     images = torch.randn(6, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -46,13 +46,19 @@ def test_a_switched_network_trains_with_the_same_gradients_in_fp64():
     taken = []
     for conv in (model.layer3.x.conv, model.layer3.r1.conv, model.layer3.r2.conv):
         conv.register_forward_hook(lambda m, i, o: taken.append((i[0].shape[-1], type(o.grad_fn).__name__)))
+    model(images)
+    assert [side for side, _ in taken] == [8, 4, 4] and 4 * 4 <= MATMUL_WEIGHT_GRAD_PIXELS < 8 * 8
+    assert [fn for _, fn in taken] == ["ConvolutionBackward0", "MatmulWeightGradBackward", "MatmulWeightGradBackward"]
+    # Without a graph to take a gradient through (evaluation), torch's convolution.
+    applied = []
+    apply = MatmulWeightGrad.apply
+    monkeypatch.setattr(MatmulWeightGrad, "apply", lambda *args: applied.append(1) or apply(*args))
+    model(images)
+    assert len(applied) == 2
+    applied.clear()
     with torch.no_grad():
         model(images)
-    assert [t for t, _ in taken] == [8, 4, 4] and all(fn == "NoneType" for _, fn in taken)  # no graph: torch's
-    taken.clear()
-    model(images)
-    assert 4 * 4 <= MATMUL_WEIGHT_GRAD_PIXELS < 8 * 8
-    assert [fn for _, fn in taken] == ["ConvolutionBackward0", "MatmulWeightGradBackward", "MatmulWeightGradBackward"]
+    assert applied == []
 
 
 def test_under_autocast_the_product_computes_in_bf16_as_torchs_would():
@@ -90,6 +96,7 @@ def test_the_switch_is_on_only_for_bf16_on_a_cpu_with_amx(monkeypatch):
 def test_a_run_switches_its_network_by_the_policy(monkeypatch, amx):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     data = Cifar10(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.arange(40) % 10,
                    torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10))
     for precision, expected in (("bf16", amx), ("fp32", False)):
