@@ -81,9 +81,9 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def matmul_weight_grad_pays(device: torch.device, precision: str) -> bool:
-    """Whether the convolutions' weight gradient on small images is faster as a matrix product
-    (``conv3x3``): in bf16 on a CPU with AMX only; oneDNN's own won everywhere else measured."""
+def conv_by_matmul_pays(device: torch.device, precision: str) -> bool:
+    """Whether the convolutions on small images are faster as matrix products (``conv3x3``): in
+    bf16 on a CPU with AMX only; oneDNN's own kernels won everywhere else measured."""
     return device.type == "cpu" and precision == "bf16" and cpu_has_amx()
 
 

@@ -95,12 +95,12 @@ class ResNet9(nn.Module):
             if isinstance(layer, ConvBN):
                 layer.ghost_batch = ghost_batch
 
-    def set_weight_grad_by_matmul(self, on: bool) -> None:
-        """Switch the convolutions' weight gradient on small images to a matrix product
-        (``conv3x3.Conv2d``; ``device.matmul_weight_grad_pays`` says where it is faster)."""
+    def set_conv_by_matmul(self, on: bool) -> None:
+        """Switch the convolutions on small images (Layer3's residual pair) to matrix products
+        (``conv3x3.Conv2d``; ``device.conv_by_matmul_pays`` says where they are faster)."""
         for layer in self.modules():
             if isinstance(layer, Conv2d):
-                layer.weight_grad_by_matmul = on
+                layer.by_matmul = on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .augment import DRAW_COLUMNS, draw_augmentation, epoch_batches, pad_reflect
 from .data import LabelledImages
 from .datasets import fit_recipe
-from .device import augment_at_once, autocast, matmul_weight_grad_pays, resolve_placement
+from .device import augment_at_once, autocast, conv_by_matmul_pays, resolve_placement
 from .distributed import Dist, check_batch
 from .ema import WeightEMA, refresh_batchnorm
 from .errors import UserError, as_setting
@@ -227,7 +227,7 @@ def setup_run(recipe: Recipe, data: LabelledImages, dist: Dist | None = None,
     train_images = pad_reflect(kept_images.to(device), recipe.padding)
     torch.manual_seed(recipe.seed)  # the weights' initialisation
     network = recipe.model()
-    network.set_weight_grad_by_matmul(matmul_weight_grad_pays(device, precision))
+    network.set_conv_by_matmul(conv_by_matmul_pays(device, precision))
     model: torch.nn.Module = network
     if recipe.sync_bn and dist.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
