@@ -5,18 +5,21 @@ this CPU, in one run.
    channels_last, in ``--precision``, freed memory kept as a run keeps it: the forward, the input
    gradient and the weight gradient by oneDNN's kernels and by ``conv3x3``'s products (the forward
    with the input's patches, the weight gradient from those patches, as ``MatmulConv`` keeps them),
-   then the layer's forward and backward together each way; the median of ``--reps`` timings each
-   (``switched``: a layer small enough for the products when the switch is on).
-2. Runs: ``cifar_onecycle.train`` on the seed's batch (2 epochs of ``--steps`` steps on random
-   pixels; the second epoch's training images a second, as benchmarks/throughput.py reads it), with
-   the switch on (every layer of at most ``MATMUL_PIXELS`` pixels) and off, alternating,
-   ``--rounds`` of each, the first side turning with the round; each round's ratio is on over off.
+   then the layer's forward and backward together each way, and with its weight gradient alone a
+   product (as below ``MATMUL_FORWARD_ROWS``); the median of ``--reps`` timings each (``switched``:
+   a layer small enough for the products when the switch is on).
+2. Runs: ``cifar_onecycle.train`` on the batch (2 epochs of ``--steps`` steps on random pixels; the
+   second epoch's training images a second, as benchmarks/throughput.py reads it), with the switch
+   on (every layer of at most ``MATMUL_PIXELS`` pixels, wholly by products from
+   ``MATMUL_FORWARD_ROWS`` rows up) and off, alternating, ``--rounds`` of each, the first side
+   turning with the round; each round's ratio is on over off.
 
     python benchmarks/conv_by_matmul.py [--rounds 5] [--steps 6] [--reps 5] [--precision auto]
+                                        [--batch-size 512]
 
 Prints every timing, the median ratio and its spread (min to max), and writes them as JSON, with the
 commit, torch version, CPU model and precision, to ``--out`` (default
-benchmarks/results/conv-by-matmul-cpu-<precision>.json).
+benchmarks/results/conv-by-matmul-cpu-<precision>.json, with ``-b<batch>`` before it for another batch).
 """
 from __future__ import annotations
 
@@ -82,15 +85,20 @@ def layer_times(batch: int, dtype: torch.dtype, reps: int) -> list[dict]:
                            partial(matmul_input_grad, grad_out, weight)),
             "weight_grad": (partial(conv2d_weight, x, weight.shape, grad_out, padding=1),
                             partial(matmul_weight_grad, x_patches, grad_out, c_in)),
-            "layer": (partial(layer, partial(F.conv2d, padding=1)), partial(layer, MatmulConv.apply)),
+            "layer": (partial(layer, partial(F.conv2d, padding=1)),
+                      partial(layer, partial(MatmulConv.apply, forward_too=True))),
         }
         row: dict = {"c_in": c_in, "c_out": c_out, "side": side, "switched": side * side <= MATMUL_PIXELS}
         for name, (onednn, product) in works.items():
             row[f"{name}_onednn_ms"] = round(median_seconds(onednn, reps) * 1e3, 1)
             row[f"{name}_matmul_ms"] = round(median_seconds(product, reps) * 1e3, 1)
+        # the layer with its weight gradient alone a product, as below MATMUL_FORWARD_ROWS
+        weight_grad_only = median_seconds(partial(layer, partial(MatmulConv.apply, forward_too=False)), reps)
+        row["layer_weight_grad_only_ms"] = round(weight_grad_only * 1e3, 1)
         rows.append(row)
         print(f"{c_in:4d} -> {c_out:4d} at {side:2d}x{side:<2d} (oneDNN / products, ms): " + ", ".join(
-            f"{name} {row[f'{name}_onednn_ms']:.1f} / {row[f'{name}_matmul_ms']:.1f}" for name in works), flush=True)
+            f"{name} {row[f'{name}_onednn_ms']:.1f} / {row[f'{name}_matmul_ms']:.1f}" for name in works)
+            + f" (the weight gradient alone: {weight_grad_only * 1e3:.1f})", flush=True)
         del x_patches
     return rows
 
@@ -131,7 +139,8 @@ def main() -> None:
             losses[side].append(loss)
             print(f"round {r + 1} {side:3s}: {rate:7.1f} images/s, training loss {loss:.4f}", flush=True)
     ratios = ratio_summary("on/off", [on / off for on, off in zip(sides["on"], sides["off"], strict=True)], started)
-    out = a.out or Path(__file__).parent / "results" / f"conv-by-matmul-cpu-{precision}.json"
+    batch = "" if a.batch_size == 512 else f"-b{a.batch_size}"
+    out = a.out or Path(__file__).parent / "results" / f"conv-by-matmul-cpu-{precision}{batch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": f"python benchmarks/conv_by_matmul.py --rounds {a.rounds} --steps {a.steps} --reps {a.reps} "

@@ -8,6 +8,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from cifar_onecycle import Cifar10, Recipe, conv3x3
 from cifar_onecycle.conv3x3 import (
+    MATMUL_FORWARD_ROWS,
     MATMUL_PIXELS,
     Conv2d,
     MatmulConv,
@@ -37,18 +38,32 @@ def test_the_products_are_torchs_convolution_and_gradients(shape, channels_last)
                           conv2d_weight(x, weight.shape, grad_out, padding=1), **close)
 
 
-def test_the_function_passes_gradcheck_and_skips_a_gradient_not_asked_for(monkeypatch):
+@pytest.mark.parametrize("forward_too", [False, True])
+def test_the_function_passes_gradcheck_and_skips_a_gradient_not_asked_for(monkeypatch, forward_too):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(MatmulConv.apply, (x, weight))
+    assert torch.autograd.gradcheck(MatmulConv.apply, (x, weight, forward_too))
     computed = []
-    for name in ("matmul_input_grad", "matmul_weight_grad"):
+    for name in ("conv2d_input", "matmul_input_grad", "matmul_weight_grad"):
         work = getattr(conv3x3, name)
-        monkeypatch.setattr(conv3x3, name, lambda *args, work=work, name=name: computed.append(name) or work(*args))
-    MatmulConv.apply(x, weight.detach()).sum().backward()  # a frozen weight
-    MatmulConv.apply(x.detach(), weight).sum().backward()  # an input that needs no gradient
-    assert computed == ["matmul_input_grad", "matmul_weight_grad"]
+        monkeypatch.setattr(conv3x3, name, lambda *args, work=work, name=name, **kw: computed.append(name)
+                            or work(*args, **kw))
+    MatmulConv.apply(x, weight.detach(), forward_too).sum().backward()  # a frozen weight
+    MatmulConv.apply(x.detach(), weight, forward_too).sum().backward()  # an input that needs no gradient
+    assert computed == ["matmul_input_grad" if forward_too else "conv2d_input", "matmul_weight_grad"]
+
+
+def test_the_forward_is_a_product_too_from_its_threshold_of_rows(monkeypatch):
+    conv = Conv2d(2, 3)
+    conv.by_matmul = True
+    taken = []
+    apply = MatmulConv.apply
+    monkeypatch.setattr(MatmulConv, "apply", lambda *args: taken.append(args[2]) or apply(*args))
+    images = MATMUL_FORWARD_ROWS // 16
+    for n in (images - 1, images):
+        conv(torch.randn(n, 2, 4, 4))
+    assert taken == [False, True]
 
 
 def gradients(model, images, on, autocast):
@@ -60,7 +75,9 @@ def gradients(model, images, on, autocast):
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_a_switched_network_trains_with_the_same_outputs_and_gradients_in_fp64(monkeypatch):
+@pytest.mark.parametrize("forward_too", [False, True])
+def test_a_switched_network_trains_with_the_same_outputs_and_gradients_in_fp64(monkeypatch, forward_too):
+    monkeypatch.setattr(conv3x3, "MATMUL_FORWARD_ROWS", 0 if forward_too else 10**9)
     torch.manual_seed(0)
     model = Recipe().model().double().to(memory_format=torch.channels_last)
     images = torch.randn(6, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -80,17 +97,19 @@ def test_a_switched_network_trains_with_the_same_outputs_and_gradients_in_fp64(m
     # Evaluation (no graph) takes them too, and switched off, none does.
     applied = []
     apply = MatmulConv.apply
-    monkeypatch.setattr(MatmulConv, "apply", lambda *args: applied.append(1) or apply(*args))
+    monkeypatch.setattr(MatmulConv, "apply", lambda *args: applied.append(args[2]) or apply(*args))
     with torch.no_grad():
         model(images)
-    assert len(applied) == 2
+    assert applied == [forward_too, forward_too]
     applied.clear()
     model.set_conv_by_matmul(False)
     model(images)
     assert applied == []
 
 
-def test_under_autocast_a_layer_computes_in_bf16_as_torchs_would():
+@pytest.mark.parametrize("forward_too", [False, True])
+def test_under_autocast_a_layer_computes_in_bf16_as_torchs_would(monkeypatch, forward_too):
+    monkeypatch.setattr(conv3x3, "MATMUL_FORWARD_ROWS", 0 if forward_too else 10**9)
     g = torch.Generator().manual_seed(0)
     conv = Conv2d(64, 32)
     conv.by_matmul = True
@@ -99,12 +118,15 @@ def test_under_autocast_a_layer_computes_in_bf16_as_torchs_would():
     with torch.autocast("cpu", torch.bfloat16):
         out = conv(x)
     out.backward(grad_out)
-    # exactly the products of autocast's bf16 casts; the gradients back in fp32 as torch's casts give them
+    # exactly the products (or torch's kernels) on autocast's bf16 casts; the gradients back in
+    # fp32 as torch's casts give them
     xb, wb, gb = x.detach().bfloat16(), conv.weight.detach().bfloat16(), grad_out.bfloat16()
-    assert out.dtype == torch.bfloat16 and torch.equal(out, matmul_conv(xb, wb))
+    expected_out = matmul_conv(xb, wb) if forward_too else F.conv2d(xb, wb, padding=1)
+    expected_x_grad = matmul_input_grad(gb, wb) if forward_too else conv2d_input(xb.shape, wb, gb, padding=1)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected_out)
     assert conv.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     assert torch.equal(conv.weight.grad, matmul_weight_grad(patches(xb), gb, 64).float())
-    assert torch.equal(x.grad, matmul_input_grad(gb, wb).float())
+    assert torch.equal(x.grad, expected_x_grad.float())
     # and within bf16's rounding of torch's own bf16 convolution and gradients
     reference = x.detach().clone().requires_grad_()
     weight = conv.weight.detach().clone().requires_grad_()

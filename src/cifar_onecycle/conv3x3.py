@@ -6,22 +6,29 @@ is the output gradient's rows against the same patches, and its input gradient t
 gradient's patches against the weight turned half a turn, in and out channels swapped. On a CPU
 with AMX, in bf16, oneDNN's kernels run Layer3's residual pair (512 channels in and out over 4x4
 images) far below AMX's speed: its weight gradient at a third of its forward's. Measured on 2 cores
-of an Intel Xeon with AMX at batch 512, freed memory kept as a run keeps it
-(``benchmarks/conv_by_matmul.py``; benchmarks/results/README.md, "Convolutions on small images as
-matrix products"): such a layer's forward and backward took 98 ms as products against 253 ms by
-oneDNN; at 8x8 (256 to 512 channels) the products gained less than a tenth, the input gradient's
-patches (512 channels at 8x8) losing, so the switch stops at 4x4. Without AMX (oneDNN held to
-AVX512-BF16), or in fp32, the products lost (the weight gradient alone, measured before).
+of an Intel Xeon with AMX, freed memory kept as a run keeps it (``benchmarks/conv_by_matmul.py``;
+benchmarks/results/README.md, "Convolutions on small images as matrix products"): at batch 512
+such a layer's forward and backward took 93 ms as products against 268 ms by oneDNN, and runs 1.33
+times as fast; at 8x8 (256 to 512 channels) the layer lost (219 against 195 ms: its weight
+gradient gained, its forward and input gradient lost more), so products stop at 4x4. Below 128
+images the forward and input gradient lost to oneDNN's (batch 64: 28 against 23 ms for the layer
+with only its weight gradient a product; batch 128: 36 against 47), so small batches take the
+weight gradient alone. Without AMX (oneDNN held to AVX512-BF16), or in fp32, the weight
+gradient's product alone lost.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_input
 
 # The largest image (in pixels, height x width) whose convolution runs as matrix products: 4x4
 # gained, 8x8 did not (see above).
 MATMUL_PIXELS = 16
+# The fewest output rows (images x pixels) at which the forward and the input gradient run as
+# products too, not only the weight gradient: 128 images of 4x4 gained, 64 lost (see above).
+MATMUL_FORWARD_ROWS = 128 * 16
 
 
 def patches(x: torch.Tensor) -> torch.Tensor:
@@ -67,33 +74,39 @@ def matmul_weight_grad(x_patches: torch.Tensor, grad_out: torch.Tensor, c_in: in
 
 
 class MatmulConv(torch.autograd.Function):
-    """A 3x3 convolution, stride 1, padding 1, no bias, and both its gradients as matrix products
-    in the inputs' dtype. Keeps the input's patches for the weight gradient, not the input: 9 times
-    its memory through the backward pass, one copy fewer."""
+    """A 3x3 convolution, stride 1, padding 1, no bias, its weight gradient a matrix product in the
+    inputs' dtype. With ``forward_too``, the forward and the input gradient are products too and
+    the input's patches are kept for the weight gradient, not the input (9 times its memory through
+    the backward pass, one copy fewer); without, they are torch's own kernels."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, forward_too: bool) -> torch.Tensor:
+        ctx.forward_too, ctx.c_in = forward_too, x.shape[1]
+        if not forward_too:
+            ctx.save_for_backward(x, weight)
+            return F.conv2d(x, weight, padding=1)
         x_patches = patches(x)
         ctx.save_for_backward(x_patches, weight)
-        ctx.c_in = x.shape[1]
         return as_image(x_patches @ weight_matrix(weight).t(), x)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x_patches, weight = ctx.saved_tensors
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        saved, weight = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = matmul_input_grad(grad_out, weight)
+            grad_x = (matmul_input_grad(grad_out, weight) if ctx.forward_too
+                      else conv2d_input(saved.shape, weight, grad_out, padding=1))
         if ctx.needs_input_grad[1]:
+            x_patches = saved if ctx.forward_too else patches(saved)
             grad_weight = matmul_weight_grad(x_patches, grad_out, ctx.c_in)
-        return grad_x, grad_weight
+        return grad_x, grad_weight, None
 
 
 class Conv2d(nn.Conv2d):
     """The seed's convolution: 3x3, stride 1, padding 1, no bias. Named as torch's (the summary
     table shows its class name). With ``by_matmul`` on (``device.conv_by_matmul_pays`` says where),
-    a forward over images of at most ``MATMUL_PIXELS`` pixels runs as ``MatmulConv``; everything
-    else is ``nn.Conv2d``'s."""
+    a forward over images of at most ``MATMUL_PIXELS`` pixels runs as ``MatmulConv``, wholly by
+    products from ``MATMUL_FORWARD_ROWS`` output rows up; everything else is ``nn.Conv2d``'s."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False)
@@ -102,6 +115,7 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.by_matmul and x.shape[-2] * x.shape[-1] <= MATMUL_PIXELS):
             return super().forward(x)
+        forward_too = x.shape[0] * x.shape[-2] * x.shape[-1] >= MATMUL_FORWARD_ROWS
         weight = self.weight
         device = x.device.type
         # autocast's casts, made here: the backward runs outside autocast and computes in the
@@ -110,4 +124,4 @@ class Conv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(device)
             x, weight = x.to(dtype), weight.to(dtype)
         with torch.autocast(device, enabled=False):
-            return MatmulConv.apply(x, weight)
+            return MatmulConv.apply(x, weight, forward_too)
