@@ -8,13 +8,14 @@ with AMX, in bf16, oneDNN's kernels run Layer3's residual pair (512 channels in 
 images) far below AMX's speed: its weight gradient at a third of its forward's. Measured on 2 cores
 of an Intel Xeon with AMX, freed memory kept as a run keeps it (``benchmarks/conv_by_matmul.py``;
 benchmarks/results/README.md, "Convolutions on small images as matrix products"): at batch 512
-such a layer's forward and backward took 93 ms as products against 268 ms by oneDNN, and runs 1.33
-times as fast; at 8x8 (256 to 512 channels) the layer lost (219 against 195 ms: its weight
+such a layer's forward and backward took 101 ms as products against 254 ms by oneDNN, and runs 1.30
+times as fast; at 8x8 (256 to 512 channels) the layer lost (238 against 204 ms: its weight
 gradient gained, its forward and input gradient lost more), so products stop at 4x4. Below 128
-images the forward and input gradient lost to oneDNN's (batch 64: 28 against 23 ms for the layer
-with only its weight gradient a product; batch 128: 36 against 47), so small batches take the
-weight gradient alone. Without AMX (oneDNN held to AVX512-BF16), or in fp32, the weight
-gradient's product alone lost.
+images the forward and input gradient lost to oneDNN's (batch 64: the layer 30 ms against 22 with
+only its weight gradient a product; batch 128: 37 against 43), so small batches take the weight
+gradient alone. Without AMX (oneDNN held to AVX512-BF16) the products lost (the layer 646
+against 522 ms, runs 0.96 times as fast); in fp32 the weight gradient's product did (the others
+not measured).
 """
 from __future__ import annotations
 
