@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--out", type=Path, help="the JSON file (default: benchmarks/results/"
-                                              "conv-by-matmul-cpu-<precision>.json)")
+                                              "conv-by-matmul-cpu-<precision>[-b<batch>].json)")
     a = ap.parse_args()
     if a.rounds < 3:
         raise SystemExit("conv_by_matmul: --rounds must be at least 3")
