@@ -145,8 +145,10 @@ def ensure_packages(wheels: Path | None) -> str:
 def environment(commit: str | None, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    path, command = os.environ.get("PYTHONPATH"), shlex.join(["python3", *sys.argv])  # for the results page
     env: dict[str, Any] = {
         "commit": commit, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": f"PYTHONPATH={shlex.quote(path)} {command}" if path else command,
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "args": vars(args) | {

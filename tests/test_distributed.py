@@ -33,6 +33,13 @@ def test_test_set_shards_cover_it_once():
         assert idx == list(range(n))
 
 
+@pytest.fixture(autouse=True)
+def temporary_folder_in_tmp_path(tmp_path, monkeypatch):
+    """torchrun leaves a torchelastic_* folder in the temporary folder at each launch: this test's own."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+
+
 def run(cmd, **env):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
