@@ -318,7 +318,9 @@ def test_an_image_pillow_refuses_is_named_with_pillows_reason(tmp_path, capsys):
                          ("no-image.png", "(UnidentifiedImageError)\n")):  # its words would repeat the path
         assert main(["predict", str(weights_folder(tmp_path / "run")), str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"cifar-onecycle: error: {tmp_path / name}: not an image Pillow can read {reason}"), err
+        said = f"cifar-onecycle: error: {tmp_path / name}: not an image Pillow can read "
+        # Pillow's words in its own case (9.1: "Decompressed Data Too Large")
+        assert err.startswith(said) and err[len(said):].lower().startswith(reason.lower()), err
         assert err.count("\n") == 1 and len(err) < len(str(tmp_path / name)) + 300
 
 

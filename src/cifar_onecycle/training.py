@@ -245,15 +245,17 @@ def train_epoch(setup: RunSetup, state: TrainState, cycle: OneCycle, stop: StopS
         if at_sync_point or (stop() and setup.dist.world == 1):
             stopping = gather_sums(setup, state, loss_sum, correct, stop)
             check_finite_loss(setup, state, lr)
-            postfix = {"lr": f"{lr:.4f}", "loss": f"{state.loss_sum / (state.batch * recipe.batch_size):.3f}",
-                       "acc": f"{state.correct / (state.batch * recipe.batch_size):.3f}"}
+            postfix: dict[str, str] = {}
             # On a CPU the seed's first epoch alone takes 15 minutes or more, and its line is the first
-            # to tell the run's time left; the bar tells it sooner, the evaluations left out.
+            # to tell the run's time left; the bar tells it sooner, the evaluations left out, and first,
+            # where a terminal of 80 columns still shows it.
             if run_left_in_bar and progress:
                 a_step = (time.perf_counter() - steps_started) / (state.batch - first_batch)
                 left = about_left([a_step], recipe.epochs * steps_per_epoch - state.steps_done(setup))
                 if left:
                     postfix["run"] = left
+            postfix |= {"lr": f"{lr:.4f}", "loss": f"{state.loss_sum / (state.batch * recipe.batch_size):.3f}",
+                        "acc": f"{state.correct / (state.batch * recipe.batch_size):.3f}"}
             bar.set_postfix(postfix)
             if stopping and state.batch < steps_per_epoch:
                 break
