@@ -168,6 +168,23 @@ def test_the_switch_is_on_only_for_bf16_on_a_cpu_with_amx(monkeypatch):
     assert not conv_by_matmul_pays(cpu, "bf16")
 
 
+def test_a_torch_without_the_amx_probe_reads_linux_list_of_cpu_features(monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)  # as in torch 2.4
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr("cifar_onecycle.device.CPUINFO", info)
+    assert not cpu_has_amx()  # nothing to read: macOS, Windows
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_has_amx() and conv_by_matmul_pays(torch.device("cpu"), "bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert not cpu_has_amx()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert not cpu_has_amx()
+
+
 @pytest.mark.parametrize("amx", [True, False])
 def test_a_run_switches_its_network_by_the_policy(monkeypatch, amx):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)

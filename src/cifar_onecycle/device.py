@@ -1,8 +1,10 @@
 """The device and precision policy: where a run computes, in which arithmetic, how often it syncs."""
 from __future__ import annotations
 
+import itertools
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -68,17 +70,37 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+# Where Linux lists the CPU's features, for a torch without an AMX probe.
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def cpu_has_amx() -> bool:
     """True when the CPU has AMX (Intel Xeon since Sapphire Rapids) and oneDNN may use it (no
-    ``ONEDNN_MAX_CPU_ISA`` holding it below). Asks torch's private probe; a torch without it: False."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    ``ONEDNN_MAX_CPU_ISA`` holding it below). Asks torch's private probe; a torch without it (2.4
+    has none), Linux's list of the CPU's features; elsewhere False."""
     held = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    if probe is None or held and held.upper() not in ("ALL", "DEFAULT") and "AMX" not in held.upper():
+    if held and held.upper() not in ("ALL", "DEFAULT") and "AMX" not in held.upper():
         return False
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is None:
+        return "amx_tile" in linux_cpu_flags()
     try:
         return bool(probe())
     except RuntimeError:
         return False
+
+
+def linux_cpu_flags() -> set[str]:
+    """The features the first CPU's ``flags`` line names in ``CPUINFO``; none where it cannot be read."""
+    try:
+        with CPUINFO.open(errors="replace") as lines:
+            for line in itertools.islice(lines, 10_000):  # one CPU's block is about 30 lines
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
 
 
 def conv_by_matmul_pays(device: torch.device, precision: str) -> bool:
